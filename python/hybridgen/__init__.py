@@ -1,0 +1,24 @@
+"""hybridgen: CPU-GPU hybrid attention for long-context LLM decoding.
+
+Recent KV stays on the device, older KV lives in NUMA-placed host memory
+(:class:`HostKVStore`), the CPU computes attention logits (or a partial attention with its
+log-sum-exp) over its tokens, and the device merges them with its own.
+"""
+
+from . import _native
+from ._native import CapacityError, available_isas, isa, num_threads
+from .host_store import HostKVStore, Tier
+from .ops import merge_partials, topk
+
+__version__ = _native.__version__
+
+__all__ = [
+    "CapacityError",
+    "HostKVStore",
+    "Tier",
+    "available_isas",
+    "isa",
+    "merge_partials",
+    "num_threads",
+    "topk",
+]

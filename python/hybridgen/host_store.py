@@ -1,0 +1,251 @@
+"""The host tier of a decode KV cache: a thin torch-facing wrapper around the native store.
+
+Every method allocates its outputs with torch (or writes into ``out=`` tensors you pass) and
+calls into the Rust core, which releases the GIL while it works. Shapes use ``b`` = batch,
+``hq`` = query heads, ``hkv`` = KV heads, ``d`` = head_dim, ``n`` = host tokens of a layer.
+
+Positions: host token ``i`` of a layer is logical position ``sinks + i`` (the first ``sinks``
+tokens never leave the device). All sequences of a batch advance in lockstep.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import _native
+
+__all__ = ["HostKVStore", "Tier"]
+
+_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+class Tier:
+    """Values of :meth:`HostKVStore.token_map`: where each position's key lives."""
+
+    DEVICE = 0
+    NEAR = 1
+    FAR = 2
+
+
+def _dtype_name(dtype) -> str:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES:
+            raise TypeError(f"unsupported dtype {dtype}: expected float16, bfloat16 or float32")
+        return _DTYPES[dtype]
+    if not isinstance(dtype, str):
+        raise TypeError(f"dtype must be a torch.dtype or a string, got {type(dtype).__name__}")
+    return dtype
+
+
+def _float_query(q: torch.Tensor) -> torch.Tensor:
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    if not q.is_floating_point():
+        raise TypeError(f"q must be a floating-point tensor, got {q.dtype}")
+    if q.device.type != "cpu":
+        raise ValueError(f"q is on {q.device}, but the host store computes on the CPU: pass q.cpu()")
+    return q.detach().to(torch.float32).contiguous()
+
+
+def _expect_rank(name: str, t, rank: int) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} must have {rank} dimensions, got shape {tuple(t.shape)}")
+    return t
+
+
+class HostKVStore:
+    """Keys and values of the tokens that left the device tier, in NUMA-placed host memory.
+
+    Keys live in the *near* tier (the CPU reads them every step); values live in the *far* tier
+    (only the device reads them). When the near tier is full, the least recently generated keys
+    move to the far tier. Capacities are in bytes; nothing is ever dropped: a request that does
+    not fit raises :class:`hybridgen.CapacityError` and changes nothing.
+
+    Args:
+        layers, batch, kv_heads, head_dim: the cache's shape.
+        dtype: storage dtype (``torch.float16``, ``torch.bfloat16``, ``torch.float32`` or name).
+        near_capacity_bytes, far_capacity_bytes: tier budgets.
+        sinks: leading tokens per sequence that stay on the device.
+        near_node, far_node: NUMA nodes (``None``: local). A node that is not online falls back
+            to the local node; :attr:`placement` says what was obtained and why.
+        max_host_tokens: most host tokens per layer (bounds the reserved address space).
+    """
+
+    def __init__(
+        self,
+        layers: int,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype=torch.float16,
+        *,
+        near_capacity_bytes: int,
+        far_capacity_bytes: int,
+        sinks: int = 0,
+        near_node: Optional[int] = None,
+        far_node: Optional[int] = None,
+        max_host_tokens: Optional[int] = None,
+    ):
+        self._native = _native.HostKVStore(
+            layers,
+            batch,
+            kv_heads,
+            head_dim,
+            _dtype_name(dtype),
+            near_capacity_bytes=near_capacity_bytes,
+            far_capacity_bytes=far_capacity_bytes,
+            sinks=sinks,
+            near_node=near_node,
+            far_node=far_node,
+            max_host_tokens=max_host_tokens,
+        )
+        self.dtype = getattr(torch, self._native.dtype)
+        for tier in ("near", "far"):
+            reason = self.placement[tier]["fallback_reason"]
+            if reason:
+                import warnings
+
+                warnings.warn(f"{tier} tier: {reason}", RuntimeWarning, stacklevel=2)
+
+    # --- shape and state -------------------------------------------------------------------
+    layers = property(lambda self: self._native.layers)
+    batch = property(lambda self: self._native.batch)
+    kv_heads = property(lambda self: self._native.kv_heads)
+    head_dim = property(lambda self: self._native.head_dim)
+    sinks = property(lambda self: self._native.sinks)
+    max_host_tokens = property(lambda self: self._native.max_host_tokens)
+    token_bytes = property(lambda self: self._native.token_bytes, doc="Bytes of K (or V) per token per layer.")
+
+    def total_len(self, layer: int) -> int:
+        """Logical length of ``layer``: device plus host tokens."""
+        return self._native.total_len(layer)
+
+    def host_len(self, layer: int) -> int:
+        return self._native.host_len(layer)
+
+    def far_key_len(self, layer: int) -> int:
+        """Host tokens of ``layer`` whose keys were spilled to the far tier (the oldest)."""
+        return self._native.far_key_len(layer)
+
+    def evictable(self, layer: int) -> int:
+        """Non-sink device tokens of ``layer`` that :meth:`evict` may move now."""
+        return self._native.evictable(layer)
+
+    def tier_stats(self) -> dict:
+        """``{"near": {...}, "far": {...}}``: node, capacity, used bytes, key/value tokens."""
+        return self._native.tier_stats()
+
+    @property
+    def placement(self) -> dict:
+        """Per tier: the NUMA node requested, the node obtained, and why they differ."""
+        stats = self.tier_stats()
+        keys = ("requested_node", "node", "fallback_reason")
+        return {tier: {k: stats[tier][k] for k in keys} for tier in ("near", "far")}
+
+    def node_of(self, layer: int, kind: str, index: int) -> Optional[int]:
+        """NUMA node the kernel reports for host token ``index`` of ``kind`` ('keys'/'values')."""
+        return self._native.node_of(layer, kind, index)
+
+    def token_map(self, layer: int) -> np.ndarray:
+        """``uint8 [b, total_len]``: :class:`Tier` of every logical position's key."""
+        return self._native.token_map(layer)
+
+    # --- moving tokens ---------------------------------------------------------------------
+    def append(self, layer: int, n: int) -> None:
+        """Records ``n`` new tokens on the device tier of ``layer`` (data stays on the device)."""
+        self._native.append(layer, n)
+
+    def evict(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Moves the oldest ``m`` non-sink device tokens to the host.
+
+        ``keys``/``values``: ``[b, hkv, m, d]`` CPU tensors in the store's dtype, contiguous.
+        """
+        self._native.evict(layer, keys, values)
+
+    def spill_keys(self, layer: int, m: int) -> None:
+        """Moves the ``m`` oldest near-tier keys of ``layer`` to the far tier."""
+        self._native.spill_keys(layer, m)
+
+    def reset(self) -> None:
+        """Forgets every token (a new batch) and returns the memory to the OS."""
+        self._native.reset()
+
+    # --- reading ---------------------------------------------------------------------------
+    def read(self, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of host tokens ``[start, stop)``: keys and values ``[b, hkv, stop-start, d]``."""
+        if stop < start:
+            raise ValueError(f"stop ({stop}) < start ({start})")
+        shape = (self.batch, self.kv_heads, stop - start, self.head_dim)
+        k, v = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
+        self._native.read(layer, start, k, v)
+        return k, v
+
+    def view(self, layer: int, kind: str, start: int, stop: int) -> torch.Tensor:
+        """Zero-copy ``[b, hkv, stop-start, d]`` view of host tokens (strided; shares memory).
+
+        The view stays valid (it keeps the memory alive) but shows later writes to those rows.
+        """
+        return torch.from_dlpack(self._native.view(layer, kind, start, stop))
+
+    # --- CPU attention -----------------------------------------------------------------------
+    def logits(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        scale: float,
+        indices: Optional[torch.Tensor] = None,
+        *,
+        out: Optional[torch.Tensor] = None,
+        isa: Optional[str] = None,
+    ) -> torch.Tensor:
+        """``scale · q·Kᵀ`` over host keys: ``float32 [b, hq, n]`` (or ``[b, hq, m]``).
+
+        ``q``: ``[b, hq, d]`` (any float dtype; GQA when ``hq`` is a multiple of ``hkv``).
+        ``indices``: optional ``int64 [b, hkv, m]`` host token indices (Pre-QKT); each key row
+        is read once for its whole GQA group. ``isa`` forces "scalar"/"avx2"/"avx512".
+        """
+        q = _float_query(q)
+        _expect_rank("q", q, 3)
+        if out is None:
+            n = _expect_rank("indices", indices, 3).shape[-1] if indices is not None else self.host_len(layer)
+            out = torch.empty((q.shape[0], q.shape[1], n), dtype=torch.float32)
+        self._native.logits(layer, q, float(scale), out, indices, isa)
+        return out
+
+    def gather_values(self, layer: int, indices: torch.Tensor, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Value rows ``indices [b, hq, k]`` staged as ``[b, hq, k, d]`` (store dtype)."""
+        if out is None:
+            out = torch.empty((*_expect_rank("indices", indices, 3).shape, self.head_dim), dtype=self.dtype)
+        self._native.gather_values(layer, indices, out)
+        return out
+
+    def partial_attention(
+        self,
+        layer: int,
+        logits: torch.Tensor,
+        indices: Optional[torch.Tensor] = None,
+        *,
+        isa: Optional[str] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over host tokens only, with its log-sum-exp (for an exact LSE merge).
+
+        ``logits``: scaled, ``float32 [b, hq, m]`` over all host tokens (``indices=None``) or
+        over ``indices int64 [b, hq, m]``. Returns ``out float32 [b, hq, d]`` and
+        ``lse float32 [b, hq]``; masked (``-inf``) logits contribute nothing.
+        """
+        b, hq, _ = _expect_rank("logits", logits, 3).shape
+        out = torch.empty((b, hq, self.head_dim), dtype=torch.float32)
+        lse = torch.empty((b, hq), dtype=torch.float32)
+        self._native.partial_attention(layer, logits, out, lse, indices, isa)
+        return out, lse
+
+    def __repr__(self) -> str:
+        return (
+            f"HostKVStore(layers={self.layers}, batch={self.batch}, kv_heads={self.kv_heads}, "
+            f"head_dim={self.head_dim}, dtype={self.dtype}, sinks={self.sinks})"
+        )

@@ -1,0 +1,34 @@
+//! A plain streaming read over a buffer on all threads: the machine's read bandwidth, which
+//! bounds every logit kernel (benchmarks report kernels as a share of it).
+
+use rayon::prelude::*;
+
+/// Reads every byte of `buf` once (in parallel chunks) and returns a checksum so the reads
+/// cannot be optimised away.
+pub fn stream_read(buf: &[u8]) -> u64 {
+    const CHUNK: usize = 1 << 20;
+    buf.par_chunks(CHUNK).map(sum_words).reduce(|| 0, u64::wrapping_add)
+}
+
+fn sum_words(chunk: &[u8]) -> u64 {
+    // Eight independent lanes: the compiler vectorises this to full-width loads and adds.
+    let mut lanes = [0u64; 8];
+    let mut blocks = chunk.chunks_exact(64);
+    for block in &mut blocks {
+        for (lane, word) in lanes.iter_mut().zip(block.chunks_exact(8)) {
+            *lane = lane.wrapping_add(u64::from_ne_bytes(word.try_into().unwrap()));
+        }
+    }
+    let tail: u64 = blocks.remainder().iter().map(|&b| b as u64).sum();
+    lanes.iter().fold(tail, |a, &b| a.wrapping_add(b))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn checksum_counts_every_byte() {
+        let buf = vec![1u8; (1 << 20) * 3 + 7];
+        let words = (buf.len() / 64 * 64 / 8) as u64 * 0x0101010101010101;
+        assert_eq!(super::stream_read(&buf), words.wrapping_add(7));
+    }
+}

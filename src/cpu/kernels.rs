@@ -1,0 +1,213 @@
+//! Single-threaded inner kernels, generic over the instruction set and the stored element type.
+//! `ops` splits work across threads and calls them through the `isa_dispatch!` wrappers.
+
+use super::simd::{isa_dispatch, Element, Simd};
+
+/// Rows processed together: two independent FMA chains per head hide the FMA latency.
+const ROWS: usize = 2;
+/// Query heads handled at once; larger GQA groups are done in slices of this many.
+const MAX_GROUP: usize = 8;
+
+/// Address of row `t` of a strip, directly or through an index list (`idx` null: directly).
+#[inline(always)]
+unsafe fn row<E>(base: *const E, idx: *const i64, t: usize, d: usize) -> *const E {
+    unsafe {
+        let r = if idx.is_null() { t } else { *idx.add(t) as usize };
+        base.add(r * d)
+    }
+}
+
+/// `out[h * out_stride + t] = scale · ⟨q[h], key row t⟩` for `h < g`, `t < n`.
+///
+/// # Safety
+/// `q` holds `g × d` floats; `keys` is valid for every addressed row (`n` rows, or the rows
+/// named by the `n` entries of `idx`); `out` is valid for the written positions.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn logits_rows<S: Simd, E: Element>(
+    q: *const f32,
+    g: usize,
+    d: usize,
+    keys: *const E,
+    idx: *const i64,
+    n: usize,
+    scale: f32,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    let mut h0 = 0;
+    while h0 < g {
+        let gs = (g - h0).min(MAX_GROUP);
+        let (q, out) = unsafe { (q.add(h0 * d), out.add(h0 * out_stride)) };
+        macro_rules! go {
+            ($($G:literal)*) => {
+                match gs {
+                    $($G => unsafe { logits_group::<S, E, $G>(q, d, keys, idx, n, scale, out, out_stride) },)*
+                    _ => unreachable!(),
+                }
+            };
+        }
+        go!(1 2 3 4 5 6 7 8);
+        h0 += gs;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn logits_group<S: Simd, E: Element, const G: usize>(
+    q: *const f32,
+    d: usize,
+    keys: *const E,
+    idx: *const i64,
+    n: usize,
+    scale: f32,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    let mut t = 0;
+    while t + ROWS <= n {
+        unsafe { logits_tile::<S, E, G, ROWS>(q, d, keys, idx, t, scale, out, out_stride) };
+        t += ROWS;
+    }
+    while t < n {
+        unsafe { logits_tile::<S, E, G, 1>(q, d, keys, idx, t, scale, out, out_stride) };
+        t += 1;
+    }
+}
+
+/// Logits of `R` rows starting at `t` for `G` heads: every key element is loaded and widened
+/// once and used by all heads of the group (GQA reads K once).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn logits_tile<S: Simd, E: Element, const G: usize, const R: usize>(
+    q: *const f32,
+    d: usize,
+    keys: *const E,
+    idx: *const i64,
+    t: usize,
+    scale: f32,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    unsafe {
+        let rows: [*const E; R] = std::array::from_fn(|r| row(keys, idx, t + r, d));
+        let mut acc = [[S::zero(); G]; R];
+        let body = d - d % S::LANES;
+        let mut c = 0;
+        while c < body {
+            let k: [S::F; R] = std::array::from_fn(|r| E::load::<S>(rows[r].add(c)));
+            for h in 0..G {
+                let qv = S::load(q.add(h * d + c));
+                for r in 0..R {
+                    acc[r][h] = S::fma(k[r], qv, acc[r][h]);
+                }
+            }
+            c += S::LANES;
+        }
+        for r in 0..R {
+            for h in 0..G {
+                let mut s = S::reduce_sum(acc[r][h]);
+                for i in body..d {
+                    s += (*rows[r].add(i)).to_f32() * *q.add(h * d + i);
+                }
+                *out.add(h * out_stride + t + r) = s * scale;
+            }
+        }
+    }
+}
+
+isa_dispatch! {
+    /// Dispatching entry point of [`logits_rows`].
+    fn logits_rows_isa(
+        q: *const f32, g: usize, d: usize, keys: *const E, idx: *const i64, n: usize,
+        scale: f32, out: *mut f32, out_stride: usize,
+    ) -> () = logits_rows
+}
+
+/// Tokens per tile of the value aggregation: a tile of rows stays in L1 while every lane chunk
+/// of it is accumulated.
+const TILE: usize = 32;
+
+/// `out[h·d + i] += Σ_t w[h·w_stride + t] · value_row_t[i]` for `h < g`, `t < n`.
+///
+/// # Safety
+/// As for [`logits_rows`]; `w` holds `g` rows of `n` weights `w_stride` apart, `out` `g × d`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn weighted_rows<S: Simd, E: Element>(
+    w: *const f32,
+    w_stride: usize,
+    g: usize,
+    d: usize,
+    values: *const E,
+    idx: *const i64,
+    n: usize,
+    out: *mut f32,
+) {
+    let mut h0 = 0;
+    while h0 < g {
+        let gs = (g - h0).min(MAX_GROUP);
+        let (w, out) = unsafe { (w.add(h0 * w_stride), out.add(h0 * d)) };
+        macro_rules! go {
+            ($($G:literal)*) => {
+                match gs {
+                    $($G => unsafe { weighted_group::<S, E, $G>(w, w_stride, d, values, idx, n, out) },)*
+                    _ => unreachable!(),
+                }
+            };
+        }
+        go!(1 2 3 4 5 6 7 8);
+        h0 += gs;
+    }
+}
+
+#[inline(always)]
+unsafe fn weighted_group<S: Simd, E: Element, const G: usize>(
+    w: *const f32,
+    w_stride: usize,
+    d: usize,
+    values: *const E,
+    idx: *const i64,
+    n: usize,
+    out: *mut f32,
+) {
+    unsafe {
+        let body = d - d % S::LANES;
+        let mut t0 = 0;
+        while t0 < n {
+            let t1 = (t0 + TILE).min(n);
+            let mut c = 0;
+            while c < body {
+                let mut acc: [S::F; G] = std::array::from_fn(|h| S::load(out.add(h * d + c)));
+                for t in t0..t1 {
+                    let v = E::load::<S>(row(values, idx, t, d).add(c));
+                    for h in 0..G {
+                        acc[h] = S::fma(S::splat(*w.add(h * w_stride + t)), v, acc[h]);
+                    }
+                }
+                for h in 0..G {
+                    S::store(out.add(h * d + c), acc[h]);
+                }
+                c += S::LANES;
+            }
+            for t in t0..t1 {
+                let r = row(values, idx, t, d);
+                for i in body..d {
+                    let v = (*r.add(i)).to_f32();
+                    for h in 0..G {
+                        *out.add(h * d + i) += *w.add(h * w_stride + t) * v;
+                    }
+                }
+            }
+            t0 = t1;
+        }
+    }
+}
+
+isa_dispatch! {
+    /// Dispatching entry point of [`weighted_rows`].
+    fn weighted_rows_isa(
+        w: *const f32, w_stride: usize, g: usize, d: usize, values: *const E, idx: *const i64,
+        n: usize, out: *mut f32,
+    ) -> () = weighted_rows
+}

@@ -1,0 +1,196 @@
+//! One SIMD vocabulary (`Simd`), one file per instruction set, one dispatch point (`isa()`).
+//!
+//! Kernels are written once, generic over `S: Simd` and the stored element type `E: Element`,
+//! and marked `#[inline(always)]`; `isa_dispatch!` instantiates each kernel inside a
+//! `#[target_feature]` wrapper per instruction set, so one wheel runs the best code on any x86-64
+//! (and the scalar code elsewhere) without `-C target-cpu=native`.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod scalar;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx2::Avx2;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx512::Avx512;
+pub(crate) use scalar::Scalar;
+
+use std::sync::OnceLock;
+
+
+/// Instruction sets the kernels are compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Isa> {
+        match name {
+            "scalar" => Some(Isa::Scalar),
+            "avx2" => Some(Isa::Avx2),
+            "avx512" => Some(Isa::Avx512),
+            _ => None,
+        }
+    }
+
+    /// Whether this CPU can run code built for `self`.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                Isa::Avx2.supported()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// Every instruction set this CPU supports, best last.
+    pub fn available() -> Vec<Isa> {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.supported()).collect()
+    }
+}
+
+/// The best instruction set of this CPU, detected once.
+pub fn isa() -> Isa {
+    static BEST: OnceLock<Isa> = OnceLock::new();
+    *BEST.get_or_init(|| *Isa::available().last().expect("scalar is always available"))
+}
+
+/// A vector of f32 lanes and the operations the kernels need.
+///
+/// # Safety
+/// Implementations use instructions of one instruction set: callers must only run them inside
+/// a function compiled for it (see `isa_dispatch!`). Pointer arguments must be valid for
+/// `LANES` elements.
+pub(crate) unsafe trait Simd {
+    const LANES: usize;
+    type F: Copy;
+    unsafe fn zero() -> Self::F;
+    unsafe fn splat(x: f32) -> Self::F;
+    unsafe fn load(p: *const f32) -> Self::F;
+    unsafe fn store(p: *mut f32, v: Self::F);
+    unsafe fn load_f16(p: *const u16) -> Self::F;
+    unsafe fn load_bf16(p: *const u16) -> Self::F;
+    unsafe fn fma(a: Self::F, b: Self::F, acc: Self::F) -> Self::F;
+    unsafe fn reduce_sum(v: Self::F) -> f32;
+}
+
+/// A stored element type: how to widen `LANES` of them (or one) to f32.
+pub(crate) trait Element: Copy + Send + Sync + 'static {
+    /// # Safety
+    /// `p` must be valid for `S::LANES` elements and the caller must run under `S`'s features.
+    unsafe fn load<S: Simd>(p: *const Self) -> S::F;
+    fn to_f32(self) -> f32;
+}
+
+impl Element for f32 {
+    #[inline(always)]
+    unsafe fn load<S: Simd>(p: *const Self) -> S::F {
+        unsafe { S::load(p) }
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Element for half::f16 {
+    #[inline(always)]
+    unsafe fn load<S: Simd>(p: *const Self) -> S::F {
+        unsafe { S::load_f16(p as *const u16) }
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
+impl Element for half::bf16 {
+    #[inline(always)]
+    unsafe fn load<S: Simd>(p: *const Self) -> S::F {
+        unsafe { S::load_bf16(p as *const u16) }
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        // bf16 is the top half of an f32: widening is a shift.
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
+/// Calls `$body` with the type alias `E` bound to the element type of `$dtype`.
+macro_rules! with_element {
+    ($dtype:expr, $E:ident => $body:expr) => {
+        match $dtype {
+            $crate::dtype::DType::F16 => {
+                type $E = half::f16;
+                $body
+            }
+            $crate::dtype::DType::BF16 => {
+                type $E = half::bf16;
+                $body
+            }
+            $crate::dtype::DType::F32 => {
+                type $E = f32;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_element;
+
+/// Defines `pub(crate) fn $name<E: Element>(isa: Isa, args...)` that runs
+/// `$kernel::<S, E>(args...)` compiled for the chosen instruction set.
+macro_rules! isa_dispatch {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty = $kernel:ident) => {
+        $(#[$meta])*
+        /// # Safety
+        /// The same contract as the kernel it dispatches to.
+        pub(crate) unsafe fn $name<E: $crate::cpu::simd::Element>(
+            isa: $crate::cpu::simd::Isa, $($arg: $ty),*
+        ) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+                unsafe fn avx512<E: $crate::cpu::simd::Element>($($arg: $ty),*) -> $ret {
+                    unsafe { $kernel::<$crate::cpu::simd::Avx512, E>($($arg),*) }
+                }
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn avx2<E: $crate::cpu::simd::Element>($($arg: $ty),*) -> $ret {
+                    unsafe { $kernel::<$crate::cpu::simd::Avx2, E>($($arg),*) }
+                }
+                match isa {
+                    // SAFETY: `isa` comes from `Isa::supported` checks (see `isa()`).
+                    $crate::cpu::simd::Isa::Avx512 => return unsafe { avx512::<E>($($arg),*) },
+                    $crate::cpu::simd::Isa::Avx2 => return unsafe { avx2::<E>($($arg),*) },
+                    $crate::cpu::simd::Isa::Scalar => {}
+                }
+            }
+            unsafe { $kernel::<$crate::cpu::simd::Scalar, E>($($arg),*) }
+        }
+    };
+}
+pub(crate) use isa_dispatch;

@@ -1,0 +1,49 @@
+//! Portable fallback: 8 f32 lanes in an array; the compiler vectorises what the target allows.
+
+use super::Simd;
+
+#[derive(Clone, Copy)]
+pub(crate) struct Scalar;
+
+const N: usize = 8;
+
+// SAFETY: plain Rust, valid on every target; pointers are read/written for N elements.
+unsafe impl Simd for Scalar {
+    const LANES: usize = N;
+    type F = [f32; N];
+
+    #[inline(always)]
+    unsafe fn zero() -> Self::F {
+        [0.0; N]
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self::F {
+        [x; N]
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::F {
+        unsafe { (p as *const [f32; N]).read_unaligned() }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self::F) {
+        unsafe { (p as *mut [f32; N]).write_unaligned(v) }
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> Self::F {
+        let raw = unsafe { (p as *const [u16; N]).read_unaligned() };
+        raw.map(|b| half::f16::from_bits(b).to_f32())
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> Self::F {
+        let raw = unsafe { (p as *const [u16; N]).read_unaligned() };
+        raw.map(|b| f32::from_bits((b as u32) << 16))
+    }
+    #[inline(always)]
+    unsafe fn fma(a: Self::F, b: Self::F, acc: Self::F) -> Self::F {
+        std::array::from_fn(|i| a[i].mul_add(b[i], acc[i]))
+    }
+    #[inline(always)]
+    unsafe fn reduce_sum(v: Self::F) -> f32 {
+        ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]))
+    }
+}

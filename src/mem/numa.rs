@@ -1,0 +1,174 @@
+//! NUMA placement through the raw `mbind` / `get_mempolicy` system calls (libc has no wrappers).
+//!
+//! Placement is best effort by design: a node that does not exist, or a kernel / container that
+//! refuses the call, falls back to the local node and is reported, never an error.
+
+use std::io;
+
+pub const PAGE_SIZE: usize = 4096;
+
+const MPOL_BIND: libc::c_long = 2;
+const MPOL_MF_MOVE: libc::c_ulong = 1 << 1;
+const MPOL_F_NODE: libc::c_ulong = 1 << 0;
+const MPOL_F_ADDR: libc::c_ulong = 1 << 1;
+/// Bits in the node masks we pass; covers every machine Linux supports by default.
+const MAX_NODES: usize = 1024;
+
+/// Nodes listed in `/sys/devices/system/node/online` (`"0"`, `"0-1,3"`); `[0]` when unknown.
+pub fn online_nodes() -> Vec<u32> {
+    std::fs::read_to_string("/sys/devices/system/node/online")
+        .ok()
+        .and_then(|text| parse_node_list(text.trim()))
+        .filter(|nodes| !nodes.is_empty())
+        .unwrap_or_else(|| vec![0])
+}
+
+fn parse_node_list(text: &str) -> Option<Vec<u32>> {
+    let mut nodes = Vec::new();
+    for part in text.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((lo, hi)) => nodes.extend(lo.parse::<u32>().ok()?..=hi.parse::<u32>().ok()?),
+            None => nodes.push(part.parse().ok()?),
+        }
+    }
+    Some(nodes)
+}
+
+/// The node of the CPU this thread runs on (0 when the kernel does not say).
+pub fn local_node() -> u32 {
+    let mut cpu: libc::c_uint = 0;
+    let mut node: libc::c_uint = 0;
+    // SAFETY: getcpu writes two c_uints through valid pointers; the third argument is unused.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_getcpu,
+            &mut cpu as *mut libc::c_uint,
+            &mut node as *mut libc::c_uint,
+            std::ptr::null_mut::<libc::c_void>(),
+        )
+    };
+    if rc == 0 {
+        node
+    } else {
+        0
+    }
+}
+
+/// Where a tier asked to live and where it actually lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodePlacement {
+    /// The node the caller asked for (`None`: the local node).
+    pub requested: Option<u32>,
+    /// The node the memory is bound to.
+    pub node: u32,
+    /// Why `node` differs from what was asked, if it does.
+    pub fallback_reason: Option<String>,
+}
+
+impl NodePlacement {
+    /// Resolves a request against the online nodes: unknown nodes fall back to the local one.
+    pub fn resolve(requested: Option<u32>) -> Self {
+        let online = online_nodes();
+        let local = local_node();
+        let local = if online.contains(&local) { local } else { online[0] };
+        match requested {
+            None => NodePlacement { requested, node: local, fallback_reason: None },
+            Some(n) if online.contains(&n) => {
+                NodePlacement { requested, node: n, fallback_reason: None }
+            }
+            Some(n) => NodePlacement {
+                requested,
+                node: local,
+                fallback_reason: Some(format!(
+                    "NUMA node {n} is not online (online: {online:?}); using local node {local}"
+                )),
+            },
+        }
+    }
+
+    pub fn fell_back(&self) -> bool {
+        self.fallback_reason.is_some()
+    }
+}
+
+fn node_mask(node: u32) -> [libc::c_ulong; MAX_NODES / 64] {
+    let mut mask = [0 as libc::c_ulong; MAX_NODES / 64];
+    mask[node as usize / 64] |= 1 << (node % 64);
+    mask
+}
+
+/// Binds `[addr, addr+len)` to `node`; with `move_pages`, pages already touched migrate there.
+///
+/// # Safety
+/// `addr` must be page aligned and `[addr, addr+len)` must lie inside a mapping owned by the caller.
+pub unsafe fn bind(addr: *mut u8, len: usize, node: u32, move_pages: bool) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let mask = node_mask(node);
+    let flags = if move_pages { MPOL_MF_MOVE } else { 0 };
+    // SAFETY: the caller guarantees the range; the mask outlives the call and holds MAX_NODES bits.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mbind,
+            addr as *mut libc::c_void,
+            len as libc::c_ulong,
+            MPOL_BIND,
+            mask.as_ptr(),
+            (MAX_NODES + 1) as libc::c_ulong,
+            flags,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The node holding the page at `addr` (`get_mempolicy(MPOL_F_NODE | MPOL_F_ADDR)`).
+///
+/// The page is faulted in by the kernel if it was never touched.
+///
+/// # Safety
+/// `addr` must point into a mapping owned by the caller.
+pub unsafe fn node_of(addr: *const u8) -> io::Result<u32> {
+    let mut node: libc::c_int = -1;
+    // SAFETY: get_mempolicy writes one int through `node`; no node mask is requested.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_get_mempolicy,
+            &mut node as *mut libc::c_int,
+            std::ptr::null_mut::<libc::c_ulong>(),
+            0 as libc::c_ulong,
+            addr as *const libc::c_void,
+            MPOL_F_NODE | MPOL_F_ADDR,
+        )
+    };
+    if rc == 0 && node >= 0 {
+        Ok(node as u32)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_node_lists() {
+        assert_eq!(parse_node_list("0"), Some(vec![0]));
+        assert_eq!(parse_node_list("0-2,5"), Some(vec![0, 1, 2, 5]));
+        assert_eq!(parse_node_list("x"), None);
+    }
+
+    #[test]
+    fn missing_node_falls_back_to_local() {
+        let p = NodePlacement::resolve(Some(999));
+        assert!(p.fell_back());
+        assert!(online_nodes().contains(&p.node));
+        let ok = NodePlacement::resolve(Some(online_nodes()[0]));
+        assert!(!ok.fell_back());
+    }
+}

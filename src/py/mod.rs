@@ -1,0 +1,19 @@
+//! The PyO3 bindings: thin wrappers that check arguments, release the GIL and call the core.
+//! Nothing here computes; every submodule exposes a `register(m)`.
+
+mod args;
+mod errors;
+mod ops;
+mod store;
+mod tensor;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    errors::register(m)?;
+    ops::register(m)?;
+    store::register(m)?;
+    Ok(())
+}

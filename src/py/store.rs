@@ -1,0 +1,327 @@
+//! `HostKVStore`: the host KV store and the CPU attention operations over it.
+
+use numpy::{PyArray2, PyArrayMethods};
+use parking_lot::RwLock;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::args::{isa, non_negative, positive};
+use super::tensor::{distinct, export_strips, Elem, Tensor};
+use crate::cpu;
+use crate::dtype::DType;
+use crate::kv::{Kind, KvStore, StoreConfig, TierConfig, TierStats};
+
+/// Host tier of a decode KV cache. See `hybridgen.HostKVStore` for the documented API.
+#[pyclass(name = "HostKVStore", module = "hybridgen._native", frozen)]
+pub(crate) struct PyHostKvStore {
+    store: RwLock<KvStore>,
+    dtype: DType,
+    layers: usize,
+    batch: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+fn kind(name: &str) -> PyResult<Kind> {
+    match name {
+        "keys" | "k" => Ok(Kind::Keys),
+        "values" | "v" => Ok(Kind::Values),
+        other => Err(PyValueError::new_err(format!("kind must be 'keys' or 'values', got {other:?}"))),
+    }
+}
+
+fn node(name: &str, node: Option<i64>) -> PyResult<Option<u32>> {
+    node.map(|n| {
+        u32::try_from(n).map_err(|_| PyValueError::new_err(format!("{name} must be a NUMA node number >= 0, got {n}")))
+    })
+    .transpose()
+}
+
+impl PyHostKvStore {
+    fn layer(&self, layer: i64) -> PyResult<usize> {
+        let l = non_negative("layer", layer)?;
+        if l >= self.layers {
+            return Err(PyValueError::new_err(format!(
+                "layer {layer} out of range: the store has {} layers",
+                self.layers
+            )));
+        }
+        Ok(l)
+    }
+
+    fn q_heads_of(&self, t: &Tensor, axis: usize) -> PyResult<usize> {
+        let h = t.shape()[axis];
+        if h == 0 || h % self.kv_heads != 0 {
+            return Err(PyValueError::new_err(format!(
+                "query heads ({h}) must be a positive multiple of kv_heads ({})",
+                self.kv_heads
+            )));
+        }
+        Ok(h)
+    }
+}
+
+fn tier_dict<'py>(py: Python<'py>, t: &TierStats) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("node", t.placement.node)?;
+    d.set_item("requested_node", t.placement.requested)?;
+    d.set_item("fallback_reason", t.placement.fallback_reason.clone())?;
+    d.set_item("capacity_bytes", t.capacity_bytes)?;
+    d.set_item("used_bytes", t.used_bytes)?;
+    d.set_item("key_tokens", t.key_tokens)?;
+    d.set_item("value_tokens", t.value_tokens)?;
+    Ok(d)
+}
+
+#[pymethods]
+impl PyHostKvStore {
+    #[new]
+    #[pyo3(signature = (layers, batch, kv_heads, head_dim, dtype, *, near_capacity_bytes, far_capacity_bytes,
+                        sinks=0, near_node=None, far_node=None, max_host_tokens=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        layers: i64,
+        batch: i64,
+        kv_heads: i64,
+        head_dim: i64,
+        dtype: &str,
+        near_capacity_bytes: i64,
+        far_capacity_bytes: i64,
+        sinks: i64,
+        near_node: Option<i64>,
+        far_node: Option<i64>,
+        max_host_tokens: Option<i64>,
+    ) -> PyResult<Self> {
+        let cfg = StoreConfig {
+            layers: positive("layers", layers)?,
+            batch: positive("batch", batch)?,
+            kv_heads: positive("kv_heads", kv_heads)?,
+            head_dim: positive("head_dim", head_dim)?,
+            dtype: DType::parse(dtype)?,
+            sinks: non_negative("sinks", sinks)?,
+            near: TierConfig {
+                node: node("near_node", near_node)?,
+                capacity_bytes: positive("near_capacity_bytes", near_capacity_bytes)?,
+            },
+            far: TierConfig {
+                node: node("far_node", far_node)?,
+                capacity_bytes: positive("far_capacity_bytes", far_capacity_bytes)?,
+            },
+            max_host_tokens: max_host_tokens.map(|m| positive("max_host_tokens", m)).transpose()?,
+        };
+        let (layers, batch, kv_heads, head_dim, dtype) = (cfg.layers, cfg.batch, cfg.kv_heads, cfg.head_dim, cfg.dtype);
+        Ok(PyHostKvStore { store: RwLock::new(KvStore::new(cfg)?), dtype, layers, batch, kv_heads, head_dim })
+    }
+
+    #[getter]
+    fn layers(&self) -> usize {
+        self.layers
+    }
+    #[getter]
+    fn batch(&self) -> usize {
+        self.batch
+    }
+    #[getter]
+    fn kv_heads(&self) -> usize {
+        self.kv_heads
+    }
+    #[getter]
+    fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.dtype.name()
+    }
+    #[getter]
+    fn sinks(&self) -> usize {
+        self.store.read().config().sinks
+    }
+    #[getter]
+    fn max_host_tokens(&self) -> usize {
+        self.store.read().strip_tokens()
+    }
+    #[getter]
+    fn token_bytes(&self) -> usize {
+        self.store.read().config().token_bytes()
+    }
+
+    fn total_len(&self, layer: i64) -> PyResult<usize> {
+        Ok(self.store.read().total_len(self.layer(layer)?)?)
+    }
+    fn host_len(&self, layer: i64) -> PyResult<usize> {
+        Ok(self.store.read().host_len(self.layer(layer)?)?)
+    }
+    fn far_key_len(&self, layer: i64) -> PyResult<usize> {
+        Ok(self.store.read().far_key_len(self.layer(layer)?)?)
+    }
+    fn evictable(&self, layer: i64) -> PyResult<usize> {
+        Ok(self.store.read().evictable(self.layer(layer)?)?)
+    }
+
+    fn append(&self, layer: i64, n: i64) -> PyResult<()> {
+        let (layer, n) = (self.layer(layer)?, non_negative("n", n)?);
+        Ok(self.store.write().append(layer, n)?)
+    }
+
+    fn evict(&self, py: Python<'_>, layer: i64, keys: &Bound<'_, PyAny>, values: &Bound<'_, PyAny>) -> PyResult<()> {
+        let layer = self.layer(layer)?;
+        let shape = [Some(self.batch), Some(self.kv_heads), None, Some(self.head_dim)];
+        let k = Tensor::import(keys, "keys", Elem::of(self.dtype), &shape)?;
+        let v = Tensor::import(values, "values", Elem::of(self.dtype), &shape)?;
+        if k.shape() != v.shape() {
+            return Err(PyValueError::new_err(format!(
+                "keys {:?} and values {:?} must have the same shape",
+                k.shape(),
+                v.shape()
+            )));
+        }
+        let m = k.shape()[2];
+        let (kb, vb) = (k.bytes(), v.bytes());
+        py.detach(|| self.store.write().evict(layer, m, kb, vb))?;
+        Ok(())
+    }
+
+    fn spill_keys(&self, layer: i64, m: i64) -> PyResult<()> {
+        let (layer, m) = (self.layer(layer)?, non_negative("m", m)?);
+        Ok(self.store.write().spill_keys(layer, m)?)
+    }
+
+    fn reset(&self) {
+        self.store.write().reset()
+    }
+
+    fn read(&self, py: Python<'_>, layer: i64, start: i64, keys_out: &Bound<'_, PyAny>, values_out: &Bound<'_, PyAny>) -> PyResult<()> {
+        let (layer, start) = (self.layer(layer)?, non_negative("start", start)?);
+        let shape = [Some(self.batch), Some(self.kv_heads), None, Some(self.head_dim)];
+        let k = Tensor::import(keys_out, "keys_out", Elem::of(self.dtype), &shape)?;
+        let v = Tensor::import(values_out, "values_out", Elem::of(self.dtype), &shape)?;
+        distinct(&[("keys_out", &k), ("values_out", &v)])?;
+        let len = k.shape()[2];
+        if v.shape()[2] != len {
+            return Err(PyValueError::new_err("keys_out and values_out must have the same shape"));
+        }
+        let (kb, vb) = (k.bytes_mut(), v.bytes_mut());
+        py.detach(|| self.store.read().read(layer, start, len, kb, vb))?;
+        Ok(())
+    }
+
+    /// Zero-copy DLPack capsule of host tokens `[start, stop)` of `kind`.
+    fn view(&self, py: Python<'_>, layer: i64, kind_name: &str, start: i64, stop: i64) -> PyResult<Py<PyAny>> {
+        let (layer, kind) = (self.layer(layer)?, kind(kind_name)?);
+        let (start, stop) = (non_negative("start", start)?, non_negative("stop", stop)?);
+        if stop < start {
+            return Err(PyValueError::new_err(format!("stop ({stop}) < start ({start})")));
+        }
+        let store = self.store.read();
+        store.check_host_range(layer, start, stop - start)?;
+        let dims = [self.batch, self.kv_heads, stop - start, self.head_dim];
+        let offset = start * self.head_dim * self.dtype.size();
+        export_strips(py, store.buffer(layer, kind), offset, dims, store.strip_bytes(), self.dtype)
+    }
+
+    fn token_map<'py>(&self, py: Python<'py>, layer: i64) -> PyResult<Bound<'py, PyArray2<u8>>> {
+        let map = self.store.read().token_map(self.layer(layer)?)?;
+        let row: Vec<u8> = map.iter().map(|&t| t as u8).collect();
+        let total = row.len();
+        let all: Vec<u8> = std::iter::repeat_n(row, self.batch).flatten().collect();
+        Ok(numpy::PyArray1::from_vec(py, all).reshape([self.batch, total])?)
+    }
+
+    fn tier_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (near, far) = self.store.read().tier_stats();
+        let d = PyDict::new(py);
+        d.set_item("near", tier_dict(py, &near)?)?;
+        d.set_item("far", tier_dict(py, &far)?)?;
+        Ok(d)
+    }
+
+    /// NUMA node holding host token `index` of `kind` in `layer` (None if the kernel won't say).
+    fn node_of(&self, layer: i64, kind_name: &str, index: i64) -> PyResult<Option<u32>> {
+        let (layer, kind, index) = (self.layer(layer)?, kind(kind_name)?, non_negative("index", index)?);
+        Ok(self.store.read().node_of(layer, kind, index)?)
+    }
+
+    #[pyo3(signature = (layer, q, scale, out, indices=None, isa_name=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn logits(
+        &self,
+        py: Python<'_>,
+        layer: i64,
+        q: &Bound<'_, PyAny>,
+        scale: f32,
+        out: &Bound<'_, PyAny>,
+        indices: Option<&Bound<'_, PyAny>>,
+        isa_name: Option<&str>,
+    ) -> PyResult<()> {
+        let (layer, isa) = (self.layer(layer)?, isa(isa_name)?);
+        let q = Tensor::import(q, "q", Elem::F32, &[Some(self.batch), None, Some(self.head_dim)])?;
+        let hq = self.q_heads_of(&q, 1)?;
+        let idx = indices
+            .map(|i| Tensor::import(i, "indices", Elem::I64, &[Some(self.batch), Some(self.kv_heads), None]))
+            .transpose()?;
+        let n_out = match &idx {
+            Some(i) => Some(i.shape()[2]),
+            None => None,
+        };
+        let out = Tensor::import(out, "out", Elem::F32, &[Some(self.batch), Some(hq), n_out])?;
+        distinct(&[("q", &q), ("out", &out)])?;
+        let (qs, os, is) = (q.slice::<f32>(), out.slice_mut::<f32>(), idx.as_ref().map(|i| i.slice::<i64>()));
+        py.detach(|| {
+            let store = self.store.read();
+            let strips = store.strips(layer)?;
+            cpu::logits(isa, &strips, qs, hq, scale, is, os)
+        })?;
+        Ok(())
+    }
+
+    fn gather_values(&self, py: Python<'_>, layer: i64, indices: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>) -> PyResult<()> {
+        let layer = self.layer(layer)?;
+        let idx = Tensor::import(indices, "indices", Elem::I64, &[Some(self.batch), None, None])?;
+        let hq = self.q_heads_of(&idx, 1)?;
+        let k = idx.shape()[2];
+        let out = Tensor::import(out, "out", Elem::of(self.dtype), &[Some(self.batch), Some(hq), Some(k), Some(self.head_dim)])?;
+        let (is, os) = (idx.slice::<i64>(), out.bytes_mut());
+        py.detach(|| {
+            let store = self.store.read();
+            cpu::gather_values(&store.strips(layer)?, is, hq, os)
+        })?;
+        Ok(())
+    }
+
+    #[pyo3(signature = (layer, logits, out, lse, indices=None, isa_name=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn partial_attention(
+        &self,
+        py: Python<'_>,
+        layer: i64,
+        logits: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyAny>,
+        lse: &Bound<'_, PyAny>,
+        indices: Option<&Bound<'_, PyAny>>,
+        isa_name: Option<&str>,
+    ) -> PyResult<()> {
+        let (layer, isa) = (self.layer(layer)?, isa(isa_name)?);
+        let x = Tensor::import(logits, "logits", Elem::F32, &[Some(self.batch), None, None])?;
+        let hq = self.q_heads_of(&x, 1)?;
+        let m = x.shape()[2];
+        let idx = indices
+            .map(|i| Tensor::import(i, "indices", Elem::I64, &[Some(self.batch), Some(hq), Some(m)]))
+            .transpose()?;
+        let out = Tensor::import(out, "out", Elem::F32, &[Some(self.batch), Some(hq), Some(self.head_dim)])?;
+        let lse = Tensor::import(lse, "lse", Elem::F32, &[Some(self.batch), Some(hq)])?;
+        distinct(&[("logits", &x), ("out", &out), ("lse", &lse)])?;
+        let (xs, os, ls) = (x.slice::<f32>(), out.slice_mut::<f32>(), lse.slice_mut::<f32>());
+        let is = idx.as_ref().map(|i| i.slice::<i64>());
+        py.detach(|| {
+            let store = self.store.read();
+            cpu::partial_attention(isa, &store.strips(layer)?, xs, hq, is, os, ls)
+        })?;
+        Ok(())
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyHostKvStore>()
+}
