@@ -3,8 +3,9 @@
 
 use super::simd::{isa_dispatch, Element, Simd};
 
-/// Rows processed together: two independent FMA chains per head hide the FMA latency.
-const ROWS: usize = 2;
+/// How far ahead (bytes) sequential key scans prefetch.
+const PREFETCH_AHEAD: usize = 2048;
+
 /// Query heads handled at once; larger GQA groups are done in slices of this many.
 const MAX_GROUP: usize = 8;
 
@@ -39,22 +40,30 @@ unsafe fn logits_rows<S: Simd, E: Element>(
     while h0 < g {
         let gs = (g - h0).min(MAX_GROUP);
         let (q, out) = unsafe { (q.add(h0 * d), out.add(h0 * out_stride)) };
+        // Rows per tile: as many as keep G × R accumulators within the register budget
+        // (R for a 16-accumulator budget, then for an 8-accumulator one).
         macro_rules! go {
-            ($($G:literal)*) => {
+            ($(($G:literal, $R16:literal, $R8:literal))*) => {
                 match gs {
-                    $($G => unsafe { logits_group::<S, E, $G>(q, d, keys, idx, n, scale, out, out_stride) },)*
+                    $($G => unsafe {
+                        if S::ACC_BUDGET >= 16 {
+                            logits_group::<S, E, $G, $R16>(q, d, keys, idx, n, scale, out, out_stride)
+                        } else {
+                            logits_group::<S, E, $G, $R8>(q, d, keys, idx, n, scale, out, out_stride)
+                        }
+                    },)*
                     _ => unreachable!(),
                 }
             };
         }
-        go!(1 2 3 4 5 6 7 8);
+        go!((1, 8, 8) (2, 8, 4) (3, 4, 2) (4, 4, 2) (5, 2, 1) (6, 2, 1) (7, 2, 1) (8, 2, 1));
         h0 += gs;
     }
 }
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn logits_group<S: Simd, E: Element, const G: usize>(
+unsafe fn logits_group<S: Simd, E: Element, const G: usize, const R: usize>(
     q: *const f32,
     d: usize,
     keys: *const E,
@@ -65,9 +74,9 @@ unsafe fn logits_group<S: Simd, E: Element, const G: usize>(
     out_stride: usize,
 ) {
     let mut t = 0;
-    while t + ROWS <= n {
-        unsafe { logits_tile::<S, E, G, ROWS>(q, d, keys, idx, t, scale, out, out_stride) };
-        t += ROWS;
+    while t + R <= n {
+        unsafe { logits_tile::<S, E, G, R>(q, d, keys, idx, t, scale, out, out_stride) };
+        t += R;
     }
     while t < n {
         unsafe { logits_tile::<S, E, G, 1>(q, d, keys, idx, t, scale, out, out_stride) };
@@ -76,7 +85,8 @@ unsafe fn logits_group<S: Simd, E: Element, const G: usize>(
 }
 
 /// Logits of `R` rows starting at `t` for `G` heads: every key element is loaded and widened
-/// once and used by all heads of the group (GQA reads K once).
+/// once and used by all heads of the group (GQA reads K once); each query chunk is loaded once
+/// for all `R` rows; the `R × G` dot products are reduced four at a time.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn logits_tile<S: Simd, E: Element, const G: usize, const R: usize>(
@@ -91,7 +101,17 @@ unsafe fn logits_tile<S: Simd, E: Element, const G: usize, const R: usize>(
 ) {
     unsafe {
         let rows: [*const E; R] = std::array::from_fn(|r| row(keys, idx, t + r, d));
-        let mut acc = [[S::zero(); G]; R];
+        if idx.is_null() {
+            // Sequential scans outrun the hardware prefetcher: ask for the lines of the tile
+            // PREFETCH_AHEAD bytes further on (one hint per cache line).
+            let tile = rows[0] as *const u8;
+            let mut off = 0;
+            while off < R * d * std::mem::size_of::<E>() {
+                S::prefetch(tile.add(PREFETCH_AHEAD + off));
+                off += 64;
+            }
+        }
+        let mut acc = [[S::zero(); R]; G];
         let body = d - d % S::LANES;
         let mut c = 0;
         while c < body {
@@ -99,18 +119,30 @@ unsafe fn logits_tile<S: Simd, E: Element, const G: usize, const R: usize>(
             for h in 0..G {
                 let qv = S::load(q.add(h * d + c));
                 for r in 0..R {
-                    acc[r][h] = S::fma(k[r], qv, acc[r][h]);
+                    acc[h][r] = S::fma(k[r], qv, acc[h][r]);
                 }
             }
             c += S::LANES;
         }
-        for r in 0..R {
-            for h in 0..G {
-                let mut s = S::reduce_sum(acc[r][h]);
-                for i in body..d {
-                    s += (*rows[r].add(i)).to_f32() * *q.add(h * d + i);
+        let mut sums = [[0.0f32; R]; G];
+        let flat = acc.as_flattened();
+        for (i, dst) in sums.as_flattened_mut().chunks_mut(4).enumerate() {
+            let four: [S::F; 4] = std::array::from_fn(|j| flat.get(4 * i + j).copied().unwrap_or(S::zero()));
+            dst.copy_from_slice(&S::reduce4(four)[..dst.len()]);
+        }
+        if body < d {
+            for (h, row_sums) in sums.iter_mut().enumerate() {
+                for (r, s) in row_sums.iter_mut().enumerate() {
+                    for i in body..d {
+                        *s += (*rows[r].add(i)).to_f32() * *q.add(h * d + i);
+                    }
                 }
-                *out.add(h * out_stride + t + r) = s * scale;
+            }
+        }
+        for (h, row_sums) in sums.iter().enumerate() {
+            let dst = out.add(h * out_stride + t);
+            for (r, &s) in row_sums.iter().enumerate() {
+                *dst.add(r) = s * scale;
             }
         }
     }

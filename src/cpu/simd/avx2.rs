@@ -10,6 +10,7 @@ pub(crate) struct Avx2;
 // SAFETY: every method is only called from functions compiled with avx2,fma,f16c (isa_dispatch!).
 unsafe impl Simd for Avx2 {
     const LANES: usize = 8;
+    const ACC_BUDGET: usize = 8;
     type F = __m256;
 
     #[inline(always)]
@@ -50,6 +51,19 @@ unsafe impl Simd for Avx2 {
             let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
             let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
             _mm_cvtss_f32(s)
+        }
+    }
+    #[inline(always)]
+    unsafe fn reduce4(v: [__m256; 4]) -> [f32; 4] {
+        unsafe {
+            // hadd pairs twice: each 128-bit half then holds partial sums [a b c d].
+            let ab = _mm256_hadd_ps(v[0], v[1]);
+            let cd = _mm256_hadd_ps(v[2], v[3]);
+            let abcd = _mm256_hadd_ps(ab, cd);
+            let s = _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps::<1>(abcd));
+            let mut out = [0.0f32; 4];
+            _mm_storeu_ps(out.as_mut_ptr(), s);
+            out
         }
     }
 }

@@ -11,6 +11,7 @@ pub(crate) struct Avx512;
 // avx2,fma,f16c (isa_dispatch!).
 unsafe impl Simd for Avx512 {
     const LANES: usize = 16;
+    const ACC_BUDGET: usize = 16;
     type F = __m512;
 
     #[inline(always)]
@@ -47,5 +48,30 @@ unsafe impl Simd for Avx512 {
     #[inline(always)]
     unsafe fn reduce_sum(v: __m512) -> f32 {
         unsafe { _mm512_reduce_add_ps(v) }
+    }
+    #[inline(always)]
+    unsafe fn reduce4(v: [__m512; 4]) -> [f32; 4] {
+        unsafe {
+            // Fold 128-bit quarters so that quarter j of `s` holds four partials of v[j].
+            let ab = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(v[0], v[1]),
+                _mm512_shuffle_f32x4::<0xEE>(v[0], v[1]),
+            );
+            let cd = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(v[2], v[3]),
+                _mm512_shuffle_f32x4::<0xEE>(v[2], v[3]),
+            );
+            let s = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(ab, cd),
+                _mm512_shuffle_f32x4::<0xDD>(ab, cd),
+            );
+            // Sum within each quarter, then collect element 0 of every quarter.
+            let s = _mm512_add_ps(s, _mm512_permute_ps::<0x4E>(s));
+            let s = _mm512_add_ps(s, _mm512_permute_ps::<0xB1>(s));
+            let picked = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), s);
+            let mut out = [0.0f32; 4];
+            _mm_storeu_ps(out.as_mut_ptr(), _mm512_castps512_ps128(picked));
+            out
+        }
     }
 }

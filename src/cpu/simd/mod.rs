@@ -97,6 +97,20 @@ pub(crate) unsafe trait Simd {
     unsafe fn load_bf16(p: *const u16) -> Self::F;
     unsafe fn fma(a: Self::F, b: Self::F, acc: Self::F) -> Self::F;
     unsafe fn reduce_sum(v: Self::F) -> f32;
+    /// The lane sums of four vectors at once (cheaper than four `reduce_sum`s).
+    unsafe fn reduce4(v: [Self::F; 4]) -> [f32; 4];
+    /// Hints the cache to fetch the line holding `p` (any address: never faults).
+    #[inline(always)]
+    unsafe fn prefetch(p: *const u8) {
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = p;
+    }
+    /// Accumulators the kernels may keep in registers at once.
+    const ACC_BUDGET: usize;
 }
 
 /// A stored element type: how to widen `LANES` of them (or one) to f32.
