@@ -28,7 +28,7 @@ mod tests {
     #[test]
     fn checksum_counts_every_byte() {
         let buf = vec![1u8; (1 << 20) * 3 + 7];
-        let words = (buf.len() / 64 * 64 / 8) as u64 * 0x0101010101010101;
+        let words = ((buf.len() / 64 * 64 / 8) as u64).wrapping_mul(0x0101010101010101);
         assert_eq!(super::stream_read(&buf), words.wrapping_add(7));
     }
 }
