@@ -262,10 +262,10 @@ impl PyHostKvStore {
             .map(|i| Tensor::import(i, "indices", Elem::I64, &[Some(self.batch), Some(self.kv_heads), None]))
             .transpose()?;
         let n_out = match &idx {
-            Some(i) => Some(i.shape()[2]),
-            None => None,
+            Some(i) => i.shape()[2],
+            None => self.store.read().host_len(layer)?,
         };
-        let out = Tensor::import(out, "out", Elem::F32, &[Some(self.batch), Some(hq), n_out])?;
+        let out = Tensor::import(out, "out", Elem::F32, &[Some(self.batch), Some(hq), Some(n_out)])?;
         distinct(&[("q", &q), ("out", &out)])?;
         let (qs, os, is) = (q.slice::<f32>(), out.slice_mut::<f32>(), idx.as_ref().map(|i| i.slice::<i64>()));
         py.detach(|| {
