@@ -178,7 +178,8 @@ def main():
     torch.set_num_threads(hybridgen.num_threads())
     results = []
     for dtype in (torch.float16, torch.bfloat16):
-        tokens = int(args.gib * 2**30) // (args.kv_heads * args.head_dim * 2)
+        # A whole number of pages per head keeps the key strips back to back (one flat buffer).
+        tokens = int(args.gib * 2**30) // (args.kv_heads * args.head_dim * 2) // 64 * 64
         r = bench_dtype(dtype, tokens, args.kv_heads, args.group, args.head_dim, args.repeats, args.topk)
         results.append(r)
         print(

@@ -210,7 +210,9 @@ unsafe fn weighted_group<S: Simd, E: Element, const G: usize>(
             let t1 = (t0 + TILE).min(n);
             let mut c = 0;
             while c < body {
-                let mut acc: [S::F; G] = std::array::from_fn(|h| S::load(out.add(h * d + c)));
+                // A fresh accumulator per tile, added to the output afterwards: two-level
+                // summation keeps f32 rounding flat over very long contexts.
+                let mut acc = [S::zero(); G];
                 for t in t0..t1 {
                     let v = E::load::<S>(row(values, idx, t, d).add(c));
                     for h in 0..G {
@@ -218,7 +220,8 @@ unsafe fn weighted_group<S: Simd, E: Element, const G: usize>(
                     }
                 }
                 for h in 0..G {
-                    S::store(out.add(h * d + c), acc[h]);
+                    let o = out.add(h * d + c);
+                    S::store(o, S::add(S::load(o), acc[h]));
                 }
                 c += S::LANES;
             }

@@ -10,14 +10,15 @@ pub(crate) fn softmax_lse(x: &mut [f32]) -> f32 {
         x.fill(0.0);
         return f32::NEG_INFINITY;
     }
-    let mut sum = 0.0f32;
+    // f64 sum: exact enough for any context length, and cheap next to the exps.
+    let mut sum = 0.0f64;
     for v in x.iter_mut() {
         *v = (*v - max).exp();
-        sum += *v;
+        sum += *v as f64;
     }
-    let inv = 1.0 / sum;
+    let inv = (1.0 / sum) as f32;
     x.iter_mut().for_each(|v| *v *= inv);
-    max + sum.ln()
+    max + sum.ln() as f32
 }
 
 /// Merges partial attention `(o_b, lse_b)` into `(o_a, lse_a)`, `d` floats per row:

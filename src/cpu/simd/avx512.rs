@@ -46,6 +46,10 @@ unsafe impl Simd for Avx512 {
         unsafe { _mm512_fmadd_ps(a, b, acc) }
     }
     #[inline(always)]
+    unsafe fn add(a: __m512, b: __m512) -> __m512 {
+        unsafe { _mm512_add_ps(a, b) }
+    }
+    #[inline(always)]
     unsafe fn reduce_sum(v: __m512) -> f32 {
         unsafe { _mm512_reduce_add_ps(v) }
     }

@@ -96,6 +96,7 @@ pub(crate) unsafe trait Simd {
     unsafe fn load_f16(p: *const u16) -> Self::F;
     unsafe fn load_bf16(p: *const u16) -> Self::F;
     unsafe fn fma(a: Self::F, b: Self::F, acc: Self::F) -> Self::F;
+    unsafe fn add(a: Self::F, b: Self::F) -> Self::F;
     unsafe fn reduce_sum(v: Self::F) -> f32;
     /// The lane sums of four vectors at once (cheaper than four `reduce_sum`s).
     unsafe fn reduce4(v: [Self::F; 4]) -> [f32; 4];

@@ -52,6 +52,10 @@ unsafe impl Simd for Scalar {
         std::array::from_fn(|i| a[i] * b[i] + acc[i])
     }
     #[inline(always)]
+    unsafe fn add(a: Self::F, b: Self::F) -> Self::F {
+        std::array::from_fn(|i| a[i] + b[i])
+    }
+    #[inline(always)]
     unsafe fn reduce_sum(v: Self::F) -> f32 {
         ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]))
     }
