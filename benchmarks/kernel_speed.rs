@@ -25,22 +25,46 @@ fn main() {
     };
     let q = vec![0.5f32; kvh * g * d];
     let mut out = vec![0f32; kvh * g * n];
-    let reps = ((4usize << 30) / bytes).max(3);
     let buf = vec![1u8; bytes];
-    let t = std::time::Instant::now();
-    for _ in 0..reps {
-        std::hint::black_box(cpu::bandwidth::stream_read(&buf));
-    }
-    let stream = (bytes * reps) as f64 / t.elapsed().as_secs_f64() / 1e9;
-    println!("{dtype}, {n} tokens × {kvh} kv heads × d {d}, group {g}, {} threads", rayon::current_num_threads());
-    println!("  streaming read: {stream:.1} GB/s");
-    for isa in Isa::available() {
-        let reps = if isa == Isa::Scalar { 1 } else { reps };
+    let time = |f: &mut dyn FnMut()| {
         let t = std::time::Instant::now();
-        for _ in 0..reps {
-            cpu::logits(isa, &strips, &q, kvh * g, 1.0, None, &mut out).unwrap();
+        f();
+        t.elapsed().as_secs_f64()
+    };
+    println!("{dtype}, {n} tokens × {kvh} kv heads × d {d}, group {g}, {} threads", rayon::current_num_threads());
+    // Rounds alternate between the streaming read and each kernel so that drifting machine load
+    // affects them alike; medians are reported.
+    let isas = Isa::available();
+    let mut stream = Vec::new();
+    let mut tuned = Vec::new();
+    let mut kernel = vec![Vec::new(); isas.len()];
+    for round in 0..7 {
+        stream.push(bytes as f64 / time(&mut || {
+            std::hint::black_box(cpu::bandwidth::stream_read(&buf, false));
+        }) / 1e9);
+        tuned.push(bytes as f64 / time(&mut || {
+            std::hint::black_box(cpu::bandwidth::stream_read(&buf, true));
+        }) / 1e9);
+        for (i, &isa) in isas.iter().enumerate() {
+            if isa == Isa::Scalar && round > 0 {
+                continue; // slow; one round is enough
+            }
+            kernel[i].push(bytes as f64 / time(&mut || cpu::logits(isa, &strips, &q, kvh * g, 1.0, None, &mut out).unwrap()) / 1e9);
         }
-        let dt = t.elapsed().as_secs_f64() / reps as f64;
-        println!("  logits {:>7}: {:.1} GB/s of K ({:.0}% of the streaming read)", isa.name(), bytes as f64 / dt / 1e9, 100.0 * bytes as f64 / dt / 1e9 / stream);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (stream, tuned) = (median(&mut stream), median(&mut tuned));
+    println!("  streaming read: {stream:.1} GB/s plain, {tuned:.1} GB/s with prefetching");
+    for (i, isa) in isas.iter().enumerate() {
+        let k = median(&mut kernel[i]);
+        println!(
+            "  logits {:>7}: {k:.1} GB/s of K ({:.0}% of the plain read, {:.0}% of the prefetching read)",
+            isa.name(),
+            100.0 * k / stream,
+            100.0 * k / tuned
+        );
     }
 }

@@ -1,10 +1,10 @@
 //! Single-threaded inner kernels, generic over the instruction set and the stored element type.
 //! `ops` splits work across threads and calls them through the `isa_dispatch!` wrappers.
 
-use super::simd::{isa_dispatch, Element, Simd};
+use super::simd::{isa_dispatch, prefetch, Element, Simd};
 
 /// How far ahead (bytes) sequential key scans prefetch.
-const PREFETCH_AHEAD: usize = 2048;
+pub(crate) const PREFETCH_AHEAD: usize = 2048;
 
 /// Query heads handled at once; larger GQA groups are done in slices of this many.
 const MAX_GROUP: usize = 8;
@@ -101,20 +101,23 @@ unsafe fn logits_tile<S: Simd, E: Element, const G: usize, const R: usize>(
 ) {
     unsafe {
         let rows: [*const E; R] = std::array::from_fn(|r| row(keys, idx, t + r, d));
-        if idx.is_null() {
-            // Sequential scans outrun the hardware prefetcher: ask for the lines of the tile
-            // PREFETCH_AHEAD bytes further on (one hint per cache line).
-            let tile = rows[0] as *const u8;
-            let mut off = 0;
-            while off < R * d * std::mem::size_of::<E>() {
-                S::prefetch(tile.add(PREFETCH_AHEAD + off));
-                off += 64;
-            }
-        }
+        // Sequential scans outrun the hardware prefetcher: ask for the lines of the tile
+        // PREFETCH_AHEAD bytes further on, spread over the chunk loop (a burst of hints would
+        // queue behind the line-fill buffers).
+        let tile = rows[0] as *const u8;
+        let tile_lines = (R * d * std::mem::size_of::<E>()).div_ceil(64);
+        let per_chunk = tile_lines.div_ceil((d / S::LANES).max(1));
+        let mut next_line = if idx.is_null() { 0 } else { tile_lines };
         let mut acc = [[S::zero(); R]; G];
         let body = d - d % S::LANES;
         let mut c = 0;
         while c < body {
+            for _ in 0..per_chunk {
+                if next_line < tile_lines {
+                    prefetch(tile.wrapping_add(PREFETCH_AHEAD + 64 * next_line));
+                    next_line += 1;
+                }
+            }
             let k: [S::F; R] = std::array::from_fn(|r| E::load::<S>(rows[r].add(c)));
             for h in 0..G {
                 let qv = S::load(q.add(h * d + c));

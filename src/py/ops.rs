@@ -27,11 +27,13 @@ fn topk(py: Python<'_>, logits: &Bound<'_, PyAny>, k: i64, out_indices: &Bound<'
 }
 
 /// Reads a uint8 tensor once on all threads; returns a checksum (for bandwidth measurements).
+/// With `prefetch`, software prefetches run ahead as in the logit kernels.
 #[pyfunction]
-fn stream_read(py: Python<'_>, buffer: &Bound<'_, PyAny>) -> PyResult<u64> {
+#[pyo3(signature = (buffer, prefetch=false))]
+fn stream_read(py: Python<'_>, buffer: &Bound<'_, PyAny>, prefetch: bool) -> PyResult<u64> {
     let t = Tensor::import(buffer, "buffer", Elem::U8, &[None])?;
     let bytes = t.bytes();
-    Ok(py.detach(|| cpu::bandwidth::stream_read(bytes)))
+    Ok(py.detach(|| cpu::bandwidth::stream_read(bytes, prefetch)))
 }
 
 /// The instruction set the kernels use on this CPU ("avx512", "avx2" or "scalar").

@@ -80,6 +80,18 @@ pub fn isa() -> Isa {
     *BEST.get_or_init(|| *Isa::available().last().expect("scalar is always available"))
 }
 
+/// Hints the cache to fetch the line holding `p` (any address: a prefetch never faults).
+#[inline(always)]
+pub(crate) fn prefetch(p: *const u8) {
+    // SAFETY: prefetch instructions do not access memory architecturally and never fault.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// A vector of f32 lanes and the operations the kernels need.
 ///
 /// # Safety
@@ -100,16 +112,6 @@ pub(crate) unsafe trait Simd {
     unsafe fn reduce_sum(v: Self::F) -> f32;
     /// The lane sums of four vectors at once (cheaper than four `reduce_sum`s).
     unsafe fn reduce4(v: [Self::F; 4]) -> [f32; 4];
-    /// Hints the cache to fetch the line holding `p` (any address: never faults).
-    #[inline(always)]
-    unsafe fn prefetch(p: *const u8) {
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = p;
-    }
     /// Accumulators the kernels may keep in registers at once.
     const ACC_BUDGET: usize;
 }
