@@ -9,6 +9,7 @@ pub mod error;
 pub mod kv;
 pub mod mem;
 mod py;
+pub mod sched;
 
 pub use dtype::DType;
 pub use error::{Error, Result};

@@ -79,3 +79,26 @@ class HostKVStore:
         indices: Optional[Any] = None,
         isa_name: Optional[str] = None,
     ) -> None: ...
+
+class Scheduler:
+    def __init__(
+        self,
+        k_min: int,
+        k_max: int,
+        *,
+        grow: float = 1.25,
+        shrink: float = 0.8,
+        slack: float = 0.5,
+        patience: int = 8,
+    ) -> None: ...
+    def observe(self, t_gpu: float, t_cpu: float, t_tx: float) -> tuple[int, str]: ...
+    @property
+    def k(self) -> int: ...
+    @property
+    def strategy(self) -> str: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def k_min(self) -> int: ...
+    @property
+    def k_max(self) -> int: ...

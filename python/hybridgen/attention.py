@@ -1,19 +1,23 @@
-"""One decode step of hybrid attention for one layer.
+"""One decode step of hybrid attention for one layer, in two stages.
 
 The device holds the sink tokens and the most recent tokens (``dev_k``/``dev_v``, in token
-order: sinks first); the host store holds every token in between. Two ways to combine them:
+order: sinks first); the host store holds every token in between.
 
-* ``merge="concat"`` (HybridGen): the CPU computes host logits, keeps all of them or the top-K per
-  head, and ships those logits plus the matching value rows; the device concatenates them with its
-  own logits in token order and runs one softmax and one value aggregation.
-* ``merge="lse"`` (HGCA): the CPU finishes attention over its (selected) tokens and ships only the
-  partial output and its log-sum-exp; the device merges it with its own partial exactly.
+1. :func:`cpu_stage` (CPU, native kernels, GIL released): logits of the query against the host
+   keys — all of them, or only at ``positions`` (Pre-QKT) — then optionally the top-K per head
+   (Post-QKT), then either the partial attention with its log-sum-exp (``merge="lse"``, HGCA) or
+   the selected logits plus their value rows (``merge="concat"``, HybridGen).
+2. :func:`device_combine` (the model's device): its own logits over the device tokens, combined
+   with the host result — an exact LSE merge, or one softmax over the union in token order.
 
-With every host token selected (``top_k=None``) both equal full attention up to rounding.
+With every host token selected both equal full attention up to rounding. :func:`hybrid_attention`
+runs both stages back to back.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -21,9 +25,108 @@ import torch
 from .host_store import HostKVStore
 from .ops import merge_partials, topk
 
-__all__ = ["hybrid_attention", "device_partial"]
+__all__ = ["HostPartial", "cpu_stage", "device_combine", "device_partial", "hybrid_attention", "pre_qkt_positions"]
 
 MERGES = ("concat", "lse")
+
+
+@dataclass
+class HostPartial:
+    """What the CPU stage hands to the device (all CPU tensors, float32 unless noted)."""
+
+    merge: str
+    #: lse: partial output ``[b, hq, d]`` and its log-sum-exp ``[b, hq]``.
+    out: Optional[torch.Tensor] = None
+    lse: Optional[torch.Tensor] = None
+    #: concat: selected logits ``[b, hq, m]`` and value rows (store dtype) — ``[b, hkv, m, d]``
+    #: when the whole GQA group shares the tokens (``grouped``), else ``[b, hq, m, d]``.
+    logits: Optional[torch.Tensor] = None
+    values: Optional[torch.Tensor] = None
+    grouped: bool = False
+    #: Host tokens each head attended to, and the wall time of the stage (seconds).
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def to(self, device) -> "HostPartial":
+        """The same result with its tensors on ``device`` (the transfer to the device)."""
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return HostPartial(self.merge, move(self.out), move(self.lse), move(self.logits), move(self.values),
+                           self.grouped, self.tokens, self.seconds)
+
+    def nbytes(self) -> int:
+        """Bytes that cross to the device."""
+        return sum(t.numel() * t.element_size() for t in (self.out, self.lse, self.logits, self.values) if t is not None)
+
+
+def pre_qkt_positions(n_host: int, k: int) -> torch.Tensor:
+    """Pre-QKT prediction by position: ``k`` of ``n_host`` host tokens, ascending — the earliest
+    eighth, the most recent half, and the rest strided evenly in between."""
+    if k >= n_host:
+        return torch.arange(n_host)
+    head, recent = max(k // 8, 1), k // 2
+    middle = k - head - recent
+    lo, hi = head, n_host - recent
+    strided = torch.linspace(lo, hi - 1, middle).round().long() if middle > 0 and hi > lo else torch.empty(0, dtype=torch.long)
+    picked = torch.cat([torch.arange(head), strided, torch.arange(hi, n_host)]).unique()
+    if picked.numel() < k:  # rounding collisions: top up from the unused middle
+        unused = torch.ones(n_host, dtype=torch.bool)
+        unused[picked] = False
+        picked = torch.cat([picked, unused.nonzero().squeeze(1)[: k - picked.numel()]]).sort().values
+    return picked
+
+
+def cpu_stage(
+    store: HostKVStore,
+    layer: int,
+    q: torch.Tensor,
+    *,
+    scale: float,
+    merge: str = "lse",
+    top_k: Optional[int] = None,
+    positions: Optional[torch.Tensor] = None,
+    host_mask: Optional[torch.Tensor] = None,
+) -> HostPartial:
+    """The CPU half of a decode step over the host tokens of ``layer``.
+
+    Args:
+        q: ``[b, hq, d]`` query (any float dtype and device; used as float32 on the CPU).
+        top_k: keep the ``top_k`` largest logits per head (Post-QKT); ``None`` keeps all.
+        positions: int64 ``[m]`` host token indices to score (Pre-QKT); ``None`` scores all.
+        host_mask: bool ``[b, n_host]``, True where a token must be ignored (padding).
+    """
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+    t0 = time.perf_counter()
+    qc = q.detach().to("cpu", torch.float32).contiguous()
+    b, hq, _ = qc.shape
+    hkv = store.kv_heads
+    n_host = store.host_len(layer)
+    mask = host_mask.to("cpu") if host_mask is not None else None
+
+    idx = None  # per-query-head host indices [b, hq, m], None = all host tokens in order
+    if positions is not None:
+        positions = positions.to("cpu", torch.int64)
+        x = store.logits(layer, qc, scale, positions.expand(b, hkv, -1).contiguous())
+        idx = positions.expand(b, hq, -1).contiguous()
+        if mask is not None:
+            x.masked_fill_(mask[:, positions].unsqueeze(1), float("-inf"))
+    else:
+        x = store.logits(layer, qc, scale)
+        if mask is not None:
+            x.masked_fill_(mask.unsqueeze(1), float("-inf"))
+    if top_k is not None and top_k < x.shape[-1]:
+        local, x = topk(x, top_k)
+        idx = local if idx is None else torch.gather(idx, 2, local)
+
+    part = HostPartial(merge=merge, tokens=x.shape[-1])
+    if merge == "lse":
+        part.out, part.lse = store.partial_attention(layer, x, idx)
+    elif idx is None:
+        part.logits, part.values, part.grouped = x, store.view(layer, "values", 0, n_host), True
+    else:
+        part.logits, part.values = x, store.gather_values(layer, idx)
+    part.seconds = time.perf_counter() - t0
+    return part
 
 
 def device_partial(
@@ -47,11 +150,41 @@ def device_partial(
     return out.view(b, hq, d), lse.view(b, hq)
 
 
-def _host_logits(store, layer, q, scale, host_mask):
-    x = store.logits(layer, q.detach().float().cpu(), scale)
-    if host_mask is not None:
-        x.masked_fill_(host_mask.cpu().unsqueeze(1), float("-inf"))
-    return x
+def device_combine(
+    q: torch.Tensor,
+    dev_k: torch.Tensor,
+    dev_v: torch.Tensor,
+    host: HostPartial,
+    *,
+    scale: float,
+    sinks: int = 0,
+    dev_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The device half: attention output ``[b, hq, d]`` (float32, on ``q``'s device)."""
+    device = q.device
+    if host.merge == "lse":
+        o_dev, lse_dev = device_partial(q, dev_k, dev_v, scale, dev_mask)
+        out, _ = merge_partials(o_dev, lse_dev, host.out.to(device), host.lse.to(device))
+        return out
+
+    b, hq, d = q.shape
+    hkv = dev_k.shape[1]
+    g = hq // hkv
+    dev_x = torch.matmul(q.float().view(b, hkv, g, d), dev_k.float().transpose(-1, -2)) * scale  # [b, hkv, g, n]
+    if dev_mask is not None:
+        dev_x = dev_x.masked_fill(dev_mask.view(b, 1, 1, -1), float("-inf"))
+    host_v = host.values.to(device).float()
+    if host.grouped:  # every host token: value rows shared by the GQA group
+        host_x = host.logits.to(device).view(b, hkv, g, -1)
+        dev_vg = dev_v.float()
+    else:  # each query head has its own rows
+        host_x = host.logits.to(device).view(b, hq, 1, -1)
+        dev_x = dev_x.reshape(b, hq, 1, -1)
+        dev_vg = dev_v.float().repeat_interleave(g, dim=1)
+    logits = torch.cat([dev_x[..., :sinks], host_x, dev_x[..., sinks:]], dim=-1)
+    values = torch.cat([dev_vg[:, :, :sinks], host_v, dev_vg[:, :, sinks:]], dim=2)
+    p = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return torch.matmul(p, values).reshape(b, hq, d)
 
 
 def hybrid_attention(
@@ -65,60 +198,19 @@ def hybrid_attention(
     sinks: int = 0,
     merge: str = "lse",
     top_k: Optional[int] = None,
+    positions: Optional[torch.Tensor] = None,
     dev_mask: Optional[torch.Tensor] = None,
     host_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention output ``[b, hq, d]`` (float32, on ``q``'s device) of one decode query.
 
-    Args:
-        q: ``[b, hq, d]`` query of the new token (any float dtype, any device).
-        dev_k, dev_v: ``[b, hkv, n_dev, d]`` device tokens; the first ``sinks`` are the
-            attention sinks, the rest the most recent tokens.
-        store, layer: the host tier and the layer in it.
-        merge: ``"concat"`` or ``"lse"`` (see the module docstring).
-        top_k: host tokens kept per head (Post-QKT); ``None`` keeps all (exact).
-        dev_mask, host_mask: bool ``[b, n_dev]`` / ``[b, n_host]``, True where a token must be
-            ignored (left padding).
+    ``dev_k``/``dev_v``: ``[b, hkv, n_dev, d]`` device tokens, the first ``sinks`` of them the
+    attention sinks; ``dev_mask``/``host_mask``: bool ``[b, n_dev]`` / ``[b, n_host]``, True where
+    a token must be ignored. See :func:`cpu_stage` for ``merge``, ``top_k`` and ``positions``.
     """
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
-    n_host = store.host_len(layer)
-    if top_k is not None and top_k >= n_host:
-        top_k = None  # keeping every host token is the exact path
-    if n_host == 0:
+    if store.host_len(layer) == 0:
         return device_partial(q, dev_k, dev_v, scale, dev_mask)[0]
-
-    x = _host_logits(store, layer, q, scale, host_mask)
-    idx = None
-    if top_k is not None:
-        idx, x = topk(x, top_k)
-
-    if merge == "lse":
-        o_cpu, lse_cpu = store.partial_attention(layer, x, idx)
-        o_dev, lse_dev = device_partial(q, dev_k, dev_v, scale, dev_mask)
-        out, _ = merge_partials(o_dev, lse_dev, o_cpu.to(q.device), lse_cpu.to(q.device))
-        return out
-
-    # concat: ship host logits + value rows, one softmax over the union in token order.
-    b, hq, d = q.shape
-    hkv = dev_k.shape[1]
-    g = hq // hkv
-    qg = q.float().view(b, hkv, g, d)
-    dev_x = torch.matmul(qg, dev_k.float().transpose(-1, -2)) * scale  # [b, hkv, g, n_dev]
-    if dev_mask is not None:
-        dev_x = dev_x.masked_fill(dev_mask.view(b, 1, 1, -1), float("-inf"))
-    if idx is None:
-        # Every host token: value rows are shared by the GQA group, keep them per KV head.
-        host_x = x.to(q.device).view(b, hkv, g, -1)
-        host_v = store.view(layer, "values", 0, n_host).to(q.device).float()  # [b, hkv, n, d]
-        dev_vg = dev_v.float()
-    else:
-        # Top-K per query head: each head has its own rows; work per query head.
-        host_x = x.to(q.device).view(b, hq, 1, -1)
-        host_v = store.gather_values(layer, idx).to(q.device).float()  # [b, hq, k, d]
-        dev_x = dev_x.reshape(b, hq, 1, -1)
-        dev_vg = dev_v.float().repeat_interleave(g, dim=1)
-    logits = torch.cat([dev_x[..., :sinks], host_x, dev_x[..., sinks:]], dim=-1)
-    values = torch.cat([dev_vg[:, :, :sinks], host_v, dev_vg[:, :, sinks:]], dim=2)
-    p = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    return torch.matmul(p, values).reshape(b, hq, d)
+    host = cpu_stage(store, layer, q, scale=scale, merge=merge, top_k=top_k, positions=positions, host_mask=host_mask)
+    return device_combine(q, dev_k, dev_v, host, scale=scale, sinks=sinks, dev_mask=dev_mask)

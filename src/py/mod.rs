@@ -4,6 +4,7 @@
 mod args;
 mod errors;
 mod ops;
+mod sched;
 mod store;
 mod tensor;
 
@@ -15,5 +16,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     ops::register(m)?;
     store::register(m)?;
+    sched::register(m)?;
     Ok(())
 }

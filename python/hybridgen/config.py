@@ -1,0 +1,97 @@
+"""HybridConfig: budgets, selection policy, merge mode, scheduling and memory placement."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+POLICIES = ("all", "post_qkt", "pre_qkt", "scheduler")
+MERGES = ("concat", "lse")
+
+
+@dataclass
+class HybridConfig:
+    """How hybrid attention splits and serves the KV cache.
+
+    Attributes:
+        gpu_budget: most recent tokens kept on the model's device per layer (besides the sinks).
+        sinks: leading tokens that never leave the device (attention sinks).
+        policy: which host tokens the CPU attends to each step:
+            ``"all"`` every host token (exact: equals full attention);
+            ``"post_qkt"`` logits over all host tokens, then the top ``k`` per head;
+            ``"pre_qkt"`` ``k`` tokens chosen by position (earliest, strided, most recent), logits
+            only over those;
+            ``"scheduler"`` the feedback scheduler adapts K in ``[k_min, k_max]`` and switches
+            between Post- and Pre-QKT from measured step times.
+        k: host tokens per head for the fixed ``post_qkt`` / ``pre_qkt`` policies.
+        k_min, k_max: the scheduler's range (``k_min`` comes from accuracy profiling).
+        merge: ``"lse"`` (the CPU returns a partial output and its log-sum-exp; HGCA) or
+            ``"concat"`` (the CPU ships selected logits and value rows; HybridGen).
+        pipeline: run each layer's CPU stage on a worker thread, overlapped with device work.
+        speculative: with ``pipeline``, start layer i+1's CPU stage from layer i's input
+            (approximate query); otherwise it starts from the true query (exact).
+        max_context: tokens per sequence the host store reserves room for (address space;
+            memory is committed as tokens arrive). ``None``: the model's maximum positions.
+        near_capacity_bytes, far_capacity_bytes: host tier budgets (``None``: room for
+            ``max_context`` tokens of every layer in each).
+        near_node, far_node: NUMA nodes of the key and value tiers (``None``: local node).
+    """
+
+    gpu_budget: int = 1024
+    sinks: int = 4
+    policy: str = "scheduler"
+    k: int = 256
+    k_min: int = 64
+    k_max: int = 2048
+    merge: str = "lse"
+    pipeline: bool = False
+    speculative: bool = False
+    max_context: Optional[int] = None
+    near_capacity_bytes: Optional[int] = None
+    far_capacity_bytes: Optional[int] = None
+    near_node: Optional[int] = None
+    far_node: Optional[int] = None
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "HybridConfig":
+        def positive(name, allow_zero=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+            if v < 0 or (v == 0 and not allow_zero):
+                raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+
+        positive("gpu_budget")
+        positive("sinks", allow_zero=True)
+        positive("k")
+        positive("k_min")
+        positive("k_max")
+        if self.k_min > self.k_max:
+            raise ValueError(f"k_min ({self.k_min}) must not exceed k_max ({self.k_max})")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}: expected one of {POLICIES}")
+        if self.merge not in MERGES:
+            raise ValueError(f"unknown merge {self.merge!r}: expected one of {MERGES}")
+        if self.speculative and not self.pipeline:
+            raise ValueError("speculative=True needs pipeline=True")
+        for name in ("max_context", "near_capacity_bytes", "far_capacity_bytes"):
+            if getattr(self, name) is not None:
+                positive(name)
+        for name in ("near_node", "far_node"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 0):
+                raise ValueError(f"{name} must be a NUMA node number >= 0 or None, got {v!r}")
+        return self
+
+    @property
+    def exact(self) -> bool:
+        """Whether every host token is attended to (full-attention equivalence)."""
+        return self.policy == "all" and not self.speculative
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("extra")
+        return d

@@ -1,0 +1,7 @@
+"""transformers integration: HybridCache, the ``"hybridgen"`` attention function, and patch()."""
+
+from .cache import HybridCache, HybridLayer
+from .models import SUPPORTED_MODEL_TYPES, describe, supports
+from .patch import is_patched, patch, unpatch
+
+__all__ = ["HybridCache", "HybridLayer", "SUPPORTED_MODEL_TYPES", "describe", "is_patched", "patch", "supports", "unpatch"]

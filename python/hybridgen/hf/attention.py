@@ -1,0 +1,85 @@
+"""The attention function registered with transformers as ``"hybridgen"``.
+
+Multi-token steps (the prompt) run the model's usual SDPA attention over every token the cache
+returns. One-token steps (decode) with a :class:`HybridCache` run hybrid attention: the CPU stage
+over the host tokens, the device stage over the sinks and recent tokens, combined exactly (or
+over the selected host tokens), then the layer's overflow moves to the host.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..attention import cpu_stage, device_combine, device_partial, pre_qkt_positions
+from ..telemetry import StepRecord
+from .cache import ACTIVE_CACHE, HybridLayer
+
+NAME = "hybridgen"
+
+
+def register() -> None:
+    """Registers the attention function and its mask builder (idempotent)."""
+    AttentionInterface.register(NAME, hybridgen_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def hybridgen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    cache = ACTIVE_CACHE.get()
+    layer = None
+    if cache is not None and query.shape[2] == 1:
+        candidate = cache.layers[module.layer_idx]
+        if candidate.keys is key:  # the cache that was just updated for this very call
+            layer = candidate
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    state = getattr(module, "_hybridgen_state", None)
+    if cache.owner is not None and state is not None and cache.owner is not state:
+        raise ValueError("this HybridCache was created for another model: make one per model")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = decode_step(layer, query[:, :, 0], key, value, attention_mask, scale)
+    layer.evict_overflow()
+    return out.unsqueeze(1).to(query.dtype), None
+
+
+def _masks(layer: HybridLayer, attention_mask, n_host: int):
+    """Device and host masks (True = ignore) from the model's ``[b, 1, q, total]`` mask."""
+    if attention_mask is None:
+        return None, None
+    keep = attention_mask[:, 0, -1, :]
+    if keep.dtype != torch.bool:  # additive float mask: 0 attends, a large negative masks
+        keep = keep > torch.finfo(keep.dtype).min / 2
+    s, total = layer.sinks_on_device, layer.total
+    dev_cols = torch.cat([torch.arange(s), torch.arange(s + n_host, total)]).to(keep.device)
+    return ~keep[:, dev_cols], ~keep[:, s : s + n_host]
+
+
+def decode_step(layer: HybridLayer, q, dev_k, dev_v, attention_mask, scale):
+    """Hybrid attention of one decode query ``q [b, hq, d]``; records telemetry on the layer."""
+    cache = layer.cache
+    store, idx = cache.store, layer.layer_idx
+    n_host = store.host_len(idx)
+    dev_mask, host_mask = _masks(layer, attention_mask, n_host)
+    strategy, k = cache.selection()
+    s = layer.sinks_on_device
+    if n_host == 0:
+        out, t_dev = cache.timed(lambda: device_partial(q, dev_k, dev_v, scale, dev_mask)[0], q.device)
+        layer.pending = StepRecord(cache.step, idx, 0, strategy, 0, dev_k.shape[-2], 0.0, t_dev, 0.0)
+        return out
+    host = cpu_stage(
+        store, idx, q, scale=scale, merge=cache.config.merge,
+        top_k=k if strategy == "post_qkt" else None,
+        positions=pre_qkt_positions(n_host, k) if strategy == "pre_qkt" else None,
+        host_mask=host_mask,
+    )
+    moved, t_tx = cache.timed(lambda: host.to(q.device), q.device)
+    out, t_dev = cache.timed(
+        lambda: device_combine(q, dev_k, dev_v, moved, scale=scale, sinks=s, dev_mask=dev_mask), q.device
+    )
+    layer.pending = StepRecord(
+        step=cache.step, layer=idx, k=host.tokens, strategy=strategy, host_tokens=n_host,
+        device_tokens=dev_k.shape[-2], t_cpu=host.seconds, t_gpu=t_dev, t_tx=t_tx, tx_bytes=host.nbytes(),
+    )
+    return out

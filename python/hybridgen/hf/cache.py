@@ -1,0 +1,206 @@
+"""HybridCache: a transformers ``Cache`` whose layers keep the sinks and the most recent tokens on
+the model's device and move older tokens to the host store.
+
+Per layer, the device tier is ``keys``/``values`` ``[b, hkv, n_dev, d]``: the first
+``min(sinks, total)`` are the sink tokens, the rest the most recent ones. Host tokens sit between
+them in logical order. A multi-token step (the prompt) runs the model's own attention over all
+tokens and then places them; a one-token step (decode) runs hybrid attention
+(:mod:`hybridgen.hf.attention`), after which the oldest recent tokens beyond the budget move to
+the host.
+"""
+
+from __future__ import annotations
+
+import time
+from contextvars import ContextVar
+from typing import Optional
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .. import _native
+from ..config import HybridConfig
+from ..host_store import HostKVStore
+from ..telemetry import StepRecord, Telemetry
+from .models import describe
+
+#: The HybridCache whose layer was updated last: the attention function (which transformers does
+#: not hand the cache) reads it right after the update of the same layer.
+ACTIVE_CACHE: ContextVar[Optional["HybridCache"]] = ContextVar("hybridgen_active_cache", default=None)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class HybridLayer(DynamicLayer):
+    """One layer's device tier; host tokens live in the cache's shared store."""
+
+    def __init__(self, cache: "HybridCache", layer_idx: int):
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.total = 0
+        self.pending: Optional[StepRecord] = None
+
+    # --- the transformers layer protocol ---------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        store = self.cache.ensure_store(key_states)
+        n_new = key_states.shape[-2]
+        full = None
+        if n_new > 1 and store.host_len(self.layer_idx) > 0:
+            full = self._with_host_tokens(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.total += n_new
+        store.append(self.layer_idx, n_new)
+        returned = (self.keys, self.values) if full is None else full
+        if n_new > 1:
+            self.evict_overflow()  # the returned tensors keep the whole step alive for attention
+        return returned
+
+    def get_seq_length(self) -> int:
+        return self.total
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # The mask spans every logical position: host and device tokens, plus the new ones.
+        return self.total + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        super().reset()
+        self.total = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("HybridCache cannot crop: tokens on the host are final")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("HybridCache does not support beam search; use greedy or sampling")
+
+    # --- tiers -------------------------------------------------------------------------------
+    @property
+    def sinks_on_device(self) -> int:
+        return min(self.cache.config.sinks, self.total)
+
+    def device_tokens(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def evict_overflow(self) -> None:
+        """Moves the oldest recent tokens beyond ``gpu_budget`` to the host store."""
+        s = self.sinks_on_device
+        over = self.device_tokens() - s - self.cache.config.gpu_budget
+        if over <= 0:
+            return
+        old_k = self.keys[:, :, s : s + over].to("cpu", self.cache.store.dtype).contiguous()
+        old_v = self.values[:, :, s : s + over].to("cpu", self.cache.store.dtype).contiguous()
+        self.cache.store.evict(self.layer_idx, old_k, old_v)
+        self.keys = torch.cat([self.keys[:, :, :s], self.keys[:, :, s + over :]], dim=-2)
+        self.values = torch.cat([self.values[:, :, :s], self.values[:, :, s + over :]], dim=-2)
+
+    def _with_host_tokens(self, key_states, value_states):
+        """Every token in logical order (host tokens copied back): exact attention for a
+        multi-token step after tokens went to the host."""
+        store, s = self.cache.store, self.sinks_on_device
+        hk, hv = store.read(self.layer_idx, 0, store.host_len(self.layer_idx))
+        hk, hv = hk.to(self.keys.device, self.keys.dtype), hv.to(self.keys.device, self.keys.dtype)
+        keys = torch.cat([self.keys[:, :, :s], hk, self.keys[:, :, s:], key_states], dim=-2)
+        values = torch.cat([self.values[:, :, :s], hv, self.values[:, :, s:], value_states], dim=-2)
+        return keys, values
+
+
+class HybridCache(Cache):
+    """Pass as ``past_key_values`` to a model patched with :func:`hybridgen.patch` (its
+    ``generate`` does so by itself).
+
+    Args:
+        model: the patched model this cache serves (its shape is checked on every update).
+        config: overrides the configuration given to ``patch``.
+    """
+
+    def __init__(self, model, config: Optional[HybridConfig] = None):
+        state = getattr(model, "_hybridgen", None)
+        if config is None:
+            if state is None:
+                raise ValueError("the model is not patched: call hybridgen.patch(model, HybridConfig(...)) first")
+            config = state.config
+        if not isinstance(config, HybridConfig):
+            raise TypeError(f"config must be a HybridConfig, got {type(config).__name__}")
+        self.info = describe(model)
+        self.owner = state
+        self.config = config.validate()
+        super().__init__(layers=[HybridLayer(self, i) for i in range(self.info.layers)])
+        self.store: Optional[HostKVStore] = None
+        self.telemetry = Telemetry()
+        self.scheduler = (
+            _native.Scheduler(config.k_min, config.k_max) if config.policy == "scheduler" else None
+        )
+        self.step = 0
+        self._step_times = [0.0, 0.0, 0.0]  # gpu, cpu, tx of the current step
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if not 0 <= layer_idx < self.info.layers:
+            raise ValueError(f"layer {layer_idx} out of range: this HybridCache serves {self.info.layers} layers")
+        if key_states.shape[1] != self.info.kv_heads or key_states.shape[-1] != self.info.head_dim:
+            raise ValueError(
+                f"this HybridCache was made for a model with {self.info.kv_heads} KV heads of dim "
+                f"{self.info.head_dim}, got keys of shape {tuple(key_states.shape)}: use one cache per model"
+            )
+        ACTIVE_CACHE.set(self)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def ensure_store(self, key_states: torch.Tensor) -> HostKVStore:
+        if self.store is None:
+            c, info = self.config, self.info
+            b = key_states.shape[0]
+            max_context = c.max_context or info.max_positions
+            token_bytes = b * info.kv_heads * info.head_dim * key_states.element_size()
+            room = info.layers * max_context * token_bytes
+            self.store = HostKVStore(
+                info.layers, b, info.kv_heads, info.head_dim, key_states.dtype,
+                sinks=c.sinks,
+                near_capacity_bytes=c.near_capacity_bytes or room,
+                far_capacity_bytes=c.far_capacity_bytes or 2 * room,
+                near_node=c.near_node, far_node=c.far_node,
+                max_host_tokens=max_context,
+            )
+        elif key_states.shape[0] != self.store.batch:
+            raise ValueError(
+                f"batch size changed from {self.store.batch} to {key_states.shape[0]}: use a new HybridCache"
+            )
+        return self.store
+
+    # --- selection and the scheduler ---------------------------------------------------------
+    def selection(self) -> tuple[str, Optional[int]]:
+        """``(strategy, k)`` for this step: strategy ``"all"``, ``"post_qkt"`` or ``"pre_qkt"``."""
+        c = self.config
+        if c.policy == "all":
+            return "all", None
+        if c.policy == "scheduler":
+            return self.scheduler.strategy, self.scheduler.k
+        return c.policy, c.k
+
+    def record(self, layer_idx: int, record: StepRecord) -> None:
+        """Adds one layer's record; after the last layer, feeds the step's times to the scheduler."""
+        self.telemetry.add(record)
+        t = self._step_times
+        t[0] += record.t_gpu
+        t[1] += record.t_cpu - record.t_hidden
+        t[2] += record.t_tx
+        if layer_idx == self.info.layers - 1:
+            if self.scheduler is not None:
+                self.scheduler.observe(*t)
+            self._step_times = [0.0, 0.0, 0.0]
+            self.step += 1
+
+    def timed(self, fn, device: torch.device):
+        """``(fn(), seconds)`` with the device synchronised around it."""
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        return out, time.perf_counter() - t0
