@@ -168,6 +168,10 @@ class HybridCache(Cache):
                 near_node=c.near_node, far_node=c.far_node,
                 max_host_tokens=max_context,
             )
+        elif key_states.dtype != self.store.dtype:
+            raise ValueError(
+                f"keys arrive as {key_states.dtype} but this HybridCache stores {self.store.dtype}: use a new HybridCache"
+            )
         elif key_states.shape[0] != self.store.batch:
             raise ValueError(
                 f"batch size changed from {self.store.batch} to {key_states.shape[0]}: use a new HybridCache"
