@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import demo
+from . import demo, generate
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hybridgen", description="CPU-GPU hybrid attention")
     sub = parser.add_subparsers(dest="command", required=True)
+    generate.build_parser(sub)
     demo.build_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
