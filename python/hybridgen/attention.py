@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from .host_store import HostKVStore
-from .ops import merge_partials, topk
+from .ops import attend, merge_partials, topk
 
 __all__ = ["HostPartial", "cpu_stage", "device_combine", "device_partial", "hybrid_attention", "pre_qkt_positions"]
 
@@ -140,6 +140,9 @@ def device_partial(
     hkv, n = keys.shape[1], keys.shape[2]
     if n == 0:
         return q.new_zeros((b, hq, d), dtype=torch.float32), q.new_full((b, hq), float("-inf"), dtype=torch.float32)
+    if keys.device.type == "cpu" and keys.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        # A device tier in host memory (no GPU): one native call instead of a chain of torch ops.
+        return attend(q, keys, values, scale, mask)
     qg = q.float().view(b, hkv, hq // hkv, d)
     x = torch.matmul(qg, keys.float().transpose(-1, -2)) * scale  # [b, hkv, g, n]
     if mask is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-POLICIES = ("all", "post_qkt", "pre_qkt", "scheduler")
+POLICIES = ("all", "post_qkt", "pre_qkt", "scheduler", "streaming")
 MERGES = ("concat", "lse")
 
 
@@ -16,13 +16,17 @@ class HybridConfig:
     Attributes:
         gpu_budget: most recent tokens kept on the model's device per layer (besides the sinks).
         sinks: leading tokens that never leave the device (attention sinks).
+        evict_chunk: during decoding, overflow tokens move to the host this many at a time (the
+            device tier holds ``gpu_budget`` to ``gpu_budget + evict_chunk`` recent tokens).
         policy: which host tokens the CPU attends to each step:
             ``"all"`` every host token (exact: equals full attention);
             ``"post_qkt"`` logits over all host tokens, then the top ``k`` per head;
             ``"pre_qkt"`` ``k`` tokens chosen by position (earliest, strided, most recent), logits
             only over those;
             ``"scheduler"`` the feedback scheduler adapts K in ``[k_min, k_max]`` and switches
-            between Post- and Pre-QKT from measured step times.
+            between Post- and Pre-QKT from measured step times;
+            ``"streaming"`` no host token at all: the sinks plus a window of ``gpu_budget``
+            recent tokens (StreamingLLM), the baseline selection has to beat.
         k: host tokens per head for the fixed ``post_qkt`` / ``pre_qkt`` policies.
         k_min, k_max: the scheduler's range (``k_min`` comes from accuracy profiling).
         merge: ``"lse"`` (the CPU returns a partial output and its log-sum-exp; HGCA) or
@@ -39,6 +43,7 @@ class HybridConfig:
 
     gpu_budget: int = 1024
     sinks: int = 4
+    evict_chunk: int = 32
     policy: str = "scheduler"
     k: int = 256
     k_min: int = 64
@@ -66,6 +71,7 @@ class HybridConfig:
 
         positive("gpu_budget")
         positive("sinks", allow_zero=True)
+        positive("evict_chunk")
         positive("k")
         positive("k_min")
         positive("k_max")

@@ -10,7 +10,7 @@ import torch
 
 from . import _native
 
-__all__ = ["topk", "merge_partials"]
+__all__ = ["attend", "topk", "merge_partials"]
 
 
 def topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,3 +48,17 @@ def merge_partials(
     w_a = torch.exp(lse_a - safe).unsqueeze(-1)
     w_b = torch.exp(lse_b - safe).unsqueeze(-1)
     return w_a * out_a.float() + w_b * out_b.float(), lse
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q [b, hq, d]`` over every token of CPU ``keys``/``values [b, hkv, n, d]``
+    (rows contiguous, any head stride) in one native call, with its log-sum-exp.
+
+    ``mask``: bool ``[b, n]``, True = ignore. Returns ``(out float32 [b, hq, d], lse [b, hq])``.
+    """
+    b, hq, d = q.shape
+    out = torch.empty((b, hq, d), dtype=torch.float32)
+    lse = torch.empty((b, hq), dtype=torch.float32)
+    m = None if mask is None else mask.to(torch.uint8).contiguous()
+    _native.attend(q.detach().float().contiguous(), keys, values, float(scale), out, lse, m)
+    return out, lse

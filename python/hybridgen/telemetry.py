@@ -22,6 +22,8 @@ class StepRecord:
     #: Seconds of the CPU stage that ran while the device worked (pipelining), and bytes shipped.
     t_hidden: float = 0.0
     tx_bytes: int = 0
+    #: Whether the CPU stage started from the previous layer's input (approximate query).
+    speculative: bool = False
 
 
 @dataclass

@@ -8,7 +8,7 @@ pub mod simd;
 mod softmax;
 pub mod topk;
 
-pub use ops::{gather_values, logits, partial_attention, Strips};
+pub use ops::{attend, gather_values, logits, partial_attention, Strips};
 pub use simd::{isa, Isa};
 pub use softmax::merge_partials;
 pub use topk::topk;

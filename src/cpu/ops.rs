@@ -277,3 +277,35 @@ pub fn partial_attention(
         });
     Ok(())
 }
+
+/// Partial attention of `q [batch, q_heads, d]` over all `s.len` rows of `s` in one call:
+/// logits, masking (`mask [batch, len]`, nonzero = ignore the token), softmax, values and lse.
+/// This is the whole attention over one tier's tokens, e.g. a device tier that lives in host
+/// memory on a machine without a GPU.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    isa: Isa,
+    s: &Strips,
+    q: &[f32],
+    q_heads: usize,
+    scale: f32,
+    mask: Option<&[u8]>,
+    out: &mut [f32],
+    lse: &mut [f32],
+) -> Result<()> {
+    let n = s.len;
+    let mut x = vec![0.0f32; s.batch * q_heads * n];
+    logits(isa, s, q, q_heads, scale, None, &mut x)?;
+    if let Some(mask) = mask {
+        ensure!(mask.len() == s.batch * n, "mask must be [batch, {n}], got {} entries", mask.len());
+        for (row, xs) in x.chunks_mut(n.max(1)).enumerate() {
+            let m = &mask[(row / q_heads) * n..(row / q_heads + 1) * n];
+            for (v, &masked) in xs.iter_mut().zip(m) {
+                if masked != 0 {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    partial_attention(isa, s, &x, q_heads, None, out, lse)
+}

@@ -26,6 +26,56 @@ fn topk(py: Python<'_>, logits: &Bound<'_, PyAny>, k: i64, out_indices: &Bound<'
     Ok(())
 }
 
+/// Partial attention of `q [b, hq, d]` (float32) over every token of `keys`/`values`
+/// `[b, hkv, n, d]` (float16/bfloat16/float32, rows contiguous, any head stride) into
+/// `out [b, hq, d]` and `lse [b, hq]` (float32); `mask` uint8/bool `[b, n]`, nonzero = ignore.
+#[pyfunction]
+#[pyo3(signature = (q, keys, values, scale, out, lse, mask=None, isa_name=None))]
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    keys: &Bound<'_, PyAny>,
+    values: &Bound<'_, PyAny>,
+    scale: f32,
+    out: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    mask: Option<&Bound<'_, PyAny>>,
+    isa_name: Option<&str>,
+) -> PyResult<()> {
+    let isa = super::args::isa(isa_name)?;
+    let q = Tensor::import(q, "q", Elem::F32, &[None, None, None])?;
+    let [b, hq, d] = [q.shape()[0], q.shape()[1], q.shape()[2]];
+    let dtype = match keys.getattr("dtype").map(|d| d.to_string()) {
+        Ok(name) => crate::dtype::DType::parse(&name)?,
+        Err(_) => crate::dtype::DType::F32,
+    };
+    let (k, k_stride) = Tensor::import_strips(keys, "keys", Elem::of(dtype), &[Some(b), None, None, Some(d)])?;
+    let (hkv, n) = (k.shape()[1], k.shape()[2]);
+    let (v, v_stride) = Tensor::import_strips(values, "values", Elem::of(dtype), &[Some(b), Some(hkv), Some(n), Some(d)])?;
+    if k_stride != v_stride {
+        return Err(PyValueError::new_err("keys and values must have the same layout"));
+    }
+    let out = Tensor::import(out, "out", Elem::F32, &[Some(b), Some(hq), Some(d)])?;
+    let lse = Tensor::import(lse, "lse", Elem::F32, &[Some(b), Some(hq)])?;
+    let mask = mask.map(|m| Tensor::import(m, "mask", Elem::U8, &[Some(b), Some(n)])).transpose()?;
+    distinct(&[("q", &q), ("out", &out), ("lse", &lse)])?;
+    let strips = cpu::Strips {
+        keys: k.ptr(),
+        values: v.ptr(),
+        strip_bytes: k_stride * dtype.size(),
+        batch: b,
+        kv_heads: hkv,
+        head_dim: d,
+        dtype,
+        len: n,
+    };
+    let (qs, os, ls) = (q.slice::<f32>(), out.slice_mut::<f32>(), lse.slice_mut::<f32>());
+    let ms = mask.as_ref().map(|m| m.slice::<u8>());
+    py.detach(|| cpu::attend(isa, &strips, qs, hq, scale, ms, os, ls))?;
+    Ok(())
+}
+
 /// Reads a uint8 tensor once on all threads; returns a checksum (for bandwidth measurements).
 /// With `prefetch`, software prefetches run ahead as in the logit kernels.
 #[pyfunction]
@@ -57,6 +107,7 @@ fn num_threads() -> usize {
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(topk, m)?)?;
     m.add_function(wrap_pyfunction!(stream_read, m)?)?;
+    m.add_function(wrap_pyfunction!(attend, m)?)?;
     m.add_function(wrap_pyfunction!(isa, m)?)?;
     m.add_function(wrap_pyfunction!(available_isas, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;

@@ -124,6 +124,47 @@ impl Tensor {
         Ok(Tensor { _owner: owner, ptr, shape: dims, elem })
     }
 
+    /// Imports a `[batch, heads, n, d]` tensor whose rows are contiguous and whose sequences are
+    /// `heads` head-strides apart (e.g. a prefix view of a larger cache buffer); returns it with
+    /// its head stride in elements.
+    pub(crate) fn import_strips(obj: &Bound<'_, PyAny>, name: &str, elem: Elem, shape: &[Option<usize>; 4]) -> PyResult<(Tensor, usize)> {
+        if !obj.hasattr("__dlpack__")? {
+            return Err(PyTypeError::new_err(format!("{name} must be a tensor, got {}", obj.get_type().name()?)));
+        }
+        check_device(name, dlpack_device(obj.as_borrowed())?)?;
+        let owner = from_dlpack(obj.as_borrowed(), None, Some(false))?;
+        let view = owner.validate().map_err(|e| PyValueError::new_err(format!("{name}: invalid DLPack tensor: {e}")))?;
+        if view.dtype() != elem.dl() {
+            return Err(PyTypeError::new_err(format!("{name} must have dtype {}, got {}", elem.name(), dl_name(view.dtype()))));
+        }
+        let dims: Vec<usize> = view.shape().iter().map(|&d| d as usize).collect();
+        if dims.len() != 4 || dims.iter().zip(shape).any(|(&g, w)| w.is_some_and(|w| w != g)) {
+            return Err(PyValueError::new_err(format!("{name} has shape {dims:?}, expected {shape:?} (None = any)")));
+        }
+        let strides: Vec<usize> = match view.strides() {
+            Some(st) => st.iter().map(|&x| x as usize).collect(),
+            None => vec![dims[1] * dims[2] * dims[3], dims[2] * dims[3], dims[3], 1],
+        };
+        let (heads, rows, d) = (dims[1], dims[2], dims[3]);
+        let ok = (d <= 1 || strides[3] == 1)
+            && (rows <= 1 || strides[2] == d)
+            && strides[1] >= rows * d
+            && (dims[0] <= 1 || strides[0] == heads * strides[1]);
+        if !ok {
+            return Err(PyValueError::new_err(format!(
+                "{name} (shape {dims:?}, strides {strides:?}) must have contiguous rows and equally spaced heads"
+            )));
+        }
+        // SAFETY: byte_offset is inside the allocation by the DLPack contract.
+        let ptr = unsafe { (view.data_ptr() as *mut u8).add(view.byte_offset() as usize) };
+        let head_stride = strides[1];
+        Ok((Tensor { _owner: owner, ptr, shape: dims, elem }, head_stride))
+    }
+
+    pub(crate) fn ptr(&self) -> *const u8 {
+        self.ptr
+    }
+
     pub(crate) fn shape(&self) -> &[usize] {
         &self.shape
     }

@@ -8,14 +8,21 @@ over the selected host tokens), then the layer's overflow moves to the host.
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Optional
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..attention import cpu_stage, device_combine, device_partial, pre_qkt_positions
+from ..ops import merge_partials
 from ..telemetry import StepRecord
 from .cache import ACTIVE_CACHE, HybridLayer
+from .speculation import speculative_query
 
 NAME = "hybridgen"
 
@@ -64,22 +71,85 @@ def decode_step(layer: HybridLayer, q, dev_k, dev_v, attention_mask, scale):
     dev_mask, host_mask = _masks(layer, attention_mask, n_host)
     strategy, k = cache.selection()
     s = layer.sinks_on_device
-    if n_host == 0:
+    if n_host == 0 or strategy == "streaming":
         out, t_dev = cache.timed(lambda: device_partial(q, dev_k, dev_v, scale, dev_mask)[0], q.device)
-        layer.pending = StepRecord(cache.step, idx, 0, strategy, 0, dev_k.shape[-2], 0.0, t_dev, 0.0)
+        layer.pending = StepRecord(cache.step, idx, 0, strategy, n_host, dev_k.shape[-2], 0.0, t_dev, 0.0)
         return out
-    host = cpu_stage(
-        store, idx, q, scale=scale, merge=cache.config.merge,
+    run_cpu = _stage(cache, idx, q, scale, strategy, k, n_host, host_mask)
+    hidden = 0.0
+    speculated = cache.speculative.pop(idx, None)
+    if speculated is not None:
+        # Started from the previous layer's input while that layer ran (approximate query).
+        t_wait = time.perf_counter()
+        host = speculated.result()
+        hidden = max(0.0, host.seconds - (time.perf_counter() - t_wait))
+        moved, t_tx = cache.timed(lambda: host.to(q.device), q.device)
+        out, t_dev = cache.timed(
+            lambda: device_combine(q, dev_k, dev_v, moved, scale=scale, sinks=s, dev_mask=dev_mask), q.device
+        )
+    elif cache.config.pipeline and cache.config.merge == "lse":
+        # The CPU stage runs on the worker thread (native code, GIL released) while the device
+        # computes its own partial; only the remainder of the CPU stage is waited for.
+        future = _worker().submit(run_cpu)
+        (o_dev, lse_dev), t_dev = cache.timed(lambda: device_partial(q, dev_k, dev_v, scale, dev_mask), q.device)
+        t_wait = time.perf_counter()
+        host = future.result()
+        hidden = max(0.0, host.seconds - (time.perf_counter() - t_wait))
+        moved, t_tx = cache.timed(lambda: host.to(q.device), q.device)
+        out, t_merge = cache.timed(lambda: merge_partials(o_dev, lse_dev, moved.out, moved.lse)[0], q.device)
+        t_dev += t_merge
+    else:
+        host = run_cpu()
+        moved, t_tx = cache.timed(lambda: host.to(q.device), q.device)
+        out, t_dev = cache.timed(
+            lambda: device_combine(q, dev_k, dev_v, moved, scale=scale, sinks=s, dev_mask=dev_mask), q.device
+        )
+    layer.pending = StepRecord(
+        step=cache.step, layer=idx, k=host.tokens, strategy=strategy, host_tokens=n_host,
+        device_tokens=dev_k.shape[-2], t_cpu=host.seconds, t_gpu=t_dev, t_tx=t_tx, t_hidden=hidden,
+        tx_bytes=host.nbytes(), speculative=speculated is not None,
+    )
+    return out
+
+
+def _stage(cache, idx, q, scale, strategy, k, n_host, host_mask):
+    """The CPU stage of layer ``idx`` for query ``q`` as a callable (for the worker thread)."""
+    return partial(
+        cpu_stage, cache.store, idx, q, scale=scale, merge=cache.config.merge,
         top_k=k if strategy == "post_qkt" else None,
         positions=pre_qkt_positions(n_host, k) if strategy == "pre_qkt" else None,
         host_mask=host_mask,
     )
-    moved, t_tx = cache.timed(lambda: host.to(q.device), q.device)
-    out, t_dev = cache.timed(
-        lambda: device_combine(q, dev_k, dev_v, moved, scale=scale, sinks=s, dev_mask=dev_mask), q.device
-    )
-    layer.pending = StepRecord(
-        step=cache.step, layer=idx, k=host.tokens, strategy=strategy, host_tokens=n_host,
-        device_tokens=dev_k.shape[-2], t_cpu=host.seconds, t_gpu=t_dev, t_tx=t_tx, tx_bytes=host.nbytes(),
-    )
-    return out
+
+
+def speculate(cache, idx: int, decoder_layer, hidden, position_embeddings, attention_mask) -> None:
+    """Submits layer ``idx``'s CPU stage, with a query estimated from the previous layer's input
+    ``hidden``, to the worker thread (its result is used by layer ``idx``'s attention)."""
+    layer = cache.layers[idx]
+    n_host = cache.store.host_len(idx) if cache.store is not None else 0
+    strategy, k = cache.selection()
+    if n_host == 0 or strategy == "streaming":
+        return
+    scale = getattr(decoder_layer.self_attn, "scaling", None)
+    scale = 1.0 if cache.info.model_type == "opt" else (scale or cache.info.head_dim**-0.5)
+    host_mask = None
+    if attention_mask is not None:
+        keep = attention_mask[:, 0, -1, :]
+        if keep.dtype != torch.bool:
+            keep = keep > torch.finfo(keep.dtype).min / 2
+        s = min(cache.config.sinks, layer.total + 1)
+        host_mask = ~keep[:, s : s + n_host]
+    with torch.no_grad():
+        q = speculative_query(decoder_layer, hidden, position_embeddings)
+    cache.speculative[idx] = _worker().submit(_stage(cache, idx, q, scale, strategy, k, n_host, host_mask))
+
+
+_WORKER: Optional[ThreadPoolExecutor] = None
+
+
+def _worker() -> ThreadPoolExecutor:
+    """The thread that runs pipelined CPU stages (one: stages of consecutive layers queue)."""
+    global _WORKER
+    if _WORKER is None:
+        _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridgen-cpu")
+    return _WORKER

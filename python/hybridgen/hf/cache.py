@@ -43,6 +43,8 @@ class HybridLayer(DynamicLayer):
         self.layer_idx = layer_idx
         self.total = 0
         self.pending: Optional[StepRecord] = None
+        self._buf_k: Optional[torch.Tensor] = None
+        self._buf_v: Optional[torch.Tensor] = None
 
     # --- the transformers layer protocol ---------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -53,14 +55,40 @@ class HybridLayer(DynamicLayer):
         full = None
         if n_new > 1 and store.host_len(self.layer_idx) > 0:
             full = self._with_host_tokens(key_states, value_states)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        self._append(key_states, value_states)
         self.total += n_new
         store.append(self.layer_idx, n_new)
         returned = (self.keys, self.values) if full is None else full
         if n_new > 1:
-            self.evict_overflow()  # the returned tensors keep the whole step alive for attention
+            # The prompt: place it now (the returned tensors keep the step's tokens alive).
+            self.evict_overflow(force=True)
         return returned
+
+    def _append(self, key_states, value_states) -> None:
+        """Writes new tokens after the device tier, in a buffer with room to spare: no
+        per-step reallocation of the whole tier."""
+        n, n_new = self.device_tokens(), key_states.shape[-2]
+        cfg = self.cache.config
+        if self._buf_k is None or self._buf_k.shape[2] < n + n_new:
+            cap = max(n + n_new, cfg.sinks + cfg.gpu_budget + cfg.evict_chunk + 1)
+            self._resize(cap, like=key_states)
+        self._buf_k[:, :, n : n + n_new].copy_(key_states)
+        self._buf_v[:, :, n : n + n_new].copy_(value_states)
+        self._set_len(n + n_new)
+
+    def _resize(self, cap: int, like: torch.Tensor) -> None:
+        b, h, _, d = like.shape
+        n = self.device_tokens()
+        new_k = torch.empty((b, h, cap, d), dtype=like.dtype, device=like.device)
+        new_v = torch.empty_like(new_k)
+        if n:
+            new_k[:, :, :n].copy_(self.keys)
+            new_v[:, :, :n].copy_(self.values)
+        self._buf_k, self._buf_v = new_k, new_v
+
+    def _set_len(self, n: int) -> None:
+        self.keys = self._buf_k[:, :, :n]
+        self.values = self._buf_v[:, :, :n]
 
     def get_seq_length(self) -> int:
         return self.total
@@ -75,6 +103,7 @@ class HybridLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.total = 0
+        self._buf_k = self._buf_v = None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("HybridCache cannot crop: tokens on the host are final")
@@ -88,19 +117,32 @@ class HybridLayer(DynamicLayer):
         return min(self.cache.config.sinks, self.total)
 
     def device_tokens(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[-2]
+        return 0 if self._buf_k is None else self.keys.shape[-2]
 
-    def evict_overflow(self) -> None:
-        """Moves the oldest recent tokens beyond ``gpu_budget`` to the host store."""
+    def evict_overflow(self, force: bool = False) -> None:
+        """Moves the oldest recent tokens beyond ``gpu_budget`` to the host store — in chunks of
+        ``evict_chunk`` tokens during decoding (one transfer per chunk, not per token), all of
+        them when ``force``d (after the prompt)."""
         s = self.sinks_on_device
-        over = self.device_tokens() - s - self.cache.config.gpu_budget
-        if over <= 0:
+        n = self.device_tokens()
+        cfg = self.cache.config
+        over = n - s - cfg.gpu_budget
+        if over <= 0 or (not force and over < cfg.evict_chunk):
             return
-        old_k = self.keys[:, :, s : s + over].to("cpu", self.cache.store.dtype).contiguous()
-        old_v = self.values[:, :, s : s + over].to("cpu", self.cache.store.dtype).contiguous()
+        dtype = self.cache.store.dtype
+        old_k = self.keys[:, :, s : s + over].to("cpu", dtype).contiguous()
+        old_v = self.values[:, :, s : s + over].to("cpu", dtype).contiguous()
         self.cache.store.evict(self.layer_idx, old_k, old_v)
-        self.keys = torch.cat([self.keys[:, :, :s], self.keys[:, :, s + over :]], dim=-2)
-        self.values = torch.cat([self.values[:, :, :s], self.values[:, :, s + over :]], dim=-2)
+        # Fresh buffers, not an in-place shift: tensors already handed to attention (the
+        # prompt's) must keep their contents.
+        kept_k = torch.cat([self.keys[:, :, :s], self.keys[:, :, s + over :]], dim=-2)
+        kept_v = torch.cat([self.values[:, :, :s], self.values[:, :, s + over :]], dim=-2)
+        cap = max(kept_k.shape[2] + 1, cfg.sinks + cfg.gpu_budget + cfg.evict_chunk + 1)
+        self._buf_k = self._buf_v = None
+        self._resize(cap, like=kept_k)
+        self._buf_k[:, :, : kept_k.shape[2]].copy_(kept_k)
+        self._buf_v[:, :, : kept_v.shape[2]].copy_(kept_v)
+        self._set_len(kept_k.shape[2])
 
     def _with_host_tokens(self, key_states, value_states):
         """Every token in logical order (host tokens copied back): exact attention for a
@@ -140,6 +182,8 @@ class HybridCache(Cache):
             _native.Scheduler(config.k_min, config.k_max) if config.policy == "scheduler" else None
         )
         self.step = 0
+        #: Layer index -> future of its speculatively started CPU stage (pipeline + speculative).
+        self.speculative: dict = {}
         self._step_times = [0.0, 0.0, 0.0]  # gpu, cpu, tx of the current step
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -180,10 +224,12 @@ class HybridCache(Cache):
 
     # --- selection and the scheduler ---------------------------------------------------------
     def selection(self) -> tuple[str, Optional[int]]:
-        """``(strategy, k)`` for this step: strategy ``"all"``, ``"post_qkt"`` or ``"pre_qkt"``."""
+        """``(strategy, k)`` for this step: ``"all"``, ``"post_qkt"``, ``"pre_qkt"`` or ``"streaming"``."""
         c = self.config
         if c.policy == "all":
             return "all", None
+        if c.policy == "streaming":
+            return "streaming", 0
         if c.policy == "scheduler":
             return self.scheduler.strategy, self.scheduler.k
         return c.policy, c.k

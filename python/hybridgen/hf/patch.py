@@ -10,6 +10,7 @@ import torch
 
 from ..config import HybridConfig
 from . import attention
+from .attention import speculate
 from .cache import ACTIVE_CACHE, HybridCache, _sync
 from .models import describe
 
@@ -61,9 +62,12 @@ def patch(model, config: Optional[HybridConfig] = None):
     state = PatchState(config=config, original_attn_implementation=model.config._attn_implementation)
     model.set_attn_implementation(attention.NAME)
 
+    decoder_layers = [layer for _, layer, _ in layers]
     for idx, decoder_layer, attn in layers:
         attn._hybridgen_state = state
-        state.handles.append(decoder_layer.register_forward_pre_hook(_layer_start(idx)))
+        state.handles.append(
+            decoder_layer.register_forward_pre_hook(_layer_start(idx, decoder_layers), with_kwargs=True)
+        )
         state.handles.append(decoder_layer.register_forward_hook(_layer_end(idx)))
     state.handles.append(model.register_forward_pre_hook(_inject_cache(model, state), with_kwargs=True))
 
@@ -114,11 +118,16 @@ def _active_layer(idx):
     return cache.layers[idx]
 
 
-def _layer_start(idx):
-    def hook(module, args):
+def _layer_start(idx, decoder_layers):
+    def hook(module, args, kwargs):
         layer = _active_layer(idx)
         if layer is not None and layer.keys is not None:
             _sync(layer.keys.device)
+            if layer.cache.config.speculative and idx + 1 < len(decoder_layers):
+                hidden = args[0] if args else kwargs.get("hidden_states")
+                if hidden is not None and hidden.shape[1] == 1:
+                    speculate(layer.cache, idx + 1, decoder_layers[idx + 1], hidden,
+                              kwargs.get("position_embeddings"), kwargs.get("attention_mask"))
         _layer_t0[idx] = time.perf_counter()
 
     return hook

@@ -1,0 +1,32 @@
+"""Speculative pipelining: the CPU stage of layer i+1 starts while layer i runs on the device.
+
+Consecutive layers see similar inputs, so layer i's input projected with layer i+1's input norm,
+query projection and rotary embedding is a good stand-in for layer i+1's query:
+``q̃ = RoPE(W_q^{i+1} · norm^{i+1}(h_i))`` (OPT: no rotary, the query is pre-scaled). The CPU
+stage for layer i+1 is submitted to the worker thread from layer i's pre-forward hook and its
+result is used by layer i+1's attention: approximate, so ``speculative=True`` is never exact.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+
+def speculative_query(decoder_layer, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """The stand-in query ``[b, hq, d]`` of ``decoder_layer`` for a one-token step from an
+    earlier layer's input ``hidden_states [b, 1, hidden]``."""
+    attn = decoder_layer.self_attn
+    b = hidden_states.shape[0]
+    d = attn.head_dim
+    if hasattr(decoder_layer, "input_layernorm"):  # Llama, Qwen2: pre-norm, rotary
+        x = decoder_layer.input_layernorm(hidden_states)
+        q = attn.q_proj(x).view(b, 1, -1, d).transpose(1, 2)
+        cos, sin = position_embeddings
+        rotate = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb")
+        q, _ = rotate(q, q, cos, sin)
+    else:  # OPT: learned positions are already in the hidden states; q is pre-scaled
+        x = decoder_layer.self_attn_layer_norm(hidden_states) if decoder_layer.do_layer_norm_before else hidden_states
+        q = (attn.q_proj(x) * attn.scaling).view(b, 1, -1, d).transpose(1, 2)
+    return q[:, :, 0]
