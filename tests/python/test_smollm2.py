@@ -1,7 +1,7 @@
 """The real SmolLM2-135M (Llama architecture, GQA 9/3, 30 layers; fetched from the package index
 and converted on first use): exact mode reproduces full attention over a 2 000-token context, and
 Post-QKT selection of 256 host tokens stays close to full attention on real text while a
-StreamingLLM-style window of the same token budget does worse."""
+StreamingLLM-style window of the same token budget does worse (both figures are printed)."""
 
 import pytest
 import torch
@@ -21,8 +21,8 @@ def smollm2():
 @pytest.fixture(scope="module")
 def essay_tokens(smollm2):
     _, tok = smollm2
-    text = "\n\n".join(t for _, t in assets.essays()[:4])
-    return tok(text, return_tensors="pt")["input_ids"][:, :2200]
+    text = "\n\n".join(t for _, t in assets.essays()[:6])
+    return tok(text, return_tensors="pt")["input_ids"][:, :3200]
 
 
 def test_exact_mode_on_a_2000_token_context(smollm2, essay_tokens):
@@ -37,7 +37,9 @@ def test_exact_mode_on_a_2000_token_context(smollm2, essay_tokens):
     finally:
         hybridgen.unpatch(model)
     assert torch.equal(got, want), "greedy tokens differ from full attention"
-    assert cache.store.host_len(0) == 2000 + 31 - 4 - 256
+    layer = cache.layers[0]
+    assert layer.total == 2000 + 31 == cache.store.host_len(0) + layer.device_tokens()
+    assert cache.store.host_len(0) >= 2000 - 4 - 256, "most of the context was on the host"
 
 
 def agreement(model, ids, prompt_len, config):
@@ -61,11 +63,11 @@ def agreement(model, ids, prompt_len, config):
 def test_selection_stays_close_and_a_window_does_not(smollm2, essay_tokens):
     model, _ = smollm2
     model.set_attn_implementation("sdpa")
-    ids, prompt = essay_tokens[:, :2064], 2000
-    selective, cache = agreement(model, ids, prompt, HybridConfig(gpu_budget=128, sinks=4, policy="post_qkt", k=256))
+    ids, prompt = essay_tokens[:, :3128], 3000
+    selective, cache = agreement(model, ids, prompt, HybridConfig(gpu_budget=256, sinks=4, policy="post_qkt", k=256))
     assert all(r.k == 256 and r.strategy == "post_qkt" for r in cache.telemetry.records)
-    window, _ = agreement(model, ids, prompt, HybridConfig(gpu_budget=128 + 256, sinks=4, policy="streaming"))
-    print(f"\nnext-token agreement with full attention over 64 tokens of real text after 2000: "
-          f"post_qkt k=256: {selective:.1%}, streaming window of 388 tokens: {window:.1%}")
+    window, _ = agreement(model, ids, prompt, HybridConfig(gpu_budget=256 + 256, sinks=4, policy="streaming"))
+    print(f"\nnext-token agreement with full attention over 128 tokens of real text after 3000: "
+          f"post_qkt k=256 (+256 on the device): {selective:.1%}; streaming window of 516 tokens: {window:.1%}")
     assert selective >= 0.95
     assert window < selective
