@@ -70,29 +70,33 @@ pub(crate) struct Tensor {
     elem: Elem,
 }
 
+/// The DLPack import every binding starts with: a tensor-like object on a CPU-accessible device,
+/// zero-copy, with the requested dtype.
+fn open(obj: &Bound<'_, PyAny>, name: &str, elem: Elem) -> PyResult<ImportedDlpack> {
+    if !obj.hasattr("__dlpack__")? {
+        return Err(PyTypeError::new_err(format!(
+            "{name} must be a tensor (torch or any DLPack array), got {}",
+            obj.get_type().name()?
+        )));
+    }
+    check_device(name, dlpack_device(obj.as_borrowed())?)?;
+    let owner = from_dlpack(obj.as_borrowed(), None, Some(false))?;
+    let dtype = owner
+        .validate()
+        .map_err(|e| PyValueError::new_err(format!("{name}: invalid DLPack tensor: {e}")))?
+        .dtype();
+    if dtype != elem.dl() {
+        return Err(PyTypeError::new_err(format!("{name} must have dtype {}, got {}", elem.name(), dl_name(dtype))));
+    }
+    Ok(owner)
+}
+
 impl Tensor {
     /// Imports `obj` (a torch tensor or any DLPack producer) as argument `name`, requiring
     /// dtype `elem` and, where given, the dimensions of `shape` (`None` = any size).
     pub(crate) fn import(obj: &Bound<'_, PyAny>, name: &str, elem: Elem, shape: &[Option<usize>]) -> PyResult<Tensor> {
-        if !obj.hasattr("__dlpack__")? {
-            return Err(PyTypeError::new_err(format!(
-                "{name} must be a tensor (torch or any DLPack array), got {}",
-                obj.get_type().name()?
-            )));
-        }
-        let device = dlpack_device(obj.as_borrowed())?;
-        check_device(name, device)?;
-        let owner = from_dlpack(obj.as_borrowed(), None, Some(false))?;
-        let view = owner
-            .validate()
-            .map_err(|e| PyValueError::new_err(format!("{name}: invalid DLPack tensor: {e}")))?;
-        if view.dtype() != elem.dl() {
-            return Err(PyTypeError::new_err(format!(
-                "{name} must have dtype {}, got {}",
-                elem.name(),
-                dl_name(view.dtype())
-            )));
-        }
+        let owner = open(obj, name, elem)?;
+        let view = owner.validate().map_err(|e| PyValueError::new_err(format!("{name}: {e}")))?;
         let dims: Vec<usize> = view.shape().iter().map(|&d| d as usize).collect();
         if dims.len() != shape.len() {
             return Err(PyValueError::new_err(format!(
@@ -128,15 +132,8 @@ impl Tensor {
     /// `heads` head-strides apart (e.g. a prefix view of a larger cache buffer); returns it with
     /// its head stride in elements.
     pub(crate) fn import_strips(obj: &Bound<'_, PyAny>, name: &str, elem: Elem, shape: &[Option<usize>; 4]) -> PyResult<(Tensor, usize)> {
-        if !obj.hasattr("__dlpack__")? {
-            return Err(PyTypeError::new_err(format!("{name} must be a tensor, got {}", obj.get_type().name()?)));
-        }
-        check_device(name, dlpack_device(obj.as_borrowed())?)?;
-        let owner = from_dlpack(obj.as_borrowed(), None, Some(false))?;
-        let view = owner.validate().map_err(|e| PyValueError::new_err(format!("{name}: invalid DLPack tensor: {e}")))?;
-        if view.dtype() != elem.dl() {
-            return Err(PyTypeError::new_err(format!("{name} must have dtype {}, got {}", elem.name(), dl_name(view.dtype()))));
-        }
+        let owner = open(obj, name, elem)?;
+        let view = owner.validate().map_err(|e| PyValueError::new_err(format!("{name}: {e}")))?;
         let dims: Vec<usize> = view.shape().iter().map(|&d| d as usize).collect();
         if dims.len() != 4 || dims.iter().zip(shape).any(|(&g, w)| w.is_some_and(|w| w != g)) {
             return Err(PyValueError::new_err(format!("{name} has shape {dims:?}, expected {shape:?} (None = any)")));

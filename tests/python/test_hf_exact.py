@@ -93,3 +93,21 @@ def test_multi_token_step_after_eviction_is_exact():
     b = model(ids[:, 20:], past_key_values=cache).logits
     assert (torch.cat([a, b], 1) - ref).abs().max() < 1e-4
     assert cache.store.host_len(0) == 40 - 2 - 6
+
+
+def test_attn_implementation_route_without_patch():
+    """attn_implementation="hybridgen" plus a HybridCache given explicitly, no patch()."""
+    import hybridgen.hf  # noqa: F401  (registers the attention function)
+
+    model = tiny("llama")
+    ids, mask = prompts(2, 40, 6)
+    model.set_attn_implementation("eager")
+    want_seq, want_logits = greedy(model, ids, mask, 16)
+    model.set_attn_implementation("hybridgen")
+    cache = hybridgen.HybridCache(model, HybridConfig(gpu_budget=8, sinks=2, evict_chunk=2, policy="scheduler", k_min=4, k_max=64))
+    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=16, min_new_tokens=16,
+                         do_sample=False, pad_token_id=1)
+    assert out.shape == want_seq.shape
+    assert cache.store.host_len(0) > 0
+    assert cache.step == 15, "each decode step was recorded and fed to the scheduler"
+    assert cache.scheduler.steps == 15

@@ -47,17 +47,28 @@ def hybridgen_attention(module, query, key, value, attention_mask, dropout=0.0, 
         raise ValueError("this HybridCache was created for another model: make one per model")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = decode_step(layer, query[:, :, 0], key, value, attention_mask, scale)
+    if state is None:
+        # Used through attn_implementation="hybridgen" without patch(): no layer hooks time the
+        # whole layer, so the record (device time = the attention's) is complete now.
+        layer.cache.record(module.layer_idx, layer.pending)
+        layer.pending = None
     layer.evict_overflow()
     return out.unsqueeze(1).to(query.dtype), None
+
+
+def _keep(attention_mask) -> torch.Tensor:
+    """Bool ``[b, total]`` (True = attend) of the last query row of the model's mask."""
+    keep = attention_mask[:, 0, -1, :]
+    if keep.dtype != torch.bool:  # additive float mask: 0 attends, a large negative masks
+        keep = keep > torch.finfo(keep.dtype).min / 2
+    return keep
 
 
 def _masks(layer: HybridLayer, attention_mask, n_host: int):
     """Device and host masks (True = ignore) from the model's ``[b, 1, q, total]`` mask."""
     if attention_mask is None:
         return None, None
-    keep = attention_mask[:, 0, -1, :]
-    if keep.dtype != torch.bool:  # additive float mask: 0 attends, a large negative masks
-        keep = keep > torch.finfo(keep.dtype).min / 2
+    keep = _keep(attention_mask)
     s, total = layer.sinks_on_device, layer.total
     dev_cols = torch.cat([torch.arange(s), torch.arange(s + n_host, total)]).to(keep.device)
     return ~keep[:, dev_cols], ~keep[:, s : s + n_host]
@@ -134,11 +145,8 @@ def speculate(cache, idx: int, decoder_layer, hidden, position_embeddings, atten
     scale = 1.0 if cache.info.model_type == "opt" else (scale or cache.info.head_dim**-0.5)
     host_mask = None
     if attention_mask is not None:
-        keep = attention_mask[:, 0, -1, :]
-        if keep.dtype != torch.bool:
-            keep = keep > torch.finfo(keep.dtype).min / 2
-        s = min(cache.config.sinks, layer.total + 1)
-        host_mask = ~keep[:, s : s + n_host]
+        s = min(cache.config.sinks, layer.total + 1)  # the layer has not taken this step's token yet
+        host_mask = ~_keep(attention_mask)[:, s : s + n_host]
     with torch.no_grad():
         q = speculative_query(decoder_layer, hidden, position_embeddings)
     cache.speculative[idx] = _worker().submit(_stage(cache, idx, q, scale, strategy, k, n_host, host_mask))
