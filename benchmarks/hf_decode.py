@@ -35,8 +35,10 @@ VARIANTS = {
     # name: HybridConfig overrides
     "hybrid exact (lse)": dict(policy="all", merge="lse"),
     "hybrid exact (concat)": dict(policy="all", merge="concat"),
+    "hybrid exact (lse), pipelined": dict(policy="all", merge="lse", pipeline=True),
     "hybrid post_qkt k=256": dict(policy="post_qkt", k=256, merge="lse"),
     "hybrid pre_qkt k=256": dict(policy="pre_qkt", k=256, merge="lse"),
+    "hybrid post_qkt k=256, speculative": dict(policy="post_qkt", k=256, merge="lse", pipeline=True, speculative=True),
     "hybrid scheduler": dict(policy="scheduler", merge="lse"),
 }
 
@@ -98,9 +100,10 @@ def main():
                 "ratio_to_unpatched": t / t_base, "speedup_vs_unpatched": t_base / t, "k_last": s.get("k_last"),
                 "strategy_share": s.get("strategy_share"), "cpu_ms_per_step": s.get("t_cpu_per_step_ms"),
                 "device_ms_per_step": s.get("t_gpu_per_step_ms"), "host_tokens": s.get("host_tokens_last"),
+                "cpu_hidden_share": s.get("cpu_hidden_share"),
             })
-            print(f"{n:>6} tokens | {name:<25} {1e3 * t:7.1f} ms/token vs unpatched {1e3 * t_base:7.1f} "
-                  f"-> {t / t_base:.2f}x  (K {s.get('k_last')})", flush=True)
+            print(f"{n:>6} tokens | {name:<36} {1e3 * t:7.1f} ms/token vs unpatched {1e3 * t_base:7.1f} "
+                  f"-> {t / t_base:.2f}x  (K {s.get('k_last')}, CPU hidden {s.get('cpu_hidden_share', 0):.0%})", flush=True)
         unpatch(hyb)
         del cache, base_cache
 

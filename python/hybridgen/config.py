@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 POLICIES = ("all", "post_qkt", "pre_qkt", "scheduler", "streaming")
@@ -56,7 +56,6 @@ class HybridConfig:
     far_capacity_bytes: Optional[int] = None
     near_node: Optional[int] = None
     far_node: Optional[int] = None
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         self.validate()
@@ -98,6 +97,4 @@ class HybridConfig:
         return self.policy == "all" and not self.speculative
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("extra")
-        return d
+        return asdict(self)

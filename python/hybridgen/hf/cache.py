@@ -43,6 +43,7 @@ class HybridLayer(DynamicLayer):
         self.layer_idx = layer_idx
         self.total = 0
         self.pending: Optional[StepRecord] = None
+        self.t_start = 0.0  # when this layer's forward began (set by the patch's hooks)
         self._buf_k: Optional[torch.Tensor] = None
         self._buf_v: Optional[torch.Tensor] = None
 

@@ -103,12 +103,11 @@ def _inject_cache(model, state):
     def hook(module, args, kwargs):
         if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
             kwargs["past_key_values"] = state.last_cache = HybridCache(model)
+        if isinstance(kwargs.get("past_key_values"), HybridCache):
+            ACTIVE_CACHE.set(kwargs["past_key_values"])  # the layer hooks time this cache's layers
         return args, kwargs
 
     return hook
-
-
-_layer_t0: dict = {}
 
 
 def _active_layer(idx):
@@ -128,7 +127,7 @@ def _layer_start(idx, decoder_layers):
                 if hidden is not None and hidden.shape[1] == 1:
                     speculate(layer.cache, idx + 1, decoder_layers[idx + 1], hidden,
                               kwargs.get("position_embeddings"), kwargs.get("attention_mask"))
-        _layer_t0[idx] = time.perf_counter()
+            layer.t_start = time.perf_counter()
 
     return hook
 
@@ -139,7 +138,7 @@ def _layer_end(idx):
         if layer is None or layer.pending is None:
             return
         _sync(layer.keys.device)
-        elapsed = time.perf_counter() - _layer_t0.pop(idx, time.perf_counter())
+        elapsed = time.perf_counter() - layer.t_start
         record, layer.pending = layer.pending, None
         # Device work of the layer: everything but the (serial) CPU stage and the transfer.
         record.t_gpu = max(elapsed - (record.t_cpu - record.t_hidden) - record.t_tx, record.t_gpu)
