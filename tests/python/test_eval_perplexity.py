@@ -42,3 +42,29 @@ def test_rejects_bad_arguments():
         decode_perplexity(model, text(10), prefix=10)
     with pytest.raises(ValueError, match=r"\[1, n\]"):
         decode_perplexity(model, text(10)[0], prefix=3)
+
+
+def test_cli_reports_every_policy(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model = tiny("llama")
+    model.save_pretrained(tmp_path / "m")
+    vocab = {f"w{i}": i for i in range(96)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(tmp_path / "m")
+    (tmp_path / "t.txt").write_text(" ".join(f"w{(i * 7) % 96}" for i in range(400)))
+    out = tmp_path / "ppl.json"
+    r = subprocess.run([sys.executable, "-m", "hybridgen", "eval", "perplexity", "--model", str(tmp_path / "m"),
+                        "--text", str(tmp_path / "t.txt"), "--context", "96", "--score", "16", "--windows", "2",
+                        "--gpu-budget", "8", "--k", "16", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {row["policy"]: row for row in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"full", "all", "post_qkt", "pre_qkt", "streaming"}
+    assert abs(rows["all"]["delta_vs_full"]) < 1e-4, "exact policy matches full attention"
+    assert "perplexity over 2 × 16 tokens" in r.stdout
