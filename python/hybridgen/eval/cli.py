@@ -79,6 +79,9 @@ def run_perplexity(args) -> int:
         print(f"  {name:<10} {ppl:9.3f}   {100 * (ppl / full - 1):+7.2f} %")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items() if k != "func"},
-                                        "results": rows}, indent=2) + "\n")
+        import sys
+
+        record = {"command": "python -m hybridgen " + " ".join(sys.argv[1:]),
+                  "args": {k: str(v) for k, v in vars(args).items() if k != "func"}, "results": rows}
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
     return 0
