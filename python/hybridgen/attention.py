@@ -162,11 +162,15 @@ def device_combine(
     scale: float,
     sinks: int = 0,
     dev_mask: Optional[torch.Tensor] = None,
+    dev_part: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """The device half: attention output ``[b, hq, d]`` (float32, on ``q``'s device)."""
+    """The device half: attention output ``[b, hq, d]`` (float32, on ``q``'s device).
+
+    ``dev_part``: the device tokens' :func:`device_partial`, if already computed (LSE merge).
+    """
     device = q.device
     if host.merge == "lse":
-        o_dev, lse_dev = device_partial(q, dev_k, dev_v, scale, dev_mask)
+        o_dev, lse_dev = dev_part if dev_part is not None else device_partial(q, dev_k, dev_v, scale, dev_mask)
         out, _ = merge_partials(o_dev, lse_dev, host.out.to(device), host.lse.to(device))
         return out
 

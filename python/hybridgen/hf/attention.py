@@ -19,7 +19,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..attention import cpu_stage, device_combine, device_partial, pre_qkt_positions
-from ..ops import merge_partials
 from ..telemetry import StepRecord
 from .cache import ACTIVE_CACHE, HybridLayer
 from .speculation import speculative_query
@@ -86,41 +85,38 @@ def decode_step(layer: HybridLayer, q, dev_k, dev_v, attention_mask, scale):
         out, t_dev = cache.timed(lambda: device_partial(q, dev_k, dev_v, scale, dev_mask)[0], q.device)
         layer.pending = StepRecord(cache.step, idx, 0, strategy, n_host, dev_k.shape[-2], 0.0, t_dev, 0.0)
         return out
-    run_cpu = _stage(cache, idx, q, scale, strategy, k, n_host, host_mask)
-    hidden = 0.0
     speculated = cache.speculative.pop(idx, None)
+    dev_part, t_dev_part = None, 0.0
     if speculated is not None:
         # Started from the previous layer's input while that layer ran (approximate query).
-        t_wait = time.perf_counter()
-        host = speculated.result()
-        hidden = max(0.0, host.seconds - (time.perf_counter() - t_wait))
-        moved, t_tx = cache.timed(lambda: host.to(q.device), q.device)
-        out, t_dev = cache.timed(
-            lambda: device_combine(q, dev_k, dev_v, moved, scale=scale, sinks=s, dev_mask=dev_mask), q.device
-        )
+        host, hidden = _wait(speculated)
     elif cache.config.pipeline and cache.config.merge == "lse":
         # The CPU stage runs on the worker thread (native code, GIL released) while the device
         # computes its own partial; only the remainder of the CPU stage is waited for.
-        future = _worker().submit(run_cpu)
-        (o_dev, lse_dev), t_dev = cache.timed(lambda: device_partial(q, dev_k, dev_v, scale, dev_mask), q.device)
-        t_wait = time.perf_counter()
-        host = future.result()
-        hidden = max(0.0, host.seconds - (time.perf_counter() - t_wait))
-        moved, t_tx = cache.timed(lambda: host.to(q.device), q.device)
-        out, t_merge = cache.timed(lambda: merge_partials(o_dev, lse_dev, moved.out, moved.lse)[0], q.device)
-        t_dev += t_merge
+        future = _worker().submit(_stage(cache, idx, q, scale, strategy, k, n_host, host_mask))
+        dev_part, t_dev_part = cache.timed(lambda: device_partial(q, dev_k, dev_v, scale, dev_mask), q.device)
+        host, hidden = _wait(future)
     else:
-        host = run_cpu()
-        moved, t_tx = cache.timed(lambda: host.to(q.device), q.device)
-        out, t_dev = cache.timed(
-            lambda: device_combine(q, dev_k, dev_v, moved, scale=scale, sinks=s, dev_mask=dev_mask), q.device
-        )
+        host, hidden = _stage(cache, idx, q, scale, strategy, k, n_host, host_mask)(), 0.0
+    moved, t_tx = cache.timed(lambda: host.to(q.device), q.device)
+    out, t_dev = cache.timed(
+        lambda: device_combine(q, dev_k, dev_v, moved, scale=scale, sinks=s, dev_mask=dev_mask, dev_part=dev_part),
+        q.device,
+    )
+    t_dev += t_dev_part
     layer.pending = StepRecord(
         step=cache.step, layer=idx, k=host.tokens, strategy=strategy, host_tokens=n_host,
         device_tokens=dev_k.shape[-2], t_cpu=host.seconds, t_gpu=t_dev, t_tx=t_tx, t_hidden=hidden,
         tx_bytes=host.nbytes(), speculative=speculated is not None,
     )
     return out
+
+
+def _wait(future) -> tuple:
+    """The CPU stage's result and how much of it ran before it was waited for (hidden)."""
+    t0 = time.perf_counter()
+    host = future.result()
+    return host, max(0.0, host.seconds - (time.perf_counter() - t0))
 
 
 def _stage(cache, idx, q, scale, strategy, k, n_host, host_mask):

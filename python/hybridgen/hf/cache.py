@@ -69,23 +69,32 @@ class HybridLayer(DynamicLayer):
         """Writes new tokens after the device tier, in a buffer with room to spare: no
         per-step reallocation of the whole tier."""
         n, n_new = self.device_tokens(), key_states.shape[-2]
-        cfg = self.cache.config
         if self._buf_k is None or self._buf_k.shape[2] < n + n_new:
-            cap = max(n + n_new, cfg.sinks + cfg.gpu_budget + cfg.evict_chunk + 1)
-            self._resize(cap, like=key_states)
+            self._reallocate(max(n + n_new, self._base_capacity()), like=key_states)
         self._buf_k[:, :, n : n + n_new].copy_(key_states)
         self._buf_v[:, :, n : n + n_new].copy_(value_states)
         self._set_len(n + n_new)
 
-    def _resize(self, cap: int, like: torch.Tensor) -> None:
+    def _base_capacity(self) -> int:
+        """Device-tier tokens a layer holds at most while decoding (plus the new one)."""
+        cfg = self.cache.config
+        return cfg.sinks + cfg.gpu_budget + cfg.evict_chunk + 1
+
+    def _reallocate(self, cap: int, like: torch.Tensor, drop: tuple[int, int] = (0, 0)) -> None:
+        """Fresh buffers of ``cap`` tokens holding the device tier without tokens
+        ``[drop[0], drop[1])``. Never in place: tensors already handed to attention (the
+        prompt's) keep their contents."""
         b, h, _, d = like.shape
-        n = self.device_tokens()
         new_k = torch.empty((b, h, cap, d), dtype=like.dtype, device=like.device)
         new_v = torch.empty_like(new_k)
-        if n:
-            new_k[:, :, :n].copy_(self.keys)
-            new_v[:, :, :n].copy_(self.values)
+        n, (lo, hi), kept = self.device_tokens(), drop, 0
+        for a, z in ((0, lo), (hi, n)):
+            if z > a:
+                new_k[:, :, kept : kept + z - a].copy_(self.keys[:, :, a:z])
+                new_v[:, :, kept : kept + z - a].copy_(self.values[:, :, a:z])
+                kept += z - a
         self._buf_k, self._buf_v = new_k, new_v
+        self._set_len(kept)
 
     def _set_len(self, n: int) -> None:
         self.keys = self._buf_k[:, :, :n]
@@ -126,24 +135,14 @@ class HybridLayer(DynamicLayer):
         them when ``force``d (after the prompt)."""
         s = self.sinks_on_device
         n = self.device_tokens()
-        cfg = self.cache.config
-        over = n - s - cfg.gpu_budget
-        if over <= 0 or (not force and over < cfg.evict_chunk):
+        over = n - s - self.cache.config.gpu_budget
+        if over <= 0 or (not force and over < self.cache.config.evict_chunk):
             return
         dtype = self.cache.store.dtype
         old_k = self.keys[:, :, s : s + over].to("cpu", dtype).contiguous()
         old_v = self.values[:, :, s : s + over].to("cpu", dtype).contiguous()
         self.cache.store.evict(self.layer_idx, old_k, old_v)
-        # Fresh buffers, not an in-place shift: tensors already handed to attention (the
-        # prompt's) must keep their contents.
-        kept_k = torch.cat([self.keys[:, :, :s], self.keys[:, :, s + over :]], dim=-2)
-        kept_v = torch.cat([self.values[:, :, :s], self.values[:, :, s + over :]], dim=-2)
-        cap = max(kept_k.shape[2] + 1, cfg.sinks + cfg.gpu_budget + cfg.evict_chunk + 1)
-        self._buf_k = self._buf_v = None
-        self._resize(cap, like=kept_k)
-        self._buf_k[:, :, : kept_k.shape[2]].copy_(kept_k)
-        self._buf_v[:, :, : kept_v.shape[2]].copy_(kept_v)
-        self._set_len(kept_k.shape[2])
+        self._reallocate(max(n - over + 1, self._base_capacity()), like=self.keys, drop=(s, s + over))
 
     def _with_host_tokens(self, key_states, value_states):
         """Every token in logical order (host tokens copied back): exact attention for a
