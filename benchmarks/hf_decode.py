@@ -90,8 +90,7 @@ def main():
         base_token = prefill(base, ids, base_cache, args.chunk)
         token = prefill(hyb, ids, cache, args.chunk)
         for name, overrides in VARIANTS.items():
-            cache.config = replace(config, **overrides)
-            cache.scheduler = _native.Scheduler(config.k_min, config.k_max) if overrides["policy"] == "scheduler" else None
+            cache.set_config(replace(config, **overrides))  # a fresh policy (and scheduler) per variant
             cache.telemetry.clear()
             t_base, t, base_token, token = paired_decode(base, base_cache, base_token, hyb, cache, token, args.steps)
             s = cache.telemetry.summary()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-POLICIES = ("all", "post_qkt", "pre_qkt", "scheduler", "streaming")
+#: hybridgen's own policies, then the baselines (see :mod:`hybridgen.policies`).
+POLICIES = ("all", "post_qkt", "pre_qkt", "scheduler", "full", "aog", "aoc", "h2o", "keyformer", "streaming", "infinigen")
 MERGES = ("concat", "lse")
 
 
@@ -25,9 +26,15 @@ class HybridConfig:
             only over those;
             ``"scheduler"`` the feedback scheduler adapts K in ``[k_min, k_max]`` and switches
             between Post- and Pre-QKT from measured step times;
-            ``"streaming"`` no host token at all: the sinks plus a window of ``gpu_budget``
-            recent tokens (StreamingLLM), the baseline selection has to beat.
-        k: host tokens per head for the fixed ``post_qkt`` / ``pre_qkt`` policies.
+            baselines, through the same cache plumbing: ``"full"`` (all KV on the device),
+            ``"aog"`` (all KV in host memory, streamed to the device each step), ``"aoc"`` (all
+            KV and attention on the CPU), ``"h2o"`` / ``"keyformer"`` (``k`` heavy-hitter tokens
+            + the recent window, the rest dropped), ``"streaming"`` (the sinks plus a window of
+            ``gpu_budget`` recent tokens, StreamingLLM), ``"infinigen"`` (``k`` host tokens per
+            KV head chosen by next-layer speculation on partial keys, fetched to the device).
+            :func:`hybridgen.policies.table` says what each keeps and moves.
+        k: host tokens per head for the fixed ``post_qkt`` / ``pre_qkt`` policies, and the
+            heavy-hitter / fetch budget of ``h2o``, ``keyformer`` and ``infinigen``.
         k_min, k_max: the scheduler's range (``k_min`` comes from accuracy profiling).
         merge: ``"lse"`` (the CPU returns a partial output and its log-sum-exp; HGCA) or
             ``"concat"`` (the CPU ships selected logits and value rows; HybridGen).
@@ -94,7 +101,7 @@ class HybridConfig:
     @property
     def exact(self) -> bool:
         """Whether every host token is attended to (full-attention equivalence)."""
-        return self.policy == "all" and not self.speculative
+        return self.policy in ("all", "full", "aog", "aoc") and not self.speculative
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -18,9 +18,9 @@ from typing import Optional
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .. import _native
 from ..config import HybridConfig
 from ..host_store import HostKVStore
+from ..policies import make_policy
 from ..telemetry import StepRecord, Telemetry
 from .models import describe
 
@@ -43,6 +43,8 @@ class HybridLayer(DynamicLayer):
         self.layer_idx = layer_idx
         self.total = 0
         self.pending: Optional[StepRecord] = None
+        #: The keys returned by the latest update: the attention function recognises its call by them.
+        self.returned_keys: Optional[torch.Tensor] = None
         self.t_start = 0.0  # when this layer's forward began (set by the patch's hooks)
         self._buf_k: Optional[torch.Tensor] = None
         self._buf_v: Optional[torch.Tensor] = None
@@ -60,6 +62,7 @@ class HybridLayer(DynamicLayer):
         self.total += n_new
         store.append(self.layer_idx, n_new)
         returned = (self.keys, self.values) if full is None else full
+        self.returned_keys = returned[0]
         if n_new > 1:
             # The prompt: place it now (the returned tensors keep the step's tokens alive).
             self.evict_overflow(force=True)
@@ -70,15 +73,16 @@ class HybridLayer(DynamicLayer):
         per-step reallocation of the whole tier."""
         n, n_new = self.device_tokens(), key_states.shape[-2]
         if self._buf_k is None or self._buf_k.shape[2] < n + n_new:
-            self._reallocate(max(n + n_new, self._base_capacity()), like=key_states)
+            grow = 2 * n if self.cache.placement.recent is None else 0  # unbounded tier: amortised doubling
+            self._reallocate(max(n + n_new, self._base_capacity(), grow), like=key_states)
         self._buf_k[:, :, n : n + n_new].copy_(key_states)
         self._buf_v[:, :, n : n + n_new].copy_(value_states)
         self._set_len(n + n_new)
 
     def _base_capacity(self) -> int:
         """Device-tier tokens a layer holds at most while decoding (plus the new one)."""
-        cfg = self.cache.config
-        return cfg.sinks + cfg.gpu_budget + cfg.evict_chunk + 1
+        p = self.cache.placement
+        return p.sinks + (p.recent or 0) + p.evict_chunk + 1
 
     def _reallocate(self, cap: int, like: torch.Tensor, drop: tuple[int, int] = (0, 0)) -> None:
         """Fresh buffers of ``cap`` tokens holding the device tier without tokens
@@ -124,7 +128,7 @@ class HybridLayer(DynamicLayer):
     # --- tiers -------------------------------------------------------------------------------
     @property
     def sinks_on_device(self) -> int:
-        return min(self.cache.config.sinks, self.total)
+        return min(self.cache.placement.sinks, self.total)
 
     def device_tokens(self) -> int:
         return 0 if self._buf_k is None else self.keys.shape[-2]
@@ -133,10 +137,13 @@ class HybridLayer(DynamicLayer):
         """Moves the oldest recent tokens beyond ``gpu_budget`` to the host store — in chunks of
         ``evict_chunk`` tokens during decoding (one transfer per chunk, not per token), all of
         them when ``force``d (after the prompt)."""
+        p = self.cache.placement
+        if p.recent is None:  # the policy keeps every token on the device
+            return
         s = self.sinks_on_device
         n = self.device_tokens()
-        over = n - s - self.cache.config.gpu_budget
-        if over <= 0 or (not force and over < self.cache.config.evict_chunk):
+        over = n - s - p.recent
+        if over <= 0 or (not force and over < p.evict_chunk):
             return
         dtype = self.cache.store.dtype
         old_k = self.keys[:, :, s : s + over].to("cpu", dtype).contiguous()
@@ -174,16 +181,11 @@ class HybridCache(Cache):
             raise TypeError(f"config must be a HybridConfig, got {type(config).__name__}")
         self.info = describe(model)
         self.owner = state
-        self.config = config.validate()
         super().__init__(layers=[HybridLayer(self, i) for i in range(self.info.layers)])
         self.store: Optional[HostKVStore] = None
         self.telemetry = Telemetry()
-        self.scheduler = (
-            _native.Scheduler(config.k_min, config.k_max) if config.policy == "scheduler" else None
-        )
+        self.set_config(config)
         self.step = 0
-        #: Layer index -> future of its speculatively started CPU stage (pipeline + speculative).
-        self.speculative: dict = {}
         self._step_times = [0.0, 0.0, 0.0]  # gpu, cpu, tx of the current step
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -206,7 +208,7 @@ class HybridCache(Cache):
             room = info.layers * max_context * token_bytes
             self.store = HostKVStore(
                 info.layers, b, info.kv_heads, info.head_dim, key_states.dtype,
-                sinks=c.sinks,
+                sinks=self.placement.sinks,
                 near_capacity_bytes=c.near_capacity_bytes or room,
                 far_capacity_bytes=c.far_capacity_bytes or 2 * room,
                 near_node=c.near_node, far_node=c.far_node,
@@ -222,17 +224,28 @@ class HybridCache(Cache):
             )
         return self.store
 
-    # --- selection and the scheduler ---------------------------------------------------------
+    # --- the policy --------------------------------------------------------------------------
+    def set_config(self, config: HybridConfig) -> None:
+        """Serves the following steps with ``config``'s policy (a fresh one: scores, the
+        scheduler's state start over). Once tokens are placed, the placement must not change."""
+        config.validate()
+        policy = make_policy(config, self.info)
+        placement = policy.placement()
+        if self.store is not None and placement != self.placement:
+            raise ValueError(
+                f"policy {config.policy!r} places tokens as {placement}, but this cache holds them as "
+                f"{self.placement}: use a new HybridCache"
+            )
+        self.config, self.policy, self.placement = config, policy, placement
+
+    @property
+    def scheduler(self):
+        """The feedback scheduler of the ``scheduler`` policy (``None`` for other policies)."""
+        return getattr(self.policy, "scheduler", None)
+
     def selection(self) -> tuple[str, Optional[int]]:
-        """``(strategy, k)`` for this step: ``"all"``, ``"post_qkt"``, ``"pre_qkt"`` or ``"streaming"``."""
-        c = self.config
-        if c.policy == "all":
-            return "all", None
-        if c.policy == "streaming":
-            return "streaming", 0
-        if c.policy == "scheduler":
-            return self.scheduler.strategy, self.scheduler.k
-        return c.policy, c.k
+        """``(strategy, k)`` of the coming step, as telemetry records it."""
+        return self.policy.selection()
 
     def record(self, layer_idx: int, record: StepRecord) -> None:
         """Adds one layer's record; after the last layer, feeds the step's times to the scheduler."""
@@ -242,8 +255,7 @@ class HybridCache(Cache):
         t[1] += record.t_cpu - record.t_hidden
         t[2] += record.t_tx
         if layer_idx == self.info.layers - 1:
-            if self.scheduler is not None:
-                self.scheduler.observe(*t)
+            self.policy.observe(*t)
             self._step_times = [0.0, 0.0, 0.0]
             self.step += 1
 

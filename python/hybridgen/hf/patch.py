@@ -10,7 +10,6 @@ import torch
 
 from ..config import HybridConfig
 from . import attention
-from .attention import speculate
 from .cache import ACTIVE_CACHE, HybridCache, _sync
 from .models import describe
 
@@ -122,11 +121,11 @@ def _layer_start(idx, decoder_layers):
         layer = _active_layer(idx)
         if layer is not None and layer.keys is not None:
             _sync(layer.keys.device)
-            if layer.cache.config.speculative and idx + 1 < len(decoder_layers):
+            if idx + 1 < len(decoder_layers):
                 hidden = args[0] if args else kwargs.get("hidden_states")
-                if hidden is not None and hidden.shape[1] == 1:
-                    speculate(layer.cache, idx + 1, decoder_layers[idx + 1], hidden,
-                              kwargs.get("position_embeddings"), kwargs.get("attention_mask"))
+                if hidden is not None and hidden.shape[1] == 1:  # a decode step
+                    layer.cache.policy.speculate(layer.cache.layers[idx + 1], decoder_layers[idx + 1], hidden,
+                                                 kwargs.get("position_embeddings"), kwargs.get("attention_mask"))
             layer.t_start = time.perf_counter()
 
     return hook

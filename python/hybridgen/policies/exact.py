@@ -1,0 +1,90 @@
+"""Exact baselines: every token attended to, only the placement and the bus traffic differ.
+
+- ``full``: all KV stays on the device and the device attends to it (the oracle; also what an
+  unpatched model does, here through the same cache plumbing).
+- ``aog`` (all-on-GPU attention, FlexGen-style): all KV is offloaded to host memory and streamed
+  back to the device every step; attention runs on the device.
+- ``aoc`` (all-on-CPU attention, MoE-Lightning-style): all KV lives in host memory and the CPU
+  attends to it; only the query and the output (with its log-sum-exp) cross the bus.
+"""
+
+from __future__ import annotations
+
+from ..attention import device_partial
+from ..ops import merge_partials
+from ..telemetry import StepRecord
+from .base import Placement, Policy, device_only, tier_masks
+from .hybrid import HybridPolicy
+
+
+class FullPolicy(Policy):
+    names = ("full",)
+    keeps = "every token on the device"
+    runs = "device"
+    bus = "nothing"
+    exact = True
+
+    def placement(self) -> Placement:
+        return Placement(sinks=0, recent=None, evict_chunk=self.config.evict_chunk)
+
+    def selection(self):
+        return "full", None
+
+    def decode(self, layer, q, dev_k, dev_v, attention_mask, scale):
+        return device_only(layer, q, dev_k, dev_v, attention_mask, scale, "full")
+
+
+class AllOnGpuPolicy(Policy):
+    names = ("aog",)
+    keeps = "every token in host memory (only the step's new token on the device)"
+    runs = "device, after streaming all KV from the host"
+    bus = "all keys and values to the device, every step and layer"
+    exact = True
+
+    def placement(self) -> Placement:
+        return Placement(sinks=0, recent=0, evict_chunk=1)
+
+    def selection(self):
+        return "all", None
+
+    def decode(self, layer, q, dev_k, dev_v, attention_mask, scale):
+        cache, idx = layer.cache, layer.layer_idx
+        n_host = cache.store.host_len(idx)
+        dev_mask, host_mask = tier_masks(layer, attention_mask, n_host)
+
+        def stream():
+            return (cache.store.view(idx, "keys", 0, n_host).to(q.device),
+                    cache.store.view(idx, "values", 0, n_host).to(q.device))
+
+        (hk, hv), t_tx = cache.timed(stream, q.device)
+
+        def attend():
+            o_host, lse_host = device_partial(q, hk, hv, scale, host_mask)
+            o_dev, lse_dev = device_partial(q, dev_k, dev_v, scale, dev_mask)
+            return merge_partials(o_host, lse_host, o_dev, lse_dev)[0]
+
+        out, t_dev = cache.timed(attend, q.device)
+        layer.pending = StepRecord(
+            step=cache.step, layer=idx, k=n_host, strategy="all", host_tokens=n_host,
+            device_tokens=dev_k.shape[-2], t_cpu=0.0, t_gpu=t_dev, t_tx=t_tx,
+            tx_bytes=(hk.numel() + hv.numel()) * hk.element_size(),
+        )
+        return out
+
+
+class AllOnCpuPolicy(HybridPolicy):
+    names = ("aoc",)
+    keeps = "every token in host memory (only the step's new token on the device)"
+    runs = "CPU over all stored tokens (the new token's share on the device, LSE-merged)"
+    bus = "q to the CPU, the output + LSE back"
+    exact = True
+
+    def __init__(self, config, info):
+        super().__init__(config, info)
+        self.exact = True
+
+    def placement(self) -> Placement:
+        return Placement(sinks=0, recent=0, evict_chunk=1)
+
+    def selection(self):
+        return "all", None

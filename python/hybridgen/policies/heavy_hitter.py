@@ -1,0 +1,157 @@
+"""Score-based KV eviction baselines: ``h2o`` and ``keyformer``.
+
+Both keep, per layer and KV head, a fixed budget on the device: the sinks, the ``gpu_budget``
+most recent tokens and ``k`` "key" tokens chosen by an accumulated score. Every token's score
+is the attention it has received so far (from every prompt query at prefill, then from every
+decode query); when tokens leave the recent window they compete with the current key tokens and
+the lowest-scoring ones are dropped for good (they are still written to the host store, but no
+policy step ever reads them again).
+
+- H2O (Zhang et al., 2023): the score is the accumulated softmax probability.
+- Keyformer (Adnan et al., 2024): the score is accumulated from a Gumbel-regularised softmax
+  ``softmax((x + ζ) / τ)``, ζ ~ Gumbel(0, 1), with the temperature τ rising linearly from 1 to 2
+  over the first :data:`TAU_STEPS` decode steps — the noise keeps early high-scoring tokens from
+  locking in the budget. The attention output itself uses the ordinary softmax.
+
+With GQA the query heads of a group share their KV head's tokens, so scores are summed over the
+group (one token set per KV head, as the shared value rows require).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..telemetry import StepRecord
+from .base import Policy, fetch_rows, grouped_logits, softmax_rows, weighted_values, with_chosen
+
+#: Keyformer's temperature schedule length (decode steps from τ = 1 to τ = 2).
+TAU_STEPS = 256
+#: Queries per block when scoring the prompt (bounds the ``[b, hq, block, n]`` logits).
+PROMPT_BLOCK = 256
+
+
+@dataclass
+class _LayerState:
+    acc: torch.Tensor  # [b, hkv, total] accumulated score of every logical position
+    heavy: torch.Tensor  # [b, hkv, m] host indices of the key tokens, ascending (int64)
+    keys: torch.Tensor  # [b, hkv, m, d] their rows on the device
+    values: torch.Tensor
+    host_seen: int = 0  # host tokens already considered
+
+
+class HeavyHitterPolicy(Policy):
+    names = ("h2o",)
+    keeps = "sinks + `gpu_budget` recent + `k` heavy-hitter tokens per KV head on the device; the rest dropped"
+    runs = "device"
+    bus = "nothing (evicted tokens only leave)"
+
+    def __init__(self, config, info):
+        super().__init__(config, info)
+        self.layers: dict[int, _LayerState] = {}
+
+    def selection(self):
+        return self.name, self.config.k
+
+    # --- scores ------------------------------------------------------------------------------
+    def score(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Score increments ``[b, hkv, n]`` from logits ``x`` and probabilities ``p`` ``[b, hkv, g, (q,) n]``."""
+        return p.sum(dim=tuple(range(2, p.dim() - 1)))
+
+    def _grow(self, layer, device, dtype) -> _LayerState:
+        """The layer's state with ``acc`` covering every logical position so far."""
+        st = self.layers.get(layer.layer_idx)
+        b, hkv, d = layer.cache.store.batch, self.info.kv_heads, self.info.head_dim
+        if st is None:
+            empty = torch.empty((b, hkv, 0, d), dtype=dtype, device=device)
+            st = _LayerState(torch.zeros((b, hkv, 0), device=device), torch.empty((b, hkv, 0), dtype=torch.long),
+                             empty, empty.clone())
+            self.layers[layer.layer_idx] = st
+        if st.acc.shape[-1] < layer.total:
+            pad = torch.zeros((b, hkv, layer.total - st.acc.shape[-1]), device=st.acc.device)
+            st.acc = torch.cat([st.acc, pad], dim=-1)
+        return st
+
+    def prefill(self, layer, query, key, value, attention_mask, scale) -> None:
+        """Accumulates the score every prompt query gives every token (blocks of queries)."""
+        b, hq, nq, d = query.shape
+        hkv, n = key.shape[1], key.shape[2]
+        st = self._grow(layer, key.device, key.dtype)
+        inc = torch.zeros((b, hkv, n), device=key.device)
+        for lo in range(0, nq, PROMPT_BLOCK):
+            hi = min(lo + PROMPT_BLOCK, nq)
+            qb = query[:, :, lo:hi].float().reshape(b, hkv, hq // hkv, hi - lo, d)
+            x = torch.matmul(qb, key.float().unsqueeze(2).transpose(-1, -2)) * scale  # [b, hkv, g, c, n]
+            if attention_mask is not None:
+                m = attention_mask[:, :, lo:hi, :]
+                ignore = ~m if m.dtype == torch.bool else m <= torch.finfo(m.dtype).min / 2
+                # A query that may not see itself is padding: it hands out no score.
+                own = torch.arange(lo, hi, device=key.device) + (n - nq)
+                padding = ignore[:, 0, torch.arange(hi - lo, device=key.device), own]  # [b, c]
+                ignore = ignore | padding[:, None, :, None]
+                x = x.masked_fill(ignore.unsqueeze(1), float("-inf"))
+            else:  # causal: query i of the block sits at position n - nq + i
+                rows = torch.arange(lo, hi, device=key.device).unsqueeze(1) + (n - nq)
+                x = x.masked_fill(torch.arange(n, device=key.device) > rows, float("-inf"))
+            inc += self.score(x, softmax_rows(x))
+        st.acc[..., :n] += inc
+
+    # --- decode ------------------------------------------------------------------------------
+    def _admit(self, layer, st: _LayerState, n_host: int, device) -> None:
+        """New host tokens compete with the key tokens; the ``k`` best stay, the rest are dropped."""
+        if n_host == st.host_seen:
+            return
+        b, hkv = st.acc.shape[:2]
+        s = layer.sinks_on_device
+        new = torch.arange(st.host_seen, n_host).expand(b, hkv, -1)
+        cand = torch.cat([st.heavy, new], dim=-1)
+        if cand.shape[-1] > self.config.k:
+            scores = st.acc.cpu().gather(2, cand + s)
+            best = scores.topk(self.config.k, dim=-1).indices
+            cand = cand.gather(2, best).sort(dim=-1).values
+        st.heavy, st.host_seen = cand, n_host
+        st.keys, st.values = fetch_rows(layer.cache.store, layer.layer_idx, cand, device)
+
+    def decode(self, layer, q, dev_k, dev_v, attention_mask, scale):
+        cache, idx = layer.cache, layer.layer_idx
+        n_host = cache.store.host_len(idx)
+        st = self._grow(layer, q.device, dev_k.dtype)
+        _, t_tx = cache.timed(lambda: self._admit(layer, st, n_host, q.device), q.device)
+
+        def attend():
+            keys, values, pos, ignore = with_chosen(layer, dev_k, dev_v, st.heavy, st.keys, st.values, n_host, attention_mask)
+            x = grouped_logits(q, keys, scale, ignore)
+            p = softmax_rows(x)
+            st.acc.scatter_add_(2, pos.to(st.acc.device), self.score(x, p))
+            return weighted_values(p, values)
+
+        out, t_dev = cache.timed(attend, q.device)
+        layer.pending = StepRecord(
+            step=cache.step, layer=idx, k=st.heavy.shape[-1], strategy=self.name, host_tokens=n_host,
+            device_tokens=dev_k.shape[-2], t_cpu=0.0, t_gpu=t_dev, t_tx=t_tx,
+        )
+        return out
+
+
+class KeyformerPolicy(HeavyHitterPolicy):
+    names = ("keyformer",)
+    keeps = "sinks + `gpu_budget` recent + `k` key tokens per KV head (Gumbel-regularised score) on the device; the rest dropped"
+
+    def __init__(self, config, info):
+        super().__init__(config, info)
+        self.steps = 0  # decode steps so far (drives the temperature)
+        self.generator: Optional[torch.Generator] = None
+
+    def observe(self, t_gpu, t_cpu, t_tx) -> None:
+        self.steps += 1
+
+    def score(self, x, p):
+        if self.generator is None or self.generator.device != x.device:
+            self.generator = torch.Generator(device=x.device).manual_seed(0)  # reproducible runs
+        tau = 1.0 + min(self.steps, TAU_STEPS) / TAU_STEPS
+        u = torch.rand(x.shape, generator=self.generator, device=x.device).clamp_(1e-20, 1.0)
+        gumbel = -torch.log(-torch.log(u))
+        noisy = softmax_rows((x + gumbel) / tau)
+        return super().score(x, noisy)

@@ -1,0 +1,130 @@
+"""hybridgen's own policies: the CPU attends over the host tokens while the device attends over
+the sinks and the recent tokens, and the two partial results are merged.
+
+``all`` attends to every host token (exact); ``post_qkt`` scores every host key and keeps the top
+``k`` per head; ``pre_qkt`` scores only ``k`` positions chosen ahead of time; ``scheduler`` adapts
+K and switches between the two from measured step times (paper Algorithm 1, in the Rust core).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Optional
+
+import torch
+
+from .. import _native
+from ..attention import cpu_stage, device_combine, device_partial, pre_qkt_positions
+from ..speculation import speculative_query
+from ..telemetry import StepRecord
+from .base import Policy, keep_mask, tier_masks
+
+
+class HybridPolicy(Policy):
+    names = ("all", "post_qkt", "pre_qkt", "scheduler")
+    keeps = "sinks + `gpu_budget` recent tokens on the device; every other token in host memory (keys near, values far)"
+    runs = "device over its tokens, CPU over the host tokens (all, top-K after scoring all, or K chosen by position); LSE or concat merge"
+    bus = "q to the CPU; the CPU's partial output + LSE (or K logits + K value rows) back"
+
+    def __init__(self, config, info):
+        super().__init__(config, info)
+        self.exact = config.policy == "all" and not config.speculative
+        self.scheduler = _native.Scheduler(config.k_min, config.k_max) if config.policy == "scheduler" else None
+        #: Layer index -> future of its speculatively started CPU stage (pipeline + speculative).
+        self.speculated: dict = {}
+
+    def selection(self) -> tuple[str, Optional[int]]:
+        if self.config.policy == "all":
+            return "all", None
+        if self.scheduler is not None:
+            return self.scheduler.strategy, self.scheduler.k
+        return self.config.policy, self.config.k
+
+    def observe(self, t_gpu, t_cpu, t_tx) -> None:
+        if self.scheduler is not None:
+            self.scheduler.observe(t_gpu, t_cpu, t_tx)
+
+    def decode(self, layer, q, dev_k, dev_v, attention_mask, scale):
+        cache, cfg = layer.cache, self.config
+        idx = layer.layer_idx
+        n_host = cache.store.host_len(idx)
+        dev_mask, host_mask = tier_masks(layer, attention_mask, n_host)
+        strategy, k = self.selection()
+        if n_host == 0:
+            out, t_dev = cache.timed(lambda: device_partial(q, dev_k, dev_v, scale, dev_mask)[0], q.device)
+            layer.pending = StepRecord(cache.step, idx, 0, strategy, 0, dev_k.shape[-2], 0.0, t_dev, 0.0)
+            return out
+        speculated = self.speculated.pop(idx, None)
+        dev_part, t_dev_part = None, 0.0
+        if speculated is not None:
+            # Started from the previous layer's input while that layer ran (approximate query).
+            host, hidden = _wait(speculated)
+        elif cfg.pipeline and cfg.merge == "lse":
+            # The CPU stage runs on the worker thread (native code, GIL released) while the device
+            # computes its own partial; only the remainder of the CPU stage is waited for.
+            future = _worker().submit(self._stage(cache, idx, q, scale, strategy, k, n_host, host_mask))
+            dev_part, t_dev_part = cache.timed(lambda: device_partial(q, dev_k, dev_v, scale, dev_mask), q.device)
+            host, hidden = _wait(future)
+        else:
+            host, hidden = self._stage(cache, idx, q, scale, strategy, k, n_host, host_mask)(), 0.0
+        moved, t_tx = cache.timed(lambda: host.to(q.device), q.device)
+        s = layer.sinks_on_device
+        out, t_dev = cache.timed(
+            lambda: device_combine(q, dev_k, dev_v, moved, scale=scale, sinks=s, dev_mask=dev_mask, dev_part=dev_part),
+            q.device,
+        )
+        layer.pending = StepRecord(
+            step=cache.step, layer=idx, k=host.tokens, strategy=strategy, host_tokens=n_host,
+            device_tokens=dev_k.shape[-2], t_cpu=host.seconds, t_gpu=t_dev + t_dev_part, t_tx=t_tx,
+            t_hidden=hidden, tx_bytes=host.nbytes(), speculative=speculated is not None,
+        )
+        return out
+
+    def _stage(self, cache, idx, q, scale, strategy, k, n_host, host_mask):
+        """The CPU stage of layer ``idx`` for query ``q`` as a callable (for the worker thread)."""
+        return partial(
+            cpu_stage, cache.store, idx, q, scale=scale, merge=self.config.merge,
+            top_k=k if strategy == "post_qkt" else None,
+            positions=pre_qkt_positions(n_host, k) if strategy == "pre_qkt" else None,
+            host_mask=host_mask,
+        )
+
+    def speculate(self, layer, decoder_layer, hidden, position_embeddings, attention_mask) -> None:
+        """Submits layer ``layer.layer_idx``'s CPU stage, with a query estimated from the previous
+        layer's input ``hidden``, to the worker thread (used by that layer's attention)."""
+        if not self.config.speculative:
+            return
+        cache, idx = layer.cache, layer.layer_idx
+        n_host = cache.store.host_len(idx) if cache.store is not None else 0
+        if n_host == 0:
+            return
+        strategy, k = self.selection()
+        scale = getattr(decoder_layer.self_attn, "scaling", None)
+        scale = 1.0 if self.info.model_type == "opt" else (scale or self.info.head_dim**-0.5)
+        host_mask = None
+        if attention_mask is not None:
+            s = min(layer.cache.placement.sinks, layer.total + 1)  # the layer has not taken this step's token yet
+            host_mask = ~keep_mask(attention_mask)[:, s : s + n_host]
+        with torch.no_grad():
+            q = speculative_query(decoder_layer, hidden, position_embeddings)
+        self.speculated[idx] = _worker().submit(self._stage(cache, idx, q, scale, strategy, k, n_host, host_mask))
+
+
+def _wait(future) -> tuple:
+    """The CPU stage's result and how much of it ran before it was waited for (hidden)."""
+    t0 = time.perf_counter()
+    host = future.result()
+    return host, max(0.0, host.seconds - (time.perf_counter() - t0))
+
+
+_WORKER: Optional[ThreadPoolExecutor] = None
+
+
+def _worker() -> ThreadPoolExecutor:
+    """The thread that runs pipelined CPU stages (one: stages of consecutive layers queue)."""
+    global _WORKER
+    if _WORKER is None:
+        _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridgen-cpu")
+    return _WORKER
