@@ -105,3 +105,23 @@ class HybridConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_profile(cls, path, **fields) -> "HybridConfig":
+        """A configuration whose ``k_min`` comes from a K_min profile saved by
+        ``python -m hybridgen profile-kmin`` (other fields as given; ``k_max`` is raised to
+        ``k_min`` if it would be smaller)."""
+        import json
+        from pathlib import Path
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no K_min profile at {path}: run `python -m hybridgen profile-kmin` first")
+        try:
+            k_min = json.loads(path.read_text())["k_min"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a K_min profile (expected JSON with 'k_min'): {e}") from None
+        fields.setdefault("policy", "scheduler")
+        fields["k_min"] = k_min
+        fields["k_max"] = max(fields.get("k_max", cls.k_max), k_min)
+        return cls(**fields)

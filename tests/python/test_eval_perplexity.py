@@ -44,27 +44,57 @@ def test_rejects_bad_arguments():
         decode_perplexity(model, text(10)[0], prefix=3)
 
 
-def test_cli_reports_every_policy(tmp_path):
-    import json
-    import subprocess
-    import sys
-
-    from transformers import PreTrainedTokenizerFast
+def tiny_model_dir(path):
+    """A tiny random Llama and a word-level tokenizer saved under ``path``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     model = tiny("llama")
-    model.save_pretrained(tmp_path / "m")
+    model.save_pretrained(path)
     vocab = {f"w{i}": i for i in range(96)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(tmp_path / "m")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(path)
+    return path
+
+
+def run_cli(*args):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "hybridgen", *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_cli_reports_every_policy_per_context(tmp_path):
+    import json
+
+    from hybridgen.config import POLICIES
+
+    model = tiny_model_dir(tmp_path / "m")
     (tmp_path / "t.txt").write_text(" ".join(f"w{(i * 7) % 96}" for i in range(400)))
     out = tmp_path / "ppl.json"
-    r = subprocess.run([sys.executable, "-m", "hybridgen", "eval", "perplexity", "--model", str(tmp_path / "m"),
-                        "--text", str(tmp_path / "t.txt"), "--context", "96", "--score", "16", "--windows", "2",
-                        "--gpu-budget", "8", "--k", "16", "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    rows = {row["policy"]: row for row in json.loads(out.read_text())["results"]}
-    assert set(rows) == {"full", "all", "post_qkt", "pre_qkt", "streaming"}
-    assert abs(rows["all"]["delta_vs_full"]) < 1e-4, "exact policy matches full attention"
-    assert "perplexity over 2 × 16 tokens" in r.stdout
+    r = run_cli("eval", "perplexity", "--model", model, "--text", tmp_path / "t.txt", "--contexts", 64, 96,
+                "--score", 16, "--windows", 2, "--gpu-budget", 8, "--k", 16, "--policies", *POLICIES, "--out", out)
+    record = json.loads(out.read_text())
+    assert record["command"].startswith("python -m hybridgen eval perplexity")
+    rows = record["results"]
+    assert {(r["context"], r["policy"]) for r in rows} == {(n, p) for n in (64, 96) for p in POLICIES}
+    for row in rows:
+        if row["policy"] in ("full", "all", "aog", "aoc"):
+            assert abs(row["delta_vs_full"]) < 1e-4, f"{row['policy']} is exact"
+    assert "| t.txt |" not in r.stdout and "`streaming`" in out.with_suffix(".md").read_text()
+
+
+def test_cli_rejects_unknown_policy_and_missing_text(tmp_path):
+    import subprocess
+    import sys
+
+    bad = subprocess.run([sys.executable, "-m", "hybridgen", "eval", "perplexity", "--policies", "h3o"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "invalid choice: 'h3o'" in bad.stderr
+    model = tiny_model_dir(tmp_path / "m")
+    missing = subprocess.run([sys.executable, "-m", "hybridgen", "eval", "perplexity", "--model", str(model),
+                              "--text", str(tmp_path / "nope.txt")], capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "no such file" in missing.stderr

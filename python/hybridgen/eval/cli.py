@@ -1,87 +1,201 @@
-"""``python -m hybridgen eval perplexity``: perplexity of each policy at the same token budget,
-measured through the decode path, against the model's own full attention."""
+"""``python -m hybridgen eval <task>`` and ``python -m hybridgen profile-kmin``: accuracy of every
+policy at the same token budget, measured through the decode path, against full attention."""
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
+import sys
 from pathlib import Path
 
-import torch
+from ..config import POLICIES
+from .common import TEXTS, load_model, load_text, policy_config
 
-from ..config import POLICIES, HybridConfig
-from .perplexity import decode_perplexity
+DEFAULT_POLICIES = [p for p in POLICIES if p not in ("aog", "aoc")]  # exact like "all"; add them by name
+
+
+def _common(p, context_default=4096):
+    p.add_argument("--model", default=None, help="model directory (default: SmolLM2-135M)")
+    p.add_argument("--gpu-budget", type=int, default=512, help="recent tokens per layer on the device")
+    p.add_argument("--sinks", type=int, default=4)
+    p.add_argument("--k", type=int, default=256, help="extra tokens per head each policy may use (see eval.common)")
+    p.add_argument("--k-min", type=int, default=None, help="scheduler's K_min (default: --profile's, else --k)")
+    p.add_argument("--profile", type=Path, default=None, help="a K_min profile from `profile-kmin`")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON (and a .md table)")
+
+
+def _policies(p, default):
+    p.add_argument("--policies", nargs="+", default=default, choices=POLICIES, metavar="POLICY",
+                   help=f"any of {', '.join(POLICIES)} (default: {' '.join(default)})")
+
+
+def _texts(p):
+    p.add_argument("--text", nargs="+", default=["essays", "austen"], help=f"{' / '.join(TEXTS)} or a UTF-8 file path")
+    p.add_argument("--score", type=int, default=128, help="tokens scored at the end of each window")
+    p.add_argument("--windows", type=int, default=2, help="consecutive windows of each text")
 
 
 def build_parser(sub):
-    p = sub.add_parser("eval", help="accuracy of hybrid attention against full attention")
+    p = sub.add_parser("eval", help="accuracy of every policy against full attention")
     tasks = p.add_subparsers(dest="task", required=True)
-    ppl = tasks.add_parser("perplexity", help=__doc__.splitlines()[0], description=__doc__)
-    ppl.add_argument("--model", default=None, help="model path (default: SmolLM2-135M)")
-    ppl.add_argument("--text", type=Path, default=None, help="a UTF-8 text file (default: the packaged essays)")
-    ppl.add_argument("--context", type=int, default=2048, help="tokens per window")
-    ppl.add_argument("--score", type=int, default=128, help="tokens scored at the end of each window")
-    ppl.add_argument("--windows", type=int, default=2, help="consecutive windows of the text")
-    ppl.add_argument("--gpu-budget", type=int, default=256)
-    ppl.add_argument("--sinks", type=int, default=4)
-    ppl.add_argument("--k", type=int, default=256, help="host tokens per head for post_qkt / pre_qkt")
-    ppl.add_argument("--policies", nargs="+", default=["all", "post_qkt", "pre_qkt", "streaming"],
-                     choices=[p for p in POLICIES if p != "scheduler"])
-    ppl.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+
+    ppl = tasks.add_parser("perplexity", help="perplexity over long texts per policy and context")
+    _common(ppl)
+    _texts(ppl)
+    ppl.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192])
+    _policies(ppl, DEFAULT_POLICIES)
     ppl.set_defaults(func=run_perplexity)
+
+    needle = tasks.add_parser("needle", help="needle-in-a-haystack retrieval per policy")
+    _common(needle)
+    needle.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8000])
+    needle.add_argument("--depths", type=int, default=10, help="depths from start to end")
+    _policies(needle, DEFAULT_POLICIES)
+    needle.set_defaults(func=run_needle)
+
+    choice = tasks.add_parser("choice", help="the packaged multiple-choice suite per policy")
+    _common(choice)
+    choice.add_argument("--limit", type=int, default=None, help="first N items only")
+    _policies(choice, ["post_qkt", "streaming", "h2o"])
+    choice.set_defaults(func=run_choice, gpu_budget=16, k=8, sinks=2)
+
+    cmp = tasks.add_parser("compare", help="one table: perplexity and needle retrieval of every policy at one context")
+    _common(cmp)
+    _texts(cmp)
+    cmp.add_argument("--context", type=int, default=4096)
+    _policies(cmp, list(POLICIES))
+    cmp.set_defaults(func=run_compare)
+
+    prof = sub.add_parser("profile-kmin", help="the smallest K whose perplexity stays within a tolerance of full")
+    prof.add_argument("--model", default=None, help="model directory (default: SmolLM2-135M)")
+    prof.add_argument("--text", default="essays", help=f"{' / '.join(TEXTS)} or a UTF-8 file path")
+    prof.add_argument("--context", type=int, default=4096)
+    prof.add_argument("--score", type=int, default=128)
+    prof.add_argument("--windows", type=int, default=2)
+    prof.add_argument("--gpu-budget", type=int, default=512)
+    prof.add_argument("--sinks", type=int, default=4)
+    prof.add_argument("--tolerance", type=float, default=0.01, help="relative perplexity increase allowed")
+    prof.add_argument("--out", type=Path, default=None, help="profile path (default: the data dir's profiles/)")
+    prof.set_defaults(func=run_profile)
     return p
 
 
-def _text(args, tokenizer) -> torch.Tensor:
-    if args.text is not None:
-        if not args.text.is_file():
-            raise SystemExit(f"--text {args.text}: no such file")
-        text = args.text.read_text(encoding="utf-8")
-    else:
-        from ..assets import essays
+# --- helpers --------------------------------------------------------------------------------------
+def _k_min(args):
+    if args.k_min is not None:
+        return args.k_min
+    if args.profile is not None:
+        from ..config import HybridConfig
 
-        text = "\n\n".join(t for _, t in essays())
-    return tokenizer(text, return_tensors="pt")["input_ids"]
+        return HybridConfig.from_profile(args.profile).k_min
+    return None
 
 
-def run_perplexity(args) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _windows(tokenizer, text_name: str, context: int, count: int, score: int):
+    from .kmin import windows
 
-    from ..assets import smollm2
+    if score >= context:
+        raise SystemExit(f"--score ({score}) must be smaller than the context ({context})")
+    ids = tokenizer(load_text(text_name), return_tensors="pt")["input_ids"]
+    return windows(ids, context, count)
 
-    if args.score >= args.context:
-        raise SystemExit(f"--score ({args.score}) must be smaller than --context ({args.context})")
-    path = args.model or smollm2()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = _text(args, tokenizer)
-    if ids.shape[1] < args.context * args.windows:
-        raise SystemExit(f"the text has {ids.shape[1]} tokens, fewer than {args.windows} windows of {args.context}")
-    # Same token budget for every policy: the window gets what selection gets on the host.
-    budgets = {"streaming": args.gpu_budget + args.k}
-    results = {}
-    for name in ["full", *args.policies]:
-        nll = []
-        for w in range(args.windows):
-            window = ids[:, w * args.context : (w + 1) * args.context]
-            config = None if name == "full" else HybridConfig(
-                gpu_budget=budgets.get(name, args.gpu_budget), sinks=args.sinks, policy=name, k=args.k,
-                max_context=args.context + 8)
-            nll.append(decode_perplexity(model, window, args.context - args.score, config, progress=True).nll)
-        results[name] = sum(nll) / len(nll)
-    full = torch.tensor(results["full"]).exp().item()
-    print(f"\nperplexity over {args.windows} × {args.score} tokens scored after {args.context - args.score} "
-          f"(device budget {args.sinks} sinks + {args.gpu_budget}, k {args.k})")
-    rows = []
-    for name, nll in results.items():
-        ppl = torch.tensor(nll).exp().item()
-        rows.append({"policy": name, "perplexity": ppl, "delta_vs_full": ppl / full - 1})
-        print(f"  {name:<10} {ppl:9.3f}   {100 * (ppl / full - 1):+7.2f} %")
+
+def _save(args, record: dict, table: str = "") -> None:
+    print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        import sys
-
         record = {"command": "python -m hybridgen " + " ".join(sys.argv[1:]),
-                  "args": {k: str(v) for k, v in vars(args).items() if k != "func"}, "results": rows}
+                  "args": {k: str(v) for k, v in vars(args).items() if k != "func"}, **record}
         args.out.write_text(json.dumps(record, indent=2) + "\n")
+        if table:
+            args.out.with_suffix(".md").write_text(f"`{record['command']}`\n\n{table}\n")
+        print(f"wrote {args.out}")
+
+
+# --- tasks ----------------------------------------------------------------------------------------
+def run_perplexity(args) -> int:
+    from .kmin import mean_nll
+
+    model, tokenizer = load_model(args.model)
+    k_min, rows = _k_min(args), []
+    for text in args.text:
+        for n in args.contexts:
+            wins = _windows(tokenizer, text, n, args.windows, args.score)
+            full = None
+            for policy in ["full", *[p for p in args.policies if p != "full"]]:
+                config = policy_config(policy, gpu_budget=args.gpu_budget, k=args.k, sinks=args.sinks, context=n, k_min=k_min)
+                ppl = math.exp(mean_nll(model, wins, n - args.score, config, progress=True))
+                full = full or ppl
+                rows.append({"text": text, "context": n, "policy": policy, "perplexity": ppl, "delta_vs_full": ppl / full - 1})
+                print(f"{text:>8} {n:>6} {policy:<10} {ppl:9.3f}  {100 * (ppl / full - 1):+7.2f} %", flush=True)
+    lines = ["| text | context | policy | perplexity | Δ vs full |", "|---|---|---|---|---|"]
+    lines += [f"| {r['text']} | {r['context']} | `{r['policy']}` | {r['perplexity']:.3f} | {100 * r['delta_vs_full']:+.2f} % |" for r in rows]
+    _save(args, {"results": rows}, "\n".join(lines))
+    return 0
+
+
+def run_needle(args) -> int:
+    from .needle import as_rows, needle_trials, retrieval
+
+    model, tokenizer = load_model(args.model)
+    depths = [i / (args.depths - 1) for i in range(args.depths)] if args.depths > 1 else [0.5]
+    k_min, trials, lines = _k_min(args), [], ["| policy | " + " | ".join(map(str, args.contexts)) + " |",
+                                              "|---|" + "---|" * len(args.contexts)]
+    for policy in args.policies:
+        got = needle_trials(model, tokenizer, policy, args.contexts,
+                            lambda n: policy_config(policy, gpu_budget=args.gpu_budget, k=args.k, sinks=args.sinks,
+                                                    context=n, k_min=k_min),
+                            depths=depths, progress=True)
+        trials += got
+        per = [retrieval([t for t in got if t.context == n]) for n in args.contexts]
+        lines.append(f"| `{policy}` | " + " | ".join(f"{100 * r:.0f} %" for r in per) + " |")
+        print(lines[-1], flush=True)
+    _save(args, {"trials": as_rows(trials)}, "\n".join(lines))
+    return 0
+
+
+def run_choice(args) -> int:
+    from .choice import load_suite, score_items
+
+    model, tokenizer = load_model(args.model)
+    items = load_suite()[: args.limit]
+    k_min, results = _k_min(args), {}
+    context = max(len(tokenizer(i.context)["input_ids"]) for i in items) + 16
+    for policy in ["full", *[p for p in args.policies if p != "full"]]:
+        config = policy_config(policy, gpu_budget=args.gpu_budget, k=args.k, sinks=args.sinks, context=context, k_min=k_min)
+        result = score_items(model, tokenizer, items, config, progress=True)
+        results[policy] = result.metrics()
+        print(result.format(), flush=True)
+    _save(args, {"metrics": results})
+    return 0
+
+
+def run_compare(args) -> int:
+    from .compare import compare_policies, markdown_table
+
+    model, tokenizer = load_model(args.model)
+    texts = {t: _windows(tokenizer, t, args.context, args.windows, args.score) for t in args.text}
+    names = [Path(t).stem for t in texts]
+    result = compare_policies(model, tokenizer, args.policies, dict(zip(names, texts.values())), context=args.context,
+                              score=args.score, gpu_budget=args.gpu_budget, k=args.k, sinks=args.sinks,
+                              k_min=_k_min(args), progress=True)
+    _save(args, result, markdown_table(result["rows"], names))
+    return 0
+
+
+def run_profile(args) -> int:
+    from .kmin import default_profile_path, profile_kmin
+
+    model, tokenizer = load_model(args.model)
+    wins = _windows(tokenizer, args.text, args.context, args.windows, args.score)
+    name = args.model or "SmolLM2-135M-Instruct"
+    profile = profile_kmin(model, wins, score=args.score, gpu_budget=args.gpu_budget, sinks=args.sinks,
+                           tolerance=args.tolerance, model_name=Path(name).name, progress=True)
+    profile.command = "python -m hybridgen " + " ".join(sys.argv[1:])
+    for point in profile.curve:
+        print(f"K {point['k']:>5} ({point['share']:.3f} of host tokens): perplexity {point['perplexity']:.3f} "
+              f"({100 * point['delta']:+.2f} %)")
+    path = profile.save(args.out or default_profile_path(name))
+    print(f"K_min = {profile.k_min} (perplexity within {100 * args.tolerance:.1f} % of full {profile.full_perplexity:.3f}); "
+          f"saved {path} — load it with HybridConfig.from_profile(path)")
     return 0

@@ -1,0 +1,113 @@
+"""The accuracy harness around the policies: token budgets, K_min profiling and its profile file,
+the needle harness and the one-table comparison (tiny random models; the numbers that matter are
+recorded under benchmarks/results)."""
+
+import json
+
+import pytest
+import torch
+from test_eval_perplexity import run_cli, tiny_model_dir
+from test_hf_exact import tiny
+
+from hybridgen import HybridConfig
+from hybridgen.eval import common, compare, kmin, needle
+
+
+def test_policy_config_gives_every_policy_the_same_token_budget():
+    window = common.policy_config("streaming", gpu_budget=512, k=256, context=4096)
+    post = common.policy_config("post_qkt", gpu_budget=512, k=256, context=4096)
+    h2o = common.policy_config("h2o", gpu_budget=512, k=256, context=4096)
+    assert window.gpu_budget == post.gpu_budget + post.k == h2o.gpu_budget + h2o.k == 768
+    sched = common.policy_config("scheduler", gpu_budget=512, k=256, context=4096, k_min=96)
+    assert sched.k_min == 96 and sched.k_max >= 96
+    with pytest.raises(ValueError, match="must be smaller than the context"):
+        common.policy_config("post_qkt", gpu_budget=4096, k=8, context=4096)
+    with pytest.raises(ValueError, match="unknown policy"):
+        common.policy_config("h3o", gpu_budget=8, k=8, context=64)
+
+
+def test_load_text_errors():
+    with pytest.raises(FileNotFoundError, match="not one of"):
+        common.load_text("shakespeare")
+
+
+def test_choose_k_min_is_the_inflection_point():
+    curve = [{"k": 8, "delta": 0.2}, {"k": 16, "delta": 0.004}, {"k": 32, "delta": 0.02}, {"k": 64, "delta": 0.008},
+             {"k": 128, "delta": 0.001}]
+    assert kmin.choose_k_min(curve, 0.01) == 64, "16 is within tolerance but 32 is not: not yet safe"
+    assert kmin.choose_k_min(curve, 0.05) == 16
+    assert kmin.choose_k_min([{"k": 8, "delta": 0.5}], 0.01) == 8
+
+
+def test_profile_kmin_end_to_end_and_loaded_by_hybrid_config(tmp_path):
+    model = tiny_model_dir(tmp_path / "m")
+    (tmp_path / "t.txt").write_text(" ".join(f"w{(i * 13) % 96}" for i in range(300)))
+    out = tmp_path / "profile.json"
+    r = run_cli("profile-kmin", "--model", model, "--text", tmp_path / "t.txt", "--context", 96, "--score", 16,
+                "--windows", 2, "--gpu-budget", 8, "--tolerance", 0.05, "--out", out)
+    profile = json.loads(out.read_text())
+    ks = [p["k"] for p in profile["curve"]]
+    assert ks == sorted(ks) and len(ks) >= 4 and profile["k_min"] in ks
+    assert profile["k_min"] == kmin.choose_k_min(profile["curve"], 0.05)
+    assert profile["command"].startswith("python -m hybridgen profile-kmin")
+    assert f"K_min = {profile['k_min']}" in r.stdout
+    config = HybridConfig.from_profile(out, gpu_budget=8)
+    assert config.policy == "scheduler" and config.k_min == profile["k_min"] and config.k_max >= config.k_min
+    with pytest.raises(FileNotFoundError, match="profile-kmin"):
+        HybridConfig.from_profile(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a K_min profile"):
+        HybridConfig.from_profile(tmp_path / "bad.json")
+
+
+class _Tokenizer:
+    """Just enough of a chat tokenizer for the haystack builder (words ↔ ids)."""
+
+    eos_token_id = 0
+
+    def __init__(self):
+        self.words = ["<eos>"]
+
+    def _ids(self, text):
+        ids = []
+        for w in text.split(" "):
+            if w not in self.words:
+                self.words.append(w)
+            ids.append(self.words.index(w) % 96)
+        return ids
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        ids = self._ids(text)
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
+        return "user: " + messages[0]["content"] + " assistant:"
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(self.words[int(i)] if int(i) < len(self.words) else "?" for i in ids)
+
+
+def test_needle_trials_exact_policy_answers_like_full(monkeypatch):
+    monkeypatch.setattr(needle.haystack, "essays", lambda: [("e", " ".join(f"word{i % 50}." for i in range(400)))])
+    model, tok = tiny("llama"), _Tokenizer()
+    depths = (0.0, 0.5, 1.0)
+    full = needle.needle_trials(model, tok, "full", [120], lambda n: None, depths=depths, max_new_tokens=6)
+    exact = needle.needle_trials(model, tok, "all", [120], lambda n: HybridConfig(policy="all", gpu_budget=8, sinks=2),
+                                 depths=depths, max_new_tokens=6)
+    assert [t.answer for t in full] == [t.answer for t in exact]
+    assert [t.depth for t in full] == list(depths) and needle.retrieval(full) == sum(t.found for t in full) / 3
+
+
+def test_compare_reports_every_policy_against_full(monkeypatch):
+    monkeypatch.setattr(needle.haystack, "essays", lambda: [("e", " ".join(f"word{i % 50}." for i in range(400)))])
+    model, tok = tiny("llama"), _Tokenizer()
+    ids = torch.randint(3, 96, (1, 200), generator=torch.Generator().manual_seed(0))
+    texts = {"random": kmin.windows(ids, 96, 2)}
+    result = compare.compare_policies(model, tok, ["all", "streaming", "h2o"], texts, context=96, score=16,
+                                      gpu_budget=8, k=8, depths=(0.5,))
+    rows = {r["policy"]: r for r in result["rows"]}
+    assert set(rows) == {"full", "all", "streaming", "h2o"}
+    assert rows["full"]["delta_random"] == 0 and abs(rows["all"]["delta_random"]) < 1e-4
+    assert abs(rows["streaming"]["delta_random"]) > 1e-4
+    table = compare.markdown_table(result["rows"], ["random"])
+    assert table.count("\n") == 1 + len(rows) and "`h2o`" in table
