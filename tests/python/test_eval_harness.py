@@ -111,3 +111,13 @@ def test_compare_reports_every_policy_against_full(monkeypatch):
     assert abs(rows["streaming"]["delta_random"]) > 1e-4
     table = compare.markdown_table(result["rows"], ["random"])
     assert table.count("\n") == 1 + len(rows) and "`h2o`" in table
+
+
+def test_choice_cli_scores_the_packaged_suite_per_policy(tmp_path):
+    model = tiny_model_dir(tmp_path / "m")
+    out = tmp_path / "choice.json"
+    run_cli("eval", "choice", "--model", model, "--limit", 4, "--policies", "all", "streaming", "--out", out)
+    metrics = json.loads(out.read_text())["metrics"]
+    assert set(metrics) == {"full", "all", "streaming"}
+    assert all(m["all"]["n"] == 4 for m in metrics.values())
+    assert metrics["all"]["all"]["acc"] == metrics["full"]["all"]["acc"], "the exact policy chooses like full attention"
