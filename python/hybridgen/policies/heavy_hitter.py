@@ -52,9 +52,6 @@ class HeavyHitterPolicy(Policy):
         super().__init__(config, info)
         self.layers: dict[int, _LayerState] = {}
 
-    def selection(self):
-        return self.name, self.config.k
-
     # --- scores ------------------------------------------------------------------------------
     def score(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """Score increments ``[b, hkv, n]`` from logits ``x`` and probabilities ``p`` ``[b, hkv, g, (q,) n]``."""

@@ -48,9 +48,6 @@ class InfiniGenPolicy(Policy):
         #: Layer index -> query estimated from the previous layer's input (this step).
         self.estimates: dict[int, torch.Tensor] = {}
 
-    def selection(self):
-        return "infinigen", self.config.k
-
     def prefill(self, layer, query, key, value, attention_mask, scale) -> None:
         b, hq, nq, d = query.shape
         hkv = key.shape[1]
