@@ -87,15 +87,38 @@ class _Tokenizer:
         return " ".join(self.words[int(i)] if int(i) < len(self.words) else "?" for i in ids)
 
 
-def test_needle_trials_exact_policy_answers_like_full(monkeypatch):
+def test_needle_trials_exact_policy_answers_like_generate(monkeypatch):
     monkeypatch.setattr(needle.haystack, "essays", lambda: [("e", " ".join(f"word{i % 50}." for i in range(400)))])
     model, tok = tiny("llama"), _Tokenizer()
     depths = (0.0, 0.5, 1.0)
-    full = needle.needle_trials(model, tok, "full", [120], lambda n: None, depths=depths, max_new_tokens=6)
-    exact = needle.needle_trials(model, tok, "all", [120], lambda n: HybridConfig(policy="all", gpu_budget=8, sinks=2),
-                                 depths=depths, max_new_tokens=6)
+    trials = needle.needle_trials(model, tok, {"full": lambda n: None,
+                                               "all": lambda n: HybridConfig(policy="all", gpu_budget=8, sinks=2)},
+                                  [120], depths=depths, max_new_tokens=6)
+    full = [t for t in trials if t.policy == "full"]
+    exact = [t for t in trials if t.policy == "all"]
     assert [t.answer for t in full] == [t.answer for t in exact]
     assert [t.depth for t in full] == list(depths) and needle.retrieval(full) == sum(t.found for t in full) / 3
+    # Independent reference: the model's own generate() on the same haystack.
+    hay = needle.haystack.build(tok, 120, 0.5)
+    out = model.generate(hay.input_ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = tok.decode(out[0, hay.input_ids.shape[1]:].tolist()).strip()
+    assert want.startswith(full[1].answer) and full[1].answer
+
+
+# Not the scheduler: it follows measured step times, so two runs differ anyway.
+@pytest.mark.parametrize("policy", ["h2o", "keyformer", "infinigen", "post_qkt", "aoc"])
+def test_replayed_prefill_equals_a_real_one(policy):
+    from hybridgen.eval.perplexity import decode_perplexity
+    from hybridgen.eval.replay import record_prefill
+
+    model = tiny("qwen2")
+    ids = torch.randint(3, 96, (1, 90), generator=torch.Generator().manual_seed(5))
+    config = HybridConfig(policy=policy, gpu_budget=8, sinks=2, k=6, k_min=4, k_max=16)
+    real = decode_perplexity(model, ids, 60, config)
+    replayed = decode_perplexity(model, ids, 60, config, recorded=record_prefill(model, ids[:, :60]))
+    assert abs(real.nll - replayed.nll) < 1e-5
+    full = decode_perplexity(model, ids, 60, None, recorded=record_prefill(model, ids[:, :60]))
+    assert abs(full.nll - decode_perplexity(model, ids, 60, None).nll) < 1e-5
 
 
 def test_compare_reports_every_policy_against_full(monkeypatch):

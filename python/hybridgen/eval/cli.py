@@ -114,17 +114,18 @@ def _save(args, record: dict, table: str = "") -> None:
 
 # --- tasks ----------------------------------------------------------------------------------------
 def run_perplexity(args) -> int:
-    from .kmin import mean_nll
+    from .kmin import mean_nll, record_windows
 
     model, tokenizer = load_model(args.model)
     k_min, rows = _k_min(args), []
     for text in args.text:
         for n in args.contexts:
             wins = _windows(tokenizer, text, n, args.windows, args.score)
+            recorded = record_windows(model, wins, n - args.score)
             full = None
             for policy in ["full", *[p for p in args.policies if p != "full"]]:
                 config = policy_config(policy, gpu_budget=args.gpu_budget, k=args.k, sinks=args.sinks, context=n, k_min=k_min)
-                ppl = math.exp(mean_nll(model, wins, n - args.score, config, progress=True))
+                ppl = math.exp(mean_nll(model, wins, n - args.score, config, True, recorded))
                 full = full or ppl
                 rows.append({"text": text, "context": n, "policy": policy, "perplexity": ppl, "delta_vs_full": ppl / full - 1})
                 print(f"{text:>8} {n:>6} {policy:<10} {ppl:9.3f}  {100 * (ppl / full - 1):+7.2f} %", flush=True)
@@ -139,17 +140,14 @@ def run_needle(args) -> int:
 
     model, tokenizer = load_model(args.model)
     depths = [i / (args.depths - 1) for i in range(args.depths)] if args.depths > 1 else [0.5]
-    k_min, trials, lines = _k_min(args), [], ["| policy | " + " | ".join(map(str, args.contexts)) + " |",
-                                              "|---|" + "---|" * len(args.contexts)]
+    k_min = _k_min(args)
+    configs = {p: (lambda n, p=p: policy_config(p, gpu_budget=args.gpu_budget, k=args.k, sinks=args.sinks,
+                                                context=n, k_min=k_min)) for p in args.policies}
+    trials = needle_trials(model, tokenizer, configs, args.contexts, depths=depths, progress=True)
+    lines = ["| policy | " + " | ".join(map(str, args.contexts)) + " |", "|---|" + "---|" * len(args.contexts)]
     for policy in args.policies:
-        got = needle_trials(model, tokenizer, policy, args.contexts,
-                            lambda n: policy_config(policy, gpu_budget=args.gpu_budget, k=args.k, sinks=args.sinks,
-                                                    context=n, k_min=k_min),
-                            depths=depths, progress=True)
-        trials += got
-        per = [retrieval([t for t in got if t.context == n]) for n in args.contexts]
+        per = [retrieval([t for t in trials if t.policy == policy and t.context == n]) for n in args.contexts]
         lines.append(f"| `{policy}` | " + " | ".join(f"{100 * r:.0f} %" for r in per) + " |")
-        print(lines[-1], flush=True)
     _save(args, {"trials": as_rows(trials)}, "\n".join(lines))
     return 0
 

@@ -7,7 +7,7 @@ import math
 from typing import Optional, Sequence
 
 from .common import policy_config
-from .kmin import mean_nll
+from .kmin import mean_nll, record_windows
 from .needle import DEPTHS, needle_trials, retrieval
 
 
@@ -22,18 +22,18 @@ def compare_policies(model, tokenizer, policies: Sequence[str], texts: dict, *, 
     def config(policy, n=context):
         return policy_config(policy, gpu_budget=gpu_budget, k=k, sinks=sinks, context=n, k_min=k_min)
 
-    rows, needles = [], []
-    for policy in policies:
-        row = {"policy": policy}
-        for name, wins in texts.items():
-            row[f"ppl_{name}"] = math.exp(mean_nll(model, wins, context - score, config(policy), progress))
-        trials = needle_trials(model, tokenizer, policy, [context], lambda n: config(policy, n), depths=depths,
-                              progress=progress)
-        row["needle"] = retrieval(trials)
-        row["needle_found"] = sum(t.found for t in trials)
-        row["needle_trials"] = len(trials)
-        needles += trials
-        rows.append(row)
+    rows = {policy: {"policy": policy} for policy in policies}
+    for name, wins in texts.items():
+        recorded = record_windows(model, wins, context - score)
+        for policy, row in rows.items():
+            row[f"ppl_{name}"] = math.exp(mean_nll(model, wins, context - score, config(policy), progress, recorded))
+        del recorded
+    needles = needle_trials(model, tokenizer, {p: (lambda n, p=p: config(p, n)) for p in policies}, [context],
+                            depths=depths, progress=progress)
+    for policy, row in rows.items():
+        trials = [t for t in needles if t.policy == policy]
+        row.update(needle=retrieval(trials), needle_found=sum(t.found for t in trials), needle_trials=len(trials))
+    rows = list(rows.values())
     full = next(r for r in rows if r["policy"] == "full")
     for row in rows:
         for name in texts:

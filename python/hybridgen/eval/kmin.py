@@ -20,6 +20,7 @@ import torch
 from ..assets import data_dir
 from .common import policy_config
 from .perplexity import decode_perplexity
+from .replay import record_prefill
 
 #: Shares of the host tokens the sweep keeps.
 SHARES = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
@@ -57,8 +58,16 @@ def windows(ids: torch.Tensor, context: int, count: int) -> list[torch.Tensor]:
     return [ids[:, i * context : (i + 1) * context] for i in range(count)]
 
 
-def mean_nll(model, wins: Sequence[torch.Tensor], prefix: int, config, progress: bool) -> float:
-    return sum(decode_perplexity(model, w, prefix, config, progress=progress).nll for w in wins) / len(wins)
+def mean_nll(model, wins: Sequence[torch.Tensor], prefix: int, config, progress: bool, recorded=None) -> float:
+    """Mean NLL over windows; ``recorded``: their prefixes' recorded prefills (one per window)."""
+    recorded = recorded or [None] * len(wins)
+    return sum(decode_perplexity(model, w, prefix, config, progress=progress, recorded=r).nll
+               for w, r in zip(wins, recorded)) / len(wins)
+
+
+def record_windows(model, wins: Sequence[torch.Tensor], prefix: int) -> list:
+    """Each window's prefix prefilled once, for every policy to replay."""
+    return [record_prefill(model, w[:, :prefix]) for w in wins]
 
 
 def choose_k_min(curve: Sequence[dict], tolerance: float) -> int:
@@ -84,12 +93,13 @@ def profile_kmin(model, wins: Sequence[torch.Tensor], *, score: int, gpu_budget:
     context = wins[0].shape[1]
     prefix = context - score
     host = context - gpu_budget - sinks  # host tokens at the last scored position
-    full = math.exp(mean_nll(model, wins, prefix, None, progress))
+    recorded = record_windows(model, wins, prefix)
+    full = math.exp(mean_nll(model, wins, prefix, None, progress, recorded))
     curve = []
     for share in sorted(set(shares)):
         k = max(1, round(share * host))
         config = policy_config("post_qkt", gpu_budget=gpu_budget, k=k, sinks=sinks, context=context)
-        ppl = math.exp(mean_nll(model, wins, prefix, config, progress))
+        ppl = math.exp(mean_nll(model, wins, prefix, config, progress, recorded))
         curve.append({"k": k, "share": share, "perplexity": ppl, "delta": ppl / full - 1})
     return KminProfile(model=model_name, k_min=choose_k_min(curve, tolerance), tolerance=tolerance, context=context, gpu_budget=gpu_budget,
                        sinks=sinks, full_perplexity=full, curve=curve)

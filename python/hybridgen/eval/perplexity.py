@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import HybridConfig
+from .replay import replay
 
 
 @dataclass
@@ -29,11 +30,12 @@ class PerplexityResult:
 
 
 def decode_perplexity(model, ids: torch.Tensor, prefix: int, config: Optional[HybridConfig] = None,
-                      progress: bool = False) -> PerplexityResult:
+                      progress: bool = False, recorded=None) -> PerplexityResult:
     """Perplexity of ``ids [1, n]`` after its first ``prefix`` tokens, one decode step per token.
 
     With ``config``, the model is patched for the measurement (and unpatched after); ``None``
-    measures the model's own attention with an ordinary DynamicCache.
+    measures the model's own attention with an ordinary DynamicCache. ``recorded``: the prefix's
+    :func:`~hybridgen.eval.replay.record_prefill`, replayed instead of prefilling again.
     """
     from transformers import DynamicCache
 
@@ -47,10 +49,16 @@ def decode_perplexity(model, ids: torch.Tensor, prefix: int, config: Optional[Hy
     if config is not None:
         patch(model, config)
     try:
-        cache = HybridCache(model) if config is not None else DynamicCache()
         total = 0.0
+        if recorded is not None:
+            if recorded.length != prefix:
+                raise ValueError(f"the recorded prefill has {recorded.length} tokens, the prefix {prefix}")
+            cache, logits = replay(model, recorded, config), recorded.logits
+        else:
+            cache = HybridCache(model) if config is not None else DynamicCache()
         with torch.inference_mode():
-            logits = model(ids[:, :prefix], past_key_values=cache, use_cache=True).logits[0, -1]
+            if recorded is None:
+                logits = model(ids[:, :prefix], past_key_values=cache, use_cache=True).logits[0, -1]
             steps = range(prefix, n)
             for t in tqdm(steps, desc=f"perplexity ({config.policy if config else 'full'})", leave=False, disable=not progress):
                 total -= torch.log_softmax(logits.float(), -1)[ids[0, t]].item()
