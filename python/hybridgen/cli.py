@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import demo, generate
+from . import bench, demo, generate
 from .eval import cli as eval_cli
 
 
@@ -15,8 +15,12 @@ def main(argv=None) -> int:
     generate.build_parser(sub)
     eval_cli.build_parser(sub)
     demo.build_parser(sub)
+    bench.build_parser(sub)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # bad arguments or data: a message, not a traceback
+        parser.exit(2, f"python -m hybridgen {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -144,3 +144,17 @@ def test_choice_cli_scores_the_packaged_suite_per_policy(tmp_path):
     assert set(metrics) == {"full", "all", "streaming"}
     assert all(m["all"]["n"] == 4 for m in metrics.values())
     assert metrics["all"]["all"]["acc"] == metrics["full"]["all"]["acc"], "the exact policy chooses like full attention"
+
+
+def test_cli_rejects_contexts_beyond_the_model_and_missing_profiles(tmp_path):
+    import subprocess
+    import sys
+
+    model = tiny_model_dir(tmp_path / "m")  # 512 positions
+    (tmp_path / "t.txt").write_text(" ".join(f"w{i % 96}" for i in range(3000)))
+    for extra, message in ((["--contexts", "1024"], "exceeds the model's 512 positions"),
+                           (["--contexts", "96", "--profile", str(tmp_path / "none.json")], "no K_min profile")):
+        r = subprocess.run([sys.executable, "-m", "hybridgen", "eval", "perplexity", "--model", str(model), "--text",
+                            str(tmp_path / "t.txt"), "--gpu-budget", "8", "--windows", "1", "--score", "8", *extra],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr

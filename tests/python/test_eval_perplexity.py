@@ -96,5 +96,5 @@ def test_cli_rejects_unknown_policy_and_missing_text(tmp_path):
     assert bad.returncode != 0 and "invalid choice: 'h3o'" in bad.stderr
     model = tiny_model_dir(tmp_path / "m")
     missing = subprocess.run([sys.executable, "-m", "hybridgen", "eval", "perplexity", "--model", str(model),
-                              "--text", str(tmp_path / "nope.txt")], capture_output=True, text=True, timeout=300)
+                              "--text", str(tmp_path / "nope.txt"), "--contexts", "96"], capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and "no such file" in missing.stderr

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..config import POLICIES
-from .common import TEXTS, load_model, load_text, policy_config
+from .common import TEXTS, check_context, load_model, load_text, policy_config
 
 DEFAULT_POLICIES = [p for p in POLICIES if p not in ("aog", "aoc")]  # exact like "all"; add them by name
 
@@ -91,12 +91,14 @@ def _k_min(args):
     return None
 
 
-def _windows(tokenizer, text_name: str, context: int, count: int, score: int):
+def _windows(model, tokenizer, text_name: str, context: int, count: int, score: int):
     from .kmin import windows
 
+    text = load_text(text_name)
+    check_context(model, context)
     if score >= context:
-        raise SystemExit(f"--score ({score}) must be smaller than the context ({context})")
-    ids = tokenizer(load_text(text_name), return_tensors="pt")["input_ids"]
+        raise ValueError(f"--score ({score}) must be smaller than the context ({context})")
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
     return windows(ids, context, count)
 
 
@@ -120,7 +122,7 @@ def run_perplexity(args) -> int:
     k_min, rows = _k_min(args), []
     for text in args.text:
         for n in args.contexts:
-            wins = _windows(tokenizer, text, n, args.windows, args.score)
+            wins = _windows(model, tokenizer, text, n, args.windows, args.score)
             recorded = record_windows(model, wins, n - args.score)
             full = None
             for policy in ["full", *[p for p in args.policies if p != "full"]]:
@@ -140,6 +142,8 @@ def run_needle(args) -> int:
 
     model, tokenizer = load_model(args.model)
     depths = [i / (args.depths - 1) for i in range(args.depths)] if args.depths > 1 else [0.5]
+    for n in args.contexts:
+        check_context(model, n)
     k_min = _k_min(args)
     configs = {p: (lambda n, p=p: policy_config(p, gpu_budget=args.gpu_budget, k=args.k, sinks=args.sinks,
                                                 context=n, k_min=k_min)) for p in args.policies}
@@ -172,7 +176,7 @@ def run_compare(args) -> int:
     from .compare import compare_policies, markdown_table
 
     model, tokenizer = load_model(args.model)
-    texts = {t: _windows(tokenizer, t, args.context, args.windows, args.score) for t in args.text}
+    texts = {t: _windows(model, tokenizer, t, args.context, args.windows, args.score) for t in args.text}
     names = [Path(t).stem for t in texts]
     result = compare_policies(model, tokenizer, args.policies, dict(zip(names, texts.values())), context=args.context,
                               score=args.score, gpu_budget=args.gpu_budget, k=args.k, sinks=args.sinks,
@@ -185,7 +189,7 @@ def run_profile(args) -> int:
     from .kmin import default_profile_path, profile_kmin
 
     model, tokenizer = load_model(args.model)
-    wins = _windows(tokenizer, args.text, args.context, args.windows, args.score)
+    wins = _windows(model, tokenizer, args.text, args.context, args.windows, args.score)
     name = args.model or "SmolLM2-135M-Instruct"
     profile = profile_kmin(model, wins, score=args.score, gpu_budget=args.gpu_budget, sinks=args.sinks,
                            tolerance=args.tolerance, model_name=Path(name).name, progress=True)

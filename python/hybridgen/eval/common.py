@@ -66,3 +66,11 @@ def load_model(path: Optional[str], device: Optional[str] = None):
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, tokenizer
+
+
+def check_context(model, context: int) -> None:
+    """ValueError unless ``context`` tokens fit the model's position range."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and context > limit:
+        raise ValueError(f"a context of {context} tokens exceeds the model's {limit} positions "
+                         f"(max_position_embeddings); choose a shorter context")
