@@ -243,10 +243,6 @@ class HybridCache(Cache):
         """The feedback scheduler of the ``scheduler`` policy (``None`` for other policies)."""
         return getattr(self.policy, "scheduler", None)
 
-    def selection(self) -> tuple[str, Optional[int]]:
-        """``(strategy, k)`` of the coming step, as telemetry records it."""
-        return self.policy.selection()
-
     def record(self, layer_idx: int, record: StepRecord) -> None:
         """Adds one layer's record; after the last layer, feeds the step's times to the scheduler."""
         self.telemetry.add(record)

@@ -96,9 +96,8 @@ def tier_masks(layer: "HybridLayer", attention_mask, n_host: int):
     if attention_mask is None:
         return None, None
     keep = keep_mask(attention_mask)
-    s, total = layer.sinks_on_device, layer.total
-    dev_cols = torch.cat([torch.arange(s), torch.arange(s + n_host, total)]).to(keep.device)
-    return ~keep[:, dev_cols], ~keep[:, s : s + n_host]
+    s = layer.sinks_on_device
+    return ~keep[:, device_positions(layer, n_host, keep.device)], ~keep[:, s : s + n_host]
 
 
 def device_positions(layer: "HybridLayer", n_host: int, device) -> torch.Tensor:
