@@ -9,6 +9,12 @@ pub enum Error {
     /// A tier has no room left for the request; nothing was changed.
     #[error("{0}")]
     Capacity(String),
+    /// CUDA (the driver or NVRTC) is not usable on this machine; says why.
+    #[error("CUDA is unavailable: {0}")]
+    Unavailable(String),
+    /// A CUDA call failed.
+    #[error("{0}")]
+    Cuda(String),
     /// The operating system refused a request (mmap, mbind...).
     #[error("{context}: {source}")]
     Os {

@@ -2,7 +2,9 @@
 //! Nothing here computes; every submodule exposes a `register(m)`.
 
 mod args;
+mod cuda_tensor;
 mod errors;
+mod gpu;
 mod ops;
 mod sched;
 mod store;
@@ -17,5 +19,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     ops::register(m)?;
     store::register(m)?;
     sched::register(m)?;
+    gpu::register(m)?;
     Ok(())
 }

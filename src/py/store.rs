@@ -21,6 +21,9 @@ pub(crate) struct PyHostKvStore {
     batch: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// Registrations of every key and value buffer with the CUDA driver (`pin`); dropped
+    /// (unregistered) by `unpin` or with the store, before the buffers themselves.
+    pinned: parking_lot::Mutex<Vec<crate::gpu::PinnedBuffer>>,
 }
 
 fn kind(name: &str) -> PyResult<Kind> {
@@ -111,7 +114,47 @@ impl PyHostKvStore {
             max_host_tokens: max_host_tokens.map(|m| positive("max_host_tokens", m)).transpose()?,
         };
         let (layers, batch, kv_heads, head_dim, dtype) = (cfg.layers, cfg.batch, cfg.kv_heads, cfg.head_dim, cfg.dtype);
-        Ok(PyHostKvStore { store: RwLock::new(KvStore::new(cfg)?), dtype, layers, batch, kv_heads, head_dim })
+        Ok(PyHostKvStore {
+            store: RwLock::new(KvStore::new(cfg)?),
+            dtype,
+            layers,
+            batch,
+            kv_heads,
+            head_dim,
+            pinned: Default::default(),
+        })
+    }
+
+    /// Registers every key and value buffer as page-locked memory of CUDA device `device`, so
+    /// views of the store copy to the device asynchronously. Commits (and locks) the store's
+    /// reserved capacity. Idempotent.
+    #[pyo3(signature = (device, cache_dir=None))]
+    fn pin(&self, py: Python<'_>, device: usize, cache_dir: Option<std::path::PathBuf>) -> PyResult<()> {
+        let mut pinned = self.pinned.lock();
+        if !pinned.is_empty() {
+            return Ok(());
+        }
+        let buffers: Vec<_> = {
+            let store = self.store.read();
+            (0..self.layers).flat_map(|l| [store.buffer(l, Kind::Keys), store.buffer(l, Kind::Values)]).collect()
+        };
+        let regs = py.detach(|| -> crate::Result<Vec<crate::gpu::PinnedBuffer>> {
+            let gpu = crate::gpu::Gpu::get(device, cache_dir.as_deref())?;
+            buffers.into_iter().map(|b| crate::gpu::PinnedBuffer::register(b, gpu.clone())).collect()
+        })?;
+        *pinned = regs;
+        Ok(())
+    }
+
+    /// Undoes `pin`.
+    fn unpin(&self) {
+        self.pinned.lock().clear();
+    }
+
+    #[getter]
+    fn pinned(&self) -> bool {
+        let pinned = self.pinned.lock();
+        !pinned.is_empty() && pinned.iter().all(|p| p.is_registered())
     }
 
     #[getter]

@@ -24,7 +24,7 @@ pub(crate) enum Elem {
 }
 
 impl Elem {
-    fn dl(self) -> DLDataType {
+    pub(crate) fn dl(self) -> DLDataType {
         match self {
             Elem::F16 => DLDataType::F16,
             Elem::BF16 => DLDataType::BF16,
@@ -34,7 +34,7 @@ impl Elem {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Elem::F16 => "float16",
             Elem::BF16 => "bfloat16",

@@ -1,0 +1,237 @@
+//! One `Gpu` per device: the primary context (the one torch uses), the compiled kernels, and
+//! launches on a stream handed in by the caller (torch's current stream), so kernels are ordered
+//! with the model's own work without any synchronisation.
+//!
+//! Tensors arrive as raw device pointers plus shapes and strides already checked by the binding
+//! (`py::gpu`); the launchers only check what the kernels themselves assume.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+use parking_lot::Mutex;
+
+use super::{cuda_err, kernels, probe};
+use crate::dtype::DType;
+use crate::ensure;
+use crate::error::{Error, Result};
+
+/// Threads per block of `split_attention` (must match `WARPS * 32` in the source).
+const SPLIT_THREADS: u32 = 128;
+/// Largest head_dim the kernels hold in registers (`32 * MAX_D_PER_LANE`).
+pub const MAX_HEAD_DIM: usize = 256;
+
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    _module: Arc<CudaModule>,
+    split: [CudaFunction; 3],
+    merge: CudaFunction,
+    pub arch: String,
+    pub sm_count: u32,
+}
+
+/// The arguments of `split_attention` (see kernels/hybrid_attention.cu), as device pointers.
+#[derive(Clone, Copy, Debug)]
+pub struct SplitArgs {
+    pub dtype: DType,
+    pub batch: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub q: u64,
+    pub dev_k: u64,
+    pub dev_v: u64,
+    pub dev_batch_stride: i64,
+    pub dev_head_stride: i64,
+    /// 0: no mask.
+    pub dev_mask: u64,
+    pub n_dev: usize,
+    pub sinks: usize,
+    /// 0 when `m == 0`.
+    pub host_logits: u64,
+    pub host_v: u64,
+    pub m: usize,
+    pub host_grouped: bool,
+    pub scale: f32,
+    pub splits: usize,
+    pub part_o: u64,
+    pub part_lse: u64,
+}
+
+/// The arguments of `merge_partials`.
+#[derive(Clone, Copy, Debug)]
+pub struct MergeArgs {
+    pub rows: usize,
+    pub head_dim: usize,
+    pub splits: usize,
+    pub part_o: u64,
+    pub part_lse: u64,
+    /// 0: no CPU partial.
+    pub host_o: u64,
+    pub host_lse: u64,
+    pub out: u64,
+    /// 0: log-sum-exp not wanted.
+    pub out_lse: u64,
+}
+
+impl Gpu {
+    /// The `Gpu` of device `ordinal`, created (and the kernels compiled or read from
+    /// `cache_dir`) on first use.
+    pub fn get(ordinal: usize, cache_dir: Option<&Path>) -> Result<Arc<Gpu>> {
+        static GPUS: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
+        let gpus = GPUS.get_or_init(Default::default);
+        let mut map = gpus.lock();
+        if let Some(g) = map.get(&ordinal) {
+            return Ok(g.clone());
+        }
+        probe::require_device(ordinal)?;
+        let ctx = CudaContext::new(ordinal).map_err(cuda_err("creating the CUDA context"))?;
+        // Raw pointers only: cudarc's per-allocation event tracking has nothing to track.
+        // SAFETY: no cudarc-owned allocations are ever made through this context.
+        unsafe { ctx.disable_event_tracking() };
+        let (major, minor) = ctx.compute_capability().map_err(cuda_err("reading the compute capability"))?;
+        let arch = kernels::arch_for(major, minor);
+        let ptx = kernels::ptx(&arch, cache_dir)?;
+        let module = ctx
+            .load_module(Ptx::from_src(ptx.as_str()))
+            .map_err(cuda_err("loading the hybrid attention kernels"))?;
+        let function = |name: &str| module.load_function(name).map_err(cuda_err(name));
+        let split = [function(kernels::SPLIT_F16)?, function(kernels::SPLIT_BF16)?, function(kernels::SPLIT_F32)?];
+        let merge = function(kernels::MERGE)?;
+        let sm_count = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(cuda_err("reading the SM count"))? as u32;
+        let gpu = Arc::new(Gpu { ctx, _module: module, split, merge, arch, sm_count });
+        map.insert(ordinal, gpu.clone());
+        Ok(gpu)
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Launches `split_attention` on `stream` (a `CUstream`, e.g. torch's current stream).
+    ///
+    /// # Safety
+    /// Every pointer must be a live device allocation of the described shape on this device, and
+    /// `stream` a live stream of this context; the outputs must not be read before the stream
+    /// reaches the kernel.
+    pub unsafe fn split_attention(&self, stream: u64, a: &SplitArgs) -> Result<()> {
+        ensure!(a.head_dim > 0 && a.head_dim <= MAX_HEAD_DIM, "head_dim must be in 1..={MAX_HEAD_DIM}, got {}", a.head_dim);
+        ensure!(a.kv_heads > 0 && a.q_heads % a.kv_heads == 0, "query heads ({}) must be a multiple of KV heads ({})", a.q_heads, a.kv_heads);
+        ensure!(a.sinks <= a.n_dev, "sinks ({}) exceed the device tokens ({})", a.sinks, a.n_dev);
+        ensure!(a.splits >= 1 && a.splits <= 65535, "splits must be in 1..=65535, got {}", a.splits);
+        ensure!(a.m == 0 || (a.host_logits != 0 && a.host_v != 0), "host logits and values are required when m > 0");
+        let total = a.n_dev + a.m;
+        let tokens_per_split = total.div_ceil(a.splits).max(1);
+        let rows = a.batch * a.q_heads;
+        if rows == 0 {
+            return Ok(());
+        }
+        let func = &self.split[match a.dtype {
+            DType::F16 => 0,
+            DType::BF16 => 1,
+            DType::F32 => 2,
+        }];
+        let to_i32 = |name: &str, v: usize| -> Result<i32> {
+            i32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{name} ({v}) does not fit the kernel's 32-bit index")))
+        };
+        let (n_dev, sinks, m) = (to_i32("n_dev", a.n_dev)?, to_i32("sinks", a.sinks)?, to_i32("m", a.m)?);
+        let (hq, hkv, d) = (to_i32("q_heads", a.q_heads)?, to_i32("kv_heads", a.kv_heads)?, to_i32("head_dim", a.head_dim)?);
+        let tps = to_i32("tokens per split", tokens_per_split)?;
+        let grouped = a.host_grouped as i32;
+        let cfg = LaunchConfig {
+            grid_dim: (to_i32("batch * q_heads", rows)? as u32, a.splits as u32, 1),
+            block_dim: (SPLIT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let s = self.ctx.wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream);
+        let mut launch = s.launch_builder(func);
+        launch
+            .arg(&a.q)
+            .arg(&a.dev_k)
+            .arg(&a.dev_v)
+            .arg(&a.dev_batch_stride)
+            .arg(&a.dev_head_stride)
+            .arg(&a.dev_mask)
+            .arg(&n_dev)
+            .arg(&sinks)
+            .arg(&a.host_logits)
+            .arg(&a.host_v)
+            .arg(&m)
+            .arg(&grouped)
+            .arg(&hq)
+            .arg(&hkv)
+            .arg(&d)
+            .arg(&a.scale)
+            .arg(&tps)
+            .arg(&a.part_o)
+            .arg(&a.part_lse);
+        launch.launch(cfg).map_err(cuda_err("launching split_attention"))?;
+        Ok(())
+    }
+
+    /// Launches `merge_partials` on `stream`.
+    ///
+    /// # Safety
+    /// As for [`Gpu::split_attention`].
+    pub unsafe fn merge_partials(&self, stream: u64, a: &MergeArgs) -> Result<()> {
+        ensure!(a.head_dim > 0 && a.head_dim <= 1024, "head_dim must be in 1..=1024, got {}", a.head_dim);
+        ensure!(a.splits >= 1, "at least one partial per row is required");
+        if a.rows == 0 {
+            return Ok(());
+        }
+        let rows = u32::try_from(a.rows).map_err(|_| Error::InvalidArgument(format!("too many rows: {}", a.rows)))?;
+        let (splits, d) = (a.splits as i32, a.head_dim as i32);
+        let threads = (a.head_dim as u32).div_ceil(32) * 32;
+        let cfg = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let s = self.ctx.wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream);
+        let mut launch = s.launch_builder(&self.merge);
+        launch
+            .arg(&a.part_o)
+            .arg(&a.part_lse)
+            .arg(&splits)
+            .arg(&a.host_o)
+            .arg(&a.host_lse)
+            .arg(&d)
+            .arg(&a.out)
+            .arg(&a.out_lse);
+        launch.launch(cfg).map_err(cuda_err("launching merge_partials"))?;
+        Ok(())
+    }
+}
+
+/// How many slices to split each row's tokens into: enough blocks to fill the GPU (two waves
+/// of `sm_count`), never slices shorter than `min_tokens`.
+pub fn choose_splits(rows: usize, tokens: usize, sm_count: u32, min_tokens: usize) -> usize {
+    let by_work = tokens.div_ceil(min_tokens.max(1)).max(1);
+    let by_occupancy = (2 * sm_count as usize).div_ceil(rows.max(1)).max(1);
+    by_work.min(by_occupancy).min(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_fill_the_device_without_tiny_slices() {
+        assert_eq!(choose_splits(32, 100, 132, 64), 2); // short: limited by work
+        assert_eq!(choose_splits(32, 1 << 17, 132, 64), 9); // long, batch 1: two waves
+        assert_eq!(choose_splits(4096, 1 << 17, 132, 64), 1); // many rows already fill it
+        assert_eq!(choose_splits(1, 0, 132, 64), 1);
+    }
+
+    #[test]
+    fn reports_unavailable_without_a_device() {
+        if probe::probe().available() {
+            return;
+        }
+        match Gpu::get(0, None) {
+            Err(Error::Unavailable(msg)) => assert!(!msg.is_empty()),
+            Err(e) => panic!("expected Unavailable, got {e}"),
+            Ok(_) => panic!("a Gpu without CUDA"),
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! The CUDA side of the core, all of it gated at run time: the driver (`libcuda`) and NVRTC
+//! (`libnvrtc`) are loaded dynamically when first needed, so the crate builds, imports and tests
+//! on machines without a GPU or a CUDA toolkit. Every entry point checks availability first and
+//! reports `Error::Unavailable` instead of letting cudarc panic on a missing library.
+//!
+//! - `probe`: what is there (driver, NVRTC, devices) without side effects on failure;
+//! - `kernels`: `kernels/*.cu` compiled by NVRTC at first use, cached in memory and on disk;
+//! - `device`: one context per device (torch's primary context), the compiled module, launches
+//!   on a stream the caller owns (torch's current stream);
+//! - `pinned`: page-locked registration (`cuMemHostRegister`) of mbind-placed host buffers.
+
+pub mod device;
+pub mod kernels;
+pub mod pinned;
+pub mod probe;
+
+pub use device::{Gpu, MergeArgs, SplitArgs};
+pub use pinned::PinnedBuffer;
+pub use probe::{probe, Probe};
+
+use crate::error::Error;
+
+/// A CUDA driver error as the core's error, with what was being done.
+pub(crate) fn cuda_err(context: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::Cuda(format!("{context}: {e:?}"))
+}
