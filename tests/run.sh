@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 
 bash python/bootstrap.sh test,bench
 echo "== cargo test"
-cargo test --quiet
+# The CUDA build of torch ships NVRTC (nvidia-cuda-nvrtc): with it on the library path the core's
+# own tests compile the kernels too (no GPU needed).
+nvrtc_dir="$(.venv/bin/python -c 'import nvidia, pathlib; print(pathlib.Path(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)"
+LD_LIBRARY_PATH="${nvrtc_dir}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --quiet
 echo "== pytest"
 .venv/bin/python -m pytest "$@"

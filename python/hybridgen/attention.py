@@ -48,10 +48,22 @@ class HostPartial:
     seconds: float = 0.0
 
     def to(self, device) -> "HostPartial":
-        """The same result with its tensors on ``device`` (the transfer to the device)."""
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return HostPartial(self.merge, move(self.out), move(self.lse), move(self.logits), move(self.values),
-                           self.grouped, self.tokens, self.seconds)
+        """The same result with its tensors on ``device`` (the transfer to the device; on CUDA
+        asynchronous, on a side stream that the current stream waits for)."""
+        return self.ship(torch.device(device))[0]
+
+    def ship(self, device: torch.device):
+        """``(moved, seconds)``: :meth:`to` and the transfer's time (a lazy span on CUDA)."""
+        tensors = [self.out, self.lse, self.logits, self.values]
+        if device.type == "cuda":
+            from .cuda import ship
+
+            moved, span = ship(tensors, device)
+        else:
+            t0 = time.perf_counter()
+            moved = [None if t is None else t.to(device) for t in tensors]
+            span = time.perf_counter() - t0
+        return HostPartial(self.merge, *moved, self.grouped, self.tokens, self.seconds), span
 
     def nbytes(self) -> int:
         """Bytes that cross to the device."""
@@ -85,6 +97,7 @@ def cpu_stage(
     top_k: Optional[int] = None,
     positions: Optional[torch.Tensor] = None,
     host_mask: Optional[torch.Tensor] = None,
+    pinned: bool = False,
 ) -> HostPartial:
     """The CPU half of a decode step over the host tokens of ``layer``.
 
@@ -93,6 +106,8 @@ def cpu_stage(
         top_k: keep the ``top_k`` largest logits per head (Post-QKT); ``None`` keeps all.
         positions: int64 ``[m]`` host token indices to score (Pre-QKT); ``None`` scores all.
         host_mask: bool ``[b, n_host]``, True where a token must be ignored (padding).
+        pinned: gather selected value rows into page-locked memory (the model is on a CUDA
+            device: the copy to it is then asynchronous).
     """
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
@@ -124,22 +139,40 @@ def cpu_stage(
     elif idx is None:
         part.logits, part.values, part.grouped = x, store.view(layer, "values", 0, n_host), True
     else:
-        part.logits, part.values = x, store.gather_values(layer, idx)
+        out = None
+        if pinned:
+            out = torch.empty((*idx.shape, store.head_dim), dtype=store.dtype, pin_memory=True)
+        part.logits, part.values = x, store.gather_values(layer, idx, out=out)
     part.seconds = time.perf_counter() - t0
     return part
 
 
+def _kernels(q: torch.Tensor, keys: torch.Tensor, kernels: Optional[bool]) -> bool:
+    """Whether to use the CUDA kernels: ``kernels`` True/False forces, None = where they apply."""
+    if kernels is False or not q.is_cuda:
+        return False
+    from . import cuda
+
+    return cuda.usable(q, keys)
+
+
 def device_partial(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, mask: Optional[torch.Tensor] = None
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, mask: Optional[torch.Tensor] = None,
+    *, kernels: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the device tokens only, with its log-sum-exp (float32).
 
     ``q [b, hq, d]``, ``keys``/``values [b, hkv, n, d]``, ``mask`` bool ``[b, n]`` (True = ignore).
+    ``kernels``: use the CUDA kernels (None: whenever the tensors are on a CUDA device).
     """
     b, hq, d = q.shape
     hkv, n = keys.shape[1], keys.shape[2]
     if n == 0:
         return q.new_zeros((b, hq, d), dtype=torch.float32), q.new_full((b, hq), float("-inf"), dtype=torch.float32)
+    if _kernels(q, keys, kernels):
+        from .cuda import attention_partial
+
+        return attention_partial(q, keys, values, scale, mask)
     if keys.device.type == "cpu" and keys.dtype in (torch.float32, torch.float16, torch.bfloat16):
         # A device tier in host memory (no GPU): one native call instead of a chain of torch ops.
         return attend(q, keys, values, scale, mask)
@@ -163,14 +196,20 @@ def device_combine(
     sinks: int = 0,
     dev_mask: Optional[torch.Tensor] = None,
     dev_part: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    kernels: Optional[bool] = None,
 ) -> torch.Tensor:
     """The device half: attention output ``[b, hq, d]`` (float32, on ``q``'s device).
 
     ``dev_part``: the device tokens' :func:`device_partial`, if already computed (LSE merge).
+    ``kernels``: use the CUDA kernels (None: whenever the tensors are on a CUDA device).
     """
     device = q.device
+    if dev_part is None and _kernels(q, dev_k, kernels):
+        from .cuda import combine
+
+        return combine(q, dev_k, dev_v, host, scale=scale, sinks=sinks, dev_mask=dev_mask)
     if host.merge == "lse":
-        o_dev, lse_dev = dev_part if dev_part is not None else device_partial(q, dev_k, dev_v, scale, dev_mask)
+        o_dev, lse_dev = dev_part if dev_part is not None else device_partial(q, dev_k, dev_v, scale, dev_mask, kernels=kernels)
         out, _ = merge_partials(o_dev, lse_dev, host.out.to(device), host.lse.to(device))
         return out
 

@@ -8,6 +8,8 @@ from typing import Optional
 #: hybridgen's own policies, then the baselines (see :mod:`hybridgen.policies`).
 POLICIES = ("all", "post_qkt", "pre_qkt", "scheduler", "full", "aog", "aoc", "h2o", "keyformer", "streaming", "infinigen")
 MERGES = ("concat", "lse")
+#: Where the device half runs on a CUDA device: the project's kernels, torch ops, or kernels if usable.
+KERNELS = ("auto", "cuda", "torch")
 
 
 @dataclass
@@ -46,6 +48,13 @@ class HybridConfig:
         near_capacity_bytes, far_capacity_bytes: host tier budgets (``None``: room for
             ``max_context`` tokens of every layer in each).
         near_node, far_node: NUMA nodes of the key and value tiers (``None``: local node).
+        kernels: on a CUDA device, ``"auto"`` runs the device half with hybridgen's CUDA kernels
+            where they apply (f16/bf16/f32, head_dim <= 256) and torch ops otherwise; ``"cuda"``
+            requires the kernels (an error on a machine without CUDA); ``"torch"`` never uses them.
+        pin_host: register the host store as page-locked memory so transfers from it are
+            asynchronous (commits the store's reserved room: size ``max_context`` to need).
+            ``None``: pin when the model is on a CUDA device; ``True`` on a machine without CUDA
+            is an error.
     """
 
     gpu_budget: int = 1024
@@ -63,6 +72,8 @@ class HybridConfig:
     far_capacity_bytes: Optional[int] = None
     near_node: Optional[int] = None
     far_node: Optional[int] = None
+    kernels: str = "auto"
+    pin_host: Optional[bool] = None
 
     def __post_init__(self):
         self.validate()
@@ -87,6 +98,10 @@ class HybridConfig:
             raise ValueError(f"unknown policy {self.policy!r}: expected one of {POLICIES}")
         if self.merge not in MERGES:
             raise ValueError(f"unknown merge {self.merge!r}: expected one of {MERGES}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"unknown kernels {self.kernels!r}: expected one of {KERNELS}")
+        if self.pin_host not in (None, True, False):
+            raise TypeError(f"pin_host must be True, False or None, got {self.pin_host!r}")
         if self.speculative and not self.pipeline:
             raise ValueError("speculative=True needs pipeline=True")
         for name in ("max_context", "near_capacity_bytes", "far_capacity_bytes"):
@@ -102,6 +117,22 @@ class HybridConfig:
     def exact(self) -> bool:
         """Whether every host token is attended to (full-attention equivalence)."""
         return self.policy in ("all", "full", "aog", "aoc") and not self.speculative
+
+    @property
+    def use_kernels(self) -> Optional[bool]:
+        """The ``kernels`` argument of :mod:`hybridgen.attention`'s functions."""
+        return {"auto": None, "cuda": True, "torch": False}[self.kernels]
+
+    def require_cuda_options(self, device) -> None:
+        """Raises a clear error if a CUDA-only option is set but the model or machine has no CUDA."""
+        import torch
+
+        device = torch.device(device)
+        for name, needs in (("kernels='cuda'", self.kernels == "cuda"), ("pin_host=True", self.pin_host is True)):
+            if needs:
+                from .cuda import require
+
+                require(f"HybridConfig({name})", device)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -244,6 +244,22 @@ class HostKVStore:
         self._native.partial_attention(layer, logits, out, lse, indices, isa)
         return out, lse
 
+    # --- page-locked registration (CUDA) --------------------------------------------------------
+    def pin(self, device: int = 0, cache_dir: Optional[str] = None) -> None:
+        """Registers every key and value buffer as page-locked memory for CUDA device ``device``
+        (``cuMemHostRegister`` on the NUMA-placed pages), so copies from views of the store to
+        the device are asynchronous. Commits the reserved room (``max_host_tokens``).
+        Raises :class:`hybridgen.cuda.CudaUnavailableError` without CUDA. Idempotent."""
+        self._native.pin(int(device), cache_dir)
+
+    def unpin(self) -> None:
+        self._native.unpin()
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the store's buffers are registered with the CUDA driver."""
+        return self._native.pinned
+
     def __repr__(self) -> str:
         return (
             f"HostKVStore(layers={self.layers}, batch={self.batch}, kv_heads={self.kv_heads}, "

@@ -11,7 +11,6 @@ the host.
 
 from __future__ import annotations
 
-import time
 from contextvars import ContextVar
 from typing import Optional
 
@@ -22,16 +21,12 @@ from ..config import HybridConfig
 from ..host_store import HostKVStore
 from ..policies import make_policy
 from ..telemetry import StepRecord, Telemetry
+from ..timing import between, mark, seconds
 from .models import describe
 
 #: The HybridCache whose layer was updated last: the attention function (which transformers does
 #: not hand the cache) reads it right after the update of the same layer.
 ACTIVE_CACHE: ContextVar[Optional["HybridCache"]] = ContextVar("hybridgen_active_cache", default=None)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class HybridLayer(DynamicLayer):
@@ -48,12 +43,16 @@ class HybridLayer(DynamicLayer):
         self.t_start = 0.0  # when this layer's forward began (set by the patch's hooks)
         self._buf_k: Optional[torch.Tensor] = None
         self._buf_v: Optional[torch.Tensor] = None
+        #: An eviction whose device-to-host copy is still in flight: (event, keys, values) on
+        #: the host; the store takes them at the next :meth:`settle`.
+        self._in_flight: Optional[tuple] = None
 
     # --- the transformers layer protocol ---------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         store = self.cache.ensure_store(key_states)
+        self.settle()
         n_new = key_states.shape[-2]
         full = None
         if n_new > 1 and store.host_len(self.layer_idx) > 0:
@@ -145,11 +144,46 @@ class HybridLayer(DynamicLayer):
         over = n - s - p.recent
         if over <= 0 or (not force and over < p.evict_chunk):
             return
+        self.settle()
         dtype = self.cache.store.dtype
-        old_k = self.keys[:, :, s : s + over].to("cpu", dtype).contiguous()
-        old_v = self.values[:, :, s : s + over].to("cpu", dtype).contiguous()
-        self.cache.store.evict(self.layer_idx, old_k, old_v)
+        old_k, old_v = self.keys[:, :, s : s + over], self.values[:, :, s : s + over]
+        if self.keys.is_cuda and not force:
+            # Decoding on a GPU: copy to page-locked host memory on the side stream and free the
+            # device rows at once; the store takes the tokens at the next settle() (the start of
+            # this layer's next step), long after the copy finished. The step never waits.
+            from ..cuda import side_stream
+
+            device = self.keys.device
+            side, main = side_stream(device.index), torch.cuda.current_stream(device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                host_k = torch.empty(old_k.shape, dtype=dtype, pin_memory=True)
+                host_v = torch.empty(old_v.shape, dtype=dtype, pin_memory=True)
+                host_k.copy_(old_k, non_blocking=True)
+                host_v.copy_(old_v, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(side)
+            for buf in (self._buf_k, self._buf_v):
+                buf.record_stream(side)  # the old buffer outlives the copy that reads it
+            self._in_flight = (done, host_k, host_v)
+        else:
+            self.cache.store.evict(self.layer_idx, old_k.to("cpu", dtype).contiguous(), old_v.to("cpu", dtype).contiguous())
         self._reallocate(max(n - over + 1, self._base_capacity()), like=self.keys, drop=(s, s + over))
+
+    def settle(self) -> None:
+        """Hands an in-flight eviction to the store (waiting for its copy if, unusually, it has
+        not finished). Every reader of the layer's tiers runs after this."""
+        if self._in_flight is None:
+            return
+        done, host_k, host_v = self._in_flight
+        done.synchronize()
+        self.cache.store.evict(self.layer_idx, host_k.contiguous(), host_v.contiguous())
+        self._in_flight = None
+
+    @property
+    def in_flight(self) -> int:
+        """Tokens evicted from the device tier whose copy the store has not taken yet."""
+        return 0 if self._in_flight is None else self._in_flight[1].shape[2]
 
     def _with_host_tokens(self, key_states, value_states):
         """Every token in logical order (host tokens copied back): exact attention for a
@@ -186,7 +220,8 @@ class HybridCache(Cache):
         self.telemetry = Telemetry()
         self.set_config(config)
         self.step = 0
-        self._step_times = [0.0, 0.0, 0.0]  # gpu, cpu, tx of the current step
+        #: This step's records and their layers' spans, resolved after the last layer.
+        self._step_records: list = []
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if not 0 <= layer_idx < self.info.layers:
@@ -214,6 +249,13 @@ class HybridCache(Cache):
                 near_node=c.near_node, far_node=c.far_node,
                 max_host_tokens=max_context,
             )
+            device = key_states.device
+            if c.pin_host or (c.pin_host is None and device.type == "cuda"):
+                from ..cuda import kernel_cache_dir, require
+
+                require("pin_host", device)
+                self.store.pin(device.index if device.index is not None else torch.cuda.current_device(),
+                               kernel_cache_dir())
         elif key_states.dtype != self.store.dtype:
             raise ValueError(
                 f"keys arrive as {key_states.dtype} but this HybridCache stores {self.store.dtype}: use a new HybridCache"
@@ -243,22 +285,35 @@ class HybridCache(Cache):
         """The feedback scheduler of the ``scheduler`` policy (``None`` for other policies)."""
         return getattr(self.policy, "scheduler", None)
 
-    def record(self, layer_idx: int, record: StepRecord) -> None:
-        """Adds one layer's record; after the last layer, feeds the step's times to the scheduler."""
-        self.telemetry.add(record)
-        t = self._step_times
-        t[0] += record.t_gpu
-        t[1] += record.t_cpu - record.t_hidden
-        t[2] += record.t_tx
-        if layer_idx == self.info.layers - 1:
-            self.policy.observe(*t)
-            self._step_times = [0.0, 0.0, 0.0]
-            self.step += 1
+    def record(self, layer_idx: int, record: StepRecord, layer_span=None) -> None:
+        """Adds one layer's record (``layer_span``: the whole layer's time, if measured); after
+        the last layer, resolves the step's timings (one wait for the device per step) and feeds
+        them to the scheduler."""
+        self._step_records.append((record, layer_span))
+        if layer_idx != self.info.layers - 1:
+            return
+        t_gpu = t_cpu = t_tx = 0.0
+        for rec, span in self._step_records:
+            rec.t_gpu, rec.t_tx = seconds(rec.t_gpu), seconds(rec.t_tx)
+            if span is not None:
+                # Device work of the layer: everything but the (serial) CPU stage and the transfer.
+                rec.t_gpu = max(seconds(span) - (rec.t_cpu - rec.t_hidden) - rec.t_tx, rec.t_gpu)
+            self.telemetry.add(rec)
+            t_gpu += rec.t_gpu
+            t_cpu += rec.t_cpu - rec.t_hidden
+            t_tx += rec.t_tx
+        self._step_records = []
+        self.policy.observe(t_gpu, t_cpu, t_tx)
+        self.step += 1
 
     def timed(self, fn, device: torch.device):
-        """``(fn(), seconds)`` with the device synchronised around it."""
-        _sync(device)
-        t0 = time.perf_counter()
+        """``(fn(), seconds)``: on CUDA a lazy span between events on the current stream (read
+        once per step), on the CPU wall time."""
+        start = mark(device)
         out = fn()
-        _sync(device)
-        return out, time.perf_counter() - t0
+        return out, between(start, mark(device))
+
+    def settle(self) -> None:
+        """Completes every layer's in-flight eviction (e.g. before inspecting the store)."""
+        for layer in self.layers:
+            layer.settle()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -10,7 +9,8 @@ import torch
 
 from ..config import HybridConfig
 from . import attention
-from .cache import ACTIVE_CACHE, HybridCache, _sync
+from ..timing import between, mark
+from .cache import ACTIVE_CACHE, HybridCache
 from .models import describe
 
 __all__ = ["patch", "unpatch", "is_patched"]
@@ -53,6 +53,7 @@ def patch(model, config: Optional[HybridConfig] = None):
     info = describe(model)  # ValueError for unsupported models
     if is_patched(model):
         raise RuntimeError("this model is already patched with hybridgen; call hybridgen.unpatch(model) first")
+    config.require_cuda_options(next(model.parameters()).device)
     layers = _decoder_layers(model)
     if len(layers) != info.layers:
         raise ValueError(f"found {len(layers)} attention layers, the config says {info.layers}")
@@ -120,13 +121,14 @@ def _layer_start(idx, decoder_layers):
     def hook(module, args, kwargs):
         layer = _active_layer(idx)
         if layer is not None and layer.keys is not None:
-            _sync(layer.keys.device)
+            layer.settle()
             if idx + 1 < len(decoder_layers):
                 hidden = args[0] if args else kwargs.get("hidden_states")
                 if hidden is not None and hidden.shape[1] == 1:  # a decode step
+                    layer.cache.layers[idx + 1].settle()
                     layer.cache.policy.speculate(layer.cache.layers[idx + 1], decoder_layers[idx + 1], hidden,
                                                  kwargs.get("position_embeddings"), kwargs.get("attention_mask"))
-            layer.t_start = time.perf_counter()
+            layer.t_start = mark(layer.keys.device)
 
     return hook
 
@@ -136,11 +138,9 @@ def _layer_end(idx):
         layer = _active_layer(idx)
         if layer is None or layer.pending is None:
             return
-        _sync(layer.keys.device)
-        elapsed = time.perf_counter() - layer.t_start
         record, layer.pending = layer.pending, None
-        # Device work of the layer: everything but the (serial) CPU stage and the transfer.
-        record.t_gpu = max(elapsed - (record.t_cpu - record.t_hidden) - record.t_tx, record.t_gpu)
-        layer.cache.record(idx, record)
+        # The cache turns the layer's span into device time (everything but the serial CPU stage
+        # and the transfer) when it resolves the step's timings.
+        layer.cache.record(idx, record, layer_span=between(layer.t_start, mark(layer.keys.device)))
 
     return hook

@@ -53,8 +53,12 @@ class AllOnGpuPolicy(Policy):
         dev_mask, host_mask = tier_masks(layer, attention_mask, n_host)
 
         def stream():
-            return (cache.store.view(idx, "keys", 0, n_host).to(q.device),
-                    cache.store.view(idx, "values", 0, n_host).to(q.device))
+            keys, values = cache.store.view(idx, "keys", 0, n_host), cache.store.view(idx, "values", 0, n_host)
+            if q.is_cuda:  # asynchronous, strip by strip from the page-locked store
+                from ..cuda import copy_to_device
+
+                return copy_to_device(keys, q.device), copy_to_device(values, q.device)
+            return keys.to(q.device), values.to(q.device)
 
         (hk, hv), t_tx = cache.timed(stream, q.device)
 

@@ -52,8 +52,9 @@ class HybridPolicy(Policy):
         n_host = cache.store.host_len(idx)
         dev_mask, host_mask = tier_masks(layer, attention_mask, n_host)
         strategy, k = self.selection()
+        kernels = cfg.use_kernels
         if n_host == 0:
-            out, t_dev = cache.timed(lambda: device_partial(q, dev_k, dev_v, scale, dev_mask)[0], q.device)
+            out, t_dev = cache.timed(lambda: device_partial(q, dev_k, dev_v, scale, dev_mask, kernels=kernels)[0], q.device)
             layer.pending = StepRecord(cache.step, idx, 0, strategy, 0, dev_k.shape[-2], 0.0, t_dev, 0.0)
             return out
         speculated = self.speculated.pop(idx, None)
@@ -65,14 +66,17 @@ class HybridPolicy(Policy):
             # The CPU stage runs on the worker thread (native code, GIL released) while the device
             # computes its own partial; only the remainder of the CPU stage is waited for.
             future = _worker().submit(self._stage(cache, idx, q, scale, strategy, k, n_host, host_mask))
-            dev_part, t_dev_part = cache.timed(lambda: device_partial(q, dev_k, dev_v, scale, dev_mask), q.device)
+            dev_part, t_dev_part = cache.timed(
+                lambda: device_partial(q, dev_k, dev_v, scale, dev_mask, kernels=kernels), q.device
+            )
             host, hidden = _wait(future)
         else:
             host, hidden = self._stage(cache, idx, q, scale, strategy, k, n_host, host_mask)(), 0.0
-        moved, t_tx = cache.timed(lambda: host.to(q.device), q.device)
+        moved, t_tx = host.ship(q.device)
         s = layer.sinks_on_device
         out, t_dev = cache.timed(
-            lambda: device_combine(q, dev_k, dev_v, moved, scale=scale, sinks=s, dev_mask=dev_mask, dev_part=dev_part),
+            lambda: device_combine(q, dev_k, dev_v, moved, scale=scale, sinks=s, dev_mask=dev_mask, dev_part=dev_part,
+                                   kernels=kernels),
             q.device,
         )
         layer.pending = StepRecord(
@@ -88,7 +92,7 @@ class HybridPolicy(Policy):
             cpu_stage, cache.store, idx, q, scale=scale, merge=self.config.merge,
             top_k=k if strategy == "post_qkt" else None,
             positions=pre_qkt_positions(n_host, k) if strategy == "pre_qkt" else None,
-            host_mask=host_mask,
+            host_mask=host_mask, pinned=q.is_cuda,
         )
 
     def speculate(self, layer, decoder_layer, hidden, position_embeddings, attention_mask) -> None:

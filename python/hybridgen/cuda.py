@@ -1,0 +1,174 @@
+"""The CUDA path of hybrid attention: the native kernels on torch tensors, transfers on a side
+stream, and page-locked staging memory.
+
+Page-locked memory: the host store registers its own (NUMA-placed) buffers with the driver
+(``HostKVStore.pin``); small per-step buffers (selected value rows, evicted tokens) come from
+torch's pinned allocator, which never reuses a block before the copy reading it has finished.
+
+Everything here is used only when the model runs on a CUDA device; :func:`probe` says whether
+that can work on this machine without touching a GPU (the driver and NVRTC are loaded lazily by
+the native core). Kernels are compiled by NVRTC on first use and cached under the data
+directory (``$HYBRIDGEN_DATA/kernels``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from . import _native
+from .timing import between, mark
+
+__all__ = ["CudaUnavailableError", "probe", "available", "require", "compile_ptx", "attention_partial",
+           "combine", "ship", "copy_to_device", "side_stream", "KERNEL_DTYPES"]
+
+CudaUnavailableError = _native.CudaUnavailableError
+#: dtypes the kernels take (keys, values, query).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def probe() -> dict:
+    """``{"available", "driver", "nvrtc", "devices", "reason"}``; never raises."""
+    import torch  # noqa: F401  (a CUDA build of torch makes its NVRTC loadable)
+
+    return _native.cuda_probe()
+
+
+def available() -> bool:
+    return probe()["available"] and torch.cuda.is_available()
+
+
+def require(what: str, device: Optional[torch.device] = None) -> None:
+    """Raises :class:`CudaUnavailableError` (saying why) unless ``what`` can run on CUDA here."""
+    p = probe()
+    if not p["available"]:
+        raise CudaUnavailableError(f"{what} needs CUDA, which is unavailable: {p['reason']}")
+    if device is not None and device.type != "cuda":
+        raise ValueError(f"{what} needs the model on a CUDA device, but it is on {device}")
+
+
+def kernel_cache_dir() -> str:
+    from .assets import data_dir
+
+    return str(data_dir() / "kernels")
+
+
+def compile_ptx(arch: str) -> str:
+    """PTX of the kernels for ``arch`` (``"compute_90"``...): needs NVRTC only, not a GPU."""
+    return _native.compile_kernels(arch, kernel_cache_dir())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_info(index: int) -> dict:
+    return _native.cuda_device_info(index, kernel_cache_dir())
+
+
+def usable(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether the kernels serve this query and device tier."""
+    return (
+        q.is_cuda and keys.is_cuda and keys.dtype in KERNEL_DTYPES and q.shape[-1] <= MAX_HEAD_DIM
+        and keys.stride(-1) == 1 and (keys.shape[2] <= 1 or keys.stride(2) == keys.shape[3])
+    )
+
+
+def attention_partial(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    sinks: int = 0,
+    host_logits: Optional[torch.Tensor] = None,
+    host_values: Optional[torch.Tensor] = None,
+    host_out: Optional[torch.Tensor] = None,
+    host_lse: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q [b, hq, d]`` over the device tier ``keys``/``values [b, hkv, n, d]``
+    (``mask`` bool ``[b, n]``, True = ignore) and, optionally, shipped host tokens (concat:
+    ``host_logits`` float32 ``[b, hq, m]`` placed after the first ``sinks`` device tokens, with
+    ``host_values [b, hq or hkv, m, d]``) or the CPU's partial (LSE: ``host_out [b, hq, d]``,
+    ``host_lse [b, hq]``). Returns float32 ``(out [b, hq, d], lse [b, hq])``."""
+    b, hq, d = q.shape
+    dev = q.device
+    info = _device_info(dev.index if dev.index is not None else torch.cuda.current_device())
+    keys, values = _rows_contiguous(keys), _rows_contiguous(values)
+    if values.stride()[:2] != keys.stride()[:2]:
+        values = values.contiguous() if keys.is_contiguous() else values
+        keys, values = keys.contiguous(), values.contiguous()
+    m = 0 if host_logits is None else host_logits.shape[-1]
+    rows = b * hq
+    splits = _native.choose_splits(rows, keys.shape[2] + m, info["sm_count"])
+    part_o = torch.empty((rows, splits, d), dtype=torch.float32, device=dev)
+    part_lse = torch.empty((rows, splits), dtype=torch.float32, device=dev)
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    cache = kernel_cache_dir()
+    mask_u8 = None if mask is None else mask.to(torch.uint8).contiguous()
+    if host_logits is not None:
+        host_logits = host_logits.float().contiguous()
+        host_values = host_values.to(keys.dtype).contiguous()
+    _native.split_attention(q.to(keys.dtype).contiguous(), keys, values, mask_u8, sinks, host_logits, host_values,
+                            float(scale), part_o, part_lse, stream, cache)
+    out = torch.empty((rows, d), dtype=torch.float32, device=dev)
+    lse = torch.empty((rows,), dtype=torch.float32, device=dev)
+    if host_out is not None:
+        host_out = host_out.float().reshape(rows, d).contiguous()
+        host_lse = host_lse.float().reshape(rows).contiguous()
+    _native.merge_partials(part_o, part_lse, host_out, host_lse, out, lse, stream, cache)
+    return out.view(b, hq, d), lse.view(b, hq)
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    n, d = t.shape[2], t.shape[3]
+    ok = (d <= 1 or t.stride(3) == 1) and (n <= 1 or t.stride(2) == d)
+    return t if ok else t.contiguous()
+
+
+def combine(q, dev_k, dev_v, host, *, scale: float, sinks: int, dev_mask=None) -> torch.Tensor:
+    """The device half of a hybrid step (:func:`hybridgen.attention.device_combine`) in one
+    split-attention launch and one merge launch."""
+    if host.merge == "lse":
+        return attention_partial(q, dev_k, dev_v, scale, dev_mask, host_out=host.out, host_lse=host.lse)[0]
+    return attention_partial(q, dev_k, dev_v, scale, dev_mask, sinks=sinks,
+                             host_logits=host.logits, host_values=host.values)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def side_stream(index: int) -> "torch.cuda.Stream":
+    """The stream host-to-device transfers and evictions run on, one per device."""
+    return torch.cuda.Stream(device=index)
+
+
+def ship(tensors: list, device: torch.device):
+    """Copies CPU ``tensors`` (ideally page-locked) to ``device`` on the side stream and makes
+    the current stream wait for them (an event, not a host synchronisation). Returns the device
+    tensors and the transfer's span on the device timeline."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    side, main = side_stream(index), torch.cuda.current_stream(device)
+    side.wait_stream(main)  # sources written by earlier device work (none today) are complete
+    with torch.cuda.stream(side):
+        start = mark(device)
+        moved = [None if t is None else copy_to_device(t, device) for t in tensors]
+        end = mark(device)
+    main.wait_stream(side)
+    for t in moved:
+        if t is not None:
+            t.record_stream(main)  # allocated on the side stream, used on the main one
+    return moved, between(start, end)
+
+
+def copy_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``, copied asynchronously on the current stream. A strided view of the
+    host store (``[b, h, n, d]`` whose ``(b, h)`` strips are contiguous but far apart) goes strip
+    by strip straight from the page-locked store, instead of through a pageable contiguous copy
+    that torch would make first."""
+    if t.is_contiguous() or t.dim() != 4 or not (t.shape[2] <= 1 or t[0, 0].is_contiguous()):
+        return t.to(device, non_blocking=True)
+    out = torch.empty(t.shape, dtype=t.dtype, device=device)
+    for i in range(t.shape[0]):
+        for h in range(t.shape[1]):
+            out[i, h].copy_(t[i, h], non_blocking=True)
+    return out
