@@ -16,7 +16,12 @@ CUDA) is skipped and recorded with the reason instead of running out of memory.
 Models: ``smollm2`` (SmolLM2-135M, real weights), ``llama-random`` (a seeded, randomly
 initialised Llama whose attention is shaped like Llama-3-8B's — 32 query heads, 8 KV heads,
 head_dim 128 — with 2 layers and a narrow residual stream, vocabulary and FFN, so that decode
-time is mostly attention) or the path of a local Llama / Qwen2 / OPT model.
+time is mostly attention), ``llama8b-random`` (Llama-3.1-8B's exact shape — 32 layers, hidden
+4096, 32 query / 8 KV heads, head_dim 128, FFN 14336, vocabulary 128256 — with random weights
+made directly on the device; for GPU runs) or the path of a local Llama / Qwen2 / OPT model.
+
+The record's ``bars`` compare hybridgen's ``scheduler`` with ``aog`` and with the fastest
+selective baseline (streaming, h2o, keyformer, infinigen) at each context and batch size.
 """
 
 from __future__ import annotations
@@ -39,7 +44,9 @@ from .config import POLICIES, HybridConfig
 
 DEFAULT_POLICIES = ("full", "aog", "aoc", "streaming", "h2o", "infinigen", "post_qkt", "pre_qkt", "scheduler")
 DEFAULT_CONTEXTS = (2048, 4096, 8192, 16384, 32768)
-MODELS = ("smollm2", "llama-random")
+MODELS = ("smollm2", "llama-random", "llama8b-random")
+#: The selective baselines hybridgen's scheduler is held against at equal token budget.
+SELECTIVE = ("streaming", "h2o", "keyformer", "infinigen")
 #: A Llama small enough for tests (not listed in --help).
 TINY = "tiny-random"
 #: Share of the free memory a sweep plans to use (the rest absorbs estimate error and other work).
@@ -164,10 +171,37 @@ def random_llama(size: str = "llama-random", seed: int = 0):
     return LlamaForCausalLM(LlamaConfig(**shapes[size], tie_word_embeddings=False))
 
 
+def llama8b_random(device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """Llama-3.1-8B's shape with random weights (N(0, 0.02), norms 1), allocated and filled on
+    ``device`` directly: 8 billion parameters never pass through host memory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
+                         max_position_embeddings=131072, tie_word_embeddings=False, dtype=dtype)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    if device.type == "meta":  # the shape only
+        return model
+    model = model.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=gen)
+    model.model.rotary_emb = LlamaRotaryEmbedding(config, device=device)  # its buffers were left empty
+    return model
+
+
 def load_model(name, device: torch.device, dtype: torch.dtype, seed: int):
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_model(str(name))
+    if resolved == "llama8b-random":
+        return llama8b_random(device, dtype, seed).eval()
     if resolved in ("llama-random", TINY):
         model = random_llama(resolved, seed)
     else:
@@ -385,6 +419,35 @@ def _row(policy: str, n: int, batch: int, run: _Run, prefill_s: float, warmup: i
     }
 
 
+def bars(rows: list[dict]) -> list[dict]:
+    """Per context and batch size: the scheduler's speed-up over ``aog`` and over the fastest
+    selective baseline that ran (ratios of ms/token; > 1 means the scheduler is faster)."""
+    out = []
+    for key in sorted({(r["context"], r["batch"]) for r in rows}):
+        ok = {r["policy"]: r for r in rows if (r["context"], r["batch"]) == key and r["status"] == "ok"}
+        if "scheduler" not in ok:
+            continue
+        ms = ok["scheduler"]["ms_per_token"]
+        entry = {"context": key[0], "batch": key[1], "scheduler_ms": ms, "scheduler_k_last": ok["scheduler"]["k_last"]}
+        if "aog" in ok:
+            entry["speedup_vs_aog"] = ok["aog"]["ms_per_token"] / ms
+        selective = [p for p in SELECTIVE if p in ok]
+        if selective:
+            best = min(selective, key=lambda p: ok[p]["ms_per_token"])
+            entry.update(best_selective=best, speedup_vs_best_selective=ok[best]["ms_per_token"] / ms)
+        out.append(entry)
+    return out
+
+
+def largest_fit(rows: list[dict]) -> dict:
+    """Per policy, the largest batch × context it ran without running out of memory."""
+    best: dict = {}
+    for r in rows:
+        if r["status"] == "ok" and r["batch"] * r["context"] > best.get(r["policy"], {}).get("tokens", 0):
+            best[r["policy"]] = {"batch": r["batch"], "context": r["context"], "tokens": r["batch"] * r["context"]}
+    return best
+
+
 def _skipped(policy: str, n: int, batch: int, reason: str, estimate: Optional[dict]) -> dict:
     row = {"policy": policy, "context": n, "batch": batch, "status": "skipped", "reason": reason}
     if estimate:
@@ -552,7 +615,13 @@ def run(args) -> dict:
                    "ms_per_token = median over rounds of the round's median decode-step time; "
                    "tokens_per_s = batch * 1000 / ms_per_token; time shares from per-layer telemetry"),
         "rows": rows,
+        "bars": bars(rows),
+        "largest_fit": largest_fit(rows),
     }
+    for b in record["bars"]:
+        print(f"{b['context']} × {b['batch']}: scheduler {b['scheduler_ms']:.1f} ms/token, K {b['scheduler_k_last']}; "
+              f"vs aog {b.get('speedup_vs_aog', float('nan')):.2f}x, vs best selective "
+              f"({b.get('best_selective', '-')}) {b.get('speedup_vs_best_selective', float('nan')):.2f}x")
     out.write_text(json.dumps(record, indent=2) + "\n")
     written = [str(out)]
     if not args.no_plot:

@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
 
 from hybridgen import bench
 from hybridgen.hf.models import ModelInfo
@@ -160,3 +161,29 @@ def test_the_command_line_reports_bad_input_without_a_traceback():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "unknown policy 'fastest'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bars_and_largest_fit_summarise_rows():
+    from hybridgen.bench import bars, largest_fit
+
+    def row(policy, n, b, ms, status="ok"):
+        return {"policy": policy, "context": n, "batch": b, "status": status, "ms_per_token": ms, "k_last": 64}
+
+    rows = [row("aog", 1024, 1, 30.0), row("streaming", 1024, 1, 12.0), row("h2o", 1024, 1, 15.0),
+            row("scheduler", 1024, 1, 10.0), row("full", 2048, 4, 5.0, status="skipped"), row("full", 1024, 4, 4.0)]
+    (b,) = bars(rows)
+    assert b["speedup_vs_aog"] == 3.0 and b["best_selective"] == "streaming"
+    assert abs(b["speedup_vs_best_selective"] - 1.2) < 1e-12
+    fit = largest_fit(rows)
+    assert fit["full"] == {"batch": 4, "context": 1024, "tokens": 4096}
+    assert fit["scheduler"]["tokens"] == 1024
+
+
+def test_llama8b_shape_is_llama_3_1_8b():
+    from hybridgen.bench import llama8b_random
+
+    model = llama8b_random(torch.device("meta"), torch.bfloat16)
+    c = model.config
+    assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (32, 32, 8, 128)
+    assert (c.hidden_size, c.intermediate_size, c.vocab_size) == (4096, 14336, 128256)
+    assert 7.9e9 < sum(p.numel() for p in model.parameters()) < 8.1e9
