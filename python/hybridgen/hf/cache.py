@@ -117,6 +117,7 @@ class HybridLayer(DynamicLayer):
         super().reset()
         self.total = 0
         self._buf_k = self._buf_v = None
+        self._in_flight = None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("HybridCache cannot crop: tokens on the host are final")
