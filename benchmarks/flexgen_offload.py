@@ -24,7 +24,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -118,24 +117,11 @@ def write_record(record: dict, path: Path) -> None:
 def machine_info() -> dict:
     import torch
 
-    import hybridgen
-    from hybridgen import _native
+    from hybridgen.bench import machine_info as bench_machine_info
     from hybridgen.flexgen import flexgen_version
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "native_threads": _native.num_threads(), "isa": _native.isa(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(), "torch": torch.__version__, "hybridgen": hybridgen.__version__,
-        "flexgen": flexgen_version(),
-    }
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {**bench_machine_info(device), "flexgen": flexgen_version()}
 
 
 def main(argv=None) -> int:

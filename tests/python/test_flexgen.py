@@ -711,4 +711,4 @@ def test_gpu_benchmark_writes_its_record(bench, tmp_path):
     assert [r["name"] for r in record["runs"]] == list(bench.VARIANTS)
     assert set(record["ratios"]) == {"hybrid/flexgen-cpu-cache", "hybrid/flexgen-cpu-compute"}
     assert all(math.isfinite(r["decode_tokens_per_s"]) and r["decode_tokens_per_s"] > 0 for r in record["runs"])
-    assert record["machine"]["gpu"] and record["runs"][-1]["hybrid"]["steps"] == 3
+    assert record["machine"]["cuda_device"] and record["runs"][-1]["hybrid"]["steps"] == 3
