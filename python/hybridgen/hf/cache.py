@@ -251,7 +251,10 @@ class HybridCache(Cache):
                 max_host_tokens=max_context,
             )
             device = key_states.device
-            if c.pin_host or (c.pin_host is None and device.type == "cuda"):
+            # Pin only where tokens go to the host and are read from there (pinning commits the
+            # store's reserved room): never for a policy that keeps everything on the device.
+            to_host = self.placement.recent is not None
+            if c.pin_host or (c.pin_host is None and device.type == "cuda" and to_host):
                 from ..cuda import kernel_cache_dir, require
 
                 require("pin_host", device)
