@@ -220,6 +220,16 @@ def attention_weights(h, gen):
             r(h, h, s=h**-0.5), r(h, s=0.1), (1 + 0.1 * torch.randn(h, generator=gen)).half(), r(h, s=0.1))
 
 
+def decode_scenario(rng, b, h, n_head, prompt_len, gen_len, pads):
+    """One attention layer's config and weights, a prompt, the decode inputs and their masks."""
+    cfg = OptConfig(name="opt-test", num_hidden_layers=1, input_dim=h, hidden_size=h, n_head=n_head)
+    weights = attention_weights(h, rng)
+    prompt = torch.randn(b, prompt_len, h, generator=rng).half()
+    steps = [torch.randn(b, 1, h, generator=rng).half() for _ in range(gen_len - 1)]
+    masks = [left_padded_mask(b, prompt_len + i, pads) for i in range(gen_len)]
+    return cfg, weights, prompt, steps, masks
+
+
 def run_attention(device, weights, policy, cfg, prompt, steps, masks, gen_len):
     run = AttentionRun(device, weights, policy, cfg, prompt.shape[1], gen_len)
     outs = [run.step(0, prompt, masks[0])]
@@ -235,11 +245,7 @@ def test_patched_self_attention_matches_flexgen_over_decode_steps(cpu_flexgen, r
     returned k/v) through FlexGen's load/forward/store protocol equals FlexGen's own over 14
     decode steps, while tokens move to the host in chunks."""
     b, h, n_head, prompt_len, gen_len = 2, 64, 4, 19, 15
-    cfg = OptConfig(name="opt-test", num_hidden_layers=1, input_dim=h, hidden_size=h, n_head=n_head)
-    weights = attention_weights(h, rng)
-    prompt = torch.randn(b, prompt_len, h, generator=rng).half()
-    steps = [torch.randn(b, 1, h, generator=rng).half() for _ in range(gen_len - 1)]
-    masks = [left_padded_mask(b, prompt_len + i, [0, 4]) for i in range(gen_len)]
+    cfg, weights, prompt, steps, masks = decode_scenario(rng, b, h, n_head, prompt_len, gen_len, [0, 4])
 
     ref_run, ref = run_attention(cpu_flexgen, weights, flex_policy(), cfg, prompt, steps, masks, gen_len)
     hf.patch(policy="all", merge=merge, sinks=sinks, gpu_budget=gpu_budget, evict_chunk=evict_chunk)
@@ -268,11 +274,7 @@ def test_patched_self_attention_matches_flexgen_over_decode_steps(cpu_flexgen, r
 def test_replacements_fall_back_to_flexgen_for_caches_they_did_not_make(cpu_flexgen, rng):
     """A layer whose cache was made before patch() keeps running FlexGen's own code."""
     b, h, n_head, prompt_len, gen_len = 2, 32, 2, 9, 5
-    cfg = OptConfig(name="opt-test", num_hidden_layers=1, input_dim=h, hidden_size=h, n_head=n_head)
-    weights = attention_weights(h, rng)
-    prompt = torch.randn(b, prompt_len, h, generator=rng).half()
-    steps = [torch.randn(b, 1, h, generator=rng).half() for _ in range(gen_len - 1)]
-    masks = [left_padded_mask(b, prompt_len + i, [0, 2]) for i in range(gen_len)]
+    cfg, weights, prompt, steps, masks = decode_scenario(rng, b, h, n_head, prompt_len, gen_len, [0, 2])
     _, ref = run_attention(cpu_flexgen, weights, flex_policy(), cfg, prompt, steps, masks, gen_len)
 
     run = AttentionRun(cpu_flexgen, weights, flex_policy(), cfg, prompt_len, gen_len)  # FlexGen's cache
