@@ -25,6 +25,16 @@ class StepRecord:
     #: Whether the CPU stage started from the previous layer's input (approximate query).
     speculative: bool = False
 
+    def resolve(self, call_span=None) -> "StepRecord":
+        """Turns lazy CUDA-event times into seconds; with ``call_span`` (the whole layer or
+        attention call), device time becomes everything but the serial CPU stage and the transfer."""
+        from .timing import seconds
+
+        self.t_gpu, self.t_tx = seconds(self.t_gpu), seconds(self.t_tx)
+        if call_span is not None:
+            self.t_gpu = max(seconds(call_span) - (self.t_cpu - self.t_hidden) - self.t_tx, self.t_gpu)
+        return self
+
 
 @dataclass
 class Telemetry:

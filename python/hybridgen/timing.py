@@ -75,3 +75,10 @@ def between(start, end) -> Seconds:
 
 def seconds(value: Seconds) -> float:
     return float(value)
+
+
+def timed(fn, device: torch.device):
+    """``(fn(), seconds)``: a lazy span between events on CUDA, wall time on the CPU."""
+    start = mark(device)
+    out = fn()
+    return out, between(start, mark(device))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..attention import cpu_stage, device_combine, device_partial, pre_qkt_positions
 from ..telemetry import StepRecord
-from ..timing import between, mark
+from ..timing import between, mark, timed
 from .install import require_flexgen
 from .state import LayerState
 
@@ -25,13 +25,6 @@ _flex_opt, _backend = require_flexgen()
 TorchTensor, DeviceType = _backend.TorchTensor, _backend.DeviceType
 
 __all__ = ["attend", "hybrid_mha_gen"]
-
-
-def _timed(fn, device: torch.device):
-    """``(fn(), seconds)``; on CUDA a span between events, read when the step closes."""
-    start = mark(device)
-    out = fn()
-    return out, between(start, mark(device))
 
 
 def attend(state: LayerState, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keep: torch.Tensor):
@@ -53,7 +46,7 @@ def attend(state: LayerState, q: torch.Tensor, k_new: torch.Tensor, v_new: torch
     n_host = state.host_len
     device = q.device
     if n_host == 0:
-        out, t_dev = _timed(lambda: device_partial(q, dev_k, dev_v, 1.0, dev_mask)[0], device)
+        out, t_dev = timed(lambda: device_partial(q, dev_k, dev_v, 1.0, dev_mask)[0], device)
         return out, StepRecord(session.step, state.layer_id, 0, strategy, 0, dev_k.shape[2], 0.0, t_dev, 0.0)
     host = cpu_stage(
         state.store, 0, q, scale=1.0, merge=session.config.merge,
@@ -62,7 +55,7 @@ def attend(state: LayerState, q: torch.Tensor, k_new: torch.Tensor, v_new: torch
         host_mask=host_mask,
     )
     moved, t_tx = host.ship(device)
-    out, t_dev = _timed(
+    out, t_dev = timed(
         lambda: device_combine(q, dev_k, dev_v, moved, scale=1.0, sinks=state.sinks_on_device, dev_mask=dev_mask),
         device,
     )

@@ -13,7 +13,6 @@ from typing import Optional
 
 from .. import _native
 from ..config import HybridConfig
-from ..timing import seconds
 from ..telemetry import StepRecord, Telemetry
 from .compat import check_config
 
@@ -68,11 +67,7 @@ class Session:
         if self._pending:
             t_gpu = t_cpu = t_tx = 0.0
             for record, span in self._pending:
-                record.t_gpu, record.t_tx = seconds(record.t_gpu), seconds(record.t_tx)
-                if span is not None:
-                    # Device work of the call: everything but the (serial) CPU stage and the transfer.
-                    record.t_gpu = max(seconds(span) - record.t_cpu - record.t_tx, record.t_gpu)
-                self.telemetry.add(record)
+                self.telemetry.add(record.resolve(span))
                 t_gpu, t_cpu, t_tx = t_gpu + record.t_gpu, t_cpu + record.t_cpu - record.t_hidden, t_tx + record.t_tx
             if self.scheduler is not None:
                 self.scheduler.observe(t_gpu, t_cpu, t_tx)

@@ -21,7 +21,7 @@ from ..config import HybridConfig
 from ..host_store import HostKVStore
 from ..policies import make_policy
 from ..telemetry import StepRecord, Telemetry
-from ..timing import between, mark, seconds
+from ..timing import timed
 from .models import describe
 
 #: The HybridCache whose layer was updated last: the attention function (which transformers does
@@ -298,11 +298,7 @@ class HybridCache(Cache):
             return
         t_gpu = t_cpu = t_tx = 0.0
         for rec, span in self._step_records:
-            rec.t_gpu, rec.t_tx = seconds(rec.t_gpu), seconds(rec.t_tx)
-            if span is not None:
-                # Device work of the layer: everything but the (serial) CPU stage and the transfer.
-                rec.t_gpu = max(seconds(span) - (rec.t_cpu - rec.t_hidden) - rec.t_tx, rec.t_gpu)
-            self.telemetry.add(rec)
+            self.telemetry.add(rec.resolve(span))
             t_gpu += rec.t_gpu
             t_cpu += rec.t_cpu - rec.t_hidden
             t_tx += rec.t_tx
@@ -313,9 +309,7 @@ class HybridCache(Cache):
     def timed(self, fn, device: torch.device):
         """``(fn(), seconds)``: on CUDA a lazy span between events on the current stream (read
         once per step), on the CPU wall time."""
-        start = mark(device)
-        out = fn()
-        return out, between(start, mark(device))
+        return timed(fn, device)
 
     def settle(self) -> None:
         """Completes every layer's in-flight eviction (e.g. before inspecting the store)."""

@@ -121,7 +121,6 @@ def _layer_start(idx, decoder_layers):
     def hook(module, args, kwargs):
         layer = _active_layer(idx)
         if layer is not None and layer.keys is not None:
-            layer.settle()
             if idx + 1 < len(decoder_layers):
                 hidden = args[0] if args else kwargs.get("hidden_states")
                 if hidden is not None and hidden.shape[1] == 1:  # a decode step
