@@ -21,7 +21,7 @@ import torch
 from . import _native
 from .timing import between, mark
 
-__all__ = ["CudaUnavailableError", "probe", "available", "require", "compile_ptx", "attention_partial",
+__all__ = ["CudaUnavailableError", "probe", "require", "attention_partial",
            "combine", "ship", "copy_to_device", "side_stream", "KERNEL_DTYPES"]
 
 CudaUnavailableError = _native.CudaUnavailableError
@@ -37,10 +37,6 @@ def probe() -> dict:
     return _native.cuda_probe()
 
 
-def available() -> bool:
-    return probe()["available"] and torch.cuda.is_available()
-
-
 def require(what: str, device: Optional[torch.device] = None) -> None:
     """Raises :class:`CudaUnavailableError` (saying why) unless ``what`` can run on CUDA here."""
     p = probe()
@@ -50,15 +46,11 @@ def require(what: str, device: Optional[torch.device] = None) -> None:
         raise ValueError(f"{what} needs the model on a CUDA device, but it is on {device}")
 
 
+@functools.lru_cache(maxsize=None)
 def kernel_cache_dir() -> str:
     from .assets import data_dir
 
     return str(data_dir() / "kernels")
-
-
-def compile_ptx(arch: str) -> str:
-    """PTX of the kernels for ``arch`` (``"compute_90"``...): needs NVRTC only, not a GPU."""
-    return _native.compile_kernels(arch, kernel_cache_dir())
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,8 +88,7 @@ def attention_partial(
     dev = q.device
     info = _device_info(dev.index if dev.index is not None else torch.cuda.current_device())
     keys, values = _rows_contiguous(keys), _rows_contiguous(values)
-    if values.stride()[:2] != keys.stride()[:2]:
-        values = values.contiguous() if keys.is_contiguous() else values
+    if values.stride()[:2] != keys.stride()[:2]:  # the kernel takes one pair of strides for both
         keys, values = keys.contiguous(), values.contiguous()
     m = 0 if host_logits is None else host_logits.shape[-1]
     rows = b * hq
@@ -147,8 +138,9 @@ def ship(tensors: list, device: torch.device):
     the current stream wait for them (an event, not a host synchronisation). Returns the device
     tensors and the transfer's span on the device timeline."""
     index = device.index if device.index is not None else torch.cuda.current_device()
+    # The sources are host memory the CPU has finished writing: the copies need not wait for any
+    # queued device work (waiting would serialise them behind it and lose the overlap).
     side, main = side_stream(index), torch.cuda.current_stream(device)
-    side.wait_stream(main)  # sources written by earlier device work (none today) are complete
     with torch.cuda.stream(side):
         start = mark(device)
         moved = [None if t is None else copy_to_device(t, device) for t in tensors]
