@@ -181,10 +181,10 @@ def llama8b_random(device: torch.device, dtype: torch.dtype, seed: int = 0):
                          num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
                          max_position_embeddings=131072, tie_word_embeddings=False, dtype=dtype)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config).to(dtype)  # free on meta: the device gets bf16 storage only
     if device.type == "meta":  # the shape only
         return model
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
