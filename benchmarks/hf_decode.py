@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import hybridgen
 from hybridgen import HybridConfig, _native, assets
 from hybridgen.hf import HybridCache, patch, unpatch
+from hybridgen.hf.compat import cache_arg
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -46,7 +47,7 @@ VARIANTS = {
 def prefill(model, ids, cache, chunk):
     with torch.inference_mode():
         for s in tqdm(range(0, ids.shape[1], chunk), desc="prefill", unit="chunk", leave=False):
-            out = model(ids[:, s : s + chunk], past_key_values=cache, use_cache=True)
+            out = model(ids[:, s : s + chunk], **cache_arg(cache), use_cache=True)
     return out.logits[:, -1:].argmax(-1)
 
 
@@ -58,7 +59,7 @@ def paired_decode(base, base_cache, base_token, hyb, hyb_cache, hyb_token, steps
             for i, (model, cache) in enumerate(((base, base_cache), (hyb, hyb_cache))):
                 token = base_token if i == 0 else hyb_token
                 t0 = time.perf_counter()
-                out = model(token, past_key_values=cache, use_cache=True)
+                out = model(token, **cache_arg(cache), use_cache=True)
                 times[i].append(time.perf_counter() - t0)
                 if i == 0:
                     base_token = out.logits[:, -1:].argmax(-1)

@@ -41,6 +41,8 @@ from typing import Optional
 import torch
 
 from .config import POLICIES, HybridConfig
+from .guard import require_hybrid_run
+from .hf.compat import cache_arg
 
 DEFAULT_POLICIES = ("full", "aog", "aoc", "streaming", "h2o", "infinigen", "post_qkt", "pre_qkt", "scheduler")
 DEFAULT_CONTEXTS = (2048, 4096, 8192, 16384, 32768)
@@ -328,7 +330,7 @@ def prefill(model, ids: torch.Tensor, config: HybridConfig, chunk: int, window: 
     _sync(ids.device)
     t0 = time.perf_counter()
     for s in range(0, ids.shape[1], chunk):
-        out = model(ids[:, s : s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(ids[:, s : s + chunk], **cache_arg(cache), use_cache=True, logits_to_keep=1)
     _sync(ids.device)
     seconds = time.perf_counter() - t0
     del cache.policy.prefill  # the policy's own method again
@@ -388,7 +390,7 @@ class _Run:
             self.measured.add(self.cache.step)
         _sync(device)
         t0 = time.perf_counter()
-        out = model(self.token, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        out = model(self.token, **cache_arg(self.cache), use_cache=True, logits_to_keep=1)
         _sync(device)
         seconds = time.perf_counter() - t0
         self.token = out.logits[:, -1:].argmax(-1)
@@ -398,6 +400,9 @@ class _Run:
 def _row(policy: str, n: int, batch: int, run: _Run, prefill_s: float, warmup: int, estimate: dict, exact: bool) -> dict:
     from .telemetry import Telemetry
 
+    steps = warmup + sum(len(r) for r in run.rounds)
+    require_hybrid_run(run.cache, what=f"bench row {policy} at {n} tokens x {batch}", decode_steps=steps,
+                       context_tokens=n, policy=policy)
     round_ms = [1e3 * statistics.median(r) for r in run.rounds]
     ms = statistics.median(round_ms)
     tel = run.cache.telemetry

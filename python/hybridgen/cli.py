@@ -7,6 +7,7 @@ import sys
 
 from . import bench, demo, generate
 from .eval import cli as eval_cli
+from .guard import HybridPathError
 
 
 def main(argv=None) -> int:
@@ -21,6 +22,8 @@ def main(argv=None) -> int:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # bad arguments or data: a message, not a traceback
         parser.exit(2, f"python -m hybridgen {args.command}: error: {e}\n")
+    except HybridPathError as e:  # the run did not measure what it would report
+        parser.exit(3, f"python -m hybridgen {args.command}: FAILED, hybrid attention did not run: {e}\n")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from .config import MERGES, POLICIES, HybridConfig
+from .guard import HybridPathError, require_hybrid_run
 
 
 def build_parser(sub):
@@ -88,7 +89,7 @@ def run(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import assets, haystack
-    from .hf import patch, unpatch
+    from .hf import is_patched, patch, unpatch
 
     config = HybridConfig(gpu_budget=args.gpu_budget, sinks=args.sinks, policy=args.policy, k=args.k,
                           k_min=args.k_min, k_max=args.k_max, merge=args.merge,
@@ -104,14 +105,22 @@ def run(args) -> int:
 
     full_tokens = None
     if not args.skip_full:
+        if is_patched(model) or model.config._attn_implementation == "hybridgen":
+            raise HybridPathError("the full-attention run would not use the model's own attention")
         full_tokens, full_prefill, full_tps = _generate(model, ids, args, "full attention")
 
     patch(model, config)
-    hyb_tokens, hyb_prefill, hyb_tps = _generate(model, ids, args, "hybrid attention")
-    cache = model._hybridgen.last_cache
+    try:
+        hyb_tokens, hyb_prefill, hyb_tps = _generate(model, ids, args, "hybrid attention")
+        cache = model._hybridgen.last_cache
+    finally:
+        unpatch(model)
+    # Everything below reports on hybrid attention: prove it ran (every decode step, every
+    # layer, with tokens on the host), or fail loudly instead of printing full attention's result.
+    require_hybrid_run(cache, what=f"generate with policy {config.policy}", decode_steps=len(hyb_tokens) - 1,
+                       context_tokens=n)
     summary = cache.telemetry.summary()
     ks = [k for _, k, _ in cache.telemetry.k_per_step()]
-    unpatch(model)
 
     answer = tokenizer.decode(hyb_tokens, skip_special_tokens=True).strip()
     print()
@@ -122,7 +131,8 @@ def run(args) -> int:
     print(f"device tier: {config.sinks} sinks + {config.gpu_budget} recent = {config.sinks + config.gpu_budget} tokens "
           f"per layer ({(config.sinks + config.gpu_budget) / n:.0%} of the context); host tier: "
           f"{summary.get('host_tokens_last', 0)} tokens per layer")
-    print(f"policy {config.policy}, merge {config.merge}")
+    print(f"policy {config.policy}, merge {config.merge}; {cache.decode_steps} decode steps ran hybrid attention "
+          f"in all {len(cache.layers)} layers")
     print(f"  K over {len(ks)} decode steps: {ks[0] if ks else '-'} → {ks[-1] if ks else '-'}  {_sparkline(ks)}")
     print(f"  {cache.telemetry.format_summary()}")
     print(f"hybrid answer: {answer!r}  [{'names the planted fact' if hay.found(answer) else 'misses the planted fact'}]")

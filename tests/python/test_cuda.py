@@ -15,6 +15,7 @@ from hybridgen.hf.patch import is_patched
 from hybridgen.timing import between, mark, seconds
 
 from test_hf_exact import greedy, prompts, tiny
+from hybridgen.hf.compat import cache_arg
 
 ENTRIES = ("split_attention_f16", "split_attention_bf16", "split_attention_f32", "merge_partials")
 NO_GPU = not torch.cuda.is_available()
@@ -277,11 +278,11 @@ def test_ten_thousand_steps_do_not_leak():
     cache = hybridgen.HybridCache(model)
     ids = torch.randint(3, 96, (1, 32), device="cuda")
     with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, **cache_arg(cache), use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         marks = {}
         for step in range(10_000):
-            out = model(token, past_key_values=cache, use_cache=True)
+            out = model(token, **cache_arg(cache), use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             if step in (1_000, 9_999):
                 torch.cuda.synchronize()

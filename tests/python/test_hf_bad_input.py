@@ -6,6 +6,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import hybridgen
 from hybridgen import HybridConfig
+from hybridgen.hf.compat import cache_arg
 
 
 def llama(kv_heads=2, dtype=torch.float32):
@@ -76,13 +77,13 @@ def test_cache_used_with_another_model():
     cache = hybridgen.HybridCache(a)
     ids = torch.randint(0, 64, (1, 10))
     with pytest.raises(ValueError, match="use one cache per model"):
-        b(ids, past_key_values=cache)
+        b(ids, **cache_arg(cache))
     # Same shapes, different model: caught by the attention function at the first step.
     c = llama(kv_heads=2)
     hybridgen.patch(c, HybridConfig(gpu_budget=4))
     cache = hybridgen.HybridCache(a)
     with pytest.raises(ValueError, match="another model"):
-        c(ids, past_key_values=cache)
+        c(ids, **cache_arg(cache))
 
 
 def test_dtype_change_within_a_cache():
@@ -90,19 +91,19 @@ def test_dtype_change_within_a_cache():
     hybridgen.patch(model, HybridConfig(gpu_budget=4))
     cache = hybridgen.HybridCache(model)
     ids = torch.randint(0, 64, (1, 10))
-    model(ids, past_key_values=cache)
+    model(ids, **cache_arg(cache))
     model.to(torch.bfloat16)
     with pytest.raises(ValueError, match="keys arrive as torch.bfloat16"):
-        model(ids[:, :1], past_key_values=cache)
+        model(ids[:, :1], **cache_arg(cache))
 
 
 def test_batch_change_within_a_cache():
     model = llama()
     hybridgen.patch(model, HybridConfig(gpu_budget=4))
     cache = hybridgen.HybridCache(model)
-    model(torch.randint(0, 64, (1, 10)), past_key_values=cache)
+    model(torch.randint(0, 64, (1, 10)), **cache_arg(cache))
     with pytest.raises(ValueError, match="batch size changed"):
-        model(torch.randint(0, 64, (2, 1)), past_key_values=cache)
+        model(torch.randint(0, 64, (2, 1)), **cache_arg(cache))
 
 
 def test_context_beyond_the_reserved_host_room():

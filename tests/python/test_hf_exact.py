@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalL
 
 import hybridgen
 from hybridgen import HybridConfig
+from hybridgen.hf.compat import cache_arg, output_cache
 
 VOCAB = 96
 
@@ -72,12 +73,12 @@ def test_forward_calls_use_the_hybrid_cache():
     ref = model(ids).logits
     hybridgen.patch(model, HybridConfig(gpu_budget=4, sinks=1, policy="all"))
     out = model(ids)
-    assert isinstance(out.past_key_values, hybridgen.HybridCache)
-    assert out.past_key_values.store.host_len(0) == 25
+    assert isinstance(output_cache(out), hybridgen.HybridCache)
+    assert output_cache(out).store.host_len(0) == 25
     assert (out.logits - ref).abs().max() < 1e-5
     # A decode step fed by hand through the returned cache.
     nxt = out.logits[:, -1:].argmax(-1)
-    step = model(nxt, past_key_values=out.past_key_values)
+    step = model(nxt, **cache_arg(output_cache(out)))
     full = hybridgen.unpatch(model)(torch.cat([ids, nxt], 1)).logits[:, -1]
     assert (step.logits[:, -1] - full).abs().max() < 1e-4
 
@@ -89,8 +90,8 @@ def test_multi_token_step_after_eviction_is_exact():
     ref = model(ids).logits
     hybridgen.patch(model, HybridConfig(gpu_budget=6, sinks=2, policy="all"))
     cache = hybridgen.HybridCache(model)
-    a = model(ids[:, :20], past_key_values=cache).logits
-    b = model(ids[:, 20:], past_key_values=cache).logits
+    a = model(ids[:, :20], **cache_arg(cache)).logits
+    b = model(ids[:, 20:], **cache_arg(cache)).logits
     assert (torch.cat([a, b], 1) - ref).abs().max() < 1e-4
     assert cache.store.host_len(0) == 40 - 2 - 6
 
@@ -105,7 +106,7 @@ def test_attn_implementation_route_without_patch():
     want_seq, want_logits = greedy(model, ids, mask, 16)
     model.set_attn_implementation("hybridgen")
     cache = hybridgen.HybridCache(model, HybridConfig(gpu_budget=8, sinks=2, evict_chunk=2, policy="scheduler", k_min=4, k_max=64))
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=16, min_new_tokens=16,
+    out = model.generate(ids, attention_mask=mask, **cache_arg(cache), max_new_tokens=16, min_new_tokens=16,
                          do_sample=False, pad_token_id=1)
     assert out.shape == want_seq.shape
     assert cache.store.host_len(0) > 0

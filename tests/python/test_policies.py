@@ -10,6 +10,7 @@ import hybridgen
 from hybridgen import HybridConfig
 from hybridgen.config import POLICIES
 from hybridgen.policies import heavy_hitter, infinigen, table
+from hybridgen.hf.compat import cache_arg
 
 
 def run(model, ids, mask, steps, config):
@@ -167,7 +168,7 @@ def test_bad_policy_and_placement_changes():
     model = tiny("llama")
     hybridgen.patch(model, HybridConfig(policy="post_qkt", gpu_budget=8, sinks=2))
     cache = hybridgen.HybridCache(model)
-    model(torch.randint(3, VOCAB, (1, 20)), past_key_values=cache)
+    model(torch.randint(3, VOCAB, (1, 20)), **cache_arg(cache))
     cache.set_config(HybridConfig(policy="h2o", gpu_budget=8, sinks=2))  # same placement: fine
     with pytest.raises(ValueError, match="use a new HybridCache"):
         cache.set_config(HybridConfig(policy="aoc", gpu_budget=8, sinks=2))

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hybridgen
 from hybridgen import HybridConfig, assets
+from hybridgen.hf.compat import cache_arg
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +51,10 @@ def agreement(model, ids, prompt_len, config):
         hybridgen.patch(model, config)
         try:
             cache = hybridgen.HybridCache(model)
-            out = model(ids[:, :prompt_len], past_key_values=cache)
+            out = model(ids[:, :prompt_len], **cache_arg(cache))
             preds = [out.logits[0, -1].argmax()]
             for t in range(prompt_len, ids.shape[1] - 1):
-                out = model(ids[:, t : t + 1], past_key_values=cache)
+                out = model(ids[:, t : t + 1], **cache_arg(cache))
                 preds.append(out.logits[0, -1].argmax())
         finally:
             hybridgen.unpatch(model)

@@ -26,6 +26,8 @@ import torch
 from tqdm import tqdm
 
 from ..config import HybridConfig
+from ..guard import require_hybrid_run
+from ..hf.compat import cache_arg
 
 #: Kinds of item in a suite, in reporting order.
 KINDS = ("physical", "cause_effect", "entailment")
@@ -241,11 +243,16 @@ def _continuation_loglik(model, ids: list[int], n_context: int, make_cache) -> f
     seq = torch.tensor([ids], dtype=torch.long, device=device)
     cache = make_cache()
     if n_context > 1:
-        model(seq[:, : n_context - 1], past_key_values=cache, use_cache=True)
+        model(seq[:, : n_context - 1], **cache_arg(cache), use_cache=True)
     total = 0.0
     for t in range(n_context - 1, len(ids) - 1):
-        logits = model(seq[:, t : t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = model(seq[:, t : t + 1], **cache_arg(cache), use_cache=True).logits[0, -1]
         total += torch.log_softmax(logits.float(), -1)[ids[t + 1]].item()
+    from ..hf import HybridCache
+
+    if isinstance(cache, HybridCache) and len(ids) - n_context > 0:
+        require_hybrid_run(cache, what=f"multiple choice with policy {cache.config.policy}",
+                           decode_steps=len(ids) - n_context)
     return total
 
 

@@ -30,6 +30,8 @@ from tqdm import tqdm
 
 from ..config import HybridConfig
 from ..hf import HybridCache, patch
+from ..guard import require_hybrid_run
+from ..hf.compat import cache_arg
 
 log = logging.getLogger(__name__)
 
@@ -153,21 +155,25 @@ class HybridLM(HFLM):
         with torch.inference_mode():
             if len(context) > 1:
                 prefix = torch.tensor([context[:-1]], dtype=torch.long, device=device)
-                model(prefix, past_key_values=cache, use_cache=True)
+                model(prefix, **cache_arg(cache), use_cache=True)
                 feed = context[-1]  # the first decode step predicts the first continuation token
             else:
                 # A one-token context has nothing to prefill: the model's own attention over that
                 # token predicts the first continuation token.
                 feed = None
-                logits = model(torch.tensor([context], device=device), past_key_values=cache, use_cache=True).logits
+                logits = model(torch.tensor([context], device=device), **cache_arg(cache), use_cache=True).logits
             for target in continuation:
                 if feed is not None:
                     step = torch.tensor([[feed]], dtype=torch.long, device=device)
-                    logits = model(step, past_key_values=cache, use_cache=True).logits
+                    logits = model(step, **cache_arg(cache), use_cache=True).logits
                 logprobs = torch.log_softmax(logits[0, -1].to(dtype), dim=-1)
                 total += float(logprobs[target])
                 greedy = greedy and int(logprobs.argmax()) == target
                 feed = target
+        steps = len(continuation) - (1 if len(context) == 1 else 0)
+        if steps:
+            require_hybrid_run(cache, what=f"lm-eval scoring with policy {self.hybrid_config.policy}",
+                               decode_steps=steps, context_tokens=len(context) - 1)
         return total, greedy
 
     def get_model_info(self) -> dict:

@@ -17,6 +17,8 @@ from tqdm import tqdm
 from .. import haystack
 from ..config import HybridConfig
 from .replay import record_prefill, replay
+from ..guard import require_hybrid_run
+from ..hf.compat import cache_arg
 
 #: Ten depths from the start (0) to the end (1) of the haystack.
 DEPTHS = tuple(i / 9 for i in range(10))
@@ -43,7 +45,7 @@ def _answer(model, tokenizer, recorded, config, hay, max_new_tokens: int) -> str
     if config is not None:
         patch(model, config)
     try:
-        cache, logits, tokens = replay(model, recorded, config), recorded.logits, []
+        cache, logits, tokens, steps = replay(model, recorded, config), recorded.logits, [], 0
         with torch.inference_mode():
             for _ in range(max_new_tokens):
                 token = int(logits.argmax())
@@ -53,7 +55,11 @@ def _answer(model, tokenizer, recorded, config, hay, max_new_tokens: int) -> str
                 if hay.found(tokenizer.decode(tokens, skip_special_tokens=True)):
                     break  # later tokens cannot unname the fact
                 step = torch.tensor([[token]], device=model.device)
-                logits = model(step, past_key_values=cache, use_cache=True).logits[0, -1]
+                logits = model(step, **cache_arg(cache), use_cache=True).logits[0, -1]
+                steps += 1
+        if config is not None and steps:
+            require_hybrid_run(cache, what=f"needle with policy {config.policy}", decode_steps=steps,
+                               context_tokens=recorded.length)
     finally:
         if config is not None:
             unpatch(model)

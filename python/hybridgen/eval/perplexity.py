@@ -16,6 +16,8 @@ from tqdm import tqdm
 
 from ..config import HybridConfig
 from .replay import replay
+from ..guard import require_hybrid_run
+from ..hf.compat import cache_arg
 
 
 @dataclass
@@ -58,12 +60,15 @@ def decode_perplexity(model, ids: torch.Tensor, prefix: int, config: Optional[Hy
             cache = HybridCache(model) if config is not None else DynamicCache()
         with torch.inference_mode():
             if recorded is None:
-                logits = model(ids[:, :prefix], past_key_values=cache, use_cache=True).logits[0, -1]
+                logits = model(ids[:, :prefix], **cache_arg(cache), use_cache=True).logits[0, -1]
             steps = range(prefix, n)
             for t in tqdm(steps, desc=f"perplexity ({config.policy if config else 'full'})", leave=False, disable=not progress):
                 total -= torch.log_softmax(logits.float(), -1)[ids[0, t]].item()
                 if t + 1 < n:
-                    logits = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+                    logits = model(ids[:, t : t + 1], **cache_arg(cache), use_cache=True).logits[0, -1]
+        if config is not None and n - prefix > 1:
+            require_hybrid_run(cache, what=f"perplexity with policy {config.policy}", decode_steps=n - prefix - 1,
+                               context_tokens=prefix)
     finally:
         if config is not None:
             unpatch(model)

@@ -16,6 +16,7 @@ import torch
 
 from ..config import HybridConfig
 from ..policies.exact import FullPolicy
+from ..hf.compat import cache_arg
 
 
 @dataclass
@@ -47,7 +48,7 @@ def record_prefill(model, ids: torch.Tensor) -> RecordedPrefill:
         cache = HybridCache(model)
         cache.policy = _Recorder(config, cache.info, seen)
         with torch.inference_mode():
-            logits = model(ids.to(model.device), past_key_values=cache, use_cache=True).logits[0, -1].float()
+            logits = model(ids.to(model.device), **cache_arg(cache), use_cache=True).logits[0, -1].float()
     finally:
         unpatch(model)
     return RecordedPrefill([seen[i] for i in range(len(seen))], logits, ids.shape[1])

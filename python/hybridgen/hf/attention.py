@@ -3,18 +3,25 @@
 Multi-token steps (the prompt) run the model's usual SDPA attention over every token the cache
 returns (the cache's policy may look at them first, e.g. to seed attention scores). One-token
 steps (decode) with a :class:`HybridCache` run the cache's policy (:mod:`hybridgen.policies`),
-after which the layer's overflow moves to the host.
+after which the layer's overflow moves to the host. A decode step of a patched model that does
+not reach its HybridCache is an error (:class:`~hybridgen.guard.HybridPathError`), unless the
+caller chose another cache on purpose (then a warning, once).
 """
 
 from __future__ import annotations
+
+import warnings
 
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .cache import ACTIVE_CACHE
+from ..guard import HybridPathError
+from .cache import CURRENT_CALL, active_cache
 
 NAME = "hybridgen"
+
+_warned_unpatched = False
 
 
 def register() -> None:
@@ -23,26 +30,65 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
+def _own_layer(module, key):
+    """The HybridLayer whose update returned ``key`` for this very call, or ``None``."""
+    cache = active_cache()
+    if cache is None or module.layer_idx >= len(cache.layers):
+        return None
+    candidate = cache.layers[module.layer_idx]
+    if candidate.returned_keys is not key:
+        return None
+    candidate.returned_keys = None
+    return candidate
+
+
 def hybridgen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    cache = ACTIVE_CACHE.get()
-    layer = None
-    if cache is not None:
-        candidate = cache.layers[module.layer_idx]
-        if candidate.returned_keys is key:  # the cache that was just updated for this very call
-            layer, candidate.returned_keys = candidate, None
+    layer = _own_layer(module, key)
     state = getattr(module, "_hybridgen_state", None)
-    if layer is not None and cache.owner is not None and state is not None and cache.owner is not state:
+    if layer is not None and layer.cache.owner is not None and state is not None and layer.cache.owner is not state:
         raise ValueError("this HybridCache was created for another model: make one per model")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if layer is None or query.shape[2] > 1:
         if layer is not None:
-            cache.policy.prefill(layer, query, key, value, attention_mask, scale)
+            layer.cache.policy.prefill(layer, query, key, value, attention_mask, scale)
+        elif query.shape[2] == 1:
+            _decode_without_hybrid_cache(module, state)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    cache = layer.cache
     out = cache.policy.decode(layer, query[:, :, 0], key, value, attention_mask, scale)
+    layer.policy_calls += 1
     if state is None:
         # Used through attn_implementation="hybridgen" without patch(): no layer hooks time the
         # whole layer, so the record (device time = the attention's) is complete now.
-        layer.cache.record(module.layer_idx, layer.pending)
+        cache.record(module.layer_idx, layer.pending)
         layer.pending = None
     layer.evict_overflow()
     return out.unsqueeze(1).to(query.dtype), None
+
+
+def _decode_without_hybrid_cache(module, state) -> None:
+    """A one-token query whose keys did not come from a HybridCache: the user's choice (another
+    cache, or no cache at all) is said once; anything else is a bypass and raises."""
+    global _warned_unpatched
+    call = CURRENT_CALL.get()
+    if state is None:
+        # attn_implementation="hybridgen" without patch(): the caller manages the cache.
+        if not _warned_unpatched:
+            _warned_unpatched = True
+            warnings.warn("attn_implementation='hybridgen' ran a decode step without a HybridCache: the model's own "
+                          "attention served it (pass cache=HybridCache(model, config))", stacklevel=4)
+        return
+    if call is not None and call[0] is state:
+        foreign = call[1]
+        if foreign is not None:
+            from .patch import warn_foreign_cache
+
+            warn_foreign_cache(state, foreign)
+            return
+        if active_cache() is None:
+            return  # called with use_cache=False: attention over the call's own tokens, nothing cached
+    raise HybridPathError(
+        f"layer {module.layer_idx}: a decode step of this patched model did not go through its HybridCache "
+        "(the cache was replaced, dropped, or not handed to the model under the keyword this transformers "
+        "release reads); its own attention would have served it silently"
+    )

@@ -11,7 +11,8 @@ the host.
 
 from __future__ import annotations
 
-from contextvars import ContextVar
+import weakref
+from contextvars import ContextVar, Token
 from typing import Optional
 
 import torch
@@ -25,8 +26,28 @@ from ..timing import timed
 from .models import describe
 
 #: The HybridCache whose layer was updated last: the attention function (which transformers does
-#: not hand the cache) reads it right after the update of the same layer.
-ACTIVE_CACHE: ContextVar[Optional["HybridCache"]] = ContextVar("hybridgen_active_cache", default=None)
+#: not hand the cache) reads it right after the update of the same layer. Held weakly, so it never
+#: keeps a cache (and its host memory) alive; a patched model's call restores it when it ends.
+ACTIVE_CACHE: ContextVar[Optional[weakref.ref]] = ContextVar("hybridgen_active_cache", default=None)
+
+#: ``(patch state, name of a non-hybrid cache type or None)`` of the patched model call in
+#: progress: tells the attention function whether a decode step without a HybridCache is the
+#: user's choice (they passed another cache) or a bypass (an error).
+CURRENT_CALL: ContextVar[Optional[tuple]] = ContextVar("hybridgen_current_call", default=None)
+
+
+def activate(cache: Optional["HybridCache"]) -> Token:
+    """Makes ``cache`` the active one; returns the token that restores the previous one."""
+    return ACTIVE_CACHE.set(None if cache is None else weakref.ref(cache))
+
+
+def deactivate(token: Token) -> None:
+    ACTIVE_CACHE.reset(token)
+
+
+def active_cache() -> Optional["HybridCache"]:
+    ref = ACTIVE_CACHE.get()
+    return None if ref is None else ref()
 
 
 class HybridLayer(DynamicLayer):
@@ -38,6 +59,8 @@ class HybridLayer(DynamicLayer):
         self.layer_idx = layer_idx
         self.total = 0
         self.pending: Optional[StepRecord] = None
+        #: Decode steps this layer's attention ran through the cache's policy.
+        self.policy_calls = 0
         #: The keys returned by the latest update: the attention function recognises its call by them.
         self.returned_keys: Optional[torch.Tensor] = None
         self.t_start = 0.0  # when this layer's forward began (set by the patch's hooks)
@@ -198,8 +221,9 @@ class HybridLayer(DynamicLayer):
 
 
 class HybridCache(Cache):
-    """Pass as ``past_key_values`` to a model patched with :func:`hybridgen.patch` (its
-    ``generate`` does so by itself).
+    """Pass as the cache (``cache=`` from transformers 5.24, ``past_key_values=`` before; see
+    :func:`hybridgen.hf.compat.cache_arg`) to a model patched with :func:`hybridgen.patch` (its
+    ``generate`` and forward make one by themselves when given none).
 
     Args:
         model: the patched model this cache serves (its shape is checked on every update).
@@ -232,7 +256,7 @@ class HybridCache(Cache):
                 f"this HybridCache was made for a model with {self.info.kv_heads} KV heads of dim "
                 f"{self.info.head_dim}, got keys of shape {tuple(key_states.shape)}: use one cache per model"
             )
-        ACTIVE_CACHE.set(self)
+        activate(self)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def ensure_store(self, key_states: torch.Tensor) -> HostKVStore:
@@ -283,6 +307,15 @@ class HybridCache(Cache):
                 f"{self.placement}: use a new HybridCache"
             )
         self.config, self.policy, self.placement = config, policy, placement
+
+    @property
+    def decode_steps(self) -> int:
+        """Decode steps whose every layer ran this cache's policy (and was recorded)."""
+        return self.step
+
+    def policy_calls(self) -> list[int]:
+        """Per layer, the decode steps its attention ran through the policy."""
+        return [layer.policy_calls for layer in self.layers]
 
     @property
     def scheduler(self):

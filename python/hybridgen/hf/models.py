@@ -18,11 +18,25 @@ class ModelInfo:
 
 
 def supports(model) -> list[str]:
-    """Reasons ``model`` cannot use hybrid attention (an empty list: it can)."""
+    """Reasons ``model`` cannot use hybrid attention through :func:`hybridgen.patch` (an empty
+    list: it can). Names every reason ``patch()`` would refuse the model for."""
+    reasons = _attention_reasons(model)
+    if not callable(getattr(model, "generate", None)) or not callable(getattr(model, "set_attn_implementation", None)):
+        reasons.append(f"{type(model).__name__} has no generate()/set_attn_implementation(): pass the *ForCausalLM model")
+    return reasons
+
+
+def _attention_reasons(model) -> list[str]:
+    """Reasons the installed transformers or ``model``'s attention cannot be served."""
     config = getattr(model, "config", None)
     if config is None:
         return [f"{type(model).__name__} has no .config: not a transformers model"]
+    from .compat import version_problem
+
     reasons = []
+    problem = version_problem()
+    if problem is not None:
+        reasons.append(problem)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         reasons.append(f"unsupported model type {model_type!r}: hybridgen supports {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -33,9 +47,10 @@ def supports(model) -> list[str]:
     return reasons
 
 
-def describe(model) -> ModelInfo:
-    """The attention shape of a supported model; ValueError listing the reasons otherwise."""
-    reasons = supports(model)
+def describe(model, for_patch: bool = False) -> ModelInfo:
+    """The attention shape of a supported model; ValueError listing the reasons otherwise
+    (``for_patch``: every reason :func:`supports` gives)."""
+    reasons = supports(model) if for_patch else _attention_reasons(model)
     if reasons:
         raise ValueError("; ".join(reasons))
     c = model.config

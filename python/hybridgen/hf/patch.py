@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
-
 from ..config import HybridConfig
-from . import attention
 from ..timing import between, mark
-from .cache import ACTIVE_CACHE, HybridCache
+from . import attention
+from .cache import CURRENT_CALL, HybridCache, activate, active_cache, deactivate
+from .compat import get_cache, set_cache
 from .models import describe
 
 __all__ = ["patch", "unpatch", "is_patched"]
@@ -23,6 +23,10 @@ class PatchState:
     handles: list = field(default_factory=list)
     #: The cache of the last generate() / forward call that made its own.
     last_cache: Optional[HybridCache] = None
+    #: Context-variable tokens of the model calls in progress (restored when each call ends).
+    open_calls: list = field(default_factory=list)
+    #: Whether the user has been told that a cache of their own bypasses hybrid attention.
+    warned_foreign: bool = False
 
 
 def is_patched(model) -> bool:
@@ -45,12 +49,14 @@ def patch(model, config: Optional[HybridConfig] = None):
     Prefill runs the model's normal attention and then places the KV (the sinks and the most
     recent ``gpu_budget`` tokens stay on the model's device, the rest go to the host store);
     decode steps run hybrid attention. Returns the model. Undo with :func:`unpatch`.
+
+    All or nothing: when it raises, the model is exactly as it was.
     """
     config = HybridConfig() if config is None else config
     if not isinstance(config, HybridConfig):
         raise TypeError(f"config must be a HybridConfig, got {type(config).__name__}")
     config.validate()
-    info = describe(model)  # ValueError for unsupported models
+    info = describe(model, for_patch=True)  # ValueError listing every reason the model is not supported
     if is_patched(model):
         raise RuntimeError("this model is already patched with hybridgen; call hybridgen.unpatch(model) first")
     config.require_cuda_options(next(model.parameters()).device)
@@ -60,8 +66,16 @@ def patch(model, config: Optional[HybridConfig] = None):
 
     attention.register()
     state = PatchState(config=config, original_attn_implementation=model.config._attn_implementation)
-    model.set_attn_implementation(attention.NAME)
+    try:
+        _install(model, state, layers)
+    except BaseException:
+        _remove(model, state)
+        raise
+    return model
 
+
+def _install(model, state: PatchState, layers) -> None:
+    model.set_attn_implementation(attention.NAME)
     decoder_layers = [layer for _, layer, _ in layers]
     for idx, decoder_layer, attn in layers:
         attn._hybridgen_state = state
@@ -69,49 +83,83 @@ def patch(model, config: Optional[HybridConfig] = None):
             decoder_layer.register_forward_pre_hook(_layer_start(idx, decoder_layers), with_kwargs=True)
         )
         state.handles.append(decoder_layer.register_forward_hook(_layer_end(idx)))
-    state.handles.append(model.register_forward_pre_hook(_inject_cache(model, state), with_kwargs=True))
+    state.handles.append(model.register_forward_pre_hook(_call_start(model, state), with_kwargs=True))
+    state.handles.append(model.register_forward_hook(_call_end(state), always_call=True))
 
     original_generate = model.generate
 
     def generate(*args, **kwargs):
-        if kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = state.last_cache = HybridCache(model)
+        cache = get_cache(kwargs)
+        if cache is None:
+            cache = state.last_cache = HybridCache(model)
+        set_cache(kwargs, cache)  # under this transformers release's name only
         return original_generate(*args, **kwargs)
 
     generate.__doc__ = original_generate.__doc__
     model.generate = generate
     model._hybridgen = state
-    return model
 
 
-def unpatch(model):
-    """Restores the model's own attention. Returns the model."""
-    state = getattr(model, "_hybridgen", None)
-    if state is None:
-        raise ValueError("this model is not patched with hybridgen")
+def _remove(model, state: PatchState) -> None:
     for handle in state.handles:
         handle.remove()
+    state.handles.clear()
     for _, _, attn in _decoder_layers(model):
         attn.__dict__.pop("_hybridgen_state", None)
     model.__dict__.pop("generate", None)
-    model.set_attn_implementation(state.original_attn_implementation)
-    del model._hybridgen
+    if model.config._attn_implementation != state.original_attn_implementation:
+        model.set_attn_implementation(state.original_attn_implementation)
+    model.__dict__.pop("_hybridgen", None)
+
+
+def unpatch(model):
+    """Restores the model's own attention and releases the caches the patch made. Returns the model."""
+    state = getattr(model, "_hybridgen", None)
+    if state is None:
+        raise ValueError("this model is not patched with hybridgen")
+    _remove(model, state)
+    state.last_cache = None
     return model
 
 
-def _inject_cache(model, state):
+def _call_start(model, state: PatchState):
     def hook(module, args, kwargs):
-        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
-            kwargs["past_key_values"] = state.last_cache = HybridCache(model)
-        if isinstance(kwargs.get("past_key_values"), HybridCache):
-            ACTIVE_CACHE.set(kwargs["past_key_values"])  # the layer hooks time this cache's layers
+        cache = get_cache(kwargs)
+        if cache is None and kwargs.get("use_cache", True) is not False:
+            cache = state.last_cache = HybridCache(model)
+        if cache is not None:
+            set_cache(kwargs, cache)
+        hybrid = cache if isinstance(cache, HybridCache) else None
+        foreign = None if cache is None or hybrid is not None else type(cache).__name__
+        state.open_calls.append((CURRENT_CALL.set((state, foreign)), activate(hybrid)))
         return args, kwargs
 
     return hook
 
 
+def _call_end(state: PatchState):
+    def hook(module, args, output):
+        if state.open_calls:
+            call_token, cache_token = state.open_calls.pop()
+            CURRENT_CALL.reset(call_token)
+            deactivate(cache_token)
+
+    return hook
+
+
+def warn_foreign_cache(state: PatchState, foreign: str) -> None:
+    """Once per patch: a cache the user chose bypasses hybrid attention (their choice, but said)."""
+    if not state.warned_foreign:
+        state.warned_foreign = True
+        warnings.warn(
+            f"this patched model was called with a {foreign}, not a HybridCache: its own attention serves "
+            "those decode steps, not hybridgen's (pass no cache, or a HybridCache, to use hybrid attention)",
+            stacklevel=3,
+        )
+
+
 def _active_layer(idx):
-    cache = ACTIVE_CACHE.get()
+    cache = active_cache()
     if cache is None or idx >= len(cache.layers):
         return None
     return cache.layers[idx]

@@ -1,0 +1,51 @@
+"""``python -m hybridgen generate`` proves its hybrid run went through hybrid attention, or fails:
+a tiny random Llama with SmolLM2's tokenizer, in process."""
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from hybridgen import assets, cli
+from hybridgen.hf import attention
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    tokenizer = AutoTokenizer.from_pretrained(assets.smollm2())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=2048,
+                         eos_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+ARGS = ["--context", "300", "--gpu-budget", "64", "--max-new-tokens", "5", "--policy", "post_qkt", "--k", "32"]
+
+
+def test_generate_reports_hybrid_steps(tiny_model_dir, capsys):
+    assert cli.main(["generate", "--model", tiny_model_dir, *ARGS]) == 0
+    out = capsys.readouterr().out
+    assert "4 decode steps ran hybrid attention in all 2 layers" in out
+    assert "host tier: 0 tokens" not in out
+
+
+def test_generate_fails_loudly_when_no_step_ran_hybrid(tiny_model_dir, capsys, monkeypatch):
+    # Both defences off in the attention function: every step silently runs the model's SDPA.
+    monkeypatch.setattr(attention, "_own_layer", lambda module, key: None)
+    monkeypatch.setattr(attention, "_decode_without_hybrid_cache", lambda module, state: None)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["generate", "--model", tiny_model_dir, *ARGS])
+    assert exit_.value.code == 3
+    err = capsys.readouterr().err
+    assert "hybrid attention did not run" in err and "ran 0 decode steps, expected 4" in err
+
+
+def test_a_bypass_inside_generate_is_an_error(tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setattr(attention, "_own_layer", lambda module, key: None)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["generate", "--model", tiny_model_dir, *ARGS])
+    assert exit_.value.code == 3
+    assert "did not go through its HybridCache" in capsys.readouterr().err
