@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The whole test suite from a fresh checkout: sets up .venv (python/bootstrap.sh), then runs the
-# Rust core's tests (cargo test) and the Python package's tests (pytest). Extra arguments go to
-# pytest, e.g. `bash tests/run.sh -m gpu` on a machine with a CUDA GPU.
+# The whole test suite from a fresh checkout: sets up .venv (python/bootstrap.sh, locked
+# versions), then runs the Rust core's tests (cargo test) and the Python package's tests
+# (pytest). Extra arguments go to pytest, e.g. `bash tests/run.sh -m gpu` on a machine with a
+# CUDA GPU. HYBRIDGEN_DEPS / HYBRIDGEN_VENV choose another dependency set (see bootstrap.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+venv="${HYBRIDGEN_VENV:-.venv}"
 
 bash python/bootstrap.sh test,bench
 echo "== cargo test"
 # The CUDA build of torch ships NVRTC (nvidia-cuda-nvrtc): with it on the library path the core's
 # own tests compile the kernels too (no GPU needed).
-nvrtc_dir="$(.venv/bin/python -c 'import nvidia, pathlib; print(pathlib.Path(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)"
+nvrtc_dir="$("$venv/bin/python" -c 'import nvidia, pathlib; print(pathlib.Path(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)"
 LD_LIBRARY_PATH="${nvrtc_dir}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --quiet
 echo "== pytest"
-.venv/bin/python -m pytest "$@"
+"$venv/bin/python" -m pytest "$@"
