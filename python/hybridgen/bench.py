@@ -337,19 +337,6 @@ def prefill(model, ids: torch.Tensor, config: HybridConfig, chunk: int, window: 
     return cache, out.logits[:, -1:].argmax(-1), seconds, recorder
 
 
-def logical_kv(cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every token's keys and values of a layer in logical order, on the layer's device."""
-    layer = cache.layers[layer_idx]
-    n_host = cache.store.host_len(layer_idx) if cache.store is not None else 0
-    if n_host == 0:
-        return layer.keys, layer.values
-    s = layer.sinks_on_device
-    hk, hv = cache.store.read(layer_idx, 0, n_host)
-    hk, hv = hk.to(layer.keys.device, layer.keys.dtype), hv.to(layer.keys.device, layer.keys.dtype)
-    return (torch.cat([layer.keys[:, :, :s], hk, layer.keys[:, :, s:]], dim=2),
-            torch.cat([layer.values[:, :, :s], hv, layer.values[:, :, s:]], dim=2))
-
-
 def place(model, source, config: HybridConfig, recorder: _QueryRecorder):
     """A new cache for ``config`` holding ``source``'s prompt, placed as the prompt step would
     place it; a policy that looks at the prompt sees the recorded queries. ``(cache, seconds)``."""
@@ -362,12 +349,8 @@ def place(model, source, config: HybridConfig, recorder: _QueryRecorder):
     _sync(device)
     t0 = time.perf_counter()
     for i in range(len(source.layers)):
-        k, v = logical_kv(source, i)
-        cache.update(k, v, i)
-        layer = cache.layers[i]
-        layer.returned_keys = None  # nothing attends to this step: let the prompt's tensors go
-        if scores_prompt:
-            cache.policy.prefill(layer, recorder.queries[i], k, v, None, recorder.scales[i])
+        k, v = source.layers[i].tier.logical_kv()
+        cache.place_prompt(i, k, v, *((recorder.queries[i], None, recorder.scales[i]) if scores_prompt else ()))
         del k, v
     _sync(device)
     return cache, time.perf_counter() - t0

@@ -54,7 +54,25 @@ class Total:
     __radd__ = __add__
 
 
-Seconds = Union[float, Span, Total]
+class OpenSpan:
+    """A span whose end is marked later, e.g. a decoder layer's forward: started by its pre-hook,
+    closed by its post-hook, read (``float``) when the step's records are resolved."""
+
+    __slots__ = ("start", "end")
+
+    def __init__(self, device: torch.device):
+        self.start, self.end = mark(device), None
+
+    def close(self, device: torch.device) -> None:
+        self.end = mark(device)
+
+    def __float__(self) -> float:
+        if self.end is None:
+            raise RuntimeError("a layer span was read before the layer finished")
+        return float(between(self.start, self.end))
+
+
+Seconds = Union[float, Span, Total, OpenSpan]
 
 
 def mark(device: torch.device):

@@ -83,7 +83,7 @@ def test_h2o_prefill_scores_are_accumulated_attention(model_type):
     model(ids, attention_mask=mask)
     policy = model._hybridgen.last_cache.policy
     for layer, ref in enumerate(want):
-        got = policy.layers[layer].acc
+        got = model._hybridgen.last_cache.layers[layer].tier.policy_state.acc
         assert (got - ref).abs().max().item() < 1e-4
     hybridgen.unpatch(model)
 
@@ -116,7 +116,7 @@ def test_heavy_hitters_keep_the_best_scores_and_never_revive_dropped_tokens(poli
     # Each query hands out one unit of probability per query head: the scores add up.
     g = 2
     steps = len(seq[0]) - 48 - 1
-    for st in cache.policy.layers.values():
+    for st in (layer.tier.policy_state for layer in cache.layers):
         total = st.acc.sum(dim=-1)  # [b, hkv]
         assert torch.allclose(total, torch.full_like(total, g * (48 + steps)), rtol=1e-4)
 
@@ -128,7 +128,7 @@ def test_keyformer_is_reproducible_and_differs_from_h2o():
     for name in ("keyformer", "keyformer", "h2o"):
         model = tiny("llama")
         _, logits, cache = run(model, ids, mask, 20, HybridConfig(policy=name, **config))
-        runs.setdefault(name, []).append((logits, [st.heavy for st in cache.policy.layers.values()]))
+        runs.setdefault(name, []).append((logits, [layer.tier.policy_state.heavy for layer in cache.layers]))
     (a, sa), (b, sb) = runs["keyformer"]
     assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(sa, sb)), "seeded noise: same run twice"
     _, sh = runs["h2o"][0]
@@ -143,7 +143,7 @@ def test_infinigen_fetches_k_tokens_chosen_by_speculation():
     assert all(r.k == 5 for r in records)
     assert all(r.speculative == (r.layer > 0) for r in records), "layer 0 has no previous layer to speculate from"
     assert all(r.tx_bytes == 2 * 5 * 2 * 16 * 4 for r in records), "k key and value rows per KV head cross"
-    st = cache.policy.layers[0]
+    st = cache.layers[0].tier.policy_state
     assert st.channels.shape == (2, round(infinigen.PARTIAL_RATIO * 16))
     assert st.partial.shape[2] == cache.store.host_len(0), "partial keys mirror every host token"
     want = cache.store.view(0, "keys", 0, st.partial.shape[2]).gather(

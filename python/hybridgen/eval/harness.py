@@ -170,10 +170,9 @@ class HybridLM(HFLM):
                 total += float(logprobs[target])
                 greedy = greedy and int(logprobs.argmax()) == target
                 feed = target
-        steps = len(continuation) - (1 if len(context) == 1 else 0)
-        if steps:
-            require_hybrid_run(cache, what=f"lm-eval scoring with policy {self.hybrid_config.policy}",
-                               decode_steps=steps, context_tokens=len(context) - 1)
+        # Every scored token came from a one-token step (a one-token context is one too).
+        require_hybrid_run(cache, what=f"lm-eval scoring with policy {self.hybrid_config.policy}",
+                           decode_steps=len(continuation), context_tokens=len(context) - 1)
         return total, greedy
 
     def get_model_info(self) -> dict:

@@ -70,8 +70,5 @@ def replay(model, recorded: RecordedPrefill, config: Optional[HybridConfig]):
     cache = HybridCache(model, config)
     with torch.inference_mode():
         for i, (q, k, v, mask, scale) in enumerate(recorded.layers):
-            cache.update(k, v, i)
-            layer = cache.layers[i]
-            layer.returned_keys = None
-            cache.policy.prefill(layer, q, k, v, mask, scale)
+            cache.place_prompt(i, k, v, q, mask, scale)
     return cache

@@ -50,19 +50,14 @@ def hybridgen_attention(module, query, key, value, attention_mask, dropout=0.0, 
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if layer is None or query.shape[2] > 1:
         if layer is not None:
-            layer.cache.policy.prefill(layer, query, key, value, attention_mask, scale)
+            layer.cache.policy.prefill(layer.tier, query, key, value, attention_mask, scale)
         elif query.shape[2] == 1:
             _decode_without_hybrid_cache(module, state)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    cache = layer.cache
-    out = cache.policy.decode(layer, query[:, :, 0], key, value, attention_mask, scale)
-    layer.policy_calls += 1
-    if state is None:
-        # Used through attn_implementation="hybridgen" without patch(): no layer hooks time the
-        # whole layer, so the record (device time = the attention's) is complete now.
-        cache.record(module.layer_idx, layer.pending)
-        layer.pending = None
-    layer.evict_overflow()
+    # Patched: the layer hooks time the whole layer (its span). Through attn_implementation=
+    # "hybridgen" without patch() there are no hooks: device time is the attention's own.
+    span = layer.span if state is not None else None
+    out = layer.cache.decode(module.layer_idx, query[:, :, 0], attention_mask, scale, span=span)
     return out.unsqueeze(1).to(query.dtype), None
 
 

@@ -1,11 +1,10 @@
-"""HybridCache: a transformers ``Cache`` whose layers keep the sinks and the most recent tokens on
-the model's device and move older tokens to the host store.
+"""HybridCache: a transformers ``Cache`` over the decode engine (:mod:`hybridgen.engine`).
 
-Per layer, the device tier is ``keys``/``values`` ``[b, hkv, n_dev, d]``: the first
-``min(sinks, total)`` are the sink tokens, the rest the most recent ones. Host tokens sit between
-them in logical order. A multi-token step (the prompt) runs the model's own attention over all
-tokens and then places them; a one-token step (decode) runs hybrid attention
-(:mod:`hybridgen.hf.attention`), after which the oldest recent tokens beyond the budget move to
+Each layer's tokens live in a :class:`~hybridgen.engine.DeviceTier` (sinks + recent tokens on the
+model's device, ``[b, hkv, n_dev, d]``) and the cache's host store (every token in between). A
+multi-token step (the prompt) runs the model's own attention over all tokens and then places
+them; a one-token step (decode) runs the policy (:meth:`HybridCache.decode`, called by
+:mod:`hybridgen.hf.attention`), after which the oldest recent tokens beyond the budget move to
 the host.
 """
 
@@ -19,10 +18,11 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..config import HybridConfig
+from ..engine import DeviceTier, StepClock, make_store
 from ..host_store import HostKVStore
 from ..policies import make_policy
-from ..telemetry import StepRecord, Telemetry
-from ..timing import timed
+from ..policies.base import keep_mask
+from ..timing import OpenSpan
 from .models import describe
 
 #: The HybridCache whose layer was updated last: the attention function (which transformers does
@@ -51,38 +51,38 @@ def active_cache() -> Optional["HybridCache"]:
 
 
 class HybridLayer(DynamicLayer):
-    """One layer's device tier; host tokens live in the cache's shared store."""
+    """transformers' view of one layer: its tokens live in a :class:`~hybridgen.engine.DeviceTier`
+    (device) and the cache's host store; this class only speaks the ``Cache`` layer protocol."""
 
     def __init__(self, cache: "HybridCache", layer_idx: int):
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
-        self.total = 0
-        self.pending: Optional[StepRecord] = None
+        #: The layer's tokens (made with the store, at the first update).
+        self.tier: Optional[DeviceTier] = None
         #: Decode steps this layer's attention ran through the cache's policy.
         self.policy_calls = 0
         #: The keys returned by the latest update: the attention function recognises its call by them.
         self.returned_keys: Optional[torch.Tensor] = None
-        self.t_start = 0.0  # when this layer's forward began (set by the patch's hooks)
-        self._buf_k: Optional[torch.Tensor] = None
-        self._buf_v: Optional[torch.Tensor] = None
-        #: An eviction whose device-to-host copy is still in flight: (event, keys, values) on
-        #: the host; the store takes them at the next :meth:`settle`.
-        self._in_flight: Optional[tuple] = None
+        #: The layer's forward in progress (set by the patch's layer hooks).
+        self.span: Optional[OpenSpan] = None
 
     # --- the transformers layer protocol ---------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         store = self.cache.ensure_store(key_states)
-        self.settle()
+        if self.tier is None:
+            self.tier = DeviceTier(store, self.layer_idx, self.cache.placement)
+        tier = self.tier
+        tier.settle()
         n_new = key_states.shape[-2]
         full = None
-        if n_new > 1 and store.host_len(self.layer_idx) > 0:
-            full = self._with_host_tokens(key_states, value_states)
-        self._append(key_states, value_states)
-        self.total += n_new
-        store.append(self.layer_idx, n_new)
+        if n_new > 1 and tier.host_tokens > 0:
+            # A multi-token step after tokens went to the host: it attends to every token (exact).
+            full = tier.logical_kv(key_states, value_states)
+        tier.append(key_states, value_states)
+        self.keys, self.values = tier.keys, tier.values
         returned = (self.keys, self.values) if full is None else full
         self.returned_keys = returned[0]
         if n_new > 1:
@@ -90,41 +90,29 @@ class HybridLayer(DynamicLayer):
             self.evict_overflow(force=True)
         return returned
 
-    def _append(self, key_states, value_states) -> None:
-        """Writes new tokens after the device tier, in a buffer with room to spare: no
-        per-step reallocation of the whole tier."""
-        n, n_new = self.device_tokens(), key_states.shape[-2]
-        if self._buf_k is None or self._buf_k.shape[2] < n + n_new:
-            grow = 2 * n if self.cache.placement.recent is None else 0  # unbounded tier: amortised doubling
-            self._reallocate(max(n + n_new, self._base_capacity(), grow), like=key_states)
-        self._buf_k[:, :, n : n + n_new].copy_(key_states)
-        self._buf_v[:, :, n : n + n_new].copy_(value_states)
-        self._set_len(n + n_new)
+    def evict_overflow(self, force: bool = False) -> None:
+        if self.tier is not None:
+            self.tier.evict_overflow(force)
+            self.keys, self.values = self.tier.keys, self.tier.values
 
-    def _base_capacity(self) -> int:
-        """Device-tier tokens a layer holds at most while decoding (plus the new one)."""
-        p = self.cache.placement
-        return p.sinks + (p.recent or 0) + p.evict_chunk + 1
+    def settle(self) -> None:
+        if self.tier is not None:
+            self.tier.settle()
 
-    def _reallocate(self, cap: int, like: torch.Tensor, drop: tuple[int, int] = (0, 0)) -> None:
-        """Fresh buffers of ``cap`` tokens holding the device tier without tokens
-        ``[drop[0], drop[1])``. Never in place: tensors already handed to attention (the
-        prompt's) keep their contents."""
-        b, h, _, d = like.shape
-        new_k = torch.empty((b, h, cap, d), dtype=like.dtype, device=like.device)
-        new_v = torch.empty_like(new_k)
-        n, (lo, hi), kept = self.device_tokens(), drop, 0
-        for a, z in ((0, lo), (hi, n)):
-            if z > a:
-                new_k[:, :, kept : kept + z - a].copy_(self.keys[:, :, a:z])
-                new_v[:, :, kept : kept + z - a].copy_(self.values[:, :, a:z])
-                kept += z - a
-        self._buf_k, self._buf_v = new_k, new_v
-        self._set_len(kept)
+    @property
+    def total(self) -> int:
+        return 0 if self.tier is None else self.tier.total
 
-    def _set_len(self, n: int) -> None:
-        self.keys = self._buf_k[:, :, :n]
-        self.values = self._buf_v[:, :, :n]
+    @property
+    def sinks_on_device(self) -> int:
+        return 0 if self.tier is None else self.tier.sinks_on_device
+
+    def device_tokens(self) -> int:
+        return 0 if self.tier is None else self.tier.device_tokens()
+
+    @property
+    def in_flight(self) -> int:
+        return 0 if self.tier is None else self.tier.in_flight
 
     def get_seq_length(self) -> int:
         return self.total
@@ -138,86 +126,14 @@ class HybridLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.total = 0
-        self._buf_k = self._buf_v = None
-        self._in_flight = None
+        if self.tier is not None:
+            self.tier.reset()
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("HybridCache cannot crop: tokens on the host are final")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("HybridCache does not support beam search; use greedy or sampling")
-
-    # --- tiers -------------------------------------------------------------------------------
-    @property
-    def sinks_on_device(self) -> int:
-        return min(self.cache.placement.sinks, self.total)
-
-    def device_tokens(self) -> int:
-        return 0 if self._buf_k is None else self.keys.shape[-2]
-
-    def evict_overflow(self, force: bool = False) -> None:
-        """Moves the oldest recent tokens beyond ``gpu_budget`` to the host store — in chunks of
-        ``evict_chunk`` tokens during decoding (one transfer per chunk, not per token), all of
-        them when ``force``d (after the prompt)."""
-        p = self.cache.placement
-        if p.recent is None:  # the policy keeps every token on the device
-            return
-        s = self.sinks_on_device
-        n = self.device_tokens()
-        over = n - s - p.recent
-        if over <= 0 or (not force and over < p.evict_chunk):
-            return
-        self.settle()
-        dtype = self.cache.store.dtype
-        old_k, old_v = self.keys[:, :, s : s + over], self.values[:, :, s : s + over]
-        if self.keys.is_cuda and not force:
-            # Decoding on a GPU: copy to page-locked host memory on the side stream and free the
-            # device rows at once; the store takes the tokens at the next settle() (the start of
-            # this layer's next step), long after the copy finished. The step never waits.
-            from ..cuda import side_stream
-
-            device = self.keys.device
-            side, main = side_stream(device.index), torch.cuda.current_stream(device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                host_k = torch.empty(old_k.shape, dtype=dtype, pin_memory=True)
-                host_v = torch.empty(old_v.shape, dtype=dtype, pin_memory=True)
-                host_k.copy_(old_k, non_blocking=True)
-                host_v.copy_(old_v, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(side)
-            for buf in (self._buf_k, self._buf_v):
-                buf.record_stream(side)  # the old buffer outlives the copy that reads it
-            self._in_flight = (done, host_k, host_v)
-        else:
-            self.cache.store.evict(self.layer_idx, old_k.to("cpu", dtype).contiguous(), old_v.to("cpu", dtype).contiguous())
-        self._reallocate(max(n - over + 1, self._base_capacity()), like=self.keys, drop=(s, s + over))
-
-    def settle(self) -> None:
-        """Hands an in-flight eviction to the store (waiting for its copy if, unusually, it has
-        not finished). Every reader of the layer's tiers runs after this."""
-        if self._in_flight is None:
-            return
-        done, host_k, host_v = self._in_flight
-        done.synchronize()
-        self.cache.store.evict(self.layer_idx, host_k.contiguous(), host_v.contiguous())
-        self._in_flight = None
-
-    @property
-    def in_flight(self) -> int:
-        """Tokens evicted from the device tier whose copy the store has not taken yet."""
-        return 0 if self._in_flight is None else self._in_flight[1].shape[2]
-
-    def _with_host_tokens(self, key_states, value_states):
-        """Every token in logical order (host tokens copied back): exact attention for a
-        multi-token step after tokens went to the host."""
-        store, s = self.cache.store, self.sinks_on_device
-        hk, hv = store.read(self.layer_idx, 0, store.host_len(self.layer_idx))
-        hk, hv = hk.to(self.keys.device, self.keys.dtype), hv.to(self.keys.device, self.keys.dtype)
-        keys = torch.cat([self.keys[:, :, :s], hk, self.keys[:, :, s:], key_states], dim=-2)
-        values = torch.cat([self.values[:, :, :s], hv, self.values[:, :, s:], value_states], dim=-2)
-        return keys, values
 
 
 class HybridCache(Cache):
@@ -242,11 +158,8 @@ class HybridCache(Cache):
         self.owner = state
         super().__init__(layers=[HybridLayer(self, i) for i in range(self.info.layers)])
         self.store: Optional[HostKVStore] = None
-        self.telemetry = Telemetry()
+        self.clock: Optional[StepClock] = None
         self.set_config(config)
-        self.step = 0
-        #: This step's records and their layers' spans, resolved after the last layer.
-        self._step_records: list = []
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if not 0 <= layer_idx < self.info.layers:
@@ -262,28 +175,11 @@ class HybridCache(Cache):
     def ensure_store(self, key_states: torch.Tensor) -> HostKVStore:
         if self.store is None:
             c, info = self.config, self.info
-            b = key_states.shape[0]
-            max_context = c.max_context or info.max_positions
-            token_bytes = b * info.kv_heads * info.head_dim * key_states.element_size()
-            room = info.layers * max_context * token_bytes
-            self.store = HostKVStore(
-                info.layers, b, info.kv_heads, info.head_dim, key_states.dtype,
-                sinks=self.placement.sinks,
-                near_capacity_bytes=c.near_capacity_bytes or room,
-                far_capacity_bytes=c.far_capacity_bytes or 2 * room,
-                near_node=c.near_node, far_node=c.far_node,
-                max_host_tokens=max_context,
+            self.store = make_store(
+                c, layers=info.layers, batch=key_states.shape[0], kv_heads=info.kv_heads, head_dim=info.head_dim,
+                dtype=key_states.dtype, max_tokens=c.max_context or info.max_positions, sinks=self.placement.sinks,
+                device=key_states.device, to_host=self.placement.recent is not None,
             )
-            device = key_states.device
-            # Pin only where tokens go to the host and are read from there (pinning commits the
-            # store's reserved room): never for a policy that keeps everything on the device.
-            to_host = self.placement.recent is not None
-            if c.pin_host or (c.pin_host is None and device.type == "cuda" and to_host):
-                from ..cuda import kernel_cache_dir, require
-
-                require("pin_host", device)
-                self.store.pin(device.index if device.index is not None else torch.cuda.current_device(),
-                               kernel_cache_dir())
         elif key_states.dtype != self.store.dtype:
             raise ValueError(
                 f"keys arrive as {key_states.dtype} but this HybridCache stores {self.store.dtype}: use a new HybridCache"
@@ -307,11 +203,27 @@ class HybridCache(Cache):
                 f"{self.placement}: use a new HybridCache"
             )
         self.config, self.policy, self.placement = config, policy, placement
+        telemetry = self.clock.telemetry if self.clock is not None else None
+        step = self.clock.step if self.clock is not None else 0
+        self.clock = StepClock(policy.observe, telemetry)
+        self.clock.step = step
+        for layer in self.layers:
+            if layer.tier is not None:
+                layer.tier.policy_state = None
+
+    @property
+    def telemetry(self):
+        return self.clock.telemetry
+
+    @property
+    def step(self) -> int:
+        """Decode steps closed so far (every layer recorded)."""
+        return self.clock.step
 
     @property
     def decode_steps(self) -> int:
         """Decode steps whose every layer ran this cache's policy (and was recorded)."""
-        return self.step
+        return self.clock.step
 
     def policy_calls(self) -> list[int]:
         """Per layer, the decode steps its attention ran through the policy."""
@@ -322,27 +234,32 @@ class HybridCache(Cache):
         """The feedback scheduler of the ``scheduler`` policy (``None`` for other policies)."""
         return getattr(self.policy, "scheduler", None)
 
-    def record(self, layer_idx: int, record: StepRecord, layer_span=None) -> None:
-        """Adds one layer's record (``layer_span``: the whole layer's time, if measured); after
-        the last layer, resolves the step's timings (one wait for the device per step) and feeds
-        them to the scheduler."""
-        self._step_records.append((record, layer_span))
-        if layer_idx != self.info.layers - 1:
-            return
-        t_gpu = t_cpu = t_tx = 0.0
-        for rec, span in self._step_records:
-            self.telemetry.add(rec.resolve(span))
-            t_gpu += rec.t_gpu
-            t_cpu += rec.t_cpu - rec.t_hidden
-            t_tx += rec.t_tx
-        self._step_records = []
-        self.policy.observe(t_gpu, t_cpu, t_tx)
-        self.step += 1
+    def decode(self, layer_idx: int, q: torch.Tensor, attention_mask, scale: float, span=None) -> torch.Tensor:
+        """One decode step of layer ``layer_idx`` through the policy: ``q [b, hq, d]`` → attention
+        output ``[b, hq, d]`` (float32); the step's record goes to the clock (``span``: the whole
+        layer's forward, closed by the patch's hooks; without one the step closes after the last
+        layer's attention)."""
+        layer = self.layers[layer_idx]
+        keep = keep_mask(attention_mask) if attention_mask is not None else None
+        out, record = self.policy.decode(layer.tier, q, keep, scale, self.clock.step)
+        layer.policy_calls += 1
+        self.clock.record(record, span)
+        layer.evict_overflow()
+        if span is None and layer_idx == self.info.layers - 1:
+            self.clock.close_step()
+        return out
 
-    def timed(self, fn, device: torch.device):
-        """``(fn(), seconds)``: on CUDA a lazy span between events on the current stream (read
-        once per step), on the CPU wall time."""
-        return timed(fn, device)
+    def place_prompt(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, query=None,
+                     attention_mask=None, scale: Optional[float] = None) -> None:
+        """Places a prompt recorded elsewhere (``keys``/``values [b, hkv, n, d]`` in logical order)
+        as this cache's own prefill would: the tokens go to their tiers, and a policy that looks
+        at the prompt sees ``query [b, hq, n, d]`` (if given). One prefill, replayed into many
+        policies' caches (the speed harness, the accuracy evaluations)."""
+        layer = self.layers[layer_idx]
+        self.update(keys, values, layer_idx)
+        layer.returned_keys = None  # nothing attends to this step: let the prompt's tensors go
+        if query is not None:
+            self.policy.prefill(layer.tier, query, keys, values, attention_mask, scale)
 
     def settle(self) -> None:
         """Completes every layer's in-flight eviction (e.g. before inspecting the store)."""

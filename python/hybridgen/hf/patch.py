@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..config import HybridConfig
-from ..timing import between, mark
+from ..timing import OpenSpan
 from . import attention
 from .cache import CURRENT_CALL, HybridCache, activate, active_cache, deactivate
 from .compat import get_cache, set_cache
@@ -168,14 +168,16 @@ def _active_layer(idx):
 def _layer_start(idx, decoder_layers):
     def hook(module, args, kwargs):
         layer = _active_layer(idx)
-        if layer is not None and layer.keys is not None:
-            if idx + 1 < len(decoder_layers):
-                hidden = args[0] if args else kwargs.get("hidden_states")
-                if hidden is not None and hidden.shape[1] == 1:  # a decode step
-                    layer.cache.layers[idx + 1].settle()
-                    layer.cache.policy.speculate(layer.cache.layers[idx + 1], decoder_layers[idx + 1], hidden,
-                                                 kwargs.get("position_embeddings"), kwargs.get("attention_mask"))
-            layer.t_start = mark(layer.keys.device)
+        if layer is None or layer.tier is None:
+            return
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if idx + 1 < len(decoder_layers) and hidden is not None and hidden.shape[1] == 1:  # a decode step
+            following = layer.cache.layers[idx + 1]
+            if following.tier is not None:
+                following.settle()
+                layer.cache.policy.speculate(following.tier, decoder_layers[idx + 1], hidden,
+                                             kwargs.get("position_embeddings"), kwargs.get("attention_mask"))
+        layer.span = OpenSpan(layer.tier.keys.device)
 
     return hook
 
@@ -183,11 +185,13 @@ def _layer_start(idx, decoder_layers):
 def _layer_end(idx):
     def hook(module, args, output):
         layer = _active_layer(idx)
-        if layer is None or layer.pending is None:
+        if layer is None or layer.span is None:
             return
-        record, layer.pending = layer.pending, None
-        # The cache turns the layer's span into device time (everything but the serial CPU stage
-        # and the transfer) when it resolves the step's timings.
-        layer.cache.record(idx, record, layer_span=between(layer.t_start, mark(layer.keys.device)))
+        # The clock turns the layer's span into device time (everything but the serial CPU stage
+        # and the transfer) when it resolves the step's timings, after the last layer.
+        layer.span.close(layer.tier.keys.device)
+        layer.span = None
+        if idx == len(layer.cache.layers) - 1:
+            layer.cache.clock.close_step()
 
     return hook

@@ -1,6 +1,7 @@
 """The interface every decode-time KV policy implements, and the helpers they share.
 
-A policy decides two things for a :class:`~hybridgen.hf.cache.HybridCache`:
+A policy decides two things for every layer's :class:`~hybridgen.engine.DeviceTier` (whichever
+integration owns it: transformers' HybridCache or FlexGen's cache):
 
 - *placement*: how many leading (sink) and recent tokens each layer keeps on the model's device;
   every other token lives in the host store (nothing is ever lost: policies that "drop" tokens
@@ -21,9 +22,10 @@ import torch
 from ..attention import device_partial
 from ..config import HybridConfig
 from ..telemetry import StepRecord
+from ..timing import timed
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..hf.cache import HybridLayer
+    from ..engine import DeviceTier
     from ..hf.models import ModelInfo
 
 
@@ -69,16 +71,21 @@ class Policy:
     def observe(self, t_gpu: float, t_cpu: float, t_tx: float) -> None:
         """The summed per-layer times of a finished step (feedback for adaptive policies)."""
 
-    def prefill(self, layer: "HybridLayer", query, key, value, attention_mask, scale: float) -> None:
+    #: Whether the policy must see the prompt's queries (:meth:`prefill`) to work.
+    needs_prompt_queries: ClassVar[bool] = False
+
+    def prefill(self, tier: "DeviceTier", query, key, value, attention_mask, scale: float) -> None:
         """Sees a multi-token step's query and every key/value in logical order (default: nothing)."""
 
-    def speculate(self, layer: "HybridLayer", decoder_layer, hidden, position_embeddings, attention_mask) -> None:
-        """Called from layer ``layer.layer_idx - 1``'s pre-forward hook with its input (default: nothing)."""
+    def speculate(self, tier: "DeviceTier", decoder_layer, hidden, position_embeddings, attention_mask) -> None:
+        """Called from layer ``tier.layer_idx - 1``'s pre-forward hook with its input (default: nothing)."""
 
-    def decode(self, layer: "HybridLayer", q: torch.Tensor, dev_k, dev_v, attention_mask, scale: float) -> torch.Tensor:
-        """Attention output ``[b, hq, d]`` (float32) of the decode query ``q [b, hq, d]``;
-        ``dev_k``/``dev_v [b, hkv, n_dev, d]`` are the layer's device tokens (sinks first). Sets
-        ``layer.pending`` to the step's :class:`~hybridgen.telemetry.StepRecord`."""
+    def decode(self, tier: "DeviceTier", q: torch.Tensor, keep: Optional[torch.Tensor], scale: float,
+               step: int) -> tuple[torch.Tensor, StepRecord]:
+        """One decode query ``q [b, hq, d]`` over the layer's tokens: ``tier.keys``/``tier.values``
+        ``[b, hkv, n_dev, d]`` (sinks first, this step's token included) and the host tokens.
+        ``keep``: bool ``[b, tier.total]`` (True = attend) or ``None``. Returns the attention output
+        ``[b, hq, d]`` (float32) and the step's :class:`~hybridgen.telemetry.StepRecord`."""
         raise NotImplementedError
 
 
@@ -91,19 +98,6 @@ def keep_mask(attention_mask) -> torch.Tensor:
     return keep
 
 
-def tier_masks(layer: "HybridLayer", attention_mask, n_host: int):
-    """Device and host masks (True = ignore) from the model's ``[b, 1, q, total]`` mask."""
-    if attention_mask is None:
-        return None, None
-    keep = keep_mask(attention_mask)
-    s = layer.sinks_on_device
-    return ~keep[:, device_positions(layer, n_host, keep.device)], ~keep[:, s : s + n_host]
-
-
-def device_positions(layer: "HybridLayer", n_host: int, device) -> torch.Tensor:
-    """Logical positions ``[n_dev]`` of the layer's device tokens (sinks, then recent)."""
-    s, total = layer.sinks_on_device, layer.total
-    return torch.cat([torch.arange(s), torch.arange(s + n_host, total)]).to(device)
 
 
 # --- attention over explicit per-KV-head token sets (policies that pick tokens per head) -------
@@ -129,32 +123,31 @@ def weighted_values(p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return torch.matmul(p, values.float()).reshape(b, hkv * g, -1)
 
 
-def device_only(layer: "HybridLayer", q, dev_k, dev_v, attention_mask, scale: float, strategy: str) -> torch.Tensor:
-    """Attention over the layer's device tokens alone (host tokens, if any, are not read)."""
-    cache = layer.cache
-    n_host = cache.store.host_len(layer.layer_idx)
-    dev_mask, _ = tier_masks(layer, attention_mask, n_host)
-    out, t_dev = cache.timed(lambda: device_partial(q, dev_k, dev_v, scale, dev_mask)[0], q.device)
-    layer.pending = StepRecord(cache.step, layer.layer_idx, 0, strategy, n_host, dev_k.shape[-2], 0.0, t_dev, 0.0)
-    return out
+def device_only(tier: "DeviceTier", q, keep, scale: float, step: int, strategy: str):
+    """Attention over the layer's device tokens alone (host tokens, if any, are not read):
+    ``(out, record)``."""
+    dev_k, dev_v = tier.keys, tier.values
+    dev_mask, _ = tier.masks(keep)
+    out, t_dev = timed(lambda: device_partial(q, dev_k, dev_v, scale, dev_mask)[0], q.device)
+    return out, StepRecord(step, tier.layer_idx, 0, strategy, tier.host_tokens, dev_k.shape[-2], 0.0, t_dev, 0.0)
 
 
-def with_chosen(layer: "HybridLayer", dev_k, dev_v, chosen, host_k, host_v, n_host: int, attention_mask):
+def with_chosen(tier: "DeviceTier", chosen, host_k, host_v, keep):
     """The device tokens plus per-KV-head chosen host tokens, in logical order.
 
     ``chosen [b, hkv, m]`` host indices (ascending) whose rows are ``host_k``/``host_v
     [b, hkv, m, d]``. Returns keys, values ``[b, hkv, n, d]``, their logical positions
     ``[b, hkv, n]`` (on the keys' device) and the ignore mask (bool ``[b, hkv, n]`` or ``None``).
     """
-    s = layer.sinks_on_device
+    dev_k, dev_v = tier.keys, tier.values
+    s = tier.sinks_on_device
     b, hkv = dev_k.shape[:2]
-    dev_pos = device_positions(layer, n_host, dev_k.device)
+    dev_pos = tier.positions(dev_k.device)
     pos = torch.cat([dev_pos[:s].expand(b, hkv, -1), chosen.to(dev_k.device) + s, dev_pos[s:].expand(b, hkv, -1)], -1)
     keys = torch.cat([dev_k[:, :, :s], host_k.to(dev_k.dtype), dev_k[:, :, s:]], dim=2)
     values = torch.cat([dev_v[:, :, :s], host_v.to(dev_v.dtype), dev_v[:, :, s:]], dim=2)
     ignore = None
-    if attention_mask is not None:
-        keep = keep_mask(attention_mask)
+    if keep is not None:
         ignore = ~keep.gather(1, pos.to(keep.device).reshape(b, -1)).view(b, hkv, -1)
     return keys, values, pos, ignore
 

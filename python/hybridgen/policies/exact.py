@@ -13,7 +13,8 @@ from __future__ import annotations
 from ..attention import device_partial
 from ..ops import merge_partials
 from ..telemetry import StepRecord
-from .base import Placement, Policy, device_only, tier_masks
+from ..timing import timed
+from .base import Placement, Policy, device_only
 from .hybrid import HybridPolicy
 
 
@@ -30,8 +31,8 @@ class FullPolicy(Policy):
     def selection(self):
         return "full", None
 
-    def decode(self, layer, q, dev_k, dev_v, attention_mask, scale):
-        return device_only(layer, q, dev_k, dev_v, attention_mask, scale, "full")
+    def decode(self, tier, q, keep, scale, step):
+        return device_only(tier, q, keep, scale, step, "full")
 
 
 class AllOnGpuPolicy(Policy):
@@ -47,33 +48,33 @@ class AllOnGpuPolicy(Policy):
     def selection(self):
         return "all", None
 
-    def decode(self, layer, q, dev_k, dev_v, attention_mask, scale):
-        cache, idx = layer.cache, layer.layer_idx
-        n_host = cache.store.host_len(idx)
-        dev_mask, host_mask = tier_masks(layer, attention_mask, n_host)
+    def decode(self, tier, q, keep, scale, step):
+        store, idx = tier.store, tier.layer_idx
+        n_host = tier.host_tokens
+        dev_k, dev_v = tier.keys, tier.values
+        dev_mask, host_mask = tier.masks(keep)
 
         def stream():
-            keys, values = cache.store.view(idx, "keys", 0, n_host), cache.store.view(idx, "values", 0, n_host)
+            keys, values = store.view(idx, "keys", 0, n_host), store.view(idx, "values", 0, n_host)
             if q.is_cuda:  # asynchronous, strip by strip from the page-locked store
                 from ..cuda import copy_to_device
 
                 return copy_to_device(keys, q.device), copy_to_device(values, q.device)
             return keys.to(q.device), values.to(q.device)
 
-        (hk, hv), t_tx = cache.timed(stream, q.device)
+        (hk, hv), t_tx = timed(stream, q.device)
 
         def attend():
             o_host, lse_host = device_partial(q, hk, hv, scale, host_mask)
             o_dev, lse_dev = device_partial(q, dev_k, dev_v, scale, dev_mask)
             return merge_partials(o_host, lse_host, o_dev, lse_dev)[0]
 
-        out, t_dev = cache.timed(attend, q.device)
-        layer.pending = StepRecord(
-            step=cache.step, layer=idx, k=n_host, strategy="all", host_tokens=n_host,
+        out, t_dev = timed(attend, q.device)
+        return out, StepRecord(
+            step=step, layer=idx, k=n_host, strategy="all", host_tokens=n_host,
             device_tokens=dev_k.shape[-2], t_cpu=0.0, t_gpu=t_dev, t_tx=t_tx,
             tx_bytes=(hk.numel() + hv.numel()) * hk.element_size(),
         )
-        return out
 
 
 class AllOnCpuPolicy(HybridPolicy):

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from ..telemetry import StepRecord
+from ..timing import timed
 from .base import Policy, fetch_rows, grouped_logits, softmax_rows, weighted_values, with_chosen
 
 #: Keyformer's temperature schedule length (decode steps from τ = 1 to τ = 2).
@@ -48,34 +49,32 @@ class HeavyHitterPolicy(Policy):
     runs = "device"
     bus = "nothing (evicted tokens only leave)"
 
-    def __init__(self, config, info):
-        super().__init__(config, info)
-        self.layers: dict[int, _LayerState] = {}
+    needs_prompt_queries = True
 
     # --- scores ------------------------------------------------------------------------------
     def score(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """Score increments ``[b, hkv, n]`` from logits ``x`` and probabilities ``p`` ``[b, hkv, g, (q,) n]``."""
         return p.sum(dim=tuple(range(2, p.dim() - 1)))
 
-    def _grow(self, layer, device, dtype) -> _LayerState:
+    def _grow(self, tier, device, dtype) -> _LayerState:
         """The layer's state with ``acc`` covering every logical position so far."""
-        st = self.layers.get(layer.layer_idx)
-        b, hkv, d = layer.cache.store.batch, self.info.kv_heads, self.info.head_dim
+        st = tier.policy_state
+        b, hkv, d = tier.store.batch, self.info.kv_heads, self.info.head_dim
         if st is None:
             empty = torch.empty((b, hkv, 0, d), dtype=dtype, device=device)
             st = _LayerState(torch.zeros((b, hkv, 0), device=device), torch.empty((b, hkv, 0), dtype=torch.long),
                              empty, empty.clone())
-            self.layers[layer.layer_idx] = st
-        if st.acc.shape[-1] < layer.total:
-            pad = torch.zeros((b, hkv, layer.total - st.acc.shape[-1]), device=st.acc.device)
+            tier.policy_state = st
+        if st.acc.shape[-1] < tier.total:
+            pad = torch.zeros((b, hkv, tier.total - st.acc.shape[-1]), device=st.acc.device)
             st.acc = torch.cat([st.acc, pad], dim=-1)
         return st
 
-    def prefill(self, layer, query, key, value, attention_mask, scale) -> None:
+    def prefill(self, tier, query, key, value, attention_mask, scale) -> None:
         """Accumulates the score every prompt query gives every token (blocks of queries)."""
         b, hq, nq, d = query.shape
         hkv, n = key.shape[1], key.shape[2]
-        st = self._grow(layer, key.device, key.dtype)
+        st = self._grow(tier, key.device, key.dtype)
         inc = torch.zeros((b, hkv, n), device=key.device)
         for lo in range(0, nq, PROMPT_BLOCK):
             hi = min(lo + PROMPT_BLOCK, nq)
@@ -96,12 +95,12 @@ class HeavyHitterPolicy(Policy):
         st.acc[..., :n] += inc
 
     # --- decode ------------------------------------------------------------------------------
-    def _admit(self, layer, st: _LayerState, n_host: int, device) -> None:
+    def _admit(self, tier, st: _LayerState, n_host: int, device) -> None:
         """New host tokens compete with the key tokens; the ``k`` best stay, the rest are dropped."""
         if n_host == st.host_seen:
             return
         b, hkv = st.acc.shape[:2]
-        s = layer.sinks_on_device
+        s = tier.sinks_on_device
         new = torch.arange(st.host_seen, n_host).expand(b, hkv, -1)
         cand = torch.cat([st.heavy, new], dim=-1)
         if cand.shape[-1] > self.config.k:
@@ -109,27 +108,25 @@ class HeavyHitterPolicy(Policy):
             best = scores.topk(self.config.k, dim=-1).indices
             cand = cand.gather(2, best).sort(dim=-1).values
         st.heavy, st.host_seen = cand, n_host
-        st.keys, st.values = fetch_rows(layer.cache.store, layer.layer_idx, cand, device)
+        st.keys, st.values = fetch_rows(tier.store, tier.layer_idx, cand, device)
 
-    def decode(self, layer, q, dev_k, dev_v, attention_mask, scale):
-        cache, idx = layer.cache, layer.layer_idx
-        n_host = cache.store.host_len(idx)
-        st = self._grow(layer, q.device, dev_k.dtype)
-        _, t_tx = cache.timed(lambda: self._admit(layer, st, n_host, q.device), q.device)
+    def decode(self, tier, q, keep, scale, step):
+        n_host = tier.host_tokens
+        st = self._grow(tier, q.device, tier.keys.dtype)
+        _, t_tx = timed(lambda: self._admit(tier, st, n_host, q.device), q.device)
 
         def attend():
-            keys, values, pos, ignore = with_chosen(layer, dev_k, dev_v, st.heavy, st.keys, st.values, n_host, attention_mask)
+            keys, values, pos, ignore = with_chosen(tier, st.heavy, st.keys, st.values, keep)
             x = grouped_logits(q, keys, scale, ignore)
             p = softmax_rows(x)
             st.acc.scatter_add_(2, pos.to(st.acc.device), self.score(x, p))
             return weighted_values(p, values)
 
-        out, t_dev = cache.timed(attend, q.device)
-        layer.pending = StepRecord(
-            step=cache.step, layer=idx, k=st.heavy.shape[-1], strategy=self.name, host_tokens=n_host,
-            device_tokens=dev_k.shape[-2], t_cpu=0.0, t_gpu=t_dev, t_tx=t_tx,
+        out, t_dev = timed(attend, q.device)
+        return out, StepRecord(
+            step=step, layer=tier.layer_idx, k=st.heavy.shape[-1], strategy=self.name, host_tokens=n_host,
+            device_tokens=tier.keys.shape[-2], t_cpu=0.0, t_gpu=t_dev, t_tx=t_tx,
         )
-        return out
 
 
 class KeyformerPolicy(HeavyHitterPolicy):

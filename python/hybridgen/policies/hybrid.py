@@ -19,7 +19,8 @@ from .. import _native
 from ..attention import cpu_stage, device_combine, device_partial, pre_qkt_positions
 from ..speculation import speculative_query
 from ..telemetry import StepRecord
-from .base import Policy, keep_mask, tier_masks
+from ..timing import timed
+from .base import Policy, keep_mask
 
 
 class HybridPolicy(Policy):
@@ -46,17 +47,16 @@ class HybridPolicy(Policy):
         if self.scheduler is not None:
             self.scheduler.observe(t_gpu, t_cpu, t_tx)
 
-    def decode(self, layer, q, dev_k, dev_v, attention_mask, scale):
-        cache, cfg = layer.cache, self.config
-        idx = layer.layer_idx
-        n_host = cache.store.host_len(idx)
-        dev_mask, host_mask = tier_masks(layer, attention_mask, n_host)
+    def decode(self, tier, q, keep, scale, step):
+        cfg, store, idx = self.config, tier.store, tier.layer_idx
+        dev_k, dev_v = tier.keys, tier.values
+        n_host = tier.host_tokens
+        dev_mask, host_mask = tier.masks(keep)
         strategy, k = self.selection()
         kernels = cfg.use_kernels
         if n_host == 0:
-            out, t_dev = cache.timed(lambda: device_partial(q, dev_k, dev_v, scale, dev_mask, kernels=kernels)[0], q.device)
-            layer.pending = StepRecord(cache.step, idx, 0, strategy, 0, dev_k.shape[-2], 0.0, t_dev, 0.0)
-            return out
+            out, t_dev = timed(lambda: device_partial(q, dev_k, dev_v, scale, dev_mask, kernels=kernels)[0], q.device)
+            return out, StepRecord(step, idx, 0, strategy, 0, dev_k.shape[-2], 0.0, t_dev, 0.0)
         speculated = self.speculated.pop(idx, None)
         dev_part, t_dev_part = None, 0.0
         if speculated is not None:
@@ -65,43 +65,42 @@ class HybridPolicy(Policy):
         elif cfg.pipeline and cfg.merge == "lse":
             # The CPU stage runs on the worker thread (native code, GIL released) while the device
             # computes its own partial; only the remainder of the CPU stage is waited for.
-            future = _worker().submit(self._stage(cache, idx, q, scale, strategy, k, n_host, host_mask))
-            dev_part, t_dev_part = cache.timed(
+            future = _worker().submit(self._stage(store, idx, q, scale, strategy, k, n_host, host_mask))
+            dev_part, t_dev_part = timed(
                 lambda: device_partial(q, dev_k, dev_v, scale, dev_mask, kernels=kernels), q.device
             )
             host, hidden = _wait(future)
         else:
-            host, hidden = self._stage(cache, idx, q, scale, strategy, k, n_host, host_mask)(), 0.0
+            host, hidden = self._stage(store, idx, q, scale, strategy, k, n_host, host_mask)(), 0.0
         moved, t_tx = host.ship(q.device)
-        s = layer.sinks_on_device
-        out, t_dev = cache.timed(
+        s = tier.sinks_on_device
+        out, t_dev = timed(
             lambda: device_combine(q, dev_k, dev_v, moved, scale=scale, sinks=s, dev_mask=dev_mask, dev_part=dev_part,
                                    kernels=kernels),
             q.device,
         )
-        layer.pending = StepRecord(
-            step=cache.step, layer=idx, k=host.tokens, strategy=strategy, host_tokens=n_host,
+        return out, StepRecord(
+            step=step, layer=idx, k=host.tokens, strategy=strategy, host_tokens=n_host,
             device_tokens=dev_k.shape[-2], t_cpu=host.seconds, t_gpu=t_dev + t_dev_part, t_tx=t_tx,
             t_hidden=hidden, tx_bytes=host.nbytes(), speculative=speculated is not None,
         )
-        return out
 
-    def _stage(self, cache, idx, q, scale, strategy, k, n_host, host_mask):
+    def _stage(self, store, idx, q, scale, strategy, k, n_host, host_mask):
         """The CPU stage of layer ``idx`` for query ``q`` as a callable (for the worker thread)."""
         return partial(
-            cpu_stage, cache.store, idx, q, scale=scale, merge=self.config.merge,
+            cpu_stage, store, idx, q, scale=scale, merge=self.config.merge,
             top_k=k if strategy == "post_qkt" else None,
             positions=pre_qkt_positions(n_host, k) if strategy == "pre_qkt" else None,
             host_mask=host_mask, pinned=q.is_cuda,
         )
 
-    def speculate(self, layer, decoder_layer, hidden, position_embeddings, attention_mask) -> None:
-        """Submits layer ``layer.layer_idx``'s CPU stage, with a query estimated from the previous
+    def speculate(self, tier, decoder_layer, hidden, position_embeddings, attention_mask) -> None:
+        """Submits layer ``tier.layer_idx``'s CPU stage, with a query estimated from the previous
         layer's input ``hidden``, to the worker thread (used by that layer's attention)."""
         if not self.config.speculative:
             return
-        cache, idx = layer.cache, layer.layer_idx
-        n_host = cache.store.host_len(idx) if cache.store is not None else 0
+        idx = tier.layer_idx
+        n_host = tier.host_tokens
         if n_host == 0:
             return
         strategy, k = self.selection()
@@ -109,11 +108,11 @@ class HybridPolicy(Policy):
         scale = 1.0 if self.info.model_type == "opt" else (scale or self.info.head_dim**-0.5)
         host_mask = None
         if attention_mask is not None:
-            s = min(layer.cache.placement.sinks, layer.total + 1)  # the layer has not taken this step's token yet
+            s = min(tier.placement.sinks, tier.total + 1)  # the layer has not taken this step's token yet
             host_mask = ~keep_mask(attention_mask)[:, s : s + n_host]
         with torch.no_grad():
             q = speculative_query(decoder_layer, hidden, position_embeddings)
-        self.speculated[idx] = _worker().submit(self._stage(cache, idx, q, scale, strategy, k, n_host, host_mask))
+        self.speculated[idx] = _worker().submit(self._stage(tier.store, idx, q, scale, strategy, k, n_host, host_mask))
 
 
 def _wait(future) -> tuple:

@@ -24,7 +24,8 @@ import torch
 
 from ..speculation import speculative_query
 from ..telemetry import StepRecord
-from .base import Policy, fetch_rows, grouped_logits, keep_mask, softmax_rows, weighted_values, with_chosen
+from ..timing import timed
+from .base import Policy, fetch_rows, grouped_logits, softmax_rows, weighted_values, with_chosen
 
 #: Share of each head's channels kept in the partial key cache (InfiniGen's default partial ratio).
 PARTIAL_RATIO = 0.3
@@ -42,13 +43,14 @@ class InfiniGenPolicy(Policy):
     runs = "device, over the `k` host tokens per KV head fetched after speculating with the partial keys"
     bus = "`k` key and value rows per KV head to the device, every step and layer"
 
+    needs_prompt_queries = True
+
     def __init__(self, config, info):
         super().__init__(config, info)
-        self.layers: dict[int, _LayerState] = {}
         #: Layer index -> query estimated from the previous layer's input (this step).
         self.estimates: dict[int, torch.Tensor] = {}
 
-    def prefill(self, layer, query, key, value, attention_mask, scale) -> None:
+    def prefill(self, tier, query, key, value, attention_mask, scale) -> None:
         b, hq, nq, d = query.shape
         hkv = key.shape[1]
         r = max(1, round(PARTIAL_RATIO * d))
@@ -57,18 +59,18 @@ class InfiniGenPolicy(Policy):
         importance = (q_mag * k_mag).sum(dim=0)  # [hkv, d]
         channels = importance.topk(r, dim=-1).indices.sort(dim=-1).values
         empty = key.new_empty((b, hkv, 0, r))
-        self.layers[layer.layer_idx] = _LayerState(channels, empty)
+        tier.policy_state = _LayerState(channels, empty)
 
-    def speculate(self, layer, decoder_layer, hidden, position_embeddings, attention_mask) -> None:
+    def speculate(self, tier, decoder_layer, hidden, position_embeddings, attention_mask) -> None:
         with torch.no_grad():
-            self.estimates[layer.layer_idx] = speculative_query(decoder_layer, hidden, position_embeddings)
+            self.estimates[tier.layer_idx] = speculative_query(decoder_layer, hidden, position_embeddings)
 
-    def _mirror(self, layer, st: _LayerState, n_host: int, device) -> None:
+    def _mirror(self, tier, st: _LayerState, n_host: int, device) -> None:
         """Appends the partial keys of host tokens that arrived since the last step."""
         seen = st.partial.shape[2]
         if n_host == seen:
             return
-        new = layer.cache.store.view(layer.layer_idx, "keys", seen, n_host)  # [b, hkv, m, d]
+        new = tier.store.view(tier.layer_idx, "keys", seen, n_host)  # [b, hkv, m, d]
         idx = st.channels.to(new.device)[None, :, None, :].expand(new.shape[0], -1, new.shape[2], -1)
         st.partial = torch.cat([st.partial, new.gather(3, idx).to(device, st.partial.dtype)], dim=2)
 
@@ -85,34 +87,32 @@ class InfiniGenPolicy(Policy):
         k = min(self.config.k, est.shape[-1])
         return est.topk(k, dim=-1).indices.sort(dim=-1).values
 
-    def decode(self, layer, q, dev_k, dev_v, attention_mask, scale):
-        cache, idx = layer.cache, layer.layer_idx
-        store = cache.store
-        n_host = store.host_len(idx)
-        st = self.layers.get(idx)
+    def decode(self, tier, q, keep, scale, step):
+        store, idx = tier.store, tier.layer_idx
+        dev_k = tier.keys
+        n_host = tier.host_tokens
+        st = tier.policy_state
         q_est: Optional[torch.Tensor] = self.estimates.pop(idx, None)
-        s, b, hkv = layer.sinks_on_device, dev_k.shape[0], dev_k.shape[1]
-        keep = keep_mask(attention_mask) if attention_mask is not None else None
-        host_ignore = None if keep is None else ~keep[:, s : s + n_host]
+        b, hkv = dev_k.shape[0], dev_k.shape[1]
+        _, host_ignore = tier.masks(keep)
 
         def fetch():
             if n_host == 0 or st is None:
                 empty = dev_k[:, :, :0]
                 return torch.empty((b, hkv, 0), dtype=torch.long), empty, empty
-            self._mirror(layer, st, n_host, q.device)
+            self._mirror(tier, st, n_host, q.device)
             chosen = self._choose(st, q if q_est is None else q_est, host_ignore).cpu()
             return (chosen, *fetch_rows(store, idx, chosen, q.device))
 
-        (chosen, hk, hv), t_tx = cache.timed(fetch, q.device)
+        (chosen, hk, hv), t_tx = timed(fetch, q.device)
 
         def attend():
-            keys, values, _, ignore = with_chosen(layer, dev_k, dev_v, chosen, hk, hv, n_host, attention_mask)
+            keys, values, _, ignore = with_chosen(tier, chosen, hk, hv, keep)
             return weighted_values(softmax_rows(grouped_logits(q, keys, scale, ignore)), values)
 
-        out, t_dev = cache.timed(attend, q.device)
-        layer.pending = StepRecord(
-            step=cache.step, layer=idx, k=chosen.shape[-1], strategy="infinigen", host_tokens=n_host,
+        out, t_dev = timed(attend, q.device)
+        return out, StepRecord(
+            step=step, layer=idx, k=chosen.shape[-1], strategy="infinigen", host_tokens=n_host,
             device_tokens=dev_k.shape[-2], t_cpu=0.0, t_gpu=t_dev, t_tx=t_tx,
             tx_bytes=(hk.numel() + hv.numel()) * hk.element_size(), speculative=q_est is not None,
         )
-        return out

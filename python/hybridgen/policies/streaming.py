@@ -18,5 +18,5 @@ class StreamingPolicy(Policy):
     def selection(self):
         return "streaming", 0
 
-    def decode(self, layer, q, dev_k, dev_v, attention_mask, scale):
-        return device_only(layer, q, dev_k, dev_v, attention_mask, scale, "streaming")
+    def decode(self, tier, q, keep, scale, step):
+        return device_only(tier, q, keep, scale, step, "streaming")

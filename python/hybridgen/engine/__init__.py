@@ -1,0 +1,17 @@
+"""The framework-free decode engine both integrations share.
+
+- :class:`DeviceTier`: one layer's tokens on the model's device (sinks + recent), chunked and,
+  on a GPU, asynchronous eviction to the host store, masks and positions;
+- :class:`StepClock`: per-layer records of a step → telemetry → the policy's feedback;
+- :func:`make_store`: the host store, sized and pinned the same way everywhere;
+- the policies (:mod:`hybridgen.policies`): ``decode(tier, q, keep, scale, step) -> (out, record)``.
+
+transformers' :class:`~hybridgen.hf.cache.HybridCache` and FlexGen's cache only translate their
+layouts and call these.
+"""
+
+from .clock import StepClock
+from .store import make_store
+from .tier import DeviceTier
+
+__all__ = ["DeviceTier", "StepClock", "make_store"]
