@@ -37,7 +37,7 @@ import hybridgen.flexgen as hf  # noqa: E402
 from hybridgen import HybridConfig  # noqa: E402
 from hybridgen.flexgen import cli, compat, tokenizer  # noqa: E402
 from hybridgen.flexgen.session import Session  # noqa: E402
-from hybridgen.flexgen.state import LayerState  # noqa: E402
+from hybridgen.flexgen.layer_cache import FlexGenLayerCache  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TorchTensor = pb.TorchTensor
@@ -111,9 +111,9 @@ def heads(x, b, n):
     return x.view(x.shape[0], b, n, -1).permute(1, 2, 0, 3).squeeze(2)
 
 
-def new_state(session, *, b, n, d, max_tokens, sinks, gpu_budget, evict_chunk=4):
-    return LayerState(session, 0, batch=b, n_head=n, head_dim=d, max_tokens=max_tokens, sinks=sinks,
-                      gpu_budget=gpu_budget, evict_chunk=evict_chunk)
+def new_state(session, *, b, n, d, max_tokens, sinks, gpu_budget):
+    return FlexGenLayerCache(session, 0, batch=b, n_head=n, head_dim=d, max_tokens=max_tokens, sinks=sinks,
+                             gpu_budget=gpu_budget)
 
 
 # --- the replacement's attention vs FlexGen's functions -------------------------------------------
@@ -138,7 +138,28 @@ def test_exact_attention_equals_flexgen_attention_value(cpu_flexgen, rng, merge,
     ref = flexgen_attention(cpu_flexgen, q, k_all, v_all, mask, n)
     torch.testing.assert_close(out, ref, atol=2e-3, rtol=0)
     assert record.host_tokens == state.host_len and record.strategy == "all"
-    assert record.device_tokens == state.n_dev + 1  # the device tier plus the token being decoded
+    assert record.device_tokens == state.n_dev  # the device tier, the token being decoded committed
+
+
+@pytest.mark.parametrize("policy", ["full", "aog", "aoc"])
+def test_exact_baselines_run_in_flexgen_through_the_engine(cpu_flexgen, rng, policy):
+    """The engine's exact baselines serve FlexGen's cache too, each with its own placement
+    (full: every token on the device; aog/aoc: every token in the host store)."""
+    b, n, d, prompt = 2, 4, 16, 21
+    session = Session(HybridConfig(policy=policy, sinks=2, gpu_budget=5))
+    state = new_state(session, b=b, n=n, d=d, max_tokens=prompt + 4, sinks=2, gpu_budget=5)
+    k_all = torch.randn(prompt + 1, b * n, d, generator=rng).half()
+    v_all = torch.randn(prompt + 1, b * n, d, generator=rng).half()
+    state.place_prompt(k_all[:prompt], v_all[:prompt])
+    assert state.host_len == (0 if policy == "full" else prompt)
+    q = (torch.randn(b, n, d, generator=rng) * d**-0.5).half()
+    mask = left_padded_mask(b, prompt + 1, [0, 6])
+
+    from hybridgen.flexgen.decode import attend
+
+    out, record = attend(state, q, heads(k_all[prompt:], b, n), heads(v_all[prompt:], b, n), mask)
+    torch.testing.assert_close(out, flexgen_attention(cpu_flexgen, q, k_all, v_all, mask, n), atol=2e-3, rtol=0)
+    assert record.host_tokens == (0 if policy == "full" else prompt) and record.layer == 0
 
 
 def _vector_gather_copy(dst, dst_indices, src, src_indices):
@@ -259,14 +280,14 @@ def test_patched_self_attention_matches_flexgen_over_decode_steps(cpu_flexgen, r
     assert hosts[0] == prompt_len - sinks - gpu_budget and hosts[-1] > hosts[0]  # evicted while decoding
     assert len(set(hosts)) > 2  # in several chunks
     state = run.home.val[0]
-    assert state.total == prompt_len + gen_len - 2  # the last token is not stored (as in FlexGen)
+    assert state.total == prompt_len + gen_len - 1  # every attended token is committed (FlexGen skips the last)
     assert state.n_dev - state.sinks_on_device - gpu_budget < evict_chunk
     assert session.step == gen_len - 1
     # Sinks + host store + recent tokens hold exactly FlexGen's cache, in token order.
-    s, total = state.sinks_on_device, state.total
+    s, total = state.sinks_on_device, state.total - 1  # FlexGen never stores the last token
     for kind, dev in zip(("k", "v"), state.device_kv()):
         host = state.store.read(0, 0, state.host_len)[0 if kind == "k" else 1]
-        logical = torch.cat([dev[:, :, :s], host, dev[:, :, s:]], dim=2)
+        logical = torch.cat([dev[:, :, :s], host, dev[:, :, s:]], dim=2)[:, :, :total]
         flexgen_home = ref_run.home.val[0 if kind == "k" else 1].data[:total]
         assert torch.equal(logical, flexgen_home.view(total, b, n_head, -1).permute(1, 2, 0, 3)), kind
 
@@ -464,9 +485,9 @@ def test_other_flexgen_versions_are_refused(monkeypatch):
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(policy="h2o"), ValueError, "not available in FlexGen"),
-    (dict(policy="full"), ValueError, "not available in FlexGen"),
+    (dict(policy="infinigen"), ValueError, "not available in FlexGen"),
     (dict(policy="nonsense"), ValueError, "unknown policy"),
-    (dict(pipeline=True), ValueError, "pipeline"),
+    (dict(pipeline=True, speculative=True), ValueError, "speculative"),
     (dict(max_context=4096), ValueError, "max_context"),
     (dict(gpu_budget=0), ValueError, "gpu_budget"),
     (dict(k_min=64, k_max=8), ValueError, "k_min"),
@@ -510,7 +531,8 @@ def test_cache_percents_set_the_token_split_when_no_budget_is_given(cpu_flexgen,
     home = ValueHolder()
     model.layers[1].init_cache_one_gpu_batch(home)
     state = home.val[0]
-    assert (state.sinks, state.gpu_budget) == (2, (24 + 12 - 1) * 25 // 100 - 2)
+    placement = state.tier.placement
+    assert (placement.sinks, placement.recent) == (2, (24 + 12 - 1) * 25 // 100 - 2)
     assert compat.placement(session.config, compat.FlexSettings(0, 100), cache_len=35, budget_given=False) == (2, 1)
 
 

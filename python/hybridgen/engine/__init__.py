@@ -11,7 +11,8 @@ layouts and call these.
 """
 
 from .clock import StepClock
+from .model_info import ModelInfo
 from .store import make_store
 from .tier import DeviceTier
 
-__all__ = ["DeviceTier", "StepClock", "make_store"]
+__all__ = ["DeviceTier", "ModelInfo", "StepClock", "make_store"]

@@ -2,7 +2,7 @@
 the others to the host store.
 
 Both integrations keep their layer's tokens here (transformers' :class:`~hybridgen.hf.cache.HybridLayer`,
-FlexGen's :class:`~hybridgen.flexgen.state.FlexGenLayerCache`); they only translate layouts.
+FlexGen's :class:`~hybridgen.flexgen.layer_cache.FlexGenLayerCache`); they only translate layouts.
 
 Layout: ``keys``/``values [b, hkv, n_dev, d]`` views of buffers with room to spare; the first
 ``min(sinks, total)`` are the sink tokens, the rest the most recent ones. Host tokens (layer
@@ -129,14 +129,22 @@ class DeviceTier:
         p = self.placement
         if p.recent is None:  # every token stays on the device
             return
+        over = self.device_tokens() - self.sinks_on_device - p.recent
+        if over > 0 and (force or over >= p.evict_chunk):
+            self.evict(over, asynchronous=not force)
+
+    def evict(self, over: int, asynchronous: bool = True) -> None:
+        """Moves the ``over`` oldest non-sink device tokens to the host store (on a GPU and
+        ``asynchronous``: copied on the side stream, handed over at the next :meth:`settle`)."""
         s, n = self.sinks_on_device, self.device_tokens()
-        over = n - s - p.recent
-        if over <= 0 or (not force and over < p.evict_chunk):
+        if not 0 <= over <= n - s:
+            raise ValueError(f"cannot evict {over} tokens: {n - s} non-sink tokens are on the device")
+        if over == 0:
             return
         self.settle()
         dtype = self.store.dtype
         old_k, old_v = self.keys[:, :, s : s + over], self.values[:, :, s : s + over]
-        if self.keys.is_cuda and not force:
+        if self.keys.is_cuda and asynchronous:
             # Decoding on a GPU: copy to page-locked host memory on the side stream and free the
             # device rows at once; the store takes the tokens at the next settle() (the start of
             # this layer's next step), long after the copy finished. The step never waits.

@@ -20,11 +20,11 @@ from .compat import FLEXGEN_POLICIES
 from .install import SUPPORTED_VERSION, flexgen_version
 from .patch import current_session, is_patched, patch, unpatch
 from .session import Session
-from .state import LayerState
+from .layer_cache import FlexGenLayerCache
 
 __all__ = [
     "FLEXGEN_POLICIES",
-    "LayerState",
+    "FlexGenLayerCache",
     "SUPPORTED_VERSION",
     "Session",
     "current_session",

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import HybridConfig
+from ..config import POLICIES, HybridConfig
+from ..policies import policy_class
 
 __all__ = ["FLEXGEN_POLICIES", "FlexSettings", "check_config", "placement"]
 
-#: hybridgen's own policies; the baselines are FlexGen's own modes (cache on the GPU, or
-#: offloaded with ``--percent``, with or without ``--cpu-cache-compute``).
-FLEXGEN_POLICIES = ("all", "post_qkt", "pre_qkt", "scheduler")
+#: Every policy the engine serves, except those that score the prompt's queries (FlexGen's
+#: prefill attention is its own and shows hybridgen only the prompt's keys and values).
+FLEXGEN_POLICIES = tuple(p for p in POLICIES if not policy_class(p).needs_prompt_queries)
 
 
 @dataclass(frozen=True)
@@ -56,18 +57,20 @@ class FlexSettings:
 
 
 def check_config(config: HybridConfig) -> HybridConfig:
-    """``config`` validated for FlexGen: one of hybridgen's own policies, no pipelining (FlexGen
-    drives its layers itself), no ``max_context`` (FlexGen's task fixes the length)."""
+    """``config`` validated for FlexGen: a policy that needs no prompt queries, no speculation
+    (it starts a layer's CPU stage from the previous layer's input, which FlexGen does not show),
+    no ``max_context`` (FlexGen's task fixes the length)."""
     if not isinstance(config, HybridConfig):
         raise TypeError(f"config must be a HybridConfig, got {type(config).__name__}")
     config.validate()
     if config.policy not in FLEXGEN_POLICIES:
         raise ValueError(
-            f"policy {config.policy!r} is not available in FlexGen: use one of {FLEXGEN_POLICIES} (FlexGen's own "
-            "--percent / --cpu-cache-compute modes are the full-attention and offloading baselines)"
+            f"policy {config.policy!r} is not available in FlexGen: use one of {FLEXGEN_POLICIES} (it scores the "
+            "prompt's queries, and FlexGen's own prefill attention does not show them)"
         )
-    if config.pipeline or config.speculative:
-        raise ValueError("pipeline/speculative are not available in FlexGen, which schedules its layers itself")
+    if config.speculative:
+        raise ValueError("speculative is not available in FlexGen: it starts a layer's CPU stage from the previous "
+                         "layer's input, which FlexGen's layer loop does not show (pipeline=True is available)")
     if config.max_context is not None:
         raise ValueError("max_context is not used with FlexGen: its task (prompt_len + gen_len) fixes the length")
     return config

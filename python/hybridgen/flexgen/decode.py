@@ -1,12 +1,12 @@
 """The replacement of FlexGen's decode attention for a layer whose cache is a
-:class:`~hybridgen.flexgen.state.LayerState`.
+:class:`~hybridgen.flexgen.layer_cache.FlexGenLayerCache`.
 
 :func:`hybrid_mha_gen` keeps ``TorchDevice.mha_gen``'s contract — the same projections (q
 pre-scaled by ``head_dim ** -0.5``, so attention runs with ``scale=1.0``), the same output
 projection and residual, the same returned ``(hidden, k_new, v_new)`` — and replaces the middle:
-instead of reading the whole cache, the CPU attends over the host tokens
-(:func:`hybridgen.attention.cpu_stage`: logits, selection, partial attention or selected logits +
-values) and the device combines that with its own tokens (:func:`hybridgen.attention.device_combine`).
+instead of reading the whole cache, the session's policy attends over the layer's tiers (for
+hybridgen's own policies: the CPU over the host tokens, the device over its own, merged), through
+the same engine as transformers' :class:`~hybridgen.HybridCache`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..attention import cpu_stage, device_combine, device_partial, pre_qkt_positions
-from ..telemetry import StepRecord
-from ..timing import between, mark, timed
+from ..timing import between, mark
 from .install import require_flexgen
-from .state import LayerState
+from .layer_cache import FlexGenLayerCache
 
 _flex_opt, _backend = require_flexgen()
 TorchTensor, DeviceType = _backend.TorchTensor, _backend.DeviceType
@@ -27,47 +25,29 @@ TorchTensor, DeviceType = _backend.TorchTensor, _backend.DeviceType
 __all__ = ["attend", "hybrid_mha_gen"]
 
 
-def attend(state: LayerState, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keep: torch.Tensor):
-    """Hybrid attention of one decode query over ``state``'s tokens and the new token.
+def attend(cache: FlexGenLayerCache, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keep: torch.Tensor):
+    """Hybrid attention of one decode query over ``cache``'s tokens and the new token, through
+    the session's policy (the same engine as transformers' HybridCache).
 
     Args:
         q: ``[b, n_head, d]`` query, pre-scaled (FlexGen's convention).
-        k_new, v_new: ``[b, n_head, d]`` the new token's key and value (attended, not committed).
+        k_new, v_new: ``[b, n_head, d]`` the new token's key and value (committed here).
         keep: bool ``(b, total + 1)`` FlexGen's attention mask (True = attend).
 
     Returns ``(out float32 [b, n_head, d], StepRecord)``; the record's ``t_gpu`` is the device
     part of attention only (:func:`hybrid_mha_gen` widens it to the whole call).
     """
-    session = state.session
+    session = cache.session
     session.begin(keep.shape[1])
-    dev_mask, host_mask = state.masks(keep)
-    dev_k, dev_v = state.with_new(k_new, v_new)
-    strategy, k = session.selection()
-    n_host = state.host_len
-    device = q.device
-    if n_host == 0:
-        out, t_dev = timed(lambda: device_partial(q, dev_k, dev_v, 1.0, dev_mask)[0], device)
-        return out, StepRecord(session.step, state.layer_id, 0, strategy, 0, dev_k.shape[2], 0.0, t_dev, 0.0)
-    host = cpu_stage(
-        state.store, 0, q, scale=1.0, merge=session.config.merge,
-        top_k=k if strategy == "post_qkt" else None,
-        positions=pre_qkt_positions(n_host, k) if strategy == "pre_qkt" else None,
-        host_mask=host_mask,
-    )
-    moved, t_tx = host.ship(device)
-    out, t_dev = timed(
-        lambda: device_combine(q, dev_k, dev_v, moved, scale=1.0, sinks=state.sinks_on_device, dev_mask=dev_mask),
-        device,
-    )
-    record = StepRecord(
-        step=session.step, layer=state.layer_id, k=host.tokens, strategy=strategy, host_tokens=n_host,
-        device_tokens=dev_k.shape[2], t_cpu=host.seconds, t_gpu=t_dev, t_tx=t_tx, tx_bytes=host.nbytes(),
-    )
+    cache.append(k_new.unsqueeze(2), v_new.unsqueeze(2))
+    out, record = session.policy.decode(cache.tier, q, cache.keep(keep), 1.0, session.step)
+    cache.evict_overflow()
+    record.layer = cache.layer_id  # the store's layer 0 is FlexGen's layer layer_id
     return out, record
 
 
 def hybrid_mha_gen(device, inputs, attention_mask, w_q, b_q, w_k, b_k, w_v, b_v, w_out, b_out, w_ln, b_ln,
-                   n_head, state: LayerState, donate):
+                   n_head, state: FlexGenLayerCache, donate):
     """``TorchDevice.mha_gen`` (decode phase, ``tgt_s == 1``) with ``state`` as the cache.
 
     ``inputs`` ``(b, 1, h)`` float16 and ``attention_mask`` ``(b, src_s)`` bool are FlexGen

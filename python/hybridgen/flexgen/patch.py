@@ -4,7 +4,7 @@ Four attributes change (each saved as the exact object found in the class ``__di
 back by :func:`unpatch`):
 
 * ``SelfAttention.init_cache_one_gpu_batch`` — the layer's cache home holds a one-element tuple
-  with a :class:`~hybridgen.flexgen.state.LayerState` instead of FlexGen's ``(k_cache, v_cache)``
+  with a :class:`~hybridgen.flexgen.layer_cache.FlexGenLayerCache` instead of FlexGen's ``(k_cache, v_cache)``
   (a tuple, so FlexGen's own ``delete_cache`` still frees it by calling ``delete()`` on each item);
 * ``SelfAttention.load_cache`` — hands the state to the layer instead of copying the cache;
 * ``SelfAttention.store_cache`` — places the prompt / commits the decoded token into the state;
@@ -23,8 +23,8 @@ from typing import Optional
 from ..config import HybridConfig
 from .compat import FlexSettings, placement
 from .install import require_flexgen
+from .layer_cache import FlexGenLayerCache
 from .session import Session
-from .state import LayerState
 
 __all__ = ["patch", "unpatch", "is_patched", "current_session"]
 
@@ -101,7 +101,7 @@ def unpatch() -> None:
 
 
 def _is_state(home) -> bool:
-    return isinstance(home, tuple) and len(home) == 1 and isinstance(home[0], LayerState)
+    return isinstance(home, tuple) and len(home) == 1 and isinstance(home[0], FlexGenLayerCache)
 
 
 def _replacements(session: Session, originals: dict, hybrid_mha_gen) -> dict:
@@ -117,17 +117,14 @@ def _replacements(session: Session, originals: dict, hybrid_mha_gen) -> dict:
         cache_len = task.prompt_len + task.gen_len - 1  # what FlexGen allocates per sequence
         sinks, gpu_budget = placement(cfg, FlexSettings.from_policy(policy), cache_len=cache_len,
                                       budget_given=session.budget_given)
-        stores = config.num_hidden_layers * policy.num_gpu_batches
         session.finish_step()  # a new generate(): its first step is a new step even at the same length
-        state = LayerState(
+        cache = FlexGenLayerCache(
             session, self.layer_id, batch=policy.gpu_batch_size, n_head=config.n_head,
             head_dim=config.input_dim // config.n_head, max_tokens=task.prompt_len + task.gen_len,
-            sinks=sinks, gpu_budget=gpu_budget, evict_chunk=cfg.evict_chunk,
-            near_capacity_bytes=cfg.near_capacity_bytes // stores if cfg.near_capacity_bytes else None,
-            far_capacity_bytes=cfg.far_capacity_bytes // stores if cfg.far_capacity_bytes else None,
-            near_node=cfg.near_node, far_node=cfg.far_node,
+            sinks=sinks, gpu_budget=gpu_budget, layers=config.num_hidden_layers,
+            device=getattr(self.compute, "dev", None), share=config.num_hidden_layers * policy.num_gpu_batches,
         )
-        cache_home.store((state,))
+        cache_home.store((cache,))
 
     @functools.wraps(load_cache)
     def load_cache_(self, cache_home, cache_read_buf, i):
@@ -143,18 +140,14 @@ def _replacements(session: Session, originals: dict, hybrid_mha_gen) -> dict:
         if not _is_state(cache_home.val):
             return store_cache(self, cache_home, cache_write_buf, i)
         k_new, v_new = cache_write_buf.pop()
-        if i == self.task.gen_len - 1:  # last token: nothing reads its KV (as in FlexGen)
-            return
-        state = cache_home.val[0]
         if i == 0:
-            state.place_prompt(k_new.data, v_new.data)
-        else:
-            state.append(k_new.data, v_new.data)
+            cache_home.val[0].place_prompt(k_new.data, v_new.data)
+        # A decode step's token was committed when its attention ran (hybrid_mha_gen).
 
     @functools.wraps(mha_gen)
     def mha_gen_(self, inputs, attention_mask, w_q, b_q, w_k, b_k, w_v, b_v, w_out, b_out, w_ln, b_ln,
                  n_head, k_cache, v_cache, donate, attn_sparsity, compress_cache, comp_config):
-        if isinstance(k_cache, LayerState):
+        if isinstance(k_cache, FlexGenLayerCache):
             return hybrid_mha_gen(self, inputs, attention_mask, w_q, b_q, w_k, b_k, w_v, b_v, w_out, b_out,
                                   w_ln, b_ln, n_head, k_cache, donate)
         return mha_gen(self, inputs, attention_mask, w_q, b_q, w_k, b_k, w_v, b_v, w_out, b_out, w_ln, b_ln,

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ..engine.model_info import ModelInfo
+
+__all__ = ["ModelInfo", "SUPPORTED_MODEL_TYPES", "describe", "supports"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "opt")
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    model_type: str
-    layers: int
-    q_heads: int
-    kv_heads: int
-    head_dim: int
-    max_positions: int
 
 
 def supports(model) -> list[str]:

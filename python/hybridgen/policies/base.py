@@ -26,7 +26,7 @@ from ..timing import timed
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine import DeviceTier
-    from ..hf.models import ModelInfo
+    from ..engine import ModelInfo
 
 
 @dataclass(frozen=True)

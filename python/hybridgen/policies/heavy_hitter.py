@@ -35,7 +35,7 @@ PROMPT_BLOCK = 256
 
 
 @dataclass
-class _LayerState:
+class _HeavyHitters:
     acc: torch.Tensor  # [b, hkv, total] accumulated score of every logical position
     heavy: torch.Tensor  # [b, hkv, m] host indices of the key tokens, ascending (int64)
     keys: torch.Tensor  # [b, hkv, m, d] their rows on the device
@@ -56,13 +56,13 @@ class HeavyHitterPolicy(Policy):
         """Score increments ``[b, hkv, n]`` from logits ``x`` and probabilities ``p`` ``[b, hkv, g, (q,) n]``."""
         return p.sum(dim=tuple(range(2, p.dim() - 1)))
 
-    def _grow(self, tier, device, dtype) -> _LayerState:
+    def _grow(self, tier, device, dtype) -> _HeavyHitters:
         """The layer's state with ``acc`` covering every logical position so far."""
         st = tier.policy_state
         b, hkv, d = tier.store.batch, self.info.kv_heads, self.info.head_dim
         if st is None:
             empty = torch.empty((b, hkv, 0, d), dtype=dtype, device=device)
-            st = _LayerState(torch.zeros((b, hkv, 0), device=device), torch.empty((b, hkv, 0), dtype=torch.long),
+            st = _HeavyHitters(torch.zeros((b, hkv, 0), device=device), torch.empty((b, hkv, 0), dtype=torch.long),
                              empty, empty.clone())
             tier.policy_state = st
         if st.acc.shape[-1] < tier.total:
@@ -95,7 +95,7 @@ class HeavyHitterPolicy(Policy):
         st.acc[..., :n] += inc
 
     # --- decode ------------------------------------------------------------------------------
-    def _admit(self, tier, st: _LayerState, n_host: int, device) -> None:
+    def _admit(self, tier, st: _HeavyHitters, n_host: int, device) -> None:
         """New host tokens compete with the key tokens; the ``k`` best stay, the rest are dropped."""
         if n_host == st.host_seen:
             return

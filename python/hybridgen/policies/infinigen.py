@@ -32,7 +32,7 @@ PARTIAL_RATIO = 0.3
 
 
 @dataclass
-class _LayerState:
+class _PartialKeys:
     channels: torch.Tensor  # [hkv, r] key channels kept in the partial cache
     partial: torch.Tensor  # [b, hkv, n_host, r] partial keys of the host tokens, on the device
 
@@ -59,13 +59,13 @@ class InfiniGenPolicy(Policy):
         importance = (q_mag * k_mag).sum(dim=0)  # [hkv, d]
         channels = importance.topk(r, dim=-1).indices.sort(dim=-1).values
         empty = key.new_empty((b, hkv, 0, r))
-        tier.policy_state = _LayerState(channels, empty)
+        tier.policy_state = _PartialKeys(channels, empty)
 
     def speculate(self, tier, decoder_layer, hidden, position_embeddings, attention_mask) -> None:
         with torch.no_grad():
             self.estimates[tier.layer_idx] = speculative_query(decoder_layer, hidden, position_embeddings)
 
-    def _mirror(self, tier, st: _LayerState, n_host: int, device) -> None:
+    def _mirror(self, tier, st: _PartialKeys, n_host: int, device) -> None:
         """Appends the partial keys of host tokens that arrived since the last step."""
         seen = st.partial.shape[2]
         if n_host == seen:
@@ -74,7 +74,7 @@ class InfiniGenPolicy(Policy):
         idx = st.channels.to(new.device)[None, :, None, :].expand(new.shape[0], -1, new.shape[2], -1)
         st.partial = torch.cat([st.partial, new.gather(3, idx).to(device, st.partial.dtype)], dim=2)
 
-    def _choose(self, st: _LayerState, q_est, host_ignore) -> torch.Tensor:
+    def _choose(self, st: _PartialKeys, q_est, host_ignore) -> torch.Tensor:
         """Host indices ``[b, hkv, k]`` (ascending) with the highest estimated scores."""
         b, hq, d = q_est.shape
         hkv, r = st.channels.shape
