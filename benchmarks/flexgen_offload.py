@@ -117,7 +117,7 @@ def write_record(record: dict, path: Path) -> None:
 def machine_info() -> dict:
     import torch
 
-    from hybridgen.bench import machine_info as bench_machine_info
+    from hybridgen.apps.bench import machine_info as bench_machine_info
     from hybridgen.flexgen import flexgen_version
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -26,7 +26,8 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import hybridgen
-from hybridgen import HybridConfig, _native, assets
+from hybridgen import HybridConfig, _native
+from hybridgen.data import assets
 from hybridgen.hf import HybridCache, patch, unpatch
 from hybridgen.hf.compat import cache_arg
 

@@ -48,7 +48,7 @@ def require(what: str, device: Optional[torch.device] = None) -> None:
 
 @functools.lru_cache(maxsize=None)
 def kernel_cache_dir() -> str:
-    from .assets import data_dir
+    from .data.assets import data_dir
 
     return str(data_dir() / "kernels")
 

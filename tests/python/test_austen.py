@@ -9,7 +9,7 @@ import zlib
 
 import pytest
 
-from hybridgen import austen, rdata
+from hybridgen.data import austen, rdata
 
 TITLES = ["Sense & Sensibility", "Pride & Prejudice", "Mansfield Park", "Emma", "Northanger Abbey", "Persuasion"]
 OPENINGS = {

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybridgen import bench
+from hybridgen.apps import bench
 from hybridgen.hf.models import ModelInfo
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -164,7 +164,7 @@ def test_the_command_line_reports_bad_input_without_a_traceback():
 
 
 def test_bars_and_largest_fit_summarise_rows():
-    from hybridgen.bench import bars, largest_fit
+    from hybridgen.apps.bench import bars, largest_fit
 
     def row(policy, n, b, ms, status="ok"):
         return {"policy": policy, "context": n, "batch": b, "status": status, "ms_per_token": ms, "k_last": 64}
@@ -180,7 +180,7 @@ def test_bars_and_largest_fit_summarise_rows():
 
 
 def test_llama8b_shape_is_llama_3_1_8b():
-    from hybridgen.bench import llama8b_random
+    from hybridgen.apps.bench import llama8b_random
 
     model = llama8b_random(torch.device("meta"), torch.bfloat16)
     c = model.config

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from hybridgen import HybridConfig, assets, telemetry
+from hybridgen import HybridConfig, telemetry
+from hybridgen.data import assets
 from hybridgen.eval.choice import KINDS, load_suite, score_items, split_continuation
 
 

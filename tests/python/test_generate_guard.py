@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from hybridgen import assets, cli
+from hybridgen.apps import cli
+from hybridgen.data import assets
 from hybridgen.hf import attention
 
 

@@ -48,7 +48,7 @@ def one_thread():
 def tiny_model_dir(tmp_path_factory) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from hybridgen.assets import smollm2
+    from hybridgen.data.assets import smollm2
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2())
     config = LlamaConfig(

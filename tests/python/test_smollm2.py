@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hybridgen
-from hybridgen import HybridConfig, assets
+from hybridgen import HybridConfig
+from hybridgen.data import assets
 from hybridgen.hf.compat import cache_arg
 
 

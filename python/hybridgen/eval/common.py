@@ -23,11 +23,11 @@ TEXTS = ("essays", "austen")
 def load_text(name: str) -> str:
     """``"essays"`` (Paul Graham's essays), ``"austen"`` (the six novels) or a UTF-8 file path."""
     if name == "essays":
-        from ..assets import essays
+        from ..data.assets import essays
 
         return "\n\n".join(t for _, t in essays())
     if name == "austen":
-        from ..austen import austen_novels
+        from ..data.austen import austen_novels
 
         return "\n\n".join(t for _, t in austen_novels())
     path = Path(name)
@@ -56,7 +56,7 @@ def load_model(path: Optional[str], device: Optional[str] = None):
     """``(model, tokenizer)`` in float32 on the CPU (bfloat16 on CUDA); SmolLM2-135M by default."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..assets import smollm2
+    from ..data.assets import smollm2
 
     path = path or str(smollm2())
     if not Path(path).exists():

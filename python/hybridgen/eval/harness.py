@@ -94,7 +94,7 @@ class HybridLM(HFLM):
 
     Args:
         pretrained: model directory or hub id (default: the packaged SmolLM2-135M-Instruct,
-            :func:`hybridgen.assets.smollm2`).
+            :func:`hybridgen.data.assets.smollm2`).
         device: default ``cuda`` when available, else ``cpu``.
         dtype: default ``float32``.
         batch_size: must be 1 (each request decodes through its own cache).
@@ -112,7 +112,7 @@ class HybridLM(HFLM):
                 f"use batch_size=1, got {batch_size!r}"
             )
         if pretrained is None:
-            from ..assets import smollm2
+            from ..data.assets import smollm2
 
             pretrained = str(smollm2())
         if device is None:

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from ..assets import data_dir
+from ..data.assets import data_dir
 from .common import policy_config
 from .perplexity import decode_perplexity
 from .replay import record_prefill

@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from .. import haystack
+from ..data import haystack
 from ..config import HybridConfig
 from .replay import record_prefill, replay
 from ..guard import require_hybrid_run

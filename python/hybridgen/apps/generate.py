@@ -15,8 +15,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from .config import MERGES, POLICIES, HybridConfig
-from .guard import HybridPathError, require_hybrid_run
+from ..config import MERGES, POLICIES, HybridConfig
+from ..guard import HybridPathError, require_hybrid_run
 
 
 def build_parser(sub):
@@ -88,8 +88,8 @@ def _sparkline(values: list[int]) -> str:
 def run(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import assets, haystack
-    from .hf import is_patched, patch, unpatch
+    from ..data import assets, haystack
+    from ..hf import is_patched, patch, unpatch
 
     config = HybridConfig(gpu_budget=args.gpu_budget, sinks=args.sinks, policy=args.policy, k=args.k,
                           k_min=args.k_min, k_max=args.k_max, merge=args.merge,

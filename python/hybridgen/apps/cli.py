@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from . import bench, demo, generate
-from .eval import cli as eval_cli
-from .guard import HybridPathError
+from ..eval import cli as eval_cli
+from ..guard import HybridPathError
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,7 @@ The texts come from Debian's package ``r-cran-janeaustenr`` (the CRAN package ja
 each novel is an R character vector (one element per line) in the lazy-load database
 ``data/Rdata.rdb`` + ``.rdx``. The package is fetched with ``apt-get download`` (no root needed),
 read in Python (the ``.deb`` is an ``ar`` archive around a tarball; the R data is decoded by
-:mod:`hybridgen.rdata`), and the novels are cached as UTF-8 ``.txt`` files under
+:mod:`hybridgen.data.rdata`), and the novels are cached as UTF-8 ``.txt`` files under
 ``data_dir() / "austen"``; later calls read only the cache.
 
 Offline, point ``$HYBRIDGEN_AUSTEN_DEB`` at an already-downloaded ``.deb`` of the package.

@@ -21,9 +21,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from . import _native
-from .attention import hybrid_attention
-from .host_store import HostKVStore
+from .. import _native
+from ..attention import hybrid_attention
+from ..host_store import HostKVStore
 
 
 def build_parser(sub=None) -> argparse.ArgumentParser:
@@ -97,7 +97,7 @@ def run(args) -> int:
     )
 
     host_logits = store.logits(0, q, scale)
-    from .ops import topk
+    from ..ops import topk
 
     chosen, _ = topk(host_logits, k)
     chosen_pos = chosen + sinks  # logical positions

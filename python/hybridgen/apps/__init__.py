@@ -1,0 +1,1 @@
+"""The applications behind ``python -m hybridgen ...``: generate, demo, bench and the command line."""
