@@ -22,6 +22,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """``python -m hybridgen ARGV`` in this process: ``(exit code, stdout, stderr)``."""
+    from hybridgen.apps import cli
+
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            print(e.code, file=__import__("sys").stderr)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def cli(capsys):
+    """Runs ``python -m hybridgen`` commands in process (see :func:`run_cli`)."""
+    return lambda *argv: run_cli(argv, capsys)
+
+
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)

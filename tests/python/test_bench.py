@@ -6,8 +6,6 @@ import json
 import shlex
 import statistics
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -156,11 +154,10 @@ def test_a_directory_without_a_model_is_refused(tmp_path):
         bench.main(["--model", str(tmp_path), "--contexts", "4096"])
 
 
-def test_the_command_line_reports_bad_input_without_a_traceback():
-    r = subprocess.run([sys.executable, "-m", "hybridgen", "bench", "--policies", "fastest"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0
-    assert "unknown policy 'fastest'" in r.stderr and "Traceback" not in r.stderr
+def test_the_command_line_reports_bad_input_without_a_traceback(cli):
+    code, _, err = cli("bench", "--policies", "fastest")
+    assert code != 0
+    assert "unknown policy 'fastest'" in err and "Traceback" not in err
 
 
 def test_bars_and_largest_fit_summarise_rows():

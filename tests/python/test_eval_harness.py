@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_eval_perplexity import run_cli, tiny_model_dir
+from test_eval_perplexity import tiny_model_dir
 from test_hf_exact import tiny
 
 from hybridgen import HybridConfig
@@ -39,18 +39,19 @@ def test_choose_k_min_is_the_inflection_point():
     assert kmin.choose_k_min([{"k": 8, "delta": 0.5}], 0.01) == 8
 
 
-def test_profile_kmin_end_to_end_and_loaded_by_hybrid_config(tmp_path):
+def test_profile_kmin_end_to_end_and_loaded_by_hybrid_config(tmp_path, cli):
     model = tiny_model_dir(tmp_path / "m")
     (tmp_path / "t.txt").write_text(" ".join(f"w{(i * 13) % 96}" for i in range(300)))
     out = tmp_path / "profile.json"
-    r = run_cli("profile-kmin", "--model", model, "--text", tmp_path / "t.txt", "--context", 96, "--score", 16,
-                "--windows", 2, "--gpu-budget", 8, "--tolerance", 0.05, "--out", out)
+    code, stdout, err = cli("profile-kmin", "--model", model, "--text", tmp_path / "t.txt", "--context", 96, "--score", 16,
+                            "--windows", 2, "--gpu-budget", 8, "--tolerance", 0.05, "--out", out)
+    assert code == 0, err[-3000:]
     profile = json.loads(out.read_text())
     ks = [p["k"] for p in profile["curve"]]
     assert ks == sorted(ks) and len(ks) >= 4 and profile["k_min"] in ks
     assert profile["k_min"] == kmin.choose_k_min(profile["curve"], 0.05)
     assert profile["command"].startswith("python -m hybridgen profile-kmin")
-    assert f"K_min = {profile['k_min']}" in r.stdout
+    assert f"K_min = {profile['k_min']}" in stdout
     config = HybridConfig.from_profile(out, gpu_budget=8)
     assert config.policy == "scheduler" and config.k_min == profile["k_min"] and config.k_max >= config.k_min
     with pytest.raises(FileNotFoundError, match="profile-kmin"):
@@ -136,25 +137,22 @@ def test_compare_reports_every_policy_against_full(monkeypatch):
     assert table.count("\n") == 1 + len(rows) and "`h2o`" in table
 
 
-def test_choice_cli_scores_the_packaged_suite_per_policy(tmp_path):
+def test_choice_cli_scores_the_packaged_suite_per_policy(tmp_path, cli):
     model = tiny_model_dir(tmp_path / "m")
     out = tmp_path / "choice.json"
-    run_cli("eval", "choice", "--model", model, "--limit", 4, "--policies", "all", "streaming", "--out", out)
+    code, _, err = cli("eval", "choice", "--model", model, "--limit", 4, "--policies", "all", "streaming", "--out", out)
+    assert code == 0, err[-3000:]
     metrics = json.loads(out.read_text())["metrics"]
     assert set(metrics) == {"full", "all", "streaming"}
     assert all(m["all"]["n"] == 4 for m in metrics.values())
     assert metrics["all"]["all"]["acc"] == metrics["full"]["all"]["acc"], "the exact policy chooses like full attention"
 
 
-def test_cli_rejects_contexts_beyond_the_model_and_missing_profiles(tmp_path):
-    import subprocess
-    import sys
-
+def test_cli_rejects_contexts_beyond_the_model_and_missing_profiles(tmp_path, cli):
     model = tiny_model_dir(tmp_path / "m")  # 512 positions
     (tmp_path / "t.txt").write_text(" ".join(f"w{i % 96}" for i in range(3000)))
     for extra, message in ((["--contexts", "1024"], "exceeds the model's 512 positions"),
                            (["--contexts", "96", "--profile", str(tmp_path / "none.json")], "no K_min profile")):
-        r = subprocess.run([sys.executable, "-m", "hybridgen", "eval", "perplexity", "--model", str(model), "--text",
-                            str(tmp_path / "t.txt"), "--gpu-budget", "8", "--windows", "1", "--score", "8", *extra],
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+        code, _, err = cli("eval", "perplexity", "--model", model, "--text", tmp_path / "t.txt", "--gpu-budget", "8",
+                           "--windows", "1", "--score", "8", *extra)
+        assert code == 2 and message in err and "Traceback" not in err

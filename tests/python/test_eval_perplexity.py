@@ -58,16 +58,7 @@ def tiny_model_dir(path):
     return path
 
 
-def run_cli(*args):
-    import subprocess
-    import sys
-
-    r = subprocess.run([sys.executable, "-m", "hybridgen", *map(str, args)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def test_cli_reports_every_policy_per_context(tmp_path):
+def test_cli_reports_every_policy_per_context(tmp_path, cli):
     import json
 
     from hybridgen.config import POLICIES
@@ -75,8 +66,9 @@ def test_cli_reports_every_policy_per_context(tmp_path):
     model = tiny_model_dir(tmp_path / "m")
     (tmp_path / "t.txt").write_text(" ".join(f"w{(i * 7) % 96}" for i in range(400)))
     out = tmp_path / "ppl.json"
-    r = run_cli("eval", "perplexity", "--model", model, "--text", tmp_path / "t.txt", "--contexts", 64, 96,
-                "--score", 16, "--windows", 2, "--gpu-budget", 8, "--k", 16, "--policies", *POLICIES, "--out", out)
+    code, stdout, err = cli("eval", "perplexity", "--model", model, "--text", tmp_path / "t.txt", "--contexts", 64, 96,
+                            "--score", 16, "--windows", 2, "--gpu-budget", 8, "--k", 16, "--policies", *POLICIES, "--out", out)
+    assert code == 0, err[-3000:]
     record = json.loads(out.read_text())
     assert record["command"].startswith("python -m hybridgen eval perplexity")
     rows = record["results"]
@@ -84,17 +76,12 @@ def test_cli_reports_every_policy_per_context(tmp_path):
     for row in rows:
         if row["policy"] in ("full", "all", "aog", "aoc"):
             assert abs(row["delta_vs_full"]) < 1e-4, f"{row['policy']} is exact"
-    assert "| t.txt |" not in r.stdout and "`streaming`" in out.with_suffix(".md").read_text()
+    assert "| t.txt |" not in stdout and "`streaming`" in out.with_suffix(".md").read_text()
 
 
-def test_cli_rejects_unknown_policy_and_missing_text(tmp_path):
-    import subprocess
-    import sys
-
-    bad = subprocess.run([sys.executable, "-m", "hybridgen", "eval", "perplexity", "--policies", "h3o"],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "invalid choice: 'h3o'" in bad.stderr
+def test_cli_rejects_unknown_policy_and_missing_text(tmp_path, cli):
+    code, _, err = cli("eval", "perplexity", "--policies", "h3o")
+    assert code != 0 and "invalid choice: 'h3o'" in err
     model = tiny_model_dir(tmp_path / "m")
-    missing = subprocess.run([sys.executable, "-m", "hybridgen", "eval", "perplexity", "--model", str(model),
-                              "--text", str(tmp_path / "nope.txt"), "--contexts", "96"], capture_output=True, text=True, timeout=300)
-    assert missing.returncode != 0 and "no such file" in missing.stderr
+    code, _, err = cli("eval", "perplexity", "--model", model, "--text", tmp_path / "nope.txt", "--contexts", "96")
+    assert code != 0 and "no such file" in err

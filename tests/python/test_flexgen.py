@@ -546,11 +546,12 @@ def test_help_works_without_a_gpu():
     assert r.stdout.startswith("usage: python -m hybridgen.flexgen")
 
 
-def test_contradictory_options_exit_2_with_a_message():
-    r = subprocess.run([sys.executable, "-m", "hybridgen.flexgen", "--percent", "100", "0", "0", "100", "100", "0",
-                        "--gpu-budget", "64"], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2
-    assert "error: --percent puts 100% of the KV cache in CPU memory" in r.stderr and "Traceback" not in r.stderr
+def test_contradictory_options_exit_2_with_a_message(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--percent", "100", "0", "0", "100", "100", "0", "--gpu-budget", "64"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert "error: --percent puts 100% of the KV cache in CPU memory" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("argv,match", [

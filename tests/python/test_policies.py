@@ -81,7 +81,6 @@ def test_h2o_prefill_scores_are_accumulated_attention(model_type):
     model.set_attn_implementation("sdpa")
     hybridgen.patch(model, HybridConfig(policy="h2o", gpu_budget=8, sinks=2, k=6))
     model(ids, attention_mask=mask)
-    policy = model._hybridgen.last_cache.policy
     for layer, ref in enumerate(want):
         got = model._hybridgen.last_cache.layers[layer].tier.policy_state.acc
         assert (got - ref).abs().max().item() < 1e-4

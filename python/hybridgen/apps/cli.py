@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from . import bench, demo, generate
@@ -17,7 +18,9 @@ def main(argv=None) -> int:
     eval_cli.build_parser(sub)
     demo.build_parser(sub)
     bench.build_parser(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.command_line = "python -m hybridgen " + shlex.join(argv)  # what a record says produced it
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # bad arguments or data: a message, not a traceback

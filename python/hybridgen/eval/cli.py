@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 from ..config import POLICIES
@@ -106,7 +105,7 @@ def _save(args, record: dict, table: str = "") -> None:
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        record = {"command": "python -m hybridgen " + " ".join(sys.argv[1:]),
+        record = {"command": args.command_line,
                   "args": {k: str(v) for k, v in vars(args).items() if k != "func"}, **record}
         args.out.write_text(json.dumps(record, indent=2) + "\n")
         if table:
@@ -193,7 +192,7 @@ def run_profile(args) -> int:
     name = args.model or "SmolLM2-135M-Instruct"
     profile = profile_kmin(model, wins, score=args.score, gpu_budget=args.gpu_budget, sinks=args.sinks,
                            tolerance=args.tolerance, model_name=Path(name).name, progress=True)
-    profile.command = "python -m hybridgen " + " ".join(sys.argv[1:])
+    profile.command = args.command_line
     for point in profile.curve:
         print(f"K {point['k']:>5} ({point['share']:.3f} of host tokens): perplexity {point['perplexity']:.3f} "
               f"({100 * point['delta']:+.2f} %)")

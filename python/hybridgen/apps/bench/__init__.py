@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from pathlib import Path
 
 import torch
@@ -143,7 +142,7 @@ def run(args) -> dict:
     from ...hf.models import describe
 
     check_args(args)
-    argv = args.argv if args.argv is not None else _cli_argv()
+    command = ("python -m hybridgen bench " + shlex.join(args.argv)) if args.argv is not None else args.command_line
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
@@ -170,7 +169,7 @@ def run(args) -> dict:
         unpatch(model)
 
     record = {
-        "command": "python -m hybridgen bench " + shlex.join(argv),
+        "command": command,
         "model": model_label(args.model),
         "model_shape": {"type": info.model_type, "layers": info.layers, "q_heads": info.q_heads,
                         "kv_heads": info.kv_heads, "head_dim": info.head_dim},
@@ -200,8 +199,3 @@ def run(args) -> dict:
     print("wrote " + " and ".join(written))
     return record
 
-
-def _cli_argv() -> list[str]:
-    """The options of ``python -m hybridgen bench ...`` as given on the command line."""
-    argv = sys.argv[1:]
-    return argv[1:] if argv[:1] == ["bench"] else argv
