@@ -49,7 +49,7 @@ def require_hybrid_run(cache, *, what: str, decode_steps: Optional[int] = None,
     placement = cache.placement
     if context_tokens is not None and placement.recent is not None:
         on_device = placement.sinks + placement.recent + placement.evict_chunk
-        host = cache.store.host_len(0) if cache.store is not None else 0
+        host = cache.host_tokens(0)
         if context_tokens > on_device and host == 0:
             raise HybridPathError(
                 f"{what}: the context has {context_tokens} tokens, more than the {on_device} the device tier keeps, "

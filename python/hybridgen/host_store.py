@@ -112,14 +112,14 @@ class HostKVStore:
 
                 warnings.warn(f"{tier} tier: {reason}", RuntimeWarning, stacklevel=2)
 
-    # --- shape and state -------------------------------------------------------------------
-    layers = property(lambda self: self._native.layers)
-    batch = property(lambda self: self._native.batch)
-    kv_heads = property(lambda self: self._native.kv_heads)
-    head_dim = property(lambda self: self._native.head_dim)
-    sinks = property(lambda self: self._native.sinks)
-    max_host_tokens = property(lambda self: self._native.max_host_tokens)
-    token_bytes = property(lambda self: self._native.token_bytes, doc="Bytes of K (or V) per token per layer.")
+        # The shape never changes: read once, so the hot path does not cross into Rust for it.
+        n = self._native
+        self.layers, self.batch, self.kv_heads, self.head_dim = n.layers, n.batch, n.kv_heads, n.head_dim
+        self.sinks, self.max_host_tokens = n.sinks, n.max_host_tokens
+        #: Bytes of K (or V) per token per layer.
+        self.token_bytes = n.token_bytes
+
+    # --- state ---------------------------------------------------------------------------------
 
     def total_len(self, layer: int) -> int:
         """Logical length of ``layer``: device plus host tokens."""

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -12,6 +14,7 @@ def run(*args):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_demo_checks_exact_modes_against_full_attention():
     r = run("-m", "hybridgen", "demo", "--context", "6000", "--gpu-budget", "500", "--top-k", "256")
     assert r.returncode == 0, r.stderr
@@ -19,11 +22,12 @@ def test_demo_checks_exact_modes_against_full_attention():
     assert "found 100% of the 16 planted tokens" in r.stdout
 
 
-def test_demo_rejects_a_context_that_fits_the_device():
-    r = run("-m", "hybridgen", "demo", "--context", "100", "--gpu-budget", "500")
-    assert r.returncode != 0 and "must exceed" in r.stderr
+def test_demo_rejects_a_context_that_fits_the_device(cli):
+    code, _, err = cli("demo", "--context", "100", "--gpu-budget", "500")
+    assert code != 0 and "must exceed" in err
 
 
+@pytest.mark.slow
 def test_bandwidth_benchmark_writes_its_record(tmp_path):
     out = tmp_path / "bw.json"
     r = run("benchmarks/logits_bandwidth.py", "--gib", "0.01", "--repeats", "1", "--topk", "16", "--out", str(out))

@@ -453,6 +453,7 @@ def test_patch_twice_or_unpatch_unpatched_is_an_error():
     assert vars(pb.TorchDevice)["mha_gen"] is original  # the failed call changed nothing
 
 
+@pytest.mark.slow
 def test_importing_the_drop_in_does_not_import_flexgen():
     code = "import sys, hybridgen.flexgen; print(sorted(m for m in sys.modules if m.split('.')[0] == 'flexgen'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
@@ -537,6 +538,7 @@ def test_cache_percents_set_the_token_split_when_no_budget_is_given(cpu_flexgen,
 
 
 # --- the command line -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_help_works_without_a_gpu():
     r = subprocess.run([sys.executable, "-m", "hybridgen.flexgen", "--help"], capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})

@@ -164,6 +164,7 @@ def test_packaged_tasks_load_their_kind_from_the_packaged_suite(tmp_path, monkey
     assert loaded.doc_to_target(doc) == item.label
 
 
+@pytest.mark.slow
 def test_cli_runs_the_packaged_suite(tiny_model_dir, reference, tmp_path, monkeypatch, capsys):
     # `python -m hybridgen.eval ...` in this process (a subprocess would import lm-eval again).
     from hybridgen.eval.__main__ import main

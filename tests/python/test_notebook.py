@@ -114,6 +114,7 @@ def test_committed_notebook_has_parameters_and_outputs():
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_notebook_runs_small(tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     params = _parameters_cell(nb)

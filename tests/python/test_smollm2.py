@@ -12,6 +12,8 @@ from hybridgen import HybridConfig
 from hybridgen.data import assets
 from hybridgen.hf.compat import cache_arg
 
+pytestmark = pytest.mark.slow  # the real 30-layer model over 2K-3K tokens
+
 
 @pytest.fixture(scope="module")
 def smollm2():

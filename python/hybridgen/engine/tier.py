@@ -37,6 +37,11 @@ class DeviceTier:
         self.placement = placement
         #: Tokens of the sequence so far (device + host + in flight).
         self.total = 0
+        # The tier is the only writer of its layer in the store, so it counts the host tokens
+        # itself and reports appended tokens when it next evicts: a decode step then crosses
+        # into the native store once (the CPU stage), not for bookkeeping.
+        self._host = 0
+        self._unreported = 0
         self.keys: Optional[torch.Tensor] = None
         self.values: Optional[torch.Tensor] = None
         self._buf_k: Optional[torch.Tensor] = None
@@ -58,7 +63,13 @@ class DeviceTier:
 
     @property
     def host_tokens(self) -> int:
-        return self.store.host_len(self.layer_idx)
+        return self._host
+
+    def sync_store(self) -> None:
+        """Tells the store about tokens appended since the last eviction (its total length)."""
+        if self._unreported:
+            self.store.append(self.layer_idx, self._unreported)
+            self._unreported = 0
 
     @property
     def in_flight(self) -> int:
@@ -95,7 +106,7 @@ class DeviceTier:
         self._buf_v[:, :, n : n + m].copy_(values)
         self._set_len(n + m)
         self.total += m
-        self.store.append(self.layer_idx, m)
+        self._unreported += m
 
     def _base_capacity(self) -> int:
         """Device-tier tokens a layer holds at most while decoding (plus the new one)."""
@@ -164,7 +175,7 @@ class DeviceTier:
                 buf.record_stream(side)  # the old buffer outlives the copy that reads it
             self._in_flight = (done, host_k, host_v)
         else:
-            self.store.evict(self.layer_idx, old_k.to("cpu", dtype).contiguous(), old_v.to("cpu", dtype).contiguous())
+            self._hand_over(old_k.to("cpu", dtype).contiguous(), old_v.to("cpu", dtype).contiguous())
         self._reallocate(max(n - over + 1, self._base_capacity()), like=self.keys, drop=(s, s + over))
 
     def settle(self) -> None:
@@ -174,8 +185,14 @@ class DeviceTier:
             return
         done, host_k, host_v = self._in_flight
         done.synchronize()
-        self.store.evict(self.layer_idx, host_k.contiguous(), host_v.contiguous())
         self._in_flight = None
+        self._hand_over(host_k.contiguous(), host_v.contiguous())
+
+    def _hand_over(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """The store takes evicted tokens ``[b, hkv, m, d]`` (host memory)."""
+        self.sync_store()
+        self.store.evict(self.layer_idx, keys, values)
+        self._host += keys.shape[2]
 
     # --- reading every token ----------------------------------------------------------------------
     def logical_kv(self, extra_k: Optional[torch.Tensor] = None, extra_v: Optional[torch.Tensor] = None):
@@ -197,7 +214,7 @@ class DeviceTier:
 
     def reset(self) -> None:
         """Forgets the device tokens (the store is reset by its owner)."""
-        self.total = 0
+        self.total = self._host = self._unreported = 0
         self.keys = self.values = self._buf_k = self._buf_v = None
         self._in_flight = None
         self.policy_state = None

@@ -225,6 +225,11 @@ class HybridCache(Cache):
         """Decode steps whose every layer ran this cache's policy (and was recorded)."""
         return self.clock.step
 
+    def host_tokens(self, layer_idx: int = 0) -> int:
+        """Tokens of a layer in the host tier (or on their way there)."""
+        tier = self.layers[layer_idx].tier
+        return 0 if tier is None else tier.host_tokens + tier.in_flight
+
     def policy_calls(self) -> list[int]:
         """Per layer, the decode steps its attention ran through the policy."""
         return [layer.policy_calls for layer in self.layers]

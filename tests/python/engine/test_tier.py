@@ -106,6 +106,7 @@ def test_random_sequences_lose_and_duplicate_nothing(seed):
         total += n
         tier.evict_overflow(force=rnd.random() < 0.1)
         assert tier.total == total == tier.device_tokens() + tier.host_tokens + tier.in_flight
+        tier.sync_store()
         assert tier.store.total_len(0) == total
     assert logical(tier) == list(range(total))
     tier.reset()
