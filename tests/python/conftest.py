@@ -5,18 +5,17 @@ them again under the newest and the lowest dependency versions pyproject.toml al
 import pytest
 import torch
 
-#: Modules that exercise a third-party integration.
-INTEGRATION_MODULES = {
-    "test_bench", "test_choice", "test_cuda", "test_eval_perplexity", "test_flexgen", "test_generate_guard",
-    "test_hf_bad_input", "test_hf_exact", "test_hf_guard", "test_hf_pipeline", "test_lm_eval", "test_notebook",
-    "test_policies", "test_smollm2",
-}
+#: Test folders (mirroring hybridgen's packages) and top-level modules that exercise a
+#: third-party integration.
+INTEGRATION_DIRS = {"apps", "eval", "flexgen", "hf", "policies"}
+INTEGRATION_MODULES = {"test_cuda.py", "test_notebook.py", "test_smollm2.py"}
 
 
 def pytest_collection_modifyitems(config, items):
     skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if item.module.__name__.rsplit(".", 1)[-1] in INTEGRATION_MODULES:
+        path = item.path
+        if path.parent.name in INTEGRATION_DIRS or path.name in INTEGRATION_MODULES:
             item.add_marker(pytest.mark.integration)
         if skip is not None and "gpu" in item.keywords:
             item.add_marker(skip)

@@ -14,7 +14,7 @@ from hybridgen import HybridConfig, HostKVStore, _native, cuda
 from hybridgen.hf.patch import is_patched
 from hybridgen.timing import between, mark, seconds
 
-from test_hf_exact import greedy, prompts, tiny
+from tiny_models import greedy, prompts, tiny
 from hybridgen.hf.compat import cache_arg
 
 ENTRIES = ("split_attention_f16", "split_attention_bf16", "split_attention_f32", "merge_partials")

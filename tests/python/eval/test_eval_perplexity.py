@@ -6,7 +6,7 @@ import torch
 
 from hybridgen import HybridConfig
 from hybridgen.eval import decode_perplexity
-from test_hf_exact import tiny
+from tiny_models import tiny, tiny_model_dir
 
 
 def text(n=120):
@@ -42,20 +42,6 @@ def test_rejects_bad_arguments():
         decode_perplexity(model, text(10), prefix=10)
     with pytest.raises(ValueError, match=r"\[1, n\]"):
         decode_perplexity(model, text(10)[0], prefix=3)
-
-
-def tiny_model_dir(path):
-    """A tiny random Llama and a word-level tokenizer saved under ``path``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    model = tiny("llama")
-    model.save_pretrained(path)
-    vocab = {f"w{i}": i for i in range(96)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(path)
-    return path
 
 
 def test_cli_reports_every_policy_per_context(tmp_path, cli):

@@ -4,7 +4,7 @@ heavy-hitter scores match attention probabilities computed independently by eage
 
 import pytest
 import torch
-from test_hf_exact import VOCAB, greedy, prompts, tiny
+from tiny_models import VOCAB, greedy, prompts, tiny
 
 import hybridgen
 from hybridgen import HybridConfig
@@ -155,7 +155,7 @@ def test_every_policy_is_described_and_in_the_readme():
 
     rows = {r["policy"]: r for r in table()}
     assert set(rows) == set(POLICIES)
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
     for name, row in rows.items():
         assert row["keeps"] and row["attention"] and row["bus"]
         assert f"| `{name}` |" in readme, f"README's policy table lacks {name}"

@@ -21,7 +21,7 @@ from hybridgen.hf import compat
 from hybridgen.hf.compat import cache_arg, cache_kwarg
 
 VOCAB = 96
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def tiny_llama(kv_heads: int = 2):

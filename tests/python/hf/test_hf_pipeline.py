@@ -7,7 +7,7 @@ import torch
 
 import hybridgen
 from hybridgen import HybridConfig
-from test_hf_exact import greedy, prompts, tiny
+from tiny_models import greedy, prompts, tiny
 
 
 @pytest.mark.parametrize("model_type", ["llama", "opt"])

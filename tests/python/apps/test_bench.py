@@ -15,7 +15,7 @@ import torch
 from hybridgen.apps import bench
 from hybridgen.hf.models import ModelInfo
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TINY = ["--model", "tiny-random", "--gpu-budget", "16", "--sinks", "4", "--k", "8", "--threads", "1"]
 
 

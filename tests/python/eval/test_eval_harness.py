@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from test_eval_perplexity import tiny_model_dir
-from test_hf_exact import tiny
+from tiny_models import tiny, tiny_model_dir
 
 from hybridgen import HybridConfig
 from hybridgen.eval import common, compare, kmin, needle
