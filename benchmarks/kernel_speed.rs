@@ -12,17 +12,10 @@ fn main() {
     let dtype = DType::parse(args.get(1).map_or("f16", String::as_str)).expect("dtype");
     let (kvh, g, d) = (8usize, 4usize, 128usize);
     let bytes = kvh * n * d * dtype.size();
-    let keys = vec![0x3c00_3c00u32; bytes / 4]; // 1.0 in f16/bf16 pairs: any finite value will do
-    let strips = Strips {
-        keys: keys.as_ptr() as *const u8,
-        values: keys.as_ptr() as *const u8,
-        strip_bytes: n * d * dtype.size(),
-        batch: 1,
-        kv_heads: kvh,
-        head_dim: d,
-        dtype,
-        len: n,
-    };
+    let words = vec![0x3c00_3c00u32; bytes / 4]; // 1.0 in f16/bf16 pairs: any finite value will do
+    // SAFETY: u32s are plain initialised bytes; the view borrows `words`, which is only read.
+    let keys: &[u8] = unsafe { std::slice::from_raw_parts(words.as_ptr().cast(), bytes) };
+    let strips = Strips::from_slices(keys, keys, n * d * dtype.size(), 1, kvh, d, dtype, n).expect("strips");
     let q = vec![0.5f32; kvh * g * d];
     let mut out = vec![0f32; kvh * g * n];
     let buf = vec![1u8; bytes];

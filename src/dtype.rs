@@ -11,6 +11,9 @@ pub enum DType {
 }
 
 impl DType {
+    /// Every storage dtype, in the order the Python package lists them.
+    pub const ALL: [DType; 3] = [DType::F16, DType::BF16, DType::F32];
+
     pub const fn size(self) -> usize {
         match self {
             DType::F16 | DType::BF16 => 2,

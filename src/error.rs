@@ -1,5 +1,8 @@
 //! The core's one error type. `py::errors` maps each kind to a Python exception once.
 
+use cudarc::driver::DriverError;
+use cudarc::nvrtc::result::NvrtcError;
+
 /// Every failure the core reports. Panics are bugs; anything a caller can cause is one of these.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -12,9 +15,21 @@ pub enum Error {
     /// CUDA (the driver or NVRTC) is not usable on this machine; says why.
     #[error("CUDA is unavailable: {0}")]
     Unavailable(String),
-    /// A CUDA call failed.
-    #[error("{0}")]
-    Cuda(String),
+    /// A CUDA driver call failed; `context` says what was being done.
+    #[error("{context}: {source}")]
+    Cuda {
+        context: String,
+        #[source]
+        source: DriverError,
+    },
+    /// NVRTC failed; for a compilation that did not succeed, `log` is the compiler's output.
+    #[error("{context}: {source}{}", .log.as_deref().map(|l| format!("\n{l}")).unwrap_or_default())]
+    Nvrtc {
+        context: String,
+        #[source]
+        source: NvrtcError,
+        log: Option<String>,
+    },
     /// The operating system refused a request (mmap, mbind...).
     #[error("{context}: {source}")]
     Os {

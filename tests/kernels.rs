@@ -279,3 +279,21 @@ fn bad_shapes_are_errors_not_panics() {
     let (mut i, mut v) = (vec![0; 11], vec![0.0; 11]);
     assert!(cpu::topk(&[0.0; 10], 10, 11, &mut i, &mut v).is_err(), "k > n");
 }
+
+#[test]
+fn strips_over_slices_must_cover_every_row() {
+    let (b, kvh, d, n) = (2, 3, 8, 5);
+    let strip_bytes = 64 * d * 4; // room for 64 rows of f32 per strip
+    let words = vec![0u32; (b * kvh * strip_bytes) / 4];
+    // SAFETY: u32s are plain initialised bytes; the view borrows `words`, which is only read.
+    let bytes: &[u8] = unsafe { std::slice::from_raw_parts(words.as_ptr().cast(), words.len() * 4) };
+    let last = (b * kvh - 1) * strip_bytes + n * d * 4;
+    assert!(cpu::Strips::from_slices(bytes, bytes, strip_bytes, b, kvh, d, DType::F32, n).is_ok());
+    assert!(cpu::Strips::from_slices(&bytes[..last], bytes, strip_bytes, b, kvh, d, DType::F32, n).is_ok());
+    assert!(cpu::Strips::from_slices(&bytes[..last - 1], bytes, strip_bytes, b, kvh, d, DType::F32, n).is_err(), "short keys");
+    assert!(cpu::Strips::from_slices(bytes, &bytes[1..], strip_bytes, b, kvh, d, DType::F32, n).is_err(), "misaligned values");
+    assert!(cpu::Strips::from_slices(bytes, bytes, 4 * d * 4, b, kvh, d, DType::F32, n).is_err(), "rows longer than a strip");
+    assert!(cpu::Strips::from_slices(bytes, bytes, strip_bytes, b, kvh, d, DType::F32, usize::MAX).is_err(), "overflow");
+    let s = cpu::Strips::from_slices(bytes, bytes, strip_bytes, b, kvh, d, DType::F16, n).unwrap();
+    assert_eq!((s.batch(), s.kv_heads(), s.head_dim(), s.len(), s.dtype()), (b, kvh, d, n, DType::F16));
+}

@@ -6,6 +6,17 @@ import numpy as np
 
 __version__: str
 
+#: Largest head_dim the CUDA kernels take.
+MAX_HEAD_DIM: int
+#: Storage dtypes of the host store, by name.
+DTYPES: tuple[str, ...]
+#: Merge modes of the CPU stage: "concat" (selected logits + value rows) and "lse" (HGCA).
+MERGES: tuple[str, ...]
+#: Selection strategies the scheduler chooses between.
+STRATEGIES: tuple[str, ...]
+#: Names of the values of ``HostKVStore.token_map`` (index = value).
+TIERS: tuple[str, ...]
+
 class CapacityError(RuntimeError):
     """A memory tier of the host KV store has no room for the request; nothing was changed."""
 
@@ -134,6 +145,50 @@ class HostKVStore:
         indices: Optional[Any] = None,
         isa_name: Optional[str] = None,
     ) -> None: ...
+    def cpu_stage(
+        self,
+        layer: int,
+        q: Any,
+        scale: float,
+        merge: str,
+        top_k: Optional[int] = None,
+        positions: Optional[Any] = None,
+        host_mask: Optional[Any] = None,
+        logits_out: Optional[Any] = None,
+        values_out: Optional[Any] = None,
+        indices_out: Optional[Any] = None,
+        out: Optional[Any] = None,
+        lse_out: Optional[Any] = None,
+        isa_name: Optional[str] = None,
+    ) -> dict[str, Any]:
+        """The CPU stage of one decode step over the host tokens of ``layer``, in one call (the
+        store read-locked once, the GIL released throughout).
+
+        ``q`` float32 ``[b, hq, d]`` (CPU, contiguous; ``hq`` a multiple of ``kv_heads``);
+        ``merge`` "lse" or "concat"; ``top_k`` keeps that many tokens per query head (Post-QKT;
+        ``None`` or ``>= m`` keeps all, 0 keeps none); ``positions`` int64 ``[m]`` host token
+        indices to score (Pre-QKT; ``None`` scores all ``n`` host tokens); ``host_mask`` bool or
+        uint8 ``[b, n]``, nonzero = ignore (logit ``-inf``). Top-K: the largest logits per query
+        head, NaN lowest, ties to the earlier scored token, listed in scored order.
+
+        Outputs (each optional): a contiguous tensor of exactly the result's shape, or a 1-D
+        buffer with room for it (the result fills its start, row-major), in the dtype below:
+        lse: ``out`` float32 ``[b, hq, d]``, ``lse_out`` float32 ``[b, hq]``; concat:
+        ``logits_out`` float32 ``[b, hq, k]``, ``values_out`` store dtype ``[b, hq, k, d]``;
+        either: ``indices_out`` int64 ``[b, hq, k]``. Outputs the merge never writes are a
+        ValueError.
+
+        Returns ``{"merge", "tokens" (k), "host_len" (n), "grouped", "out", "lse", "logits",
+        "indices", "values"}``. A tensor entry is the caller's output itself when it had the exact
+        shape, else a DLPack capsule of the exact shape (``torch.from_dlpack``), or None where
+        not produced. lse: ``out``, ``lse`` (no tokens or all masked: zeros and ``-inf``), and
+        ``indices`` if ``indices_out`` was given and tokens were picked by index. concat:
+        ``logits``; with an index selection (``top_k < m`` or ``positions``) also ``indices``
+        and the gathered ``values`` ``[b, hq, k, d]``; otherwise (every host token, in order)
+        ``grouped`` is True, ``indices`` None and ``values`` a zero-copy read-only view of the
+        store ``[b, kv_heads, n, d]`` shared by each GQA group (``values_out`` unused).
+        """
+        ...
 
 class Scheduler:
     def __init__(

@@ -22,12 +22,11 @@ from typing import Optional
 
 import torch
 
+from .config import MERGES
 from .host_store import HostKVStore
-from .ops import attend, merge_partials, topk
+from .ops import attend, merge_partials
 
 __all__ = ["HostPartial", "cpu_stage", "device_combine", "device_partial", "hybrid_attention", "pre_qkt_positions"]
-
-MERGES = ("concat", "lse")
 
 
 @dataclass
@@ -98,6 +97,7 @@ def cpu_stage(
     positions: Optional[torch.Tensor] = None,
     host_mask: Optional[torch.Tensor] = None,
     pinned: bool = False,
+    buffers: Optional[dict] = None,
 ) -> HostPartial:
     """The CPU half of a decode step over the host tokens of ``layer``.
 
@@ -108,43 +108,31 @@ def cpu_stage(
         host_mask: bool ``[b, n_host]``, True where a token must be ignored (padding).
         pinned: gather selected value rows into page-locked memory (the model is on a CUDA
             device: the copy to it is then asynchronous).
+        buffers: output buffers allocated once (``out``, ``lse_out``, ``logits_out``,
+            ``values_out``, ``indices_out``; see ``HostKVStore.cpu_stage``).
     """
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
     t0 = time.perf_counter()
     qc = q.detach().to("cpu", torch.float32).contiguous()
-    b, hq, _ = qc.shape
-    hkv = store.kv_heads
-    n_host = store.host_len(layer)
-    mask = host_mask.to("cpu") if host_mask is not None else None
-
-    idx = None  # per-query-head host indices [b, hq, m], None = all host tokens in order
-    if positions is not None:
-        positions = positions.to("cpu", torch.int64)
-        x = store.logits(layer, qc, scale, positions.expand(b, hkv, -1).contiguous())
-        idx = positions.expand(b, hq, -1).contiguous()
-        if mask is not None:
-            x.masked_fill_(mask[:, positions].unsqueeze(1), float("-inf"))
-    else:
-        x = store.logits(layer, qc, scale)
-        if mask is not None:
-            x.masked_fill_(mask.unsqueeze(1), float("-inf"))
-    if top_k is not None and top_k < x.shape[-1]:
-        local, x = topk(x, top_k)
-        idx = local if idx is None else torch.gather(idx, 2, local)
-
-    part = HostPartial(merge=merge, tokens=x.shape[-1])
-    if merge == "lse":
-        part.out, part.lse = store.partial_attention(layer, x, idx)
-    elif idx is None:
-        part.logits, part.values, part.grouped = x, store.view(layer, "values", 0, n_host), True
-    else:
-        out = None
-        if pinned:
-            out = torch.empty((*idx.shape, store.head_dim), dtype=store.dtype, pin_memory=True)
-        part.logits, part.values = x, store.gather_values(layer, idx, out=out)
+    pos = None if positions is None else positions.to("cpu", torch.int64).contiguous()
+    mask = None if host_mask is None else host_mask.to("cpu").contiguous()
+    outs = dict(buffers or {})
+    if pinned and merge == "concat" and (top_k is not None or pos is not None) and "values_out" not in outs:
+        # Selected value rows go to page-locked memory: the copy to the device is then asynchronous.
+        cap = min(c for c in (top_k, None if pos is None else pos.numel()) if c is not None)
+        b, hq, d = qc.shape
+        outs["values_out"] = torch.empty(b * hq * max(cap, 0) * d, dtype=store.dtype, pin_memory=True)
+    # One native call: logits, masking, selection, then partial attention or gather (GIL released).
+    r = store.cpu_stage(layer, qc, scale, merge, top_k=top_k, positions=pos, host_mask=mask, **outs)
+    part = HostPartial(merge, *(_tensor(r[k]) for k in ("out", "lse", "logits", "values")), r["grouped"], r["tokens"])
     part.seconds = time.perf_counter() - t0
     return part
+
+
+def _tensor(x):
+    """A result of the native stage as a torch tensor (buffers come back as themselves)."""
+    return x if x is None or isinstance(x, torch.Tensor) else torch.from_dlpack(x)
 
 
 def _kernels(q: torch.Tensor, keys: torch.Tensor, kernels: Optional[bool]) -> bool:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from . import _native
+
 #: hybridgen's own policies, then the baselines (see :mod:`hybridgen.policies`).
 POLICIES = ("all", "post_qkt", "pre_qkt", "scheduler", "full", "aog", "aoc", "h2o", "keyformer", "streaming", "infinigen")
-MERGES = ("concat", "lse")
+MERGES = _native.MERGES
 #: Where the device half runs on a CUDA device: the project's kernels, torch ops, or kernels if usable.
 KERNELS = ("auto", "cuda", "torch")
 

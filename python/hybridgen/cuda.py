@@ -26,8 +26,8 @@ __all__ = ["CudaUnavailableError", "probe", "require", "attention_partial",
 
 CudaUnavailableError = _native.CudaUnavailableError
 #: dtypes the kernels take (keys, values, query).
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
+KERNEL_DTYPES = tuple(getattr(torch, name) for name in _native.DTYPES)
+MAX_HEAD_DIM = _native.MAX_HEAD_DIM
 
 
 def probe() -> dict:

@@ -19,15 +19,15 @@ from . import _native
 
 __all__ = ["HostKVStore", "Tier"]
 
-_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+_DTYPES = {getattr(torch, name): name for name in _native.DTYPES}
 
 
 class Tier:
     """Values of :meth:`HostKVStore.token_map`: where each position's key lives."""
 
-    DEVICE = 0
-    NEAR = 1
-    FAR = 2
+    DEVICE = _native.TIERS.index("device")
+    NEAR = _native.TIERS.index("near")
+    FAR = _native.TIERS.index("far")
 
 
 def _dtype_name(dtype) -> str:
@@ -189,8 +189,14 @@ class HostKVStore:
         """Zero-copy ``[b, hkv, stop-start, d]`` view of host tokens (strided; shares memory).
 
         The view stays valid (it keeps the memory alive) but shows later writes to those rows.
+        It is read-only: never write to it (the kernels read the store while it is shared).
         """
         return torch.from_dlpack(self._native.view(layer, kind, start, stop))
+
+    def cpu_stage(self, layer: int, q: torch.Tensor, scale: float, merge: str, **kwargs) -> dict:
+        """The whole CPU stage of a decode step in one native call (see ``_native.HostKVStore.cpu_stage``
+        and :func:`hybridgen.attention.cpu_stage`)."""
+        return self._native.cpu_stage(layer, q, float(scale), merge, **kwargs)
 
     # --- CPU attention -----------------------------------------------------------------------
     def logits(

@@ -10,8 +10,12 @@ pub(crate) const PREFETCH_AHEAD: usize = 2048;
 const MAX_GROUP: usize = 8;
 
 /// Address of row `t` of a strip, directly or through an index list (`idx` null: directly).
+///
+/// # Safety
+/// `idx` is null or valid for `t + 1` entries; the addressed row lies inside the strip at `base`.
 #[inline(always)]
 unsafe fn row<E>(base: *const E, idx: *const i64, t: usize, d: usize) -> *const E {
+    // SAFETY: the caller guarantees both reads/offsets stay inside their allocations.
     unsafe {
         let r = if idx.is_null() { t } else { *idx.add(t) as usize };
         base.add(r * d)
@@ -39,12 +43,14 @@ unsafe fn logits_rows<S: Simd, E: Element>(
     let mut h0 = 0;
     while h0 < g {
         let gs = (g - h0).min(MAX_GROUP);
+        // SAFETY: h0 < g: heads h0.. of q (g × d floats) and of out exist.
         let (q, out) = unsafe { (q.add(h0 * d), out.add(h0 * out_stride)) };
         // Rows per tile: as many as keep G × R accumulators within the register budget
         // (R for a 16-accumulator budget, then for an 8-accumulator one).
         macro_rules! go {
             ($(($G:literal, $R16:literal, $R8:literal))*) => {
                 match gs {
+                    // SAFETY: gs heads remain from h0; the rows are the caller's.
                     $($G => unsafe {
                         if S::ACC_BUDGET >= 16 {
                             logits_group::<S, E, $G, $R16>(q, d, keys, idx, n, scale, out, out_stride)
@@ -61,6 +67,10 @@ unsafe fn logits_rows<S: Simd, E: Element>(
     }
 }
 
+/// [`logits_rows`] for exactly `G` heads, `R` rows per tile.
+///
+/// # Safety
+/// As for [`logits_rows`] with `g = G`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn logits_group<S: Simd, E: Element, const G: usize, const R: usize>(
@@ -75,10 +85,12 @@ unsafe fn logits_group<S: Simd, E: Element, const G: usize, const R: usize>(
 ) {
     let mut t = 0;
     while t + R <= n {
+        // SAFETY: rows t..t+R < n exist (caller's contract).
         unsafe { logits_tile::<S, E, G, R>(q, d, keys, idx, t, scale, out, out_stride) };
         t += R;
     }
     while t < n {
+        // SAFETY: row t < n exists (caller's contract).
         unsafe { logits_tile::<S, E, G, 1>(q, d, keys, idx, t, scale, out, out_stride) };
         t += 1;
     }
@@ -87,6 +99,10 @@ unsafe fn logits_group<S: Simd, E: Element, const G: usize, const R: usize>(
 /// Logits of `R` rows starting at `t` for `G` heads: every key element is loaded and widened
 /// once and used by all heads of the group (GQA reads K once); each query chunk is loaded once
 /// for all `R` rows; the `R × G` dot products are reduced four at a time.
+///
+/// # Safety
+/// As for [`logits_rows`] with `g = G`, for rows `t..t + R`; the caller runs under `S`'s
+/// instruction set.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn logits_tile<S: Simd, E: Element, const G: usize, const R: usize>(
@@ -99,6 +115,9 @@ unsafe fn logits_tile<S: Simd, E: Element, const G: usize, const R: usize>(
     out: *mut f32,
     out_stride: usize,
 ) {
+    // SAFETY: every load reads a key row the caller vouched for (d elements, the last chunk
+    // by scalar reads) or q (G × d floats); stores go to out[h·out_stride + t + r], r < R;
+    // prefetches never fault.
     unsafe {
         let rows: [*const E; R] = std::array::from_fn(|r| row(keys, idx, t + r, d));
         // Sequential scans outrun the hardware prefetcher: ask for the lines of the tile
@@ -182,10 +201,12 @@ unsafe fn weighted_rows<S: Simd, E: Element>(
     let mut h0 = 0;
     while h0 < g {
         let gs = (g - h0).min(MAX_GROUP);
+        // SAFETY: h0 < g: heads h0.. of w and of out exist.
         let (w, out) = unsafe { (w.add(h0 * w_stride), out.add(h0 * d)) };
         macro_rules! go {
             ($($G:literal)*) => {
                 match gs {
+                    // SAFETY: gs heads remain from h0; the rows are the caller's.
                     $($G => unsafe { weighted_group::<S, E, $G>(w, w_stride, d, values, idx, n, out) },)*
                     _ => unreachable!(),
                 }
@@ -196,6 +217,10 @@ unsafe fn weighted_rows<S: Simd, E: Element>(
     }
 }
 
+/// [`weighted_rows`] for exactly `G` heads.
+///
+/// # Safety
+/// As for [`weighted_rows`] with `g = G`; the caller runs under `S`'s instruction set.
 #[inline(always)]
 unsafe fn weighted_group<S: Simd, E: Element, const G: usize>(
     w: *const f32,
@@ -206,6 +231,8 @@ unsafe fn weighted_group<S: Simd, E: Element, const G: usize>(
     n: usize,
     out: *mut f32,
 ) {
+    // SAFETY: value rows are read within their d elements (lane chunks below `body`, then
+    // scalars); w[h·w_stride + t] and out[h·d + i] for h < G, t < n, i < d are the caller's.
     unsafe {
         let body = d - d % S::LANES;
         let mut t0 = 0;

@@ -6,6 +6,8 @@
 //! `[batch, q_heads, k, d]` in the store's dtype; partial outputs `[batch, q_heads, d]` f32 and
 //! `lse [batch, q_heads]` f32.
 
+use std::marker::PhantomData;
+
 use rayon::prelude::*;
 
 use super::kernels::{logits_rows_isa, weighted_rows_isa};
@@ -17,31 +19,124 @@ use crate::error::Result;
 
 /// Where one layer's host keys and values are: `batch × kv_heads` strips of `len` rows of
 /// `head_dim` elements, strip `(seq, head)` at `base + (seq·kv_heads + head)·strip_bytes`.
+///
+/// A `Strips` borrows that memory for `'a` as shared slices would: it can only be made by
+/// [`Strips::from_slices`] (checked), by the store (`KvStore::strips`, borrowing the store) or
+/// by the unsafe [`Strips::from_raw`], whose caller vouches for the memory. That is what lets
+/// the operations below be safe functions.
 #[derive(Clone, Copy, Debug)]
-pub struct Strips {
-    pub keys: *const u8,
-    pub values: *const u8,
-    pub strip_bytes: usize,
-    pub batch: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub dtype: DType,
-    /// Valid rows per strip (host tokens).
-    pub len: usize,
+pub struct Strips<'a> {
+    keys: *const u8,
+    values: *const u8,
+    strip_bytes: usize,
+    batch: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    len: usize,
+    _memory: PhantomData<&'a [u8]>,
 }
 
-// SAFETY: Strips is a read-only description of memory the caller keeps alive and unmodified
-// for the duration of an operation (the store holds a read lock around every call).
-unsafe impl Send for Strips {}
-unsafe impl Sync for Strips {}
+// SAFETY: a Strips is a shared borrow of immutable memory (see `from_raw`), like `&'a [u8]`,
+// which is Send and Sync.
+unsafe impl Send for Strips<'_> {}
+// SAFETY: as for Send: nothing is written through a Strips.
+unsafe impl Sync for Strips<'_> {}
 
-impl Strips {
+impl<'a> Strips<'a> {
+    /// Strips over raw memory.
+    ///
+    /// # Safety
+    /// For all of `'a`, for every `seq < batch` and `head < kv_heads`, the `len · head_dim`
+    /// elements of `dtype` at `keys + (seq·kv_heads + head)·strip_bytes` (and likewise at
+    /// `values`) must be readable, aligned for `dtype`, initialised, and not written by anyone
+    /// (no `&mut` to them, no other thread, no device). The address arithmetic must not overflow.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn from_raw(
+        keys: *const u8,
+        values: *const u8,
+        strip_bytes: usize,
+        batch: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        len: usize,
+    ) -> Strips<'a> {
+        Strips { keys, values, strip_bytes, batch, kv_heads, head_dim, dtype, len, _memory: PhantomData }
+    }
+
+    /// Strips over two borrowed byte buffers, checked: both must hold every strip's `len` rows
+    /// (the last strip may end right after its rows) and be aligned for `dtype`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_slices(
+        keys: &'a [u8],
+        values: &'a [u8],
+        strip_bytes: usize,
+        batch: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        len: usize,
+    ) -> Result<Strips<'a>> {
+        ensure!(batch > 0 && kv_heads > 0 && head_dim > 0, "batch, kv_heads and head_dim must be positive");
+        // Bytes from the first strip's start to the end of the last strip's rows.
+        let need = (|| {
+            let rows = len.checked_mul(head_dim)?.checked_mul(dtype.size())?;
+            let last = batch.checked_mul(kv_heads)? - 1;
+            (rows <= strip_bytes).then_some(())?;
+            last.checked_mul(strip_bytes)?.checked_add(rows)
+        })();
+        let Some(need) = need else {
+            return crate::invalid!("{len} rows of {head_dim} {dtype} elements do not fit strips of {strip_bytes} bytes");
+        };
+        for (name, buf) in [("keys", keys), ("values", values)] {
+            ensure!(buf.len() >= need, "{name} hold {} bytes, the strips need {need}", buf.len());
+            ensure!(
+                (buf.as_ptr() as usize) % dtype.size() == 0 && strip_bytes % dtype.size() == 0,
+                "{name} are not aligned for {dtype}"
+            );
+        }
+        // SAFETY: both buffers are borrowed for 'a (shared: nobody writes them meanwhile), hold
+        // every addressed row (checked above) and are aligned for dtype.
+        Ok(unsafe {
+            Strips::from_raw(keys.as_ptr(), values.as_ptr(), strip_bytes, batch, kv_heads, head_dim, dtype, len)
+        })
+    }
+
+    /// Valid rows per strip (host tokens).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.kv_heads
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     fn strip(&self, base: *const u8, seq: usize, head: usize) -> *const u8 {
-        // SAFETY: seq < batch, head < kv_heads address a strip inside the region.
+        debug_assert!(seq < self.batch && head < self.kv_heads);
+        // SAFETY: seq < batch, head < kv_heads (every caller iterates within them) address a
+        // strip inside the memory `from_raw`'s caller vouched for.
         unsafe { base.add((seq * self.kv_heads + head) * self.strip_bytes) }
     }
 
-    fn group(&self, q_heads: usize) -> Result<usize> {
+    /// Number of query heads per KV head.
+    pub(crate) fn group(&self, q_heads: usize) -> Result<usize> {
         ensure!(
             q_heads > 0 && q_heads % self.kv_heads == 0,
             "q_heads ({q_heads}) must be a positive multiple of kv_heads ({})",
@@ -50,7 +145,7 @@ impl Strips {
         Ok(q_heads / self.kv_heads)
     }
 
-    fn check_indices(&self, idx: &[i64]) -> Result<()> {
+    pub(crate) fn check_indices(&self, idx: &[i64]) -> Result<()> {
         if let Some(bad) = idx.iter().find(|&&i| i < 0 || i as usize >= self.len) {
             return crate::invalid!("token index {bad} out of range: {} host tokens", self.len);
         }
@@ -79,7 +174,7 @@ const BLOCK_ROWS: usize = 4096;
 #[allow(clippy::too_many_arguments)]
 pub fn logits(
     isa: Isa,
-    s: &Strips,
+    s: &Strips<'_>,
     q: &[f32],
     q_heads: usize,
     scale: f32,
@@ -153,7 +248,7 @@ pub fn logits(
 
 /// Copies value rows `indices [batch, q_heads, k]` into `out [batch, q_heads, k, d]` (raw bytes
 /// of the store's dtype): the staging buffer shipped to the device.
-pub fn gather_values(s: &Strips, indices: &[i64], q_heads: usize, out: &mut [u8]) -> Result<()> {
+pub fn gather_values(s: &Strips<'_>, indices: &[i64], q_heads: usize, out: &mut [u8]) -> Result<()> {
     let g = s.group(q_heads)?;
     let rows = s.batch * q_heads;
     ensure!(
@@ -199,7 +294,7 @@ pub fn gather_values(s: &Strips, indices: &[i64], q_heads: usize, out: &mut [u8]
 #[allow(clippy::too_many_arguments)]
 pub fn partial_attention(
     isa: Isa,
-    s: &Strips,
+    s: &Strips<'_>,
     logits: &[f32],
     q_heads: usize,
     indices: Option<&[i64]>,
@@ -238,6 +333,12 @@ pub fn partial_attention(
         out.len(),
         lse.len()
     );
+    if m == 0 {
+        // Attention over no tokens: the neutral partial of `merge_partials`.
+        out.fill(0.0);
+        lse.fill(f32::NEG_INFINITY);
+        return Ok(());
+    }
     // One task per (sequence, kv head) when heads share rows; per query head otherwise.
     let heads_per_task = if indices.is_none() { g } else { 1 };
     out.par_chunks_mut(heads_per_task * d)
@@ -253,9 +354,6 @@ pub fn partial_attention(
                 *lse_h = softmax_lse(&mut w[h * m..(h + 1) * m]);
             }
             o.fill(0.0);
-            if m == 0 {
-                return;
-            }
             let idx = indices.map_or(std::ptr::null(), |i| i[head0 * m..].as_ptr());
             with_element!(s.dtype, E => {
                 // SAFETY: the values strip of (seq, kh) holds len >= every addressed row; `o`
@@ -285,7 +383,7 @@ pub fn partial_attention(
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     isa: Isa,
-    s: &Strips,
+    s: &Strips<'_>,
     q: &[f32],
     q_heads: usize,
     scale: f32,

@@ -35,7 +35,7 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
     // SAFETY: NVRTC is loadable (checked above); the function writes two ints.
     unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
         .result()
-        .map_err(|e| Error::Cuda(format!("nvrtcVersion: {e:?}")))?;
+        .map_err(|source| Error::Nvrtc { context: "nvrtcVersion".into(), source, log: None })?;
     Ok((major, minor))
 }
 
@@ -50,14 +50,19 @@ pub fn compile(arch: &str) -> Result<String> {
         name: Some("hybrid_attention.cu".into()),
         ..Default::default()
     };
-    match cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts) {
-        Ok(ptx) => Ok(ptx.to_src()),
-        Err(cudarc::nvrtc::CompileError::CompileError { log, .. }) => Err(Error::Cuda(format!(
-            "NVRTC could not compile kernels/hybrid_attention.cu for {arch}:\n{}",
-            log.to_string_lossy()
-        ))),
-        Err(e) => Err(Error::Cuda(format!("NVRTC failed for {arch}: {e:?}"))),
-    }
+    use cudarc::nvrtc::CompileError as E;
+    let step = |what: &str| format!("NVRTC {what} for {arch}");
+    cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts).map(|ptx| ptx.to_src()).map_err(|e| match e {
+        E::CompileError { nvrtc, log, .. } => Error::Nvrtc {
+            context: format!("NVRTC could not compile kernels/hybrid_attention.cu for {arch}"),
+            source: nvrtc,
+            log: Some(log.to_string_lossy().into_owned()),
+        },
+        E::CreationError(source) => Error::Nvrtc { context: step("creating the program"), source, log: None },
+        E::GetLogError(source) => Error::Nvrtc { context: step("reading the log"), source, log: None },
+        E::GetPtxError(source) => Error::Nvrtc { context: step("reading the PTX"), source, log: None },
+        E::DestroyError(source) => Error::Nvrtc { context: step("destroying the program"), source, log: None },
+    })
 }
 
 /// PTX for `arch`, compiled at most once per process and, with `cache_dir`, once per machine.

@@ -20,7 +20,7 @@ pub use probe::{probe, Probe};
 
 use crate::error::Error;
 
-/// A CUDA driver error as the core's error, with what was being done.
+/// A CUDA driver error as the core's error (kept as its source), with what was being done.
 pub(crate) fn cuda_err(context: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error + '_ {
-    move |e| Error::Cuda(format!("{context}: {e:?}"))
+    move |source| Error::Cuda { context: context.to_string(), source }
 }

@@ -25,12 +25,13 @@ impl PinnedBuffer {
         // SAFETY: ptr/len describe a live mapping owned by `buf`, which we keep alive.
         unsafe { sys::cuMemHostRegister_v2(buf.as_ptr().cast(), buf.len(), sys::CU_MEMHOSTREGISTER_PORTABLE) }
             .result()
-            .map_err(|e| {
-                Error::Cuda(format!(
-                    "cuMemHostRegister of {} bytes failed ({e:?}): page-locked memory is limited by \
-                     RAM and `ulimit -l`; lower max_context or the batch",
+            .map_err(|source| Error::Cuda {
+                context: format!(
+                    "cuMemHostRegister of {} bytes (page-locked memory is limited by RAM and \
+                     `ulimit -l`; lower max_context or the batch)",
                     buf.len()
-                ))
+                ),
+                source,
             })?;
         Ok(PinnedBuffer { buf, gpu })
     }

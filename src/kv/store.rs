@@ -28,6 +28,19 @@ pub enum Tier {
     Far = 2,
 }
 
+impl Tier {
+    /// Every tier, indexed by its value in a token map.
+    pub const ALL: [Tier; 3] = [Tier::Device, Tier::Near, Tier::Far];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Device => "device",
+            Tier::Near => "near",
+            Tier::Far => "far",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Keys,
@@ -306,18 +319,27 @@ impl KvStore {
         unsafe { region.buf.as_ptr().add(offset) }
     }
 
-    /// The host strips of `layer`, for the CPU attention operations.
-    pub fn strips(&self, layer: usize) -> Result<Strips> {
+    /// The host strips of `layer`, for the CPU attention operations; they borrow the store, so
+    /// no eviction or reset can change the rows while they are in use.
+    pub fn strips(&self, layer: usize) -> Result<Strips<'_>> {
         self.check_layer(layer)?;
-        Ok(Strips {
-            keys: self.keys[layer].buf.as_ptr(),
-            values: self.values[layer].buf.as_ptr(),
-            strip_bytes: self.keys[layer].strip_bytes,
-            batch: self.cfg.batch,
-            kv_heads: self.cfg.kv_heads,
-            head_dim: self.cfg.head_dim,
-            dtype: self.cfg.dtype,
-            len: self.layers[layer].host,
+        let (keys, values) = (&self.keys[layer], &self.values[layer]);
+        // SAFETY: both regions hold batch × kv_heads page-aligned strips of strip_bytes >=
+        // strip_tokens rows >= host rows (rows are whole elements, so aligned for the dtype);
+        // the mappings live as long as `self`. The store writes them only through `&mut self`
+        // (`evict`, `reset`), which the returned borrow of `self` excludes; the zero-copy views
+        // it exports are read-only by contract (`HostKVStore.view`).
+        Ok(unsafe {
+            Strips::from_raw(
+                keys.buf.as_ptr(),
+                values.buf.as_ptr(),
+                keys.strip_bytes,
+                self.cfg.batch,
+                self.cfg.kv_heads,
+                self.cfg.head_dim,
+                self.cfg.dtype,
+                self.layers[layer].host,
+            )
         })
     }
 

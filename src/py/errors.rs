@@ -26,7 +26,7 @@ impl From<Error> for PyErr {
             Error::Capacity(msg) => CapacityError::new_err(msg),
             err @ Error::Os { .. } => PyOSError::new_err(err.to_string()),
             err @ Error::Unavailable(_) => CudaUnavailableError::new_err(err.to_string()),
-            Error::Cuda(msg) => PyRuntimeError::new_err(msg),
+            err @ (Error::Cuda { .. } | Error::Nvrtc { .. }) => PyRuntimeError::new_err(err.to_string()),
         }
     }
 }

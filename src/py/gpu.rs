@@ -9,7 +9,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::cuda_tensor::{same_device, ConsumerStream, CudaTensor};
-use super::tensor::{export_strips, Elem};
+use super::export::export_strips;
+use super::tensor::Elem;
 use crate::dtype::DType;
 use crate::gpu::{self, Gpu, MergeArgs, PinnedBuffer, SplitArgs};
 

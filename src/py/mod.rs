@@ -3,10 +3,13 @@
 
 mod args;
 mod cuda_tensor;
+mod constants;
 mod errors;
+mod export;
 mod gpu;
 mod ops;
 mod sched;
+mod stage;
 mod store;
 mod tensor;
 
@@ -15,6 +18,7 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    constants::register(m)?;
     errors::register(m)?;
     ops::register(m)?;
     store::register(m)?;

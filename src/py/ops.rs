@@ -4,7 +4,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use super::args::positive;
-use super::tensor::{distinct, Elem, Tensor};
+use super::tensor::{distinct, outputs_apart, Elem, Tensor};
 use crate::cpu::{self, Isa};
 
 /// The `k` largest logits of every row of `logits [..., n]` into `out_indices [..., k]` (int64,
@@ -28,7 +28,7 @@ fn topk(py: Python<'_>, logits: &Bound<'_, PyAny>, k: i64, out_indices: &Bound<'
 
 /// Partial attention of `q [b, hq, d]` (float32) over every token of `keys`/`values`
 /// `[b, hkv, n, d]` (float16/bfloat16/float32, rows contiguous, any head stride) into
-/// `out [b, hq, d]` and `lse [b, hq]` (float32); `mask` uint8/bool `[b, n]`, nonzero = ignore.
+/// `out [b, hq, d]` and `lse [b, hq]` (float32); `mask` bool/uint8 `[b, n]`, nonzero = ignore.
 #[pyfunction]
 #[pyo3(signature = (q, keys, values, scale, out, lse, mask=None, isa_name=None))]
 #[allow(clippy::too_many_arguments)]
@@ -58,18 +58,17 @@ fn attend(
     }
     let out = Tensor::import(out, "out", Elem::F32, &[Some(b), Some(hq), Some(d)])?;
     let lse = Tensor::import(lse, "lse", Elem::F32, &[Some(b), Some(hq)])?;
-    let mask = mask.map(|m| Tensor::import(m, "mask", Elem::U8, &[Some(b), Some(n)])).transpose()?;
-    distinct(&[("q", &q), ("out", &out), ("lse", &lse)])?;
-    let strips = cpu::Strips {
-        keys: k.ptr(),
-        values: v.ptr(),
-        strip_bytes: k_stride * dtype.size(),
-        batch: b,
-        kv_heads: hkv,
-        head_dim: d,
-        dtype,
-        len: n,
-    };
+    let mask = mask.map(|m| Tensor::import_one_of(m, "mask", &[Elem::Bool, Elem::U8], &[Some(b), Some(n)])).transpose()?;
+    let mut inputs = vec![("q", &q), ("keys", &k), ("values", &v)];
+    inputs.extend(mask.as_ref().map(|m| ("mask", m)));
+    outputs_apart(&[("out", &out), ("lse", &lse)], &inputs)?;
+    // SAFETY: `import_strips` checked that both tensors are [b, hkv, n, d] of `dtype` with
+    // contiguous rows and heads `k_stride` elements apart (the same layout for both), so every
+    // strip's n rows lie inside their DLPack allocations, aligned for the dtype; the imports
+    // keep them alive until this function returns. This call's outputs (out, lse) were just
+    // checked not to overlap them; other Python threads writing arguments of a call that is in
+    // progress break the contract of every GIL-releasing binding, as in numpy or torch.
+    let strips = unsafe { cpu::Strips::from_raw(k.ptr(), v.ptr(), k_stride * dtype.size(), b, hkv, d, dtype, n) };
     let (qs, os, ls) = (q.slice::<f32>(), out.slice_mut::<f32>(), lse.slice_mut::<f32>());
     let ms = mask.as_ref().map(|m| m.slice::<u8>());
     py.detach(|| cpu::attend(isa, &strips, qs, hq, scale, ms, os, ls))?;

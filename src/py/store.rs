@@ -1,29 +1,34 @@
 //! `HostKVStore`: the host KV store and the CPU attention operations over it.
 
 use numpy::{PyArray2, PyArrayMethods};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::args::{isa, non_negative, positive};
-use super::tensor::{distinct, export_strips, Elem, Tensor};
-use crate::cpu;
+use super::export::export_strips;
+use super::stage::{OutputArgs, StageCall};
+use super::tensor::{distinct, Elem, Tensor};
+use crate::cpu::{self, Merge, Scratch};
 use crate::dtype::DType;
 use crate::kv::{Kind, KvStore, StoreConfig, TierConfig, TierStats};
 
 /// Host tier of a decode KV cache. See `hybridgen.HostKVStore` for the documented API.
 #[pyclass(name = "HostKVStore", module = "hybridgen._native", frozen)]
 pub(crate) struct PyHostKvStore {
-    store: RwLock<KvStore>,
-    dtype: DType,
+    pub(super) store: RwLock<KvStore>,
+    pub(super) dtype: DType,
     layers: usize,
-    batch: usize,
-    kv_heads: usize,
-    head_dim: usize,
+    pub(super) batch: usize,
+    pub(super) kv_heads: usize,
+    pub(super) head_dim: usize,
     /// Registrations of every key and value buffer with the CUDA driver (`pin`); dropped
-    /// (unregistered) by `unpin` or with the store, before the buffers themselves.
-    pinned: parking_lot::Mutex<Vec<crate::gpu::PinnedBuffer>>,
+    /// (unregistered) by `unpin` or with the store, before the buffers themselves. Taken only
+    /// with the GIL released: registration can take long and must not stall other threads.
+    pinned: Mutex<Vec<crate::gpu::PinnedBuffer>>,
+    /// Working memory of `cpu_stage`, reused from step to step.
+    pub(super) scratch: Mutex<Scratch>,
 }
 
 fn kind(name: &str) -> PyResult<Kind> {
@@ -53,7 +58,7 @@ impl PyHostKvStore {
         Ok(l)
     }
 
-    fn q_heads_of(&self, t: &Tensor, axis: usize) -> PyResult<usize> {
+    pub(super) fn q_heads_of(&self, t: &Tensor, axis: usize) -> PyResult<usize> {
         let h = t.shape()[axis];
         if h == 0 || h % self.kv_heads != 0 {
             return Err(PyValueError::new_err(format!(
@@ -122,6 +127,7 @@ impl PyHostKvStore {
             kv_heads,
             head_dim,
             pinned: Default::default(),
+            scratch: Default::default(),
         })
     }
 
@@ -130,31 +136,34 @@ impl PyHostKvStore {
     /// reserved capacity. Idempotent.
     #[pyo3(signature = (device, cache_dir=None))]
     fn pin(&self, py: Python<'_>, device: usize, cache_dir: Option<std::path::PathBuf>) -> PyResult<()> {
-        let mut pinned = self.pinned.lock();
-        if !pinned.is_empty() {
-            return Ok(());
-        }
-        let buffers: Vec<_> = {
-            let store = self.store.read();
-            (0..self.layers).flat_map(|l| [store.buffer(l, Kind::Keys), store.buffer(l, Kind::Values)]).collect()
-        };
-        let regs = py.detach(|| -> crate::Result<Vec<crate::gpu::PinnedBuffer>> {
+        py.detach(|| -> crate::Result<()> {
+            let mut pinned = self.pinned.lock();
+            if !pinned.is_empty() {
+                return Ok(());
+            }
+            let buffers: Vec<_> = {
+                let store = self.store.read();
+                (0..self.layers).flat_map(|l| [store.buffer(l, Kind::Keys), store.buffer(l, Kind::Values)]).collect()
+            };
             let gpu = crate::gpu::Gpu::get(device, cache_dir.as_deref())?;
-            buffers.into_iter().map(|b| crate::gpu::PinnedBuffer::register(b, gpu.clone())).collect()
+            *pinned = buffers.into_iter().map(|b| crate::gpu::PinnedBuffer::register(b, gpu.clone())).collect::<crate::Result<_>>()?;
+            Ok(())
         })?;
-        *pinned = regs;
         Ok(())
     }
 
     /// Undoes `pin`.
-    fn unpin(&self) {
-        self.pinned.lock().clear();
+    fn unpin(&self, py: Python<'_>) {
+        // Unregistering calls the driver; the registrations drop outside the GIL too.
+        py.detach(|| self.pinned.lock().clear());
     }
 
     #[getter]
-    fn pinned(&self) -> bool {
-        let pinned = self.pinned.lock();
-        !pinned.is_empty() && pinned.iter().all(|p| p.is_registered())
+    fn pinned(&self, py: Python<'_>) -> bool {
+        py.detach(|| {
+            let pinned = self.pinned.lock();
+            !pinned.is_empty() && pinned.iter().all(|p| p.is_registered())
+        })
     }
 
     #[getter]
@@ -362,6 +371,42 @@ impl PyHostKvStore {
             cpu::partial_attention(isa, &store.strips(layer)?, xs, hq, is, os, ls)
         })?;
         Ok(())
+    }
+
+    /// The CPU stage of one decode step over the host tokens of `layer` in one call (see
+    /// `cpu::stage` for the semantics and `py::stage` for how outputs are passed and returned).
+    #[pyo3(signature = (layer, q, scale, merge, top_k=None, positions=None, host_mask=None, logits_out=None,
+                        values_out=None, indices_out=None, out=None, lse_out=None, isa_name=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn cpu_stage<'py>(
+        &self,
+        py: Python<'py>,
+        layer: i64,
+        q: &Bound<'py, PyAny>,
+        scale: f32,
+        merge: &str,
+        top_k: Option<i64>,
+        positions: Option<&Bound<'py, PyAny>>,
+        host_mask: Option<&Bound<'py, PyAny>>,
+        logits_out: Option<&Bound<'py, PyAny>>,
+        values_out: Option<&Bound<'py, PyAny>>,
+        indices_out: Option<&Bound<'py, PyAny>>,
+        out: Option<&Bound<'py, PyAny>>,
+        lse_out: Option<&Bound<'py, PyAny>>,
+        isa_name: Option<&str>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let call = StageCall {
+            layer: self.layer(layer)?,
+            isa: isa(isa_name)?,
+            q,
+            scale,
+            merge: Merge::parse(merge)?,
+            top_k: top_k.map(|k| non_negative("top_k", k)).transpose()?,
+            positions,
+            host_mask,
+        };
+        let outs = OutputArgs { logits: logits_out, values: values_out, indices: indices_out, out, lse: lse_out };
+        super::stage::cpu_stage(self, py, call, outs)
     }
 }
 

@@ -1,17 +1,13 @@
 //! Tensors from Python through DLPack: zero-copy import with the checks every binding needs
-//! (device, dtype, rank, shape, contiguity), and zero-copy export of host-store ranges.
-
-use std::sync::Arc;
+//! (device, dtype, rank, shape, contiguity), and the check that outputs share no memory with
+//! other arguments. Exports (DLPack producers) are in `export`.
 
 use dlpark::ffi::{DLDataType, DLDevice, DLDeviceType};
-use dlpark::metadata::Fixed;
 use dlpark::python::{dlpack_device, from_dlpack, ImportedDlpack};
-use dlpark::versioned;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::dtype::DType;
-use crate::mem::HostBuffer;
 
 /// Element types a binding may ask for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,6 +17,8 @@ pub(crate) enum Elem {
     F32,
     I64,
     U8,
+    /// One byte per element, 0 or 1 (torch.bool).
+    Bool,
 }
 
 impl Elem {
@@ -31,6 +29,7 @@ impl Elem {
             Elem::F32 => DLDataType::F32,
             Elem::I64 => DLDataType::I64,
             Elem::U8 => DLDataType::U8,
+            Elem::Bool => DLDataType::BOOL,
         }
     }
 
@@ -41,6 +40,7 @@ impl Elem {
             Elem::F32 => "float32",
             Elem::I64 => "int64",
             Elem::U8 => "uint8",
+            Elem::Bool => "bool",
         }
     }
 
@@ -54,7 +54,7 @@ impl Elem {
 }
 
 fn dl_name(dt: DLDataType) -> String {
-    for e in [Elem::F16, Elem::BF16, Elem::F32, Elem::I64, Elem::U8] {
+    for e in [Elem::F16, Elem::BF16, Elem::F32, Elem::I64, Elem::U8, Elem::Bool] {
         if e.dl() == dt {
             return e.name().to_string();
         }
@@ -62,61 +62,93 @@ fn dl_name(dt: DLDataType) -> String {
     format!("dlpack(code={}, bits={}, lanes={})", dt.code.0, dt.bits, dt.lanes)
 }
 
-/// A contiguous CPU tensor borrowed from Python for the duration of one call.
+/// A CPU tensor borrowed from Python for the duration of one call.
 pub(crate) struct Tensor {
     _owner: ImportedDlpack,
     ptr: *mut u8,
     shape: Vec<usize>,
     elem: Elem,
+    /// Bytes from `ptr` to the end of the last element (more than the elements for strips).
+    extent: usize,
+    device: DLDevice,
 }
 
 /// The DLPack import every binding starts with: a tensor-like object on a CPU-accessible device,
-/// zero-copy, with the requested dtype.
-fn open(obj: &Bound<'_, PyAny>, name: &str, elem: Elem) -> PyResult<ImportedDlpack> {
+/// zero-copy, with one of the `accept`ed dtypes (the one found is returned).
+fn open(obj: &Bound<'_, PyAny>, name: &str, accept: &[Elem]) -> PyResult<(ImportedDlpack, Elem, DLDevice)> {
     if !obj.hasattr("__dlpack__")? {
         return Err(PyTypeError::new_err(format!(
             "{name} must be a tensor (torch or any DLPack array), got {}",
             obj.get_type().name()?
         )));
     }
-    check_device(name, dlpack_device(obj.as_borrowed())?)?;
+    let device = dlpack_device(obj.as_borrowed())?;
+    check_device(name, device)?;
     let owner = from_dlpack(obj.as_borrowed(), None, Some(false))?;
     let dtype = owner
         .validate()
         .map_err(|e| PyValueError::new_err(format!("{name}: invalid DLPack tensor: {e}")))?
         .dtype();
-    if dtype != elem.dl() {
-        return Err(PyTypeError::new_err(format!("{name} must have dtype {}, got {}", elem.name(), dl_name(dtype))));
-    }
-    Ok(owner)
+    let Some(&elem) = accept.iter().find(|e| e.dl() == dtype) else {
+        let names: Vec<&str> = accept.iter().map(|e| e.name()).collect();
+        return Err(PyTypeError::new_err(format!(
+            "{name} must have dtype {}, got {}",
+            names.join(" or "),
+            dl_name(dtype)
+        )));
+    };
+    Ok((owner, elem, device))
 }
 
 impl Tensor {
     /// Imports `obj` (a torch tensor or any DLPack producer) as argument `name`, requiring
     /// dtype `elem` and, where given, the dimensions of `shape` (`None` = any size).
     pub(crate) fn import(obj: &Bound<'_, PyAny>, name: &str, elem: Elem, shape: &[Option<usize>]) -> PyResult<Tensor> {
-        let owner = open(obj, name, elem)?;
-        let view = owner.validate().map_err(|e| PyValueError::new_err(format!("{name}: {e}")))?;
-        let dims: Vec<usize> = view.shape().iter().map(|&d| d as usize).collect();
-        if dims.len() != shape.len() {
+        Self::import_one_of(obj, name, &[elem], shape)
+    }
+
+    /// As [`Tensor::import`], accepting any of the dtypes `elems` (see [`Tensor::elem`]).
+    pub(crate) fn import_one_of(obj: &Bound<'_, PyAny>, name: &str, elems: &[Elem], shape: &[Option<usize>]) -> PyResult<Tensor> {
+        let t = Self::import_any_shape(obj, name, elems)?;
+        if t.shape.len() != shape.len() {
             return Err(PyValueError::new_err(format!(
                 "{name} must have {} dimensions, got shape {:?}",
                 shape.len(),
-                dims
+                t.shape
             )));
         }
-        for (axis, (&got, want)) in dims.iter().zip(shape).enumerate() {
+        for (axis, (&got, want)) in t.shape.iter().zip(shape).enumerate() {
             if let Some(want) = *want {
                 if got != want {
                     return Err(PyValueError::new_err(format!(
-                        "{name} has shape {dims:?}; dimension {axis} must be {want}"
+                        "{name} has shape {:?}; dimension {axis} must be {want}",
+                        t.shape
                     )));
                 }
             }
         }
-        let compact = view
-            .is_compact()
-            .map_err(|e| PyValueError::new_err(format!("{name}: invalid strides: {e}")))?;
+        Ok(t)
+    }
+
+    /// A contiguous tensor of any rank and shape with one of the dtypes `elems`.
+    pub(crate) fn import_any_shape(obj: &Bound<'_, PyAny>, name: &str, elems: &[Elem]) -> PyResult<Tensor> {
+        let (owner, elem, device) = open(obj, name, elems)?;
+        let view = owner.validate().map_err(|e| PyValueError::new_err(format!("{name}: {e}")))?;
+        let dims: Vec<usize> = view.shape().iter().map(|&d| d as usize).collect();
+        // Row-major, ignoring the strides of dimensions of size 1 (torch leaves any there,
+        // e.g. on a slice `x[:, i]`, and still calls the tensor contiguous) and of empty tensors.
+        let compact = match view.strides() {
+            None => true,
+            Some(_) if dims.contains(&0) => true,
+            Some(strides) => {
+                let mut want = 1i64;
+                dims.iter().zip(strides).rev().all(|(&dim, &stride)| {
+                    let ok = dim <= 1 || stride == want;
+                    want *= dim as i64;
+                    ok
+                })
+            }
+        };
         if !compact {
             return Err(PyValueError::new_err(format!(
                 "{name} must be contiguous (shape {dims:?}, strides {:?}); call .contiguous()",
@@ -125,14 +157,16 @@ impl Tensor {
         }
         // SAFETY: byte_offset is inside the allocation by the DLPack contract.
         let ptr = unsafe { (view.data_ptr() as *mut u8).add(view.byte_offset() as usize) };
-        Ok(Tensor { _owner: owner, ptr, shape: dims, elem })
+        aligned(name, ptr, elem)?;
+        let extent = dims.iter().product::<usize>() * elem.dl().element_size();
+        Ok(Tensor { _owner: owner, ptr, shape: dims, elem, extent, device })
     }
 
     /// Imports a `[batch, heads, n, d]` tensor whose rows are contiguous and whose sequences are
     /// `heads` head-strides apart (e.g. a prefix view of a larger cache buffer); returns it with
     /// its head stride in elements.
     pub(crate) fn import_strips(obj: &Bound<'_, PyAny>, name: &str, elem: Elem, shape: &[Option<usize>; 4]) -> PyResult<(Tensor, usize)> {
-        let owner = open(obj, name, elem)?;
+        let (owner, elem, device) = open(obj, name, &[elem])?;
         let view = owner.validate().map_err(|e| PyValueError::new_err(format!("{name}: {e}")))?;
         let dims: Vec<usize> = view.shape().iter().map(|&d| d as usize).collect();
         if dims.len() != 4 || dims.iter().zip(shape).any(|(&g, w)| w.is_some_and(|w| w != g)) {
@@ -154,8 +188,12 @@ impl Tensor {
         }
         // SAFETY: byte_offset is inside the allocation by the DLPack contract.
         let ptr = unsafe { (view.data_ptr() as *mut u8).add(view.byte_offset() as usize) };
+        aligned(name, ptr, elem)?;
         let head_stride = strides[1];
-        Ok((Tensor { _owner: owner, ptr, shape: dims, elem }, head_stride))
+        let numel: usize = dims.iter().product();
+        let last = if numel == 0 { 0 } else { (dims[0] * heads - 1) * head_stride + rows * d };
+        let extent = last * elem.dl().element_size();
+        Ok((Tensor { _owner: owner, ptr, shape: dims, elem, extent, device }, head_stride))
     }
 
     pub(crate) fn ptr(&self) -> *const u8 {
@@ -164,6 +202,14 @@ impl Tensor {
 
     pub(crate) fn shape(&self) -> &[usize] {
         &self.shape
+    }
+
+    pub(crate) fn elem(&self) -> Elem {
+        self.elem
+    }
+
+    pub(crate) fn device(&self) -> DLDevice {
+        self.device
     }
 
     pub(crate) fn numel(&self) -> usize {
@@ -181,7 +227,7 @@ impl Tensor {
             return &[];
         }
         // SAFETY: a contiguous tensor of numel elements of this size lives at ptr while the
-        // DLPack owner is held; the exporter's allocation is suitably aligned for its dtype.
+        // DLPack owner is held; ptr is aligned for the dtype (checked by `aligned` at import).
         unsafe { std::slice::from_raw_parts(self.ptr as *const T, self.numel()) }
     }
 
@@ -194,24 +240,36 @@ impl Tensor {
             return &mut [];
         }
         // SAFETY: as in `slice`; exclusivity across the arguments of one call is checked by
-        // `distinct`, and Python code cannot run while the call holds the data.
+        // `distinct` / `outputs_apart`. Other Python threads must not touch the arguments of a
+        // call in progress (the contract of every GIL-releasing binding).
         unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut T, self.numel()) }
     }
 
     pub(crate) fn bytes(&self) -> &[u8] {
+        if self.numel() == 0 {
+            return &[]; // an empty tensor's pointer may be null
+        }
         // SAFETY: as in `slice`, viewed as bytes.
         unsafe { std::slice::from_raw_parts(self.ptr, self.bytes_len()) }
     }
 
     #[allow(clippy::mut_from_ref)]
     pub(crate) fn bytes_mut(&self) -> &mut [u8] {
+        if self.numel() == 0 {
+            return &mut [];
+        }
         // SAFETY: as in `slice_mut`, viewed as bytes.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes_len()) }
     }
 
     fn range(&self) -> (usize, usize) {
         let start = self.ptr as usize;
-        (start, start + self.bytes_len())
+        (start, start + self.extent)
+    }
+
+    fn overlaps(&self, other: &Tensor) -> bool {
+        let ((a0, a1), (b0, b1)) = (self.range(), other.range());
+        a0 < b1 && b0 < a1
     }
 }
 
@@ -219,11 +277,30 @@ impl Tensor {
 pub(crate) fn distinct(tensors: &[(&str, &Tensor)]) -> PyResult<()> {
     for (i, (a_name, a)) in tensors.iter().enumerate() {
         for (b_name, b) in &tensors[i + 1..] {
-            let ((a0, a1), (b0, b1)) = (a.range(), b.range());
-            if a0 < b1 && b0 < a1 {
+            if a.overlaps(b) {
                 return Err(PyValueError::new_err(format!("{a_name} and {b_name} must not share memory")));
             }
         }
+    }
+    Ok(())
+}
+
+/// Fails if an output shares memory with another output or with any input (inputs may share
+/// memory with each other: they are only read).
+pub(crate) fn outputs_apart(outputs: &[(&str, &Tensor)], inputs: &[(&str, &Tensor)]) -> PyResult<()> {
+    distinct(outputs)?;
+    for (o_name, o) in outputs {
+        if let Some((i_name, _)) = inputs.iter().find(|(_, i)| o.overlaps(i)) {
+            return Err(PyValueError::new_err(format!("{o_name} must not share memory with {i_name}")));
+        }
+    }
+    Ok(())
+}
+
+/// The kernels read elements through typed pointers: the data must be aligned for its dtype.
+fn aligned(name: &str, ptr: *const u8, elem: Elem) -> PyResult<()> {
+    if (ptr as usize) % elem.dl().element_size() != 0 {
+        return Err(PyValueError::new_err(format!("{name} is not aligned for {}", elem.name())));
     }
     Ok(())
 }
@@ -241,30 +318,4 @@ fn check_device(name: &str, device: DLDevice) -> PyResult<()> {
             other.0
         ))),
     }
-}
-
-/// A zero-copy DLPack capsule over `[batch, heads, len, head_dim]` rows of a host buffer, strip
-/// `(seq, head)` starting `strip_bytes` apart. The capsule keeps the buffer alive.
-pub(crate) fn export_strips(
-    py: Python<'_>,
-    buf: Arc<HostBuffer>,
-    offset: usize,
-    dims: [usize; 4],
-    strip_bytes: usize,
-    dtype: DType,
-) -> PyResult<Py<PyAny>> {
-    let elem = dtype.size();
-    let [_, heads, _, head_dim] = dims;
-    let strip = (strip_bytes / elem) as i64;
-    let strides = [strip * heads as i64, strip, head_dim as i64, 1];
-    let shape = dims.map(|d| d as i64);
-    // SAFETY: offset + the strided extent lies inside the buffer (the store checked the range).
-    let data = unsafe { buf.as_ptr().add(offset) } as *mut std::ffi::c_void;
-    let mut init = Fixed::new(shape, strides)
-        .initialize(buf)
-        .map_err(|e| PyValueError::new_err(format!("cannot describe view: {e}")))?;
-    init.set_data(data).set_dtype(Elem::of(dtype).dl()).set_device(DLDevice::CPU);
-    // SAFETY: data, shape and strides describe live memory owned by the context (the Arc).
-    let managed: versioned::Dlpack = unsafe { init.finish() };
-    Ok(managed.into_pyobject(py)?.into_any().unbind())
 }

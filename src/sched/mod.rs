@@ -22,6 +22,8 @@ pub enum Strategy {
 }
 
 impl Strategy {
+    pub const ALL: [Strategy; 2] = [Strategy::PostQkt, Strategy::PreQkt];
+
     pub fn name(self) -> &'static str {
         match self {
             Strategy::PostQkt => "post_qkt",

@@ -34,7 +34,7 @@ def build_parser(sub=None) -> argparse.ArgumentParser:
     p.add_argument("--sinks", type=int, default=4, help="attention-sink tokens kept on the device tier")
     p.add_argument("--top-k", type=int, default=1024, help="host tokens selected per head (Post-QKT)")
     p.add_argument("--planted", type=int, default=16, help="tokens the query is made to attend to")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    p.add_argument("--dtype", choices=_native.DTYPES, default="float16")
     p.add_argument("--device", default="cpu", help="device of the device tier (cpu or cuda)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)

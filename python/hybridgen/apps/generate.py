@@ -15,6 +15,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from .. import _native
 from ..config import MERGES, POLICIES, HybridConfig
 from ..guard import HybridPathError, require_hybrid_run
 
@@ -34,7 +35,7 @@ def build_parser(sub):
     p.add_argument("--merge", choices=MERGES, default="lse")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+    p.add_argument("--dtype", choices=_native.DTYPES, default=None,
                    help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--skip-full", action="store_true", help="do not run the full-attention comparison")
     p.set_defaults(func=run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import HybridConfig
+from ..config import MERGES, HybridConfig
 from .compat import FLEXGEN_POLICIES, FlexSettings, check_config, placement
 
 __all__ = ["STAND_IN", "add_hybrid_arguments", "check_args", "hybrid_options"]
@@ -33,7 +33,7 @@ def add_hybrid_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--k", type=int, default=_DEFAULTS.k, help="host tokens per head for post_qkt / pre_qkt")
     g.add_argument("--k-min", type=int, default=_DEFAULTS.k_min, help="the scheduler's smallest K")
     g.add_argument("--k-max", type=int, default=_DEFAULTS.k_max, help="the scheduler's largest K")
-    g.add_argument("--merge", choices=("lse", "concat"), default=_DEFAULTS.merge,
+    g.add_argument("--merge", choices=MERGES, default=_DEFAULTS.merge,
                    help="lse: the CPU returns a partial output + log-sum-exp; concat: selected logits + value rows")
     g.add_argument("--evict-chunk", type=int, default=_DEFAULTS.evict_chunk,
                    help="tokens moved to host memory at a time while decoding")

@@ -9,32 +9,39 @@ pub(crate) struct Avx2;
 
 // SAFETY: every method is only called from functions compiled with avx2,fma,f16c (isa_dispatch!).
 unsafe impl Simd for Avx2 {
+    // The methods' `# Safety` contracts are the trait's (`Simd`).
     const LANES: usize = 8;
     const ACC_BUDGET: usize = 8;
     type F = __m256;
 
     #[inline(always)]
     unsafe fn zero() -> __m256 {
+        // SAFETY: registers only; AVX2 is enabled (trait contract).
         unsafe { _mm256_setzero_ps() }
     }
     #[inline(always)]
     unsafe fn splat(x: f32) -> __m256 {
+        // SAFETY: registers only; AVX2 is enabled (trait contract).
         unsafe { _mm256_set1_ps(x) }
     }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> __m256 {
+        // SAFETY: `p` is readable for LANES floats, AVX2 enabled (trait contract).
         unsafe { _mm256_loadu_ps(p) }
     }
     #[inline(always)]
     unsafe fn store(p: *mut f32, v: __m256) {
+        // SAFETY: `p` is writable for LANES floats, AVX2 enabled (trait contract).
         unsafe { _mm256_storeu_ps(p, v) }
     }
     #[inline(always)]
     unsafe fn load_f16(p: *const u16) -> __m256 {
+        // SAFETY: `p` is readable for LANES u16s, AVX2 enabled (trait contract).
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
     }
     #[inline(always)]
     unsafe fn load_bf16(p: *const u16) -> __m256 {
+        // SAFETY: `p` is readable for LANES u16s, AVX2 enabled (trait contract).
         unsafe {
             let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
@@ -42,14 +49,17 @@ unsafe impl Simd for Avx2 {
     }
     #[inline(always)]
     unsafe fn fma(a: __m256, b: __m256, acc: __m256) -> __m256 {
+        // SAFETY: registers only; AVX2 is enabled (trait contract).
         unsafe { _mm256_fmadd_ps(a, b, acc) }
     }
     #[inline(always)]
     unsafe fn add(a: __m256, b: __m256) -> __m256 {
+        // SAFETY: registers only; AVX2 is enabled (trait contract).
         unsafe { _mm256_add_ps(a, b) }
     }
     #[inline(always)]
     unsafe fn reduce_sum(v: __m256) -> f32 {
+        // SAFETY: registers only; AVX2 is enabled (trait contract).
         unsafe {
             let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
             let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -59,6 +69,7 @@ unsafe impl Simd for Avx2 {
     }
     #[inline(always)]
     unsafe fn reduce4(v: [__m256; 4]) -> [f32; 4] {
+        // SAFETY: registers and a local [f32; 4]; AVX2 is enabled (trait contract).
         unsafe {
             // hadd pairs twice: each 128-bit half then holds partial sums [a b c d].
             let ab = _mm256_hadd_ps(v[0], v[1]);

@@ -10,32 +10,39 @@ pub(crate) struct Avx512;
 // SAFETY: every method is only called from functions compiled with avx512f,avx512bw,avx512vl,
 // avx2,fma,f16c (isa_dispatch!).
 unsafe impl Simd for Avx512 {
+    // The methods' `# Safety` contracts are the trait's (`Simd`).
     const LANES: usize = 16;
     const ACC_BUDGET: usize = 16;
     type F = __m512;
 
     #[inline(always)]
     unsafe fn zero() -> __m512 {
+        // SAFETY: registers only; AVX-512 is enabled (trait contract).
         unsafe { _mm512_setzero_ps() }
     }
     #[inline(always)]
     unsafe fn splat(x: f32) -> __m512 {
+        // SAFETY: registers only; AVX-512 is enabled (trait contract).
         unsafe { _mm512_set1_ps(x) }
     }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> __m512 {
+        // SAFETY: `p` is readable for LANES floats, AVX-512 enabled (trait contract).
         unsafe { _mm512_loadu_ps(p) }
     }
     #[inline(always)]
     unsafe fn store(p: *mut f32, v: __m512) {
+        // SAFETY: `p` is writable for LANES floats, AVX-512 enabled (trait contract).
         unsafe { _mm512_storeu_ps(p, v) }
     }
     #[inline(always)]
     unsafe fn load_f16(p: *const u16) -> __m512 {
+        // SAFETY: `p` is readable for LANES u16s, AVX-512 enabled (trait contract).
         unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
     }
     #[inline(always)]
     unsafe fn load_bf16(p: *const u16) -> __m512 {
+        // SAFETY: `p` is readable for LANES u16s, AVX-512 enabled (trait contract).
         unsafe {
             let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
@@ -43,18 +50,22 @@ unsafe impl Simd for Avx512 {
     }
     #[inline(always)]
     unsafe fn fma(a: __m512, b: __m512, acc: __m512) -> __m512 {
+        // SAFETY: registers only; AVX-512 is enabled (trait contract).
         unsafe { _mm512_fmadd_ps(a, b, acc) }
     }
     #[inline(always)]
     unsafe fn add(a: __m512, b: __m512) -> __m512 {
+        // SAFETY: registers only; AVX-512 is enabled (trait contract).
         unsafe { _mm512_add_ps(a, b) }
     }
     #[inline(always)]
     unsafe fn reduce_sum(v: __m512) -> f32 {
+        // SAFETY: registers only; AVX-512 is enabled (trait contract).
         unsafe { _mm512_reduce_add_ps(v) }
     }
     #[inline(always)]
     unsafe fn reduce4(v: [__m512; 4]) -> [f32; 4] {
+        // SAFETY: registers and a local [f32; 4]; AVX-512 is enabled (trait contract).
         unsafe {
             // Fold 128-bit quarters so that quarter j of `s` holds four partials of v[j].
             let ab = _mm512_add_ps(

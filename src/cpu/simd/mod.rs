@@ -19,7 +19,6 @@ pub(crate) use scalar::Scalar;
 
 use std::sync::OnceLock;
 
-
 /// Instruction sets the kernels are compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
@@ -101,22 +100,45 @@ pub(crate) fn prefetch(p: *const u8) {
 pub(crate) unsafe trait Simd {
     const LANES: usize;
     type F: Copy;
+    /// # Safety
+    /// Only inside a function compiled for the implementation's instruction set (the same
+    /// holds for every method).
     unsafe fn zero() -> Self::F;
+    /// # Safety
+    /// As [`Simd::zero`].
     unsafe fn splat(x: f32) -> Self::F;
+    /// # Safety
+    /// As [`Simd::zero`]; `p` is readable for `LANES` floats (no alignment needed).
     unsafe fn load(p: *const f32) -> Self::F;
+    /// # Safety
+    /// As [`Simd::zero`]; `p` is writable for `LANES` floats (no alignment needed).
     unsafe fn store(p: *mut f32, v: Self::F);
+    /// # Safety
+    /// As [`Simd::zero`]; `p` is readable for `LANES` f16 bit patterns.
     unsafe fn load_f16(p: *const u16) -> Self::F;
+    /// # Safety
+    /// As [`Simd::zero`]; `p` is readable for `LANES` bf16 bit patterns.
     unsafe fn load_bf16(p: *const u16) -> Self::F;
+    /// # Safety
+    /// As [`Simd::zero`].
     unsafe fn fma(a: Self::F, b: Self::F, acc: Self::F) -> Self::F;
+    /// # Safety
+    /// As [`Simd::zero`].
     unsafe fn add(a: Self::F, b: Self::F) -> Self::F;
+    /// # Safety
+    /// As [`Simd::zero`].
     unsafe fn reduce_sum(v: Self::F) -> f32;
     /// The lane sums of four vectors at once (cheaper than four `reduce_sum`s).
+    ///
+    /// # Safety
+    /// As [`Simd::zero`].
     unsafe fn reduce4(v: [Self::F; 4]) -> [f32; 4];
     /// Accumulators the kernels may keep in registers at once.
     const ACC_BUDGET: usize;
 }
 
-/// A stored element type: how to widen `LANES` of them (or one) to f32.
+/// A stored element type: how to widen `LANES` of them (or one) to f32. (Implementations'
+/// `load` keeps the trait's `# Safety` contract.)
 pub(crate) trait Element: Copy + Send + Sync + 'static {
     /// # Safety
     /// `p` must be valid for `S::LANES` elements and the caller must run under `S`'s features.
@@ -127,6 +149,7 @@ pub(crate) trait Element: Copy + Send + Sync + 'static {
 impl Element for f32 {
     #[inline(always)]
     unsafe fn load<S: Simd>(p: *const Self) -> S::F {
+        // SAFETY: the caller's contract is `S::load`'s.
         unsafe { S::load(p) }
     }
     #[inline(always)]
@@ -138,6 +161,7 @@ impl Element for f32 {
 impl Element for half::f16 {
     #[inline(always)]
     unsafe fn load<S: Simd>(p: *const Self) -> S::F {
+        // SAFETY: f16 is a u16 bit pattern; the caller's contract is `S::load_f16`'s.
         unsafe { S::load_f16(p as *const u16) }
     }
     #[inline(always)]
@@ -149,6 +173,7 @@ impl Element for half::f16 {
 impl Element for half::bf16 {
     #[inline(always)]
     unsafe fn load<S: Simd>(p: *const Self) -> S::F {
+        // SAFETY: bf16 is a u16 bit pattern; the caller's contract is `S::load_bf16`'s.
         unsafe { S::load_bf16(p as *const u16) }
     }
     #[inline(always)]
@@ -191,12 +216,18 @@ macro_rules! isa_dispatch {
         ) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
+                /// # Safety
+                /// The kernel's contract, on a CPU with these features.
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
                 unsafe fn avx512<E: $crate::cpu::simd::Element>($($arg: $ty),*) -> $ret {
+                    // SAFETY: compiled for AVX-512, as `Avx512` requires; the rest is the caller's.
                     unsafe { $kernel::<$crate::cpu::simd::Avx512, E>($($arg),*) }
                 }
+                /// # Safety
+                /// The kernel's contract, on a CPU with these features.
                 #[target_feature(enable = "avx2,fma,f16c")]
                 unsafe fn avx2<E: $crate::cpu::simd::Element>($($arg: $ty),*) -> $ret {
+                    // SAFETY: compiled for AVX2, as `Avx2` requires; the rest is the caller's.
                     unsafe { $kernel::<$crate::cpu::simd::Avx2, E>($($arg),*) }
                 }
                 match isa {
@@ -206,6 +237,7 @@ macro_rules! isa_dispatch {
                     $crate::cpu::simd::Isa::Scalar => {}
                 }
             }
+            // SAFETY: `Scalar` runs anywhere; the rest is the caller's contract.
             unsafe { $kernel::<$crate::cpu::simd::Scalar, E>($($arg),*) }
         }
     };

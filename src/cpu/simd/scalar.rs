@@ -15,6 +15,7 @@ fn f16_table() -> &'static [f32] {
 
 // SAFETY: plain Rust, valid on every target; pointers are read/written for N elements.
 unsafe impl Simd for Scalar {
+    // The methods' `# Safety` contracts are the trait's (`Simd`).
     const LANES: usize = N;
     const ACC_BUDGET: usize = 8;
     type F = [f32; N];
@@ -29,20 +30,24 @@ unsafe impl Simd for Scalar {
     }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> Self::F {
+        // SAFETY: `p` is readable for N floats (trait contract); read_unaligned needs no alignment.
         unsafe { (p as *const [f32; N]).read_unaligned() }
     }
     #[inline(always)]
     unsafe fn store(p: *mut f32, v: Self::F) {
+        // SAFETY: `p` is writable for N floats (trait contract); write_unaligned needs no alignment.
         unsafe { (p as *mut [f32; N]).write_unaligned(v) }
     }
     #[inline(always)]
     unsafe fn load_f16(p: *const u16) -> Self::F {
+        // SAFETY: `p` is readable for N u16s (trait contract); read_unaligned needs no alignment.
         let raw = unsafe { (p as *const [u16; N]).read_unaligned() };
         let table = f16_table();
         raw.map(|b| table[b as usize])
     }
     #[inline(always)]
     unsafe fn load_bf16(p: *const u16) -> Self::F {
+        // SAFETY: `p` is readable for N u16s (trait contract); read_unaligned needs no alignment.
         let raw = unsafe { (p as *const [u16; N]).read_unaligned() };
         raw.map(|b| f32::from_bits((b as u32) << 16))
     }
@@ -61,6 +66,7 @@ unsafe impl Simd for Scalar {
     }
     #[inline(always)]
     unsafe fn reduce4(v: [Self::F; 4]) -> [f32; 4] {
+        // SAFETY: `Scalar::reduce_sum` is plain Rust with no precondition.
         v.map(|x| unsafe { Self::reduce_sum(x) })
     }
 }

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ... import _native
 from ...config import POLICIES, HybridConfig
 from .measure import measure_context, place, prefill
 from .models import MODELS, TINY, choose_threads, llama8b_random, load_model, model_label, random_llama, resolve_model
@@ -54,7 +55,7 @@ def build_parser(sub=None) -> argparse.ArgumentParser:
         prog="python -m hybridgen bench", **kwargs)
     p.add_argument("--model", default="smollm2", help="smollm2, llama-random or a model directory (default smollm2)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+    p.add_argument("--dtype", choices=_native.DTYPES, default=None,
                    help="model and KV dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES), metavar="POLICY",
                    help=f"any of {', '.join(POLICIES)}; full always runs (default: {' '.join(DEFAULT_POLICIES)})")

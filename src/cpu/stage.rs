@@ -1,0 +1,304 @@
+//! The CPU stage of one decode step over one layer's host tokens, as one operation: logits →
+//! masking → selection → partial attention with its log-sum-exp (LSE merge, HGCA) or the
+//! selected logits and value rows (concat merge, HybridGen).
+//!
+//! Semantics, for `q [batch, q_heads, d]` over the `len` host tokens of `Strips`:
+//! - scored tokens: all host tokens in order, or `positions [m]` in the given order (Pre-QKT;
+//!   repeats allowed, each scored once per occurrence);
+//! - masking: a scored token whose `mask[seq, token]` is nonzero gets the logit `-inf`;
+//! - selection: with `top_k = k < m`, the `k` largest logits per query head by `cpu::topk`
+//!   (NaN lowest, ties to the earlier scored token), listed in scored order; otherwise every
+//!   scored token. `k = 0` selects nothing;
+//! - LSE merge: attention over the selected tokens, normalised over them (`out`), and
+//!   `lse = log Σ exp(logit)`; no tokens (or all masked) give zeros and `-inf`;
+//! - concat merge: the selected logits, and for an index selection their indices and value
+//!   rows per query head; when every host token is selected in order the value rows are the
+//!   store's own, shared by each GQA group, and nothing is copied.
+
+use rayon::prelude::*;
+
+use super::ops::{gather_values, logits, partial_attention, Strips};
+use super::simd::Isa;
+use super::topk::topk;
+use crate::ensure;
+use crate::error::Result;
+
+/// How the host result is combined with the device's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Merge {
+    /// Selected logits and value rows go to the device: one softmax over the union.
+    Concat,
+    /// The CPU finishes attention over its tokens: partial output and log-sum-exp.
+    Lse,
+}
+
+impl Merge {
+    /// Every merge by name, in the order the Python package lists them.
+    pub const NAMES: [&'static str; 2] = ["concat", "lse"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Merge::Concat => "concat",
+            Merge::Lse => "lse",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Merge> {
+        match name {
+            "concat" => Ok(Merge::Concat),
+            "lse" => Ok(Merge::Lse),
+            other => crate::invalid!("merge must be one of {:?}, got {other:?}", Merge::NAMES),
+        }
+    }
+}
+
+/// What one stage computes.
+#[derive(Clone, Copy, Debug)]
+pub struct StageArgs<'a> {
+    /// `[batch, q_heads, head_dim]` float32.
+    pub q: &'a [f32],
+    pub q_heads: usize,
+    pub scale: f32,
+    pub merge: Merge,
+    /// Keep this many tokens per query head (Post-QKT); `None` keeps every scored token.
+    pub top_k: Option<usize>,
+    /// Host token indices to score (Pre-QKT); `None` scores every host token.
+    pub positions: Option<&'a [i64]>,
+    /// `[batch, len]`, nonzero = ignore the token (padding).
+    pub mask: Option<&'a [u8]>,
+}
+
+/// The shape of a stage's result over a given number of host tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Selection {
+    /// Tokens per query head: the last axis of the logits and indices, and of the value rows.
+    pub tokens: usize,
+    /// The tokens are named per query head by `[batch, q_heads, tokens]` indices. Otherwise
+    /// they are all host tokens in order (the value rows are then the store's own).
+    pub indexed: bool,
+}
+
+impl StageArgs<'_> {
+    /// The selection these arguments make over `host_len` tokens.
+    pub fn selection(&self, host_len: usize) -> Selection {
+        let scored = self.positions.map_or(host_len, <[i64]>::len);
+        match self.top_k {
+            Some(k) if k < scored => Selection { tokens: k, indexed: true },
+            _ => Selection { tokens: scored, indexed: self.positions.is_some() },
+        }
+    }
+}
+
+/// Where the results go. Each slice has exactly the length the merge and the selection need,
+/// or is empty where nothing is wanted (`Default`: all empty). With `rows = batch · q_heads`
+/// and `k = Selection::tokens`:
+/// - LSE: `out` rows·d and `lse` rows; `indices` rows·k if wanted (index selections only);
+/// - concat: `logits` rows·k; for index selections also `indices` rows·k and `values`
+///   rows·k·d elements of the store's dtype, as bytes.
+#[derive(Debug, Default)]
+pub struct StageOutputs<'o> {
+    pub out: &'o mut [f32],
+    pub lse: &'o mut [f32],
+    pub logits: &'o mut [f32],
+    pub indices: &'o mut [i64],
+    pub values: &'o mut [u8],
+}
+
+/// Working memory of a stage (the logits of every scored token, index lists), kept between
+/// calls so that a decode step does not allocate and fault in megabytes per layer.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    logits: Vec<f32>,
+    selected: Vec<f32>,
+    indices: Vec<i64>,
+    key_indices: Vec<i64>,
+}
+
+/// The first `n` elements of `v`, growing it if needed (contents unspecified).
+fn take<T: Copy + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+    &mut v[..n]
+}
+
+/// Runs the stage (see the module documentation) and returns its selection.
+pub fn cpu_stage(
+    isa: Isa,
+    s: &Strips<'_>,
+    a: &StageArgs<'_>,
+    out: StageOutputs<'_>,
+    scratch: &mut Scratch,
+) -> Result<Selection> {
+    s.group(a.q_heads)?;
+    let (b, hq, d, n) = (s.batch(), a.q_heads, s.head_dim(), s.len());
+    let rows = b * hq;
+    ensure!(
+        a.q.len() == rows * d,
+        "q has {} elements, expected batch × q_heads × head_dim = {b} × {hq} × {d}",
+        a.q.len()
+    );
+    if let Some(mask) = a.mask {
+        ensure!(mask.len() == b * n, "host_mask must be [batch, host tokens] = [{b}, {n}], got {} entries", mask.len());
+    }
+    if let Some(p) = a.positions {
+        s.check_indices(p)?;
+    }
+    let sel = a.selection(n);
+    check_outputs(s, a, sel, &out)?;
+    let m = a.positions.map_or(n, <[i64]>::len);
+    let k = sel.tokens;
+    let StageOutputs { out, lse, logits: logits_out, indices: indices_out, values } = out;
+
+    if !a.top_k.is_some_and(|top| top < m) {
+        // The scored tokens are the selection: score straight into the result.
+        let x = match a.merge {
+            Merge::Concat => logits_out,
+            Merge::Lse => take(&mut scratch.logits, rows * m),
+        };
+        score(isa, s, a, x, &mut scratch.key_indices)?;
+        let idx = match a.positions {
+            Some(p) => {
+                let idx = if indices_out.is_empty() { take(&mut scratch.indices, rows * m) } else { indices_out };
+                if m > 0 {
+                    idx.par_chunks_mut(m).for_each(|row| row.copy_from_slice(p));
+                }
+                Some(&*idx)
+            }
+            None => None,
+        };
+        finish(isa, s, a, x, idx, out, lse, values)?;
+        return Ok(sel);
+    }
+
+    // Top-k: score every candidate into scratch, keep the k best per query head.
+    let x = take(&mut scratch.logits, rows * m);
+    score(isa, s, a, x, &mut scratch.key_indices)?;
+    let sel_x = match a.merge {
+        Merge::Concat => logits_out,
+        Merge::Lse => take(&mut scratch.selected, rows * k),
+    };
+    let sel_i = if indices_out.is_empty() { take(&mut scratch.indices, rows * k) } else { indices_out };
+    if k > 0 {
+        topk(x, m, k, sel_i, sel_x)?;
+        if let Some(p) = a.positions {
+            // Indices into the scored list become host token indices.
+            sel_i.par_iter_mut().for_each(|i| *i = p[*i as usize]);
+        }
+    }
+    finish(isa, s, a, sel_x, Some(sel_i), out, lse, values)?;
+    Ok(sel)
+}
+
+fn check_outputs(s: &Strips<'_>, a: &StageArgs<'_>, sel: Selection, o: &StageOutputs<'_>) -> Result<()> {
+    let rows = s.batch() * a.q_heads;
+    let (k, d) = (sel.tokens, s.head_dim());
+    let want = |name: &str, got: usize, need: usize| -> Result<()> {
+        ensure!(got == need, "{name} output has {got} elements, the {} stage needs {need}", a.merge.name());
+        Ok(())
+    };
+    let indexed = |need: usize| if sel.indexed { need } else { 0 };
+    match a.merge {
+        Merge::Lse => {
+            want("out", o.out.len(), rows * d)?;
+            want("lse", o.lse.len(), rows)?;
+            want("logits", o.logits.len(), 0)?;
+            want("values", o.values.len(), 0)?;
+            if !o.indices.is_empty() {
+                want("indices", o.indices.len(), indexed(rows * k))?;
+            }
+        }
+        Merge::Concat => {
+            want("out", o.out.len(), 0)?;
+            want("lse", o.lse.len(), 0)?;
+            want("logits", o.logits.len(), rows * k)?;
+            want("indices", o.indices.len(), indexed(rows * k))?;
+            want("values (bytes)", o.values.len(), indexed(rows * k * d * s.dtype().size()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Logits of the scored tokens into `x [batch, q_heads, m]`, masked tokens set to `-inf`.
+fn score(isa: Isa, s: &Strips<'_>, a: &StageArgs<'_>, x: &mut [f32], key_indices: &mut Vec<i64>) -> Result<()> {
+    let (hq, n) = (a.q_heads, s.len());
+    let key_idx = match a.positions {
+        Some(p) => {
+            // The kernel takes key indices per (sequence, kv head): the same list for each.
+            let idx = take(key_indices, s.batch() * s.kv_heads() * p.len());
+            if !p.is_empty() {
+                idx.chunks_mut(p.len()).for_each(|row| row.copy_from_slice(p));
+            }
+            Some(&*idx)
+        }
+        None => None,
+    };
+    logits(isa, s, a.q, hq, a.scale, key_idx, x)?;
+    let (Some(mask), m) = (a.mask, x.len() / (s.batch() * hq)) else { return Ok(()) };
+    if m == 0 {
+        return Ok(());
+    }
+    x.par_chunks_mut(m).enumerate().for_each(|(r, row)| {
+        let masked = &mask[(r / hq) * n..(r / hq + 1) * n];
+        match a.positions {
+            Some(p) => row
+                .iter_mut()
+                .zip(p)
+                .filter(|(_, &t)| masked[t as usize] != 0)
+                .for_each(|(v, _)| *v = f32::NEG_INFINITY),
+            None => row.iter_mut().zip(masked).filter(|(_, &mk)| mk != 0).for_each(|(v, _)| *v = f32::NEG_INFINITY),
+        }
+    });
+    Ok(())
+}
+
+/// The merge's last step over the selected logits `x` and their indices (`None`: all host tokens).
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    isa: Isa,
+    s: &Strips<'_>,
+    a: &StageArgs<'_>,
+    x: &[f32],
+    idx: Option<&[i64]>,
+    out: &mut [f32],
+    lse: &mut [f32],
+    values: &mut [u8],
+) -> Result<()> {
+    match (a.merge, idx) {
+        (Merge::Lse, _) => partial_attention(isa, s, x, a.q_heads, idx, out, lse),
+        (Merge::Concat, Some(idx)) => gather_values(s, idx, a.q_heads, values),
+        (Merge::Concat, None) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(top_k: Option<usize>, positions: Option<&[i64]>) -> StageArgs<'_> {
+        StageArgs { q: &[], q_heads: 1, scale: 1.0, merge: Merge::Lse, top_k, positions, mask: None }
+    }
+
+    #[test]
+    fn selection_follows_top_k_and_positions() {
+        let all = Selection { tokens: 10, indexed: false };
+        assert_eq!(args(None, None).selection(10), all);
+        assert_eq!(args(Some(10), None).selection(10), all);
+        assert_eq!(args(Some(99), None).selection(10), all);
+        assert_eq!(args(Some(3), None).selection(10), Selection { tokens: 3, indexed: true });
+        assert_eq!(args(Some(0), None).selection(10), Selection { tokens: 0, indexed: true });
+        assert_eq!(args(Some(0), None).selection(0), Selection { tokens: 0, indexed: false });
+        let p = [4i64, 1, 7];
+        assert_eq!(args(None, Some(&p)).selection(10), Selection { tokens: 3, indexed: true });
+        assert_eq!(args(Some(2), Some(&p)).selection(10), Selection { tokens: 2, indexed: true });
+        assert_eq!(args(Some(5), Some(&p)).selection(10), Selection { tokens: 3, indexed: true });
+    }
+
+    #[test]
+    fn merges_parse_by_name() {
+        for name in Merge::NAMES {
+            assert_eq!(Merge::parse(name).unwrap().name(), name);
+        }
+        assert!(Merge::parse("sum").is_err());
+    }
+}
