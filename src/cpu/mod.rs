@@ -7,6 +7,7 @@ mod kernels;
 pub mod ops;
 pub mod simd;
 mod softmax;
+pub mod split;
 pub mod stage;
 pub mod topk;
 

@@ -10,6 +10,8 @@ use std::marker::PhantomData;
 
 use rayon::prelude::*;
 
+use super::split::min_len;
+
 use super::kernels::{logits_rows_isa, weighted_rows_isa};
 use super::simd::{with_element, Isa};
 use super::softmax::softmax_lse;
@@ -214,7 +216,9 @@ pub fn logits(
     }
     let blocks = n.div_ceil(BLOCK_ROWS);
     let out_ptr = SendPtr(out.as_mut_ptr());
-    (0..s.batch * s.kv_heads * blocks).into_par_iter().for_each(|item| {
+    let items = s.batch * s.kv_heads * blocks;
+    let bytes = s.batch * s.kv_heads * n * d * s.dtype.size();
+    (0..items).into_par_iter().with_min_len(min_len(items, bytes)).for_each(|item| {
         let (pair, block) = (item / blocks, item % blocks);
         let (seq, kh) = (pair / s.kv_heads, pair % s.kv_heads);
         let t0 = block * BLOCK_ROWS;
@@ -269,7 +273,8 @@ pub fn gather_values(s: &Strips<'_>, indices: &[i64], q_heads: usize, out: &mut 
     if k == 0 {
         return Ok(());
     }
-    out.par_chunks_mut(k * row_bytes).zip(indices.par_chunks(k)).enumerate().for_each(
+    let serial = min_len(rows, out.len());
+    out.par_chunks_mut(k * row_bytes).zip(indices.par_chunks(k)).enumerate().with_min_len(serial).for_each(
         |(r, (dst, idx))| {
             let (seq, h) = (r / q_heads, r % q_heads);
             let strip = s.strip(s.values, seq, h / g);
@@ -341,10 +346,13 @@ pub fn partial_attention(
     }
     // One task per (sequence, kv head) when heads share rows; per query head otherwise.
     let heads_per_task = if indices.is_none() { g } else { 1 };
+    let tasks = rows / heads_per_task;
+    let read = rows / heads_per_task * m * d * s.dtype.size();
     out.par_chunks_mut(heads_per_task * d)
         .zip(lse.par_chunks_mut(heads_per_task))
         .zip(logits.par_chunks(heads_per_task * m))
         .enumerate()
+        .with_min_len(min_len(tasks, read))
         .for_each_init(Vec::new, |w: &mut Vec<f32>, (task, ((o, l), x))| {
             let head0 = task * heads_per_task;
             let (seq, kh) = (head0 / q_heads, (head0 % q_heads) / g);

@@ -17,6 +17,8 @@
 
 use rayon::prelude::*;
 
+use super::split::min_len;
+
 use super::ops::{gather_values, logits, partial_attention, Strips};
 use super::simd::Isa;
 use super::topk::topk;
@@ -161,7 +163,8 @@ pub fn cpu_stage(
             Some(p) => {
                 let idx = if indices_out.is_empty() { take(&mut scratch.indices, rows * m) } else { indices_out };
                 if m > 0 {
-                    idx.par_chunks_mut(m).for_each(|row| row.copy_from_slice(p));
+                    let serial = min_len(idx.len() / m, idx.len() * 8);
+                    idx.par_chunks_mut(m).with_min_len(serial).for_each(|row| row.copy_from_slice(p));
                 }
                 Some(&*idx)
             }
@@ -183,7 +186,8 @@ pub fn cpu_stage(
         topk(x, m, k, sel_i, sel_x)?;
         if let Some(p) = a.positions {
             // Indices into the scored list become host token indices.
-            sel_i.par_iter_mut().for_each(|i| *i = p[*i as usize]);
+            let serial = min_len(sel_i.len(), sel_i.len() * 8);
+            sel_i.par_iter_mut().with_min_len(serial).for_each(|i| *i = p[*i as usize]);
         }
     }
     finish(isa, s, a, sel_x, Some(sel_i), out, lse, values)?;
@@ -238,7 +242,8 @@ fn score(isa: Isa, s: &Strips<'_>, a: &StageArgs<'_>, x: &mut [f32], key_indices
     if m == 0 {
         return Ok(());
     }
-    x.par_chunks_mut(m).enumerate().for_each(|(r, row)| {
+    let serial = min_len(x.len() / m, x.len() * 4);
+    x.par_chunks_mut(m).enumerate().with_min_len(serial).for_each(|(r, row)| {
         let masked = &mask[(r / hq) * n..(r / hq + 1) * n];
         match a.positions {
             Some(p) => row

@@ -24,6 +24,7 @@ pub fn topk(logits: &[f32], n: usize, k: usize, out_idx: &mut [i64], out_val: &m
         .par_chunks_mut(k)
         .zip(out_val.par_chunks_mut(k))
         .zip(logits.par_chunks(n))
+        .with_min_len(super::split::min_len(rows, logits.len() * 4))
         .for_each_init(Vec::new, |scratch: &mut Vec<u32>, ((idx, val), row)| {
             select_row(row, k, scratch, idx, val)
         });
