@@ -3,68 +3,12 @@
 //! batch 1 and 3, odd token counts, all three storage dtypes.
 
 use hybridgen::cpu::{self, Isa};
-use hybridgen::kv::{KvStore, StoreConfig, TierConfig};
 use hybridgen::DType;
 use rand::{Rng, SeedableRng};
 
-struct Case {
-    store: KvStore,
-    /// Keys / values as stored (already rounded to the dtype), `[b][kvh][n][d]`.
-    keys: Vec<f32>,
-    values: Vec<f32>,
-    #[allow(dead_code)]
-    b: usize,
-    kvh: usize,
-    d: usize,
-    n: usize,
-}
+mod common;
 
-fn encode(x: &[f32], dtype: DType) -> (Vec<u8>, Vec<f32>) {
-    let mut bytes = Vec::new();
-    let mut rounded = Vec::new();
-    for &v in x {
-        match dtype {
-            DType::F16 => {
-                let h = half::f16::from_f32(v);
-                bytes.extend_from_slice(&h.to_bits().to_ne_bytes());
-                rounded.push(h.to_f32());
-            }
-            DType::BF16 => {
-                let h = half::bf16::from_f32(v);
-                bytes.extend_from_slice(&h.to_bits().to_ne_bytes());
-                rounded.push(h.to_f32());
-            }
-            DType::F32 => {
-                bytes.extend_from_slice(&v.to_ne_bytes());
-                rounded.push(v);
-            }
-        }
-    }
-    (bytes, rounded)
-}
-
-fn case(b: usize, kvh: usize, d: usize, n: usize, dtype: DType, seed: u64) -> Case {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut store = KvStore::new(StoreConfig {
-        layers: 1,
-        batch: b,
-        kv_heads: kvh,
-        head_dim: d,
-        dtype,
-        sinks: 0,
-        near: TierConfig { node: None, capacity_bytes: 1 << 30 },
-        far: TierConfig { node: None, capacity_bytes: 1 << 30 },
-        max_host_tokens: Some(n.max(1)),
-    })
-    .unwrap();
-    let raw_k: Vec<f32> = (0..b * kvh * n * d).map(|_| rng.random_range(-2.0..2.0)).collect();
-    let raw_v: Vec<f32> = (0..b * kvh * n * d).map(|_| rng.random_range(-2.0..2.0)).collect();
-    let (kb, keys) = encode(&raw_k, dtype);
-    let (vb, values) = encode(&raw_v, dtype);
-    store.append(0, n).unwrap();
-    store.evict(0, n, &kb, &vb).unwrap();
-    Case { store, keys, values, b, kvh, d, n }
-}
+use common::{case, Case};
 
 impl Case {
     fn key(&self, s: usize, kh: usize, t: usize) -> &[f32] {

@@ -10,9 +10,9 @@ transformers' :class:`~hybridgen.hf.cache.HybridCache` and FlexGen's cache only 
 layouts and call these.
 """
 
-from .clock import StepClock
+from .clock import PolicyRunner, StepClock
 from .model_info import ModelInfo
 from .store import make_store
 from .tier import DeviceTier
 
-__all__ = ["DeviceTier", "ModelInfo", "StepClock", "make_store"]
+__all__ = ["DeviceTier", "ModelInfo", "PolicyRunner", "StepClock", "make_store"]

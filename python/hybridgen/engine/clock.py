@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 from ..telemetry import StepRecord, Telemetry
 
-__all__ = ["StepClock"]
+__all__ = ["PolicyRunner", "StepClock"]
 
 
 class StepClock:
@@ -53,3 +53,25 @@ class StepClock:
         self._open = []
         self.observe(t_gpu, t_cpu, t_tx)
         self.step += 1
+
+
+class PolicyRunner:
+    """What an integration's owner of a policy and its clock shows users (transformers'
+    HybridCache, FlexGen's Session): telemetry, decode steps, the scheduler."""
+
+    clock: StepClock
+    policy: object
+
+    @property
+    def telemetry(self):
+        return self.clock.telemetry
+
+    @property
+    def step(self) -> int:
+        """Decode steps closed so far (every layer recorded)."""
+        return self.clock.step
+
+    @property
+    def scheduler(self):
+        """The native feedback scheduler of the ``scheduler`` policy, else ``None``."""
+        return getattr(self.policy, "scheduler", None)

@@ -14,14 +14,14 @@ import dataclasses
 from typing import Optional
 
 from ..config import HybridConfig
-from ..engine import ModelInfo, StepClock
+from ..engine import ModelInfo, PolicyRunner, StepClock
 from ..policies import Placement, Policy, make_policy
 from .compat import check_config
 
 __all__ = ["Session"]
 
 
-class Session:
+class Session(PolicyRunner):
     """The state of one :func:`hybridgen.flexgen.patch` call.
 
     Attributes:
@@ -39,20 +39,6 @@ class Session:
         self.policy: Optional[Policy] = None
         self.clock = StepClock(self._observe)
         self._length: Optional[int] = None  # sequence length of the step in progress
-
-    @property
-    def telemetry(self):
-        return self.clock.telemetry
-
-    @property
-    def step(self) -> int:
-        """Decode steps finished so far."""
-        return self.clock.step
-
-    @property
-    def scheduler(self):
-        """The native feedback scheduler (policy ``scheduler``), else ``None``."""
-        return getattr(self.policy, "scheduler", None)
 
     def policy_for(self, info: ModelInfo, sinks: int, gpu_budget: int) -> tuple[Policy, Placement]:
         """The session's policy (made on first use, then kept: the scheduler's state carries over

@@ -18,7 +18,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..config import HybridConfig
-from ..engine import DeviceTier, StepClock, make_store
+from ..engine import DeviceTier, PolicyRunner, StepClock, make_store
 from ..host_store import HostKVStore
 from ..policies import make_policy
 from ..policies.base import keep_mask
@@ -136,7 +136,7 @@ class HybridLayer(DynamicLayer):
         raise NotImplementedError("HybridCache does not support beam search; use greedy or sampling")
 
 
-class HybridCache(Cache):
+class HybridCache(Cache, PolicyRunner):
     """Pass as the cache (``cache=`` from transformers 5.24, ``past_key_values=`` before; see
     :func:`hybridgen.hf.compat.cache_arg`) to a model patched with :func:`hybridgen.patch` (its
     ``generate`` and forward make one by themselves when given none).
@@ -212,15 +212,6 @@ class HybridCache(Cache):
                 layer.tier.policy_state = None
 
     @property
-    def telemetry(self):
-        return self.clock.telemetry
-
-    @property
-    def step(self) -> int:
-        """Decode steps closed so far (every layer recorded)."""
-        return self.clock.step
-
-    @property
     def decode_steps(self) -> int:
         """Decode steps whose every layer ran this cache's policy (and was recorded)."""
         return self.clock.step
@@ -233,11 +224,6 @@ class HybridCache(Cache):
     def policy_calls(self) -> list[int]:
         """Per layer, the decode steps its attention ran through the policy."""
         return [layer.policy_calls for layer in self.layers]
-
-    @property
-    def scheduler(self):
-        """The feedback scheduler of the ``scheduler`` policy (``None`` for other policies)."""
-        return getattr(self.policy, "scheduler", None)
 
     def decode(self, layer_idx: int, q: torch.Tensor, attention_mask, scale: float, span=None) -> torch.Tensor:
         """One decode step of layer ``layer_idx`` through the policy: ``q [b, hq, d]`` → attention
