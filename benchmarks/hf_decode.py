@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from dataclasses import replace
@@ -25,9 +24,9 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache
 
-import hybridgen
-from hybridgen import HybridConfig, _native
+from hybridgen import HybridConfig
 from hybridgen.data import assets
+from hybridgen.apps.bench import machine_info
 from hybridgen.hf import HybridCache, patch, unpatch
 from hybridgen.hf.compat import cache_arg
 
@@ -94,7 +93,11 @@ def main():
         for name, overrides in VARIANTS.items():
             cache.set_config(replace(config, **overrides))  # a fresh policy (and scheduler) per variant
             cache.telemetry.clear()
+            ran = cache.decode_steps
             t_base, t, base_token, token = paired_decode(base, base_cache, base_token, hyb, cache, token, args.steps)
+            if cache.decode_steps - ran != args.steps or cache.config.policy != overrides["policy"]:
+                raise SystemExit(f"hf_decode: {name} ran {cache.decode_steps - ran} of {args.steps} steps through "
+                                 f"policy {cache.config.policy!r}: its row would not measure hybrid attention")
             s = cache.telemetry.summary()
             rows.append({
                 "context": n, "variant": name, "ms_per_token": 1e3 * t, "unpatched_ms_per_token": 1e3 * t_base,
@@ -114,8 +117,7 @@ def main():
             for k, v in vars(args).items() if k != "out" and v is not None
         ),
         "model": str(args.model or "SmolLM2-135M-Instruct"),
-        "machine": {"cpu": platform.machine(), "threads": _native.num_threads(), "torch_threads": torch.get_num_threads(),
-                    "isa": _native.isa(), "torch": torch.__version__, "hybridgen": hybridgen.__version__},
+        "machine": machine_info(torch.device("cpu")),
         "gpu_budget": args.gpu_budget,
         "results": rows,
     }
