@@ -146,7 +146,9 @@ def plot(record, path):
         ax.set_title(f"{c} tokens", fontsize=9)
         ax.set_ylabel("decode ms/token")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{record['model']} on CPU ({record['machine']['threads']} threads), device budget {record['gpu_budget']}", fontsize=9)
+    m = record['machine']
+    fig.suptitle(f"{record['model']} on {m['cpu']} ({m['native_threads']} threads, {m['isa']}), device budget {record['gpu_budget']}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -40,6 +40,6 @@ def table() -> list[dict]:
     rows = []
     for name in POLICIES:
         cls = _BY_NAME[name]
-        exact = cls.exact or name == "all"
+        exact = cls.is_exact(HybridConfig(policy=name))
         rows.append({"policy": name, "keeps": cls.keeps, "attention": cls.runs, "bus": cls.bus, "exact": exact})
     return rows

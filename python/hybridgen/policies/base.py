@@ -49,12 +49,18 @@ class Policy:
     keeps: ClassVar[str] = ""
     runs: ClassVar[str] = ""
     bus: ClassVar[str] = ""
-    #: Whether its output equals full attention (up to rounding).
+    #: Whether its output equals full attention (up to rounding); see :meth:`is_exact`.
     exact: ClassVar[bool] = False
 
     def __init__(self, config: HybridConfig, info: "ModelInfo"):
         self.config = config
         self.info = info
+
+    @classmethod
+    def is_exact(cls, config: HybridConfig) -> bool:
+        """Whether this policy under ``config`` equals full attention (up to rounding): the one
+        place that decides it."""
+        return cls.exact
 
     @property
     def name(self) -> str:

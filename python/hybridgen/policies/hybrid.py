@@ -31,10 +31,14 @@ class HybridPolicy(Policy):
 
     def __init__(self, config, info):
         super().__init__(config, info)
-        self.exact = config.policy == "all" and not config.speculative
         self.scheduler = _native.Scheduler(config.k_min, config.k_max) if config.policy == "scheduler" else None
         #: Layer index -> future of its speculatively started CPU stage (pipeline + speculative).
         self.speculated: dict = {}
+
+    @classmethod
+    def is_exact(cls, config) -> bool:
+        # Every host token attended, from the true query (speculation starts from an estimate).
+        return config.policy == "all" and not config.speculative
 
     def selection(self) -> tuple[str, Optional[int]]:
         if self.config.policy == "all":
