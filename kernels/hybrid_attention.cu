@@ -28,9 +28,13 @@ struct bf16 { unsigned short x; };
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(f16 v) {
+#ifdef HYBRIDGEN_EMULATION  // compiled as C++ by the tests (tests/emulation): no inline PTX
+    return emu_half_bits_to_float(v.x);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.x));
     return f;
+#endif
 }
 __device__ __forceinline__ float to_float(bf16 v) { return __uint_as_float(((unsigned int)v.x) << 16); }
 
