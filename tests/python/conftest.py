@@ -2,6 +2,8 @@
 integrations (transformers, FlexGen, lm-eval, the notebook) are marked ``integration``: CI runs
 them again under the newest and the lowest dependency versions pyproject.toml allows."""
 
+import sys
+
 import pytest
 import torch
 
@@ -30,7 +32,7 @@ def run_cli(argv, capsys) -> tuple[int, str, str]:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if isinstance(e.code, str):
-            print(e.code, file=__import__("sys").stderr)
+            print(e.code, file=sys.stderr)
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -48,12 +48,6 @@ class Session(PolicyRunner):
             self.policy = make_policy(config, info)
         return self.policy, self.policy.placement()
 
-    def selection(self) -> tuple[str, Optional[int]]:
-        """``(strategy, K)`` the coming step uses."""
-        if self.policy is None:
-            return ("all", None) if self.config.policy == "all" else (self.config.policy, self.config.k)
-        return self.policy.selection()
-
     def begin(self, length: int) -> None:
         """Called by every attention call with its sequence length, before it selects tokens."""
         if length != self._length:

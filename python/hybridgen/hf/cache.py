@@ -203,10 +203,10 @@ class HybridCache(Cache, PolicyRunner):
                 f"{self.placement}: use a new HybridCache"
             )
         self.config, self.policy, self.placement = config, policy, placement
-        telemetry = self.clock.telemetry if self.clock is not None else None
-        step = self.clock.step if self.clock is not None else 0
-        self.clock = StepClock(policy.observe, telemetry)
-        self.clock.step = step
+        if self.clock is None:
+            self.clock = StepClock(policy.observe)
+        else:  # the step count and telemetry carry on; the feedback goes to the new policy
+            self.clock.observe = policy.observe
         for layer in self.layers:
             if layer.tier is not None:
                 layer.tier.policy_state = None

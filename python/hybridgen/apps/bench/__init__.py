@@ -79,7 +79,7 @@ def build_parser(sub=None) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="JSON record (default benchmarks/results/bench_<model>.json); the plot goes next to it (.png)")
     p.add_argument("--no-plot", action="store_true", help="write the JSON record only")
-    p.set_defaults(func=_cli, argv=None)
+    p.set_defaults(func=_cli)
     return p
 
 
@@ -87,7 +87,7 @@ def main(argv: list[str]) -> dict:
     """Runs the benchmark with command-line ``argv`` (without ``bench``); returns the record.
     Bad input raises ValueError / FileNotFoundError."""
     args = build_parser().parse_args(argv)
-    args.argv = list(argv)
+    args.command_line = "python -m hybridgen bench " + shlex.join(argv)
     return run(args)
 
 
@@ -143,7 +143,6 @@ def run(args) -> dict:
     from ...hf.models import describe
 
     check_args(args)
-    command = ("python -m hybridgen bench " + shlex.join(args.argv)) if args.argv is not None else args.command_line
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
@@ -170,14 +169,14 @@ def run(args) -> dict:
         unpatch(model)
 
     record = {
-        "command": command,
+        "command": args.command_line,
         "model": model_label(args.model),
         "model_shape": {"type": info.model_type, "layers": info.layers, "q_heads": info.q_heads,
                         "kv_heads": info.kv_heads, "head_dim": info.head_dim},
         "dtype": str(dtype).removeprefix("torch."),
         "machine": machine,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                    if k not in ("func", "argv", "command")},
+                    if k not in ("func", "command_line", "command")},
         "method": ("one shared chunked prefill per context and batch; each policy's cache is placed from its KV; "
                    f"{args.warmup} warm-up steps per policy, then {args.rounds} interleaved rounds (rotating order); "
                    "ms_per_token = median over rounds of the round's median decode-step time; "
