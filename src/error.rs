@@ -1,7 +1,6 @@
 //! The core's one error type. `py::errors` maps each kind to a Python exception once.
 
 use cudarc::driver::DriverError;
-use cudarc::nvrtc::result::NvrtcError;
 
 /// Every failure the core reports. Panics are bugs; anything a caller can cause is one of these.
 #[derive(Debug, thiserror::Error)]
@@ -23,11 +22,11 @@ pub enum Error {
         source: DriverError,
     },
     /// NVRTC failed; for a compilation that did not succeed, `log` is the compiler's output.
-    #[error("{context}: {source}{}", .log.as_deref().map(|l| format!("\n{l}")).unwrap_or_default())]
+    #[error("{context}: {message} (NVRTC status {code}){}", .log.as_deref().filter(|l| !l.is_empty()).map(|l| format!("\n{l}")).unwrap_or_default())]
     Nvrtc {
         context: String,
-        #[source]
-        source: NvrtcError,
+        code: i32,
+        message: String,
         log: Option<String>,
     },
     /// The operating system refused a request (mmap, mbind...).

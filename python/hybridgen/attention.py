@@ -98,6 +98,7 @@ def cpu_stage(
     host_mask: Optional[torch.Tensor] = None,
     pinned: bool = False,
     buffers: Optional[dict] = None,
+    ready=None,
 ) -> HostPartial:
     """The CPU half of a decode step over the host tokens of ``layer``.
 
@@ -110,10 +111,14 @@ def cpu_stage(
             device: the copy to it is then asynchronous).
         buffers: output buffers allocated once (``out``, ``lse_out``, ``logits_out``,
             ``values_out``, ``indices_out``; see ``HostKVStore.cpu_stage``).
+        ready: an event to wait for before reading ``q``/``host_mask`` (host copies queued by
+            the submitting thread with :func:`hybridgen.cuda.to_host`).
     """
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
     t0 = time.perf_counter()
+    if ready is not None:
+        ready.synchronize()
     qc = q.detach().to("cpu", torch.float32).contiguous()
     pos = None if positions is None else positions.to("cpu", torch.int64).contiguous()
     mask = None if host_mask is None else host_mask.to("cpu").contiguous()

@@ -22,7 +22,7 @@ from . import _native
 from .timing import between, mark
 
 __all__ = ["CudaUnavailableError", "probe", "require", "attention_partial",
-           "combine", "ship", "copy_to_device", "side_stream", "KERNEL_DTYPES"]
+           "combine", "ship", "to_host", "copy_to_device", "side_stream", "KERNEL_DTYPES"]
 
 CudaUnavailableError = _native.CudaUnavailableError
 #: dtypes the kernels take (keys, values, query).
@@ -30,17 +30,46 @@ KERNEL_DTYPES = tuple(getattr(torch, name) for name in _native.DTYPES)
 MAX_HEAD_DIM = _native.MAX_HEAD_DIM
 
 
+@functools.lru_cache(maxsize=None)
+def torch_nvrtc() -> Optional[str]:
+    """The NVRTC library of torch's own CUDA (``nvidia/cu13/lib/libnvrtc.so.13`` from the
+    ``nvidia-cuda-nvrtc`` wheel), if installed. The core compiles with it before anything on the
+    library path: it is the compiler torch was built against, so never newer than what torch's
+    users run, whereas a system toolkit's unversioned ``libnvrtc.so`` may be."""
+    major = (torch.version.cuda or "").split(".")[0]
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    from pathlib import Path
+
+    for root in getattr(nvidia, "__path__", []):
+        for lib in sorted(Path(root).glob(f"*/lib/libnvrtc.so.{major or '*'}")):
+            return str(lib)
+    return None
+
+
+def _prefer_torch_nvrtc() -> None:
+    path = torch_nvrtc()
+    if path is not None:
+        _native.prefer_nvrtc(path)
+
+
+_prefer_torch_nvrtc()
+
+
 def probe() -> dict:
     """``{"available", "driver", "nvrtc", "devices", "reason"}``; never raises."""
-    import torch  # noqa: F401  (a CUDA build of torch makes its NVRTC loadable)
-
     return _native.cuda_probe()
 
 
-def require(what: str, device: Optional[torch.device] = None) -> None:
-    """Raises :class:`CudaUnavailableError` (saying why) unless ``what`` can run on CUDA here."""
+def require(what: str, device: Optional[torch.device] = None, *, compiler: bool = True) -> None:
+    """Raises :class:`CudaUnavailableError` (saying why) unless ``what`` can run on CUDA here.
+    ``compiler=False``: ``what`` needs the driver and a device only (page-locking, streams), not
+    NVRTC, which only the kernels need."""
     p = probe()
-    if not p["available"]:
+    usable = p["available"] or (not compiler and p["driver"] and p["devices"] > 0)
+    if not usable:
         raise CudaUnavailableError(f"{what} needs CUDA, which is unavailable: {p['reason']}")
     if device is not None and device.type != "cuda":
         raise ValueError(f"{what} needs the model on a CUDA device, but it is on {device}")
@@ -150,6 +179,29 @@ def ship(tensors: list, device: torch.device):
         if t is not None:
             t.record_stream(main)  # allocated on the side stream, used on the main one
     return moved, between(start, end)
+
+
+def to_host(*tensors):
+    """``(host tensors, event)``: CUDA ``tensors`` copied to page-locked host memory on the current
+    stream (right behind the work that produced them, ahead of anything queued after), and an
+    event recorded after the copies. A CPU thread waits on the event (``event.synchronize()``)
+    before reading them, so it waits for the producer only, never for the device work queued
+    later, and no copy runs on the legacy default stream. CPU tensors and ``None`` pass through."""
+    cuda_tensors = [t for t in tensors if t is not None and t.is_cuda]
+    if not cuda_tensors:
+        return list(tensors), None
+    stream = torch.cuda.current_stream(cuda_tensors[0].device)
+    out = []
+    for t in tensors:
+        if t is None or not t.is_cuda:
+            out.append(t)
+            continue
+        h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        h.copy_(t.detach(), non_blocking=True)
+        out.append(h)
+    ready = torch.cuda.Event()
+    ready.record(stream)
+    return out, ready
 
 
 def copy_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -91,6 +91,8 @@ class HostKVStore:
         far_node: Optional[int] = None,
         max_host_tokens: Optional[int] = None,
     ):
+        #: The CUDA device the store is page-locked for (:meth:`pin`), else ``None``.
+        self.pin_device: Optional[int] = None
         self._native = _native.HostKVStore(
             layers,
             batch,
@@ -252,19 +254,40 @@ class HostKVStore:
 
     # --- page-locked registration (CUDA) --------------------------------------------------------
     def pin(self, device: int = 0, cache_dir: Optional[str] = None) -> None:
-        """Registers every key and value buffer as page-locked memory for CUDA device ``device``
-        (``cuMemHostRegister`` on the NUMA-placed pages), so copies from views of the store to
-        the device are asynchronous. Commits the reserved room (``max_host_tokens``).
-        Raises :class:`hybridgen.cuda.CudaUnavailableError` without CUDA. Idempotent."""
+        """Page-locks the store for CUDA device ``device`` (``cuMemHostRegister`` on the
+        NUMA-placed pages), so copies from views of the store to the device are asynchronous.
+        Only what the store holds is locked, then more as tokens arrive (``evict``), in chunks
+        that double per strip, so a store reserved for a long context does not lock its whole
+        reservation. If the system runs out of page-locked memory, locking stops (with a
+        ``ResourceWarning``; see :attr:`pin_error`) and copies of the rest are synchronous.
+        Needs the CUDA driver, not NVRTC. Raises :class:`hybridgen.cuda.CudaUnavailableError`
+        without CUDA. Idempotent."""
         self._native.pin(int(device), cache_dir)
+        self.pin_device = int(device)
 
     def unpin(self) -> None:
+        """Undoes :meth:`pin`, after the device has finished every copy queued so far."""
         self._native.unpin()
+        self.pin_device = None
 
     @property
     def pinned(self) -> bool:
-        """Whether the store's buffers are registered with the CUDA driver."""
+        """Whether the store is registered with the CUDA driver."""
         return self._native.pinned
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes of the store page-locked now."""
+        return self._native.pinned_bytes
+
+    def layer_pinned_bytes(self, layer: int) -> int:
+        """Bytes of ``layer`` (keys and values) page-locked now."""
+        return self._native.layer_pinned_bytes(layer)
+
+    @property
+    def pin_error(self) -> Optional[str]:
+        """Why page-locking stopped growing (out of page-locked memory), else ``None``."""
+        return self._native.pin_error
 
     def __repr__(self) -> str:
         return (

@@ -24,6 +24,8 @@ class StepRecord:
     tx_bytes: int = 0
     #: Whether the CPU stage started from the previous layer's input (approximate query).
     speculative: bool = False
+    #: Bytes of this layer's host KV page-locked after the step (0: not pinned).
+    pinned_bytes: int = 0
 
     def resolve(self, call_span=None) -> "StepRecord":
         """Turns lazy CUDA-event times into seconds; with ``call_span`` (the whole layer or
@@ -63,6 +65,7 @@ class Telemetry:
         for r in self.records:
             strategies[r.strategy] = strategies.get(r.strategy, 0) + 1
         last = self.records[-1]
+        last_step = [r for r in self.records if r.step == last.step]
         return {
             "steps": len(steps),
             "k_mean": mean(r.k for r in self.records),
@@ -75,6 +78,7 @@ class Telemetry:
             "t_tx_per_step_ms": 1e3 * sum(r.t_tx for r in self.records) / len(steps),
             "cpu_hidden_share": hidden / t_cpu if t_cpu > 0 else 0.0,
             "tx_bytes_per_step": sum(r.tx_bytes for r in self.records) / len(steps),
+            "pinned_bytes": sum(r.pinned_bytes for r in last_step),
         }
 
     def format_summary(self) -> str:
@@ -88,4 +92,5 @@ class Telemetry:
             f"device {s['t_gpu_per_step_ms']:.1f} ms, transfer {s['t_tx_per_step_ms']:.2f} ms, "
             f"{s['tx_bytes_per_step'] / 1024:.0f} KiB shipped | host tokens {s['host_tokens_last']}, "
             f"device tokens {s['device_tokens_last']} per layer"
+            + (f" | {s['pinned_bytes'] / 2**20:.0f} MiB page-locked" if s["pinned_bytes"] else "")
         )

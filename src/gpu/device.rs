@@ -2,6 +2,10 @@
 //! launches on a stream handed in by the caller (torch's current stream), so kernels are ordered
 //! with the model's own work without any synchronisation.
 //!
+//! The context is all that page-locking and stream ordering need; the kernels are compiled and
+//! loaded only at the first launch, so a compiler problem can never take pinning with it (a cache
+//! with `kernels="torch"` works without NVRTC).
+//!
 //! Tensors arrive as raw device pointers plus shapes and strides already checked by the binding
 //! (`py::gpu`); the launchers only check what the kernels themselves assume.
 
@@ -9,10 +13,13 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use std::path::PathBuf;
+
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, DriverError, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 use parking_lot::Mutex;
 
+use super::nvrtc::Target;
 use super::{cuda_err, kernels, probe};
 use crate::dtype::DType;
 use crate::ensure;
@@ -25,11 +32,22 @@ pub const MAX_HEAD_DIM: usize = 256;
 
 pub struct Gpu {
     ctx: Arc<CudaContext>,
+    /// Loaded at the first launch (`functions`); a failure is not kept, so it is retried.
+    loaded: Mutex<Option<Arc<Functions>>>,
+    cache_dir: Option<PathBuf>,
+    /// `sm_XY` of the device.
+    pub arch: String,
+    pub compute_capability: u32,
+    pub sm_count: u32,
+}
+
+/// The kernels of one loaded module.
+pub struct Functions {
     _module: Arc<CudaModule>,
     split: [CudaFunction; 3],
     merge: CudaFunction,
-    pub arch: String,
-    pub sm_count: u32,
+    /// What was loaded: the device's cubin, or PTX the driver compiled.
+    pub target: Target,
 }
 
 /// The arguments of `split_attention` (see kernels/hybrid_attention.cu), as device pointers.
@@ -77,8 +95,8 @@ pub struct MergeArgs {
 }
 
 impl Gpu {
-    /// The `Gpu` of device `ordinal`, created (and the kernels compiled or read from
-    /// `cache_dir`) on first use.
+    /// The `Gpu` of device `ordinal` (its context), created on first use. `cache_dir` is where
+    /// compiled kernels are kept across processes (the first caller's choice is used).
     pub fn get(ordinal: usize, cache_dir: Option<&Path>) -> Result<Arc<Gpu>> {
         static GPUS: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
         let gpus = GPUS.get_or_init(Default::default);
@@ -92,20 +110,43 @@ impl Gpu {
         // SAFETY: no cudarc-owned allocations are ever made through this context.
         unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx.compute_capability().map_err(cuda_err("reading the compute capability"))?;
-        let arch = kernels::arch_for(major, minor);
-        let ptx = kernels::ptx(&arch, cache_dir)?;
-        let module = ctx
-            .load_module(Ptx::from_src(ptx.as_str()))
-            .map_err(cuda_err("loading the hybrid attention kernels"))?;
-        let function = |name: &str| module.load_function(name).map_err(cuda_err(name));
-        let split = [function(kernels::SPLIT_F16)?, function(kernels::SPLIT_BF16)?, function(kernels::SPLIT_F32)?];
-        let merge = function(kernels::MERGE)?;
         let sm_count = ctx
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(cuda_err("reading the SM count"))? as u32;
-        let gpu = Arc::new(Gpu { ctx, _module: module, split, merge, arch, sm_count });
+        let compute_capability = (major * 10 + minor) as u32;
+        let gpu = Arc::new(Gpu {
+            ctx,
+            loaded: Mutex::new(None),
+            cache_dir: cache_dir.map(Path::to_path_buf),
+            arch: format!("sm_{compute_capability}"),
+            compute_capability,
+            sm_count,
+        });
         map.insert(ordinal, gpu.clone());
         Ok(gpu)
+    }
+
+    /// The kernels, compiled (or read from the cache) and loaded on first use.
+    pub fn functions(&self) -> Result<Arc<Functions>> {
+        let mut loaded = self.loaded.lock();
+        if let Some(f) = loaded.as_ref() {
+            return Ok(f.clone());
+        }
+        let image = kernels::image(self.compute_capability, self.cache_dir.as_deref())?;
+        self.ctx.bind_to_thread().map_err(cuda_err("binding the CUDA context"))?;
+        let module = self
+            .ctx
+            .load_module(Ptx::from_binary(image.code.clone()))
+            .map_err(|e| load_error(e, image.target, &self.arch))?;
+        let function = |name: &str| module.load_function(name).map_err(cuda_err(name));
+        let f = Arc::new(Functions {
+            split: [function(kernels::SPLIT_F16)?, function(kernels::SPLIT_BF16)?, function(kernels::SPLIT_F32)?],
+            merge: function(kernels::MERGE)?,
+            _module: module,
+            target: image.target,
+        });
+        *loaded = Some(f.clone());
+        Ok(f)
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -130,7 +171,8 @@ impl Gpu {
         if rows == 0 {
             return Ok(());
         }
-        let func = &self.split[match a.dtype {
+        let functions = self.functions()?;
+        let func = &functions.split[match a.dtype {
             DType::F16 => 0,
             DType::BF16 => 1,
             DType::F32 => 2,
@@ -188,7 +230,8 @@ impl Gpu {
         let threads = (a.head_dim as u32).div_ceil(32) * 32;
         let cfg = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         let s = self.ctx.wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream);
-        let mut launch = s.launch_builder(&self.merge);
+        let functions = self.functions()?;
+        let mut launch = s.launch_builder(&functions.merge);
         launch
             .arg(&a.part_o)
             .arg(&a.part_lse)
@@ -201,6 +244,49 @@ impl Gpu {
         launch.launch(cfg).map_err(cuda_err("launching merge_partials"))?;
         Ok(())
     }
+}
+
+/// Makes `consumer` wait for the work queued on `producer` so far (an event, no host
+/// synchronisation), both streams of device `ordinal` (0 = the legacy default stream).
+///
+/// # Safety
+/// Both must be live streams of the device's primary context.
+pub unsafe fn order_after(ordinal: usize, producer: u64, consumer: u64) -> Result<()> {
+    let gpu = Gpu::get(ordinal, None)?;
+    gpu.ctx.bind_to_thread().map_err(cuda_err("binding the CUDA context"))?;
+    let mut event: sys::CUevent = std::ptr::null_mut();
+    // SAFETY: the context is current; the event is created, recorded, waited on and released
+    // here (destroying an event with a wait still queued is allowed: the driver keeps it until
+    // the wait completes).
+    unsafe {
+        sys::cuEventCreate(&mut event, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
+            .result()
+            .map_err(cuda_err("creating a CUDA event"))?;
+        let ordered = sys::cuEventRecord(event, producer as sys::CUstream)
+            .result()
+            .and_then(|_| sys::cuStreamWaitEvent(consumer as sys::CUstream, event, 0).result());
+        let _ = sys::cuEventDestroy_v2(event).result();
+        ordered.map_err(cuda_err("ordering the kernels' stream after the tensor producer's"))
+    }
+}
+
+/// A module load failure, with the reason a driver refuses PTX when that is what happened.
+fn load_error(e: DriverError, target: Target, arch: &str) -> Error {
+    let mut context = format!("loading the hybrid attention kernels ({}) on {arch}", target.option());
+    if let Target::Ptx(_) = target {
+        let mut driver: std::ffi::c_int = 0;
+        // SAFETY: writes one int; the driver is initialised (a context exists).
+        let _ = unsafe { sys::cuDriverGetVersion(&mut driver) };
+        let nvrtc = super::nvrtc::get().and_then(|n| n.version()).map(|(a, b)| format!("{a}.{b}")).unwrap_or_default();
+        context.push_str(&format!(
+            ": this GPU is newer than NVRTC {nvrtc}, so the kernels went to the driver as PTX; a driver \
+             older than the compiler refuses its PTX (driver CUDA version {}.{}). Update the driver, or use \
+             an NVRTC at most as new as the driver (HYBRIDGEN_NVRTC=/path/to/libnvrtc.so.X)",
+            driver / 1000,
+            (driver % 1000) / 10
+        ));
+    }
+    Error::Cuda { context, source: e }
 }
 
 /// How many slices to split each row's tokens into: enough blocks to fill the GPU (two waves

@@ -4,18 +4,22 @@
 //! reports `Error::Unavailable` instead of letting cudarc panic on a missing library.
 //!
 //! - `probe`: what is there (driver, NVRTC, devices) without side effects on failure;
-//! - `kernels`: `kernels/*.cu` compiled by NVRTC at first use, cached in memory and on disk;
+//! - `nvrtc`: the run-time compiler, loaded by path/version in an order the core controls;
+//! - `kernels`: `kernels/*.cu` compiled by NVRTC at first use (a cubin for the device), cached in
+//!   memory and on disk;
 //! - `device`: one context per device (torch's primary context), the compiled module, launches
 //!   on a stream the caller owns (torch's current stream);
-//! - `pinned`: page-locked registration (`cuMemHostRegister`) of mbind-placed host buffers.
+//! - `pinned`: page-locked registration (`cuMemHostRegister`) of mbind-placed host buffers, grown
+//!   with the store.
 
 pub mod device;
 pub mod kernels;
+pub mod nvrtc;
 pub mod pinned;
 pub mod probe;
 
 pub use device::{Gpu, MergeArgs, SplitArgs};
-pub use pinned::PinnedBuffer;
+pub use pinned::{PinnedBuffer, PinnedStrips};
 pub use probe::{probe, Probe};
 
 use crate::error::Error;

@@ -1,6 +1,16 @@
 //! Page-locked host memory for asynchronous copies: `cuMemHostRegister` on our own mbind-placed
 //! buffers (not `cuMemHostAlloc`, whose pages we could not place, and not write-combined, which
 //! would make the CPU's own reads slow — the CPU reads these buffers every step).
+//!
+//! Two owners of registrations:
+//! - [`PinnedBuffer`]: one whole buffer (small staging buffers);
+//! - [`PinnedStrips`]: the host store's strips, registered as they fill, in chunks that double,
+//!   so a store reserved for 128K tokens × batch 4 locks only what it holds (locking everything
+//!   up front commits and locks tens of GB, which fails on many machines).
+//!
+//! Unregistering waits for the device first (`cuCtxSynchronize`): a copy still queued on any
+//! stream may read the pages, and once unregistered (and then unmapped) the DMA would read freed
+//! memory.
 
 use std::sync::Arc;
 
@@ -8,7 +18,38 @@ use cudarc::driver::sys;
 
 use super::{cuda_err, device::Gpu};
 use crate::error::{Error, Result};
-use crate::mem::HostBuffer;
+use crate::mem::{round_up_to_page, HostBuffer};
+
+/// Registers `[ptr, ptr+len)` (portable: usable from every context).
+///
+/// # Safety
+/// The range must lie in a live mapping that outlives the registration, and must not overlap
+/// another registration.
+unsafe fn register(gpu: &Gpu, ptr: *mut u8, len: usize) -> Result<()> {
+    gpu.context().bind_to_thread().map_err(cuda_err("binding the CUDA context"))?;
+    sys::cuMemHostRegister_v2(ptr.cast(), len, sys::CU_MEMHOSTREGISTER_PORTABLE).result().map_err(|source| Error::Cuda {
+        context: format!(
+            "cuMemHostRegister of {len} bytes (page-locked memory is limited by RAM and `ulimit -l`; \
+             lower max_context or the batch)"
+        ),
+        source,
+    })
+}
+
+/// Waits for all work of the device's context, then unregisters every range starting at `ptrs`.
+/// Failures are ignored: at process exit the context may already be gone, and then so are the
+/// registrations.
+fn unregister_after_sync(gpu: &Gpu, ptrs: &[*mut u8]) {
+    if ptrs.is_empty() {
+        return;
+    }
+    let _ = gpu.context().bind_to_thread();
+    let _ = gpu.context().synchronize();
+    for &p in ptrs {
+        // SAFETY: each pointer starts a range registered by `register` and is unregistered once.
+        let _ = unsafe { sys::cuMemHostUnregister(p.cast()) }.result();
+    }
+}
 
 /// A host buffer registered with the driver for as long as this value lives (it keeps the
 /// buffer alive, so the mapping always outlives its registration).
@@ -18,21 +59,10 @@ pub struct PinnedBuffer {
 }
 
 impl PinnedBuffer {
-    /// Registers all of `buf` (portable: usable from every context). Registration locks and
-    /// commits every page of the mapping.
+    /// Registers all of `buf`. Registration locks and commits every page of the mapping.
     pub fn register(buf: Arc<HostBuffer>, gpu: Arc<Gpu>) -> Result<Self> {
-        gpu.context().bind_to_thread().map_err(cuda_err("binding the CUDA context"))?;
-        // SAFETY: ptr/len describe a live mapping owned by `buf`, which we keep alive.
-        unsafe { sys::cuMemHostRegister_v2(buf.as_ptr().cast(), buf.len(), sys::CU_MEMHOSTREGISTER_PORTABLE) }
-            .result()
-            .map_err(|source| Error::Cuda {
-                context: format!(
-                    "cuMemHostRegister of {} bytes (page-locked memory is limited by RAM and \
-                     `ulimit -l`; lower max_context or the batch)",
-                    buf.len()
-                ),
-                source,
-            })?;
+        // SAFETY: the whole live mapping owned by `buf`, which we keep alive; registered once.
+        unsafe { register(&gpu, buf.as_ptr(), buf.len())? };
         Ok(PinnedBuffer { buf, gpu })
     }
 
@@ -51,18 +81,131 @@ impl PinnedBuffer {
 
     /// Whether the driver sees the buffer's first byte as page-locked host memory.
     pub fn is_registered(&self) -> bool {
-        let _ = self.gpu.context().bind_to_thread();
-        let mut flags: std::ffi::c_uint = 0;
-        // SAFETY: queries flags of a host pointer; fails (not UB) for unregistered memory.
-        unsafe { sys::cuMemHostGetFlags(&mut flags, self.buf.as_ptr().cast()) }.result().is_ok()
+        is_registered(&self.gpu, self.buf.as_ptr())
     }
 }
 
 impl Drop for PinnedBuffer {
     fn drop(&mut self) {
-        let _ = self.gpu.context().bind_to_thread();
-        // SAFETY: the pointer was registered by `register` and is unregistered exactly once.
-        // A failure here (context already torn down at exit) leaves nothing to clean up.
-        let _ = unsafe { sys::cuMemHostUnregister(self.buf.as_ptr().cast()) }.result();
+        unregister_after_sync(&self.gpu, &[self.buf.as_ptr()]);
+    }
+}
+
+fn is_registered(gpu: &Gpu, ptr: *mut u8) -> bool {
+    let _ = gpu.context().bind_to_thread();
+    let mut flags: std::ffi::c_uint = 0;
+    // SAFETY: queries flags of a host pointer; fails (not UB) for unregistered memory.
+    unsafe { sys::cuMemHostGetFlags(&mut flags, ptr.cast()) }.result().is_ok()
+}
+
+/// The smallest registration step per strip: small enough not to lock much more than is used,
+/// large enough that a long context needs few registration calls.
+pub const MIN_CHUNK_BYTES: usize = 1 << 20;
+
+/// How many leading bytes of every strip to have registered so that `needed` bytes are: the
+/// current prefix doubled (at least [`MIN_CHUNK_BYTES`]) or `needed` rounded up to pages,
+/// whichever is larger, never beyond the strip. Doubling keeps the number of registrations
+/// logarithmic in the context length.
+pub fn grown_prefix(current: usize, needed: usize, strip_bytes: usize) -> usize {
+    if needed <= current {
+        return current;
+    }
+    let target = round_up_to_page(needed).max(current.saturating_mul(2)).max(MIN_CHUNK_BYTES);
+    target.min(strip_bytes)
+}
+
+/// The strips of one host-store buffer (`strips` page-aligned strips of `strip_bytes`, each
+/// filled from its start), page-locked up to a common prefix that grows with the data.
+pub struct PinnedStrips {
+    buf: Arc<HostBuffer>,
+    gpu: Arc<Gpu>,
+    strips: usize,
+    strip_bytes: usize,
+    /// Leading bytes of every strip registered so far.
+    prefix: usize,
+    /// Start of every registered range, for unregistering.
+    ranges: Vec<*mut u8>,
+}
+
+// SAFETY: the raw pointers are addresses inside `buf` (owned, Send + Sync), used only to
+// unregister; all mutation goes through `&mut self`.
+unsafe impl Send for PinnedStrips {}
+unsafe impl Sync for PinnedStrips {}
+
+impl PinnedStrips {
+    /// Nothing registered yet: call [`PinnedStrips::grow`].
+    pub fn new(buf: Arc<HostBuffer>, gpu: Arc<Gpu>, strips: usize, strip_bytes: usize) -> Result<Self> {
+        let fits = strips.checked_mul(strip_bytes).is_some_and(|n| n <= buf.len());
+        if !fits || strip_bytes % crate::mem::PAGE_SIZE != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{strips} strips of {strip_bytes} bytes (page-aligned) do not fit a {}-byte buffer",
+                buf.len()
+            )));
+        }
+        Ok(PinnedStrips { buf, gpu, strips, strip_bytes, prefix: 0, ranges: Vec::new() })
+    }
+
+    /// Makes sure the first `needed` bytes of every strip are page-locked.
+    pub fn grow(&mut self, needed: usize) -> Result<()> {
+        let target = grown_prefix(self.prefix, needed.min(self.strip_bytes), self.strip_bytes);
+        if target <= self.prefix {
+            return Ok(());
+        }
+        for s in 0..self.strips {
+            // SAFETY: strip `s` spans [s*strip_bytes, (s+1)*strip_bytes) of the live mapping (checked
+            // in `new`); [prefix, target) is page-aligned (both are page multiples: strip_bytes is,
+            // and grown_prefix rounds to pages), inside the strip and not registered before.
+            unsafe {
+                let start = self.buf.as_ptr().add(s * self.strip_bytes + self.prefix);
+                register(&self.gpu, start, target - self.prefix)?;
+                self.ranges.push(start);
+            }
+        }
+        self.prefix = target;
+        Ok(())
+    }
+
+    /// Page-locked bytes (all strips).
+    pub fn pinned_bytes(&self) -> usize {
+        self.prefix * self.strips
+    }
+
+    /// Whether the driver sees the start of every strip as page-locked (trivially true before the
+    /// first growth).
+    pub fn is_registered(&self) -> bool {
+        self.prefix == 0 || (0..self.strips).all(|s| is_registered(&self.gpu, self.buf.as_ptr().wrapping_add(s * self.strip_bytes)))
+    }
+}
+
+impl Drop for PinnedStrips {
+    fn drop(&mut self) {
+        unregister_after_sync(&self.gpu, &self.ranges);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_registered_prefix_doubles_and_stays_within_the_strip() {
+        let page = crate::mem::PAGE_SIZE;
+        let strip = 64 << 20;
+        assert_eq!(grown_prefix(0, 0, strip), 0);
+        assert_eq!(grown_prefix(0, 1, strip), MIN_CHUNK_BYTES);
+        assert_eq!(grown_prefix(MIN_CHUNK_BYTES, MIN_CHUNK_BYTES, strip), MIN_CHUNK_BYTES);
+        assert_eq!(grown_prefix(MIN_CHUNK_BYTES, MIN_CHUNK_BYTES + 1, strip), 2 * MIN_CHUNK_BYTES);
+        assert_eq!(grown_prefix(MIN_CHUNK_BYTES, 5 * MIN_CHUNK_BYTES + 3, strip), round_up_to_page(5 * MIN_CHUNK_BYTES + 3));
+        assert_eq!(grown_prefix(32 << 20, (32 << 20) + page, strip), strip);
+        assert_eq!(grown_prefix(0, 1, 8 * page), 8 * page); // a small strip is locked whole
+        // Growing token by token to the full strip registers O(log) times.
+        let (mut prefix, mut steps) = (0, 0);
+        for needed in (0..=strip).step_by(256 * 1024) {
+            let next = grown_prefix(prefix, needed, strip);
+            assert!(next >= needed && next % page == 0 && next <= strip);
+            steps += (next != prefix) as usize;
+            prefix = next;
+        }
+        assert!(steps <= 8, "{steps} registrations");
     }
 }

@@ -30,12 +30,10 @@ pub fn driver_loadable() -> bool {
     *PRESENT.get_or_init(|| unsafe { cudarc::driver::sys::is_culib_present() })
 }
 
-/// NVRTC is looked up by file name, so it is found once torch (whose `nvidia-cuda-nvrtc` wheel
-/// ships `libnvrtc.so.13`) has loaded it, or through `LD_LIBRARY_PATH`. Not cached: importing
-/// torch later makes it appear.
+/// Whether an NVRTC can be loaded (see `nvrtc` for the search order). Not cached: importing
+/// torch later makes its NVRTC known.
 pub fn nvrtc_loadable() -> bool {
-    // SAFETY: only tries to dlopen the candidate library names.
-    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+    super::nvrtc::loadable()
 }
 
 pub fn probe() -> Probe {
@@ -60,14 +58,16 @@ pub fn probe() -> Probe {
     Probe { driver, nvrtc, devices, reason }
 }
 
-pub(crate) const NVRTC_MISSING: &str = "NVRTC (libnvrtc.so.13) is not loadable: `import torch` first \
-    (a CUDA build of torch loads it from its nvidia-cuda-nvrtc wheel) or put the CUDA toolkit's lib \
-    directory on LD_LIBRARY_PATH";
+pub(crate) const NVRTC_MISSING: &str = "NVRTC (libnvrtc.so.13) is not loadable: `import hybridgen.cuda` \
+    registers the one in a CUDA build of torch (its nvidia-cuda-nvrtc wheel), or set HYBRIDGEN_NVRTC to \
+    a libnvrtc path, or put the CUDA toolkit's lib directory on LD_LIBRARY_PATH";
 
-/// `Ok` when device `ordinal` can run the kernels, else `Error::Unavailable` saying why.
+/// `Ok` when the driver can use device `ordinal` (contexts, page-locking, streams), else
+/// `Error::Unavailable` saying why. NVRTC is not needed for that: only the kernels need it, and
+/// they check for it when they are first compiled.
 pub fn require_device(ordinal: usize) -> Result<()> {
     let p = probe();
-    if let Some(reason) = p.reason {
+    if let Some(reason) = p.reason.filter(|_| !p.driver || p.devices == 0) {
         return Err(Error::Unavailable(reason));
     }
     if ordinal >= p.devices {

@@ -1,6 +1,11 @@
 //! CUDA tensors from Python through DLPack: device pointer, shape, strides (in elements), dtype
 //! and device index, imported on the stream the kernels will run on, so the producer (torch)
 //! orders its pending writes before them.
+//!
+//! torch offers DLPack's C exchange API, which hands the consumer the producer's current stream
+//! instead of exporting on the consumer's: [`ConsumerStream::wait_for_producer`] orders the
+//! kernels' stream after it (nothing to do when they are the same stream, the usual case), so the
+//! import needs no Python-level `__dlpack__` fallback (an export, a discard, and a second export).
 
 use dlpark::ffi::{DLDevice, DLDeviceType};
 use dlpark::python::consumer::stream;
@@ -17,6 +22,18 @@ pub(crate) struct ConsumerStream(pub u64);
 unsafe impl DlpackStream for ConsumerStream {
     fn as_python_arg(&self, _py: Python<'_>, _device: DLDevice) -> PyResult<StreamArg> {
         Ok(stream::cuda(self.0 as usize as *mut std::ffi::c_void))
+    }
+
+    unsafe fn wait_for_producer(&self, device: DLDevice, producer: *mut std::ffi::c_void) -> PyResult<bool> {
+        if producer as usize as u64 == self.0 {
+            return Ok(true); // one stream: already in order
+        }
+        if device.device_type != DLDeviceType::CUDA {
+            return Ok(false);
+        }
+        // SAFETY: `producer` is the producer's live stream (dlpark's contract), `self.0` ours.
+        unsafe { crate::gpu::device::order_after(device.device_id as usize, producer as u64, self.0) }?;
+        Ok(true)
     }
 }
 

@@ -33,16 +33,56 @@ fn kernel_source() -> &'static str {
     gpu::kernels::SOURCE
 }
 
-/// PTX of the kernels for `arch` (e.g. ``"compute_90"``), compiled by NVRTC once per process
-/// and, with ``cache_dir``, once per machine. Needs NVRTC only, not a GPU.
+/// Compiles the kernels for ``arch`` (``"sm_90"``: cubin, ``"compute_90"``: PTX) with extra
+/// NVRTC ``options`` (e.g. ``["-Xptxas", "-v"]``), uncached: ``{"code": bytes, "log": str}``.
+/// Needs NVRTC only, not a GPU.
 #[pyfunction]
-#[pyo3(signature = (arch, cache_dir=None))]
-fn compile_kernels(py: Python<'_>, arch: &str, cache_dir: Option<PathBuf>) -> PyResult<String> {
-    let ptx = py.detach(|| gpu::kernels::ptx(arch, cache_dir.as_deref()))?;
-    Ok(ptx.as_str().to_owned())
+#[pyo3(signature = (arch, options=None))]
+fn compile_kernels<'py>(py: Python<'py>, arch: &str, options: Option<Vec<String>>) -> PyResult<Bound<'py, PyDict>> {
+    let target = gpu::kernels::parse_arch(arch)?;
+    let options = options.unwrap_or_default();
+    let out = py.detach(|| gpu::kernels::build(target, &options.iter().map(String::as_str).collect::<Vec<_>>()))?;
+    let d = PyDict::new(py);
+    d.set_item("code", pyo3::types::PyBytes::new(py, &out.code))?;
+    d.set_item("log", out.log)?;
+    Ok(d)
 }
 
-/// Initialises device ``device`` (context + kernels); returns ``{"arch", "sm_count"}``.
+/// The kernels a device of compute capability ``cc`` (e.g. 90) would load, as the loader gets
+/// them (cached in memory and, with ``cache_dir``, on disk): ``{"target": "sm_90" or
+/// "compute_XY", "code": bytes}``.
+#[pyfunction]
+#[pyo3(signature = (cc, cache_dir=None))]
+fn kernel_image<'py>(py: Python<'py>, cc: u32, cache_dir: Option<PathBuf>) -> PyResult<Bound<'py, PyDict>> {
+    let image = py.detach(|| gpu::kernels::image(cc, cache_dir.as_deref()))?;
+    let d = PyDict::new(py);
+    d.set_item("target", image.target.name())?;
+    d.set_item("code", pyo3::types::PyBytes::new(py, &image.code))?;
+    Ok(d)
+}
+
+/// Puts the NVRTC library at ``path`` ahead of the library-path search (see ``nvrtc_info``).
+#[pyfunction]
+fn prefer_nvrtc(path: &str) {
+    gpu::nvrtc::prefer(path)
+}
+
+/// The NVRTC the kernels are compiled with: ``{"path", "version", "archs"}`` (loads it), or
+/// raises ``CudaUnavailableError`` saying what was tried.
+#[pyfunction]
+fn nvrtc_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let (path, version, archs) = py.detach(|| -> crate::Result<_> {
+        let n = gpu::nvrtc::get()?;
+        Ok((n.source.clone(), n.version()?, n.supported_archs()?))
+    })?;
+    let d = PyDict::new(py);
+    d.set_item("path", path)?;
+    d.set_item("version", format!("{}.{}", version.0, version.1))?;
+    d.set_item("archs", archs)?;
+    Ok(d)
+}
+
+/// Opens device ``device`` (its context; no compilation); returns ``{"arch", "sm_count"}``.
 #[pyfunction]
 #[pyo3(signature = (device, cache_dir=None))]
 fn cuda_device_info(py: Python<'_>, device: usize, cache_dir: Option<PathBuf>) -> PyResult<Bound<'_, PyDict>> {
@@ -51,6 +91,15 @@ fn cuda_device_info(py: Python<'_>, device: usize, cache_dir: Option<PathBuf>) -
     d.set_item("arch", g.arch.clone())?;
     d.set_item("sm_count", g.sm_count)?;
     Ok(d)
+}
+
+/// Compiles (or reads from the cache) and loads the kernels on device ``device``; returns the
+/// target loaded (``"sm_XY"``, or ``"compute_XY"`` PTX for a GPU newer than NVRTC).
+#[pyfunction]
+#[pyo3(signature = (device, cache_dir=None))]
+fn load_kernels(py: Python<'_>, device: usize, cache_dir: Option<PathBuf>) -> PyResult<String> {
+    let f = py.detach(|| Gpu::get(device, cache_dir.as_deref())?.functions())?;
+    Ok(f.target.name())
 }
 
 fn elem_of(dtype: &str) -> PyResult<(Elem, DType)> {
@@ -293,7 +342,11 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_probe, m)?)?;
     m.add_function(wrap_pyfunction!(kernel_source, m)?)?;
     m.add_function(wrap_pyfunction!(compile_kernels, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel_image, m)?)?;
+    m.add_function(wrap_pyfunction!(prefer_nvrtc, m)?)?;
+    m.add_function(wrap_pyfunction!(nvrtc_info, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_device_info, m)?)?;
+    m.add_function(wrap_pyfunction!(load_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(split_attention, m)?)?;
     m.add_function(wrap_pyfunction!(merge_partials, m)?)?;
     m.add_function(wrap_pyfunction!(choose_splits, m)?)?;

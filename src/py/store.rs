@@ -12,6 +12,7 @@ use super::stage::{OutputArgs, StageCall};
 use super::tensor::{distinct, Elem, Tensor};
 use crate::cpu::{self, Merge, Scratch};
 use crate::dtype::DType;
+use crate::gpu::PinnedStrips;
 use crate::kv::{Kind, KvStore, StoreConfig, TierConfig, TierStats};
 
 /// Host tier of a decode KV cache. See `hybridgen.HostKVStore` for the documented API.
@@ -23,10 +24,11 @@ pub(crate) struct PyHostKvStore {
     pub(super) batch: usize,
     pub(super) kv_heads: usize,
     pub(super) head_dim: usize,
-    /// Registrations of every key and value buffer with the CUDA driver (`pin`); dropped
-    /// (unregistered) by `unpin` or with the store, before the buffers themselves. Taken only
-    /// with the GIL released: registration can take long and must not stall other threads.
-    pinned: Mutex<Vec<crate::gpu::PinnedBuffer>>,
+    /// Page-locking of the key and value strips (`pin`), grown by `evict` as host tokens arrive;
+    /// dropped (unregistered, after the device is idle) by `unpin` or with the store, before the
+    /// buffers themselves. Taken only with the GIL released (registration can take long) and
+    /// always after the store lock, never before it.
+    pinned: Mutex<Option<Pins>>,
     /// Working memory of `cpu_stage`, reused from step to step.
     pub(super) scratch: Mutex<Scratch>,
 }
@@ -44,6 +46,37 @@ fn node(name: &str, node: Option<i64>) -> PyResult<Option<u32>> {
         u32::try_from(n).map_err(|_| PyValueError::new_err(format!("{name} must be a NUMA node number >= 0, got {n}")))
     })
     .transpose()
+}
+
+/// The store's registrations with one CUDA device.
+struct Pins {
+    /// Per layer: keys, values.
+    layers: Vec<[PinnedStrips; 2]>,
+    /// Why growing stopped (page-locked memory exhausted). Copies from rows beyond the locked
+    /// prefix are still correct, only synchronous.
+    failed: Option<String>,
+}
+
+impl Pins {
+    /// Locks the first `rows` rows of every strip of `layer`; returns the failure if this call
+    /// is the one that ran out of page-locked memory.
+    fn grow(&mut self, layer: usize, bytes: usize) -> Option<String> {
+        if self.failed.is_some() {
+            return None;
+        }
+        for strips in self.layers[layer].iter_mut() {
+            if let Err(e) = strips.grow(bytes) {
+                let msg = format!("page-locking the host store stopped at {} bytes: {e}", self.bytes());
+                self.failed = Some(msg.clone());
+                return Some(msg);
+            }
+        }
+        None
+    }
+
+    fn bytes(&self) -> usize {
+        self.layers.iter().flatten().map(PinnedStrips::pinned_bytes).sum()
+    }
 }
 
 impl PyHostKvStore {
@@ -131,39 +164,60 @@ impl PyHostKvStore {
         })
     }
 
-    /// Registers every key and value buffer as page-locked memory of CUDA device `device`, so
-    /// views of the store copy to the device asynchronously. Commits (and locks) the store's
-    /// reserved capacity. Idempotent.
+    /// Page-locks the store for CUDA device `device` (so copies from it to the device are
+    /// asynchronous): the rows held now, then more as `evict` adds them, in chunks that double
+    /// per strip. Idempotent.
     #[pyo3(signature = (device, cache_dir=None))]
     fn pin(&self, py: Python<'_>, device: usize, cache_dir: Option<std::path::PathBuf>) -> PyResult<()> {
         py.detach(|| -> crate::Result<()> {
+            let store = self.store.write(); // lock order: store, then pins (as in `evict`)
             let mut pinned = self.pinned.lock();
-            if !pinned.is_empty() {
+            if pinned.is_some() {
                 return Ok(());
             }
-            let buffers: Vec<_> = {
-                let store = self.store.read();
-                (0..self.layers).flat_map(|l| [store.buffer(l, Kind::Keys), store.buffer(l, Kind::Values)]).collect()
-            };
             let gpu = crate::gpu::Gpu::get(device, cache_dir.as_deref())?;
-            *pinned = buffers.into_iter().map(|b| crate::gpu::PinnedBuffer::register(b, gpu.clone())).collect::<crate::Result<_>>()?;
+            let (strips, strip_bytes) = (self.batch * self.kv_heads, store.strip_bytes());
+            let mut pins = Pins { layers: Vec::with_capacity(self.layers), failed: None };
+            for l in 0..self.layers {
+                let make = |kind| PinnedStrips::new(store.buffer(l, kind), gpu.clone(), strips, strip_bytes);
+                pins.layers.push([make(Kind::Keys)?, make(Kind::Values)?]);
+                for strips in pins.layers[l].iter_mut() {
+                    strips.grow(store.host_len(l)? * store.config().row_bytes())?;
+                }
+            }
+            *pinned = Some(pins);
             Ok(())
         })?;
         Ok(())
     }
 
-    /// Undoes `pin`.
+    /// Undoes `pin` (after the device has finished every queued copy).
     fn unpin(&self, py: Python<'_>) {
         // Unregistering calls the driver; the registrations drop outside the GIL too.
-        py.detach(|| self.pinned.lock().clear());
+        py.detach(|| self.pinned.lock().take());
     }
 
     #[getter]
     fn pinned(&self, py: Python<'_>) -> bool {
-        py.detach(|| {
-            let pinned = self.pinned.lock();
-            !pinned.is_empty() && pinned.iter().all(|p| p.is_registered())
-        })
+        py.detach(|| self.pinned.lock().as_ref().is_some_and(|p| p.layers.iter().flatten().all(PinnedStrips::is_registered)))
+    }
+
+    /// Bytes of the store page-locked now (0 when not pinned).
+    #[getter]
+    fn pinned_bytes(&self, py: Python<'_>) -> usize {
+        py.detach(|| self.pinned.lock().as_ref().map_or(0, Pins::bytes))
+    }
+
+    /// Bytes of layer ``layer`` (keys and values) page-locked now.
+    fn layer_pinned_bytes(&self, py: Python<'_>, layer: i64) -> PyResult<usize> {
+        let layer = self.layer(layer)?;
+        Ok(py.detach(|| self.pinned.lock().as_ref().map_or(0, |p| p.layers[layer].iter().map(PinnedStrips::pinned_bytes).sum())))
+    }
+
+    /// Why page-locking stopped growing, if it did (``None`` otherwise).
+    #[getter]
+    fn pin_error(&self, py: Python<'_>) -> Option<String> {
+        py.detach(|| self.pinned.lock().as_ref().and_then(|p| p.failed.clone()))
     }
 
     #[getter]
@@ -231,7 +285,17 @@ impl PyHostKvStore {
         }
         let m = k.shape()[2];
         let (kb, vb) = (k.bytes(), v.bytes());
-        py.detach(|| self.store.write().evict(layer, m, kb, vb))?;
+        let failed = py.detach(|| -> crate::Result<Option<String>> {
+            let mut store = self.store.write();
+            // Lock the rows before they are written, so the first copy of them is asynchronous.
+            let rows = (store.host_len(layer)? + m).min(store.strip_tokens());
+            let failed = self.pinned.lock().as_mut().and_then(|p| p.grow(layer, rows * store.config().row_bytes()));
+            store.evict(layer, m, kb, vb)?;
+            Ok(failed)
+        })?;
+        if let Some(msg) = failed {
+            PyErr::warn(py, &py.get_type::<pyo3::exceptions::PyResourceWarning>(), &std::ffi::CString::new(msg).unwrap_or_default(), 1)?;
+        }
         Ok(())
     }
 

@@ -36,13 +36,57 @@ def test_torch_provides_nvrtc():
 
 
 @pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
-def test_kernels_compile_with_nvrtc(arch, tmp_path):
-    ptx = _native.compile_kernels(arch, str(tmp_path))
+def test_kernels_compile_to_ptx_with_nvrtc(arch):
+    ptx = _native.compile_kernels(arch)["code"].decode()
     for name in ENTRIES:
         assert f".entry {name}(" in ptx
     assert f".target sm_{arch[-2:]}" in ptx
-    cached = list(tmp_path.glob(f"hybrid_attention-*-{arch}.ptx"))
-    assert len(cached) == 1 and cached[0].read_text() == ptx
+
+
+def test_the_loader_gets_a_cubin_for_the_device_cached_on_disk(tmp_path):
+    # A cubin is machine code for sm_90 itself: the driver loads it whatever its CUDA version,
+    # whereas PTX from a newer NVRTC is refused (CUDA_ERROR_UNSUPPORTED_PTX_VERSION).
+    image = _native.kernel_image(90, str(tmp_path))
+    assert image["target"] == "sm_90" and image["code"][:4] == b"\x7fELF"
+    cached = list(tmp_path.glob("hybrid_attention-*-sm_90.cubin"))
+    assert len(cached) == 1 and cached[0].read_bytes() == image["code"]
+    for name in ENTRIES:
+        assert name.encode() in image["code"]
+
+
+def test_kernels_keep_their_state_in_registers_on_sm_90():
+    # ptxas' own report: no stack frame (nothing indexed at run time spilled to local memory)
+    # and no spills, for every kernel.
+    log = _native.compile_kernels("sm_90", ["-Xptxas", "-v"])["log"]
+    for name in ENTRIES:
+        assert f"Compiling entry function '{name}'" in log, log
+    import re
+
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert len(frames) >= len(ENTRIES), log
+    assert all(f == ("0", "0", "0") for f in frames), log
+
+
+def test_torchs_nvrtc_wins_over_one_on_the_library_path(tmp_path):
+    # A system toolkit's unversioned libnvrtc.so on LD_LIBRARY_PATH must not be picked over the
+    # NVRTC of torch's own CUDA (a newer compiler than the driver would make unloadable code).
+    import os
+    import subprocess
+    import sys
+
+    torch_lib = cuda.torch_nvrtc()
+    assert torch_lib, "a CUDA build of torch ships libnvrtc"
+    (tmp_path / "libnvrtc.so").symlink_to(torch_lib)
+    code = "import hybridgen.cuda, hybridgen._native as n; print(n.nvrtc_info()['path'])"
+    env = dict(os.environ, LD_LIBRARY_PATH=str(tmp_path), HYBRIDGEN_NVRTC="")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == torch_lib
+    env["HYBRIDGEN_NVRTC"] = str(tmp_path / "libnvrtc.so")  # an explicit choice wins
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(tmp_path / "libnvrtc.so")
+    env["HYBRIDGEN_NVRTC"] = str(tmp_path / "missing.so")  # a wrong explicit choice is an error, no fallback
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "HYBRIDGEN_NVRTC=" in run.stderr and "missing.so" in run.stderr
 
 
 def test_kernel_source_is_the_shipped_file():
@@ -53,8 +97,9 @@ def test_kernel_source_is_the_shipped_file():
 
 
 def test_bad_architecture_is_rejected():
-    with pytest.raises(ValueError, match="compute_90"):
-        _native.compile_kernels("sm_90")
+    for bad in ("90", "sm_", "compute_x0"):
+        with pytest.raises(ValueError, match="sm_90"):
+            _native.compile_kernels(bad)
 
 
 def test_cpu_tensors_are_refused_by_the_kernels():

@@ -11,7 +11,16 @@ from typing import Callable, Optional
 
 from ..telemetry import StepRecord, Telemetry
 
-__all__ = ["PolicyRunner", "StepClock"]
+__all__ = ["PolicyRunner", "StepClock", "decode_with"]
+
+
+def decode_with(policy, tier, q, keep, scale: float, step: int):
+    """One decode step of ``tier``'s layer through ``policy``: ``(out, record)``, the record
+    completed with what only the engine knows (the layer's page-locked bytes)."""
+    out, record = policy.decode(tier, q, keep, scale, step)
+    if tier.store.pin_device is not None:  # a Python attribute: no native call on the CPU path
+        record.pinned_bytes = tier.store.layer_pinned_bytes(tier.layer_idx)
+    return out, record
 
 
 class StepClock:

@@ -34,7 +34,7 @@ def make_store(config: HybridConfig, *, layers: int, batch: int, kv_heads: int, 
     if config.pin_host or (config.pin_host is None and device.type == "cuda" and to_host):
         from ..cuda import kernel_cache_dir, require
 
-        require("pin_host", device)
+        require("pin_host", device, compiler=False)
         index: Optional[int] = device.index if device.index is not None else torch.cuda.current_device()
         store.pin(index, kernel_cache_dir())
     return store

@@ -77,9 +77,11 @@ class DeviceTier:
         return 0 if self._in_flight is None else self._in_flight[1].shape[2]
 
     def positions(self, device=None) -> torch.Tensor:
-        """Logical positions ``[n_dev]`` of the device tokens (sinks, then recent)."""
+        """Logical positions ``[n_dev]`` of the device tokens (sinks, then recent), built where they
+        are used (on a GPU: no host-to-device copy, so no synchronisation)."""
         s, n_host = self.sinks_on_device, self.host_tokens
-        return torch.cat([torch.arange(s), torch.arange(s + n_host, self.total)]).to(device or "cpu")
+        device = device or "cpu"
+        return torch.cat([torch.arange(s, device=device), torch.arange(s + n_host, self.total, device=device)])
 
     def masks(self, keep: Optional[torch.Tensor]):
         """``(device mask, host mask)``, bool ``[b, n_dev]`` / ``[b, n_host]``, True = ignore, from

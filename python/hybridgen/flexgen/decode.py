@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..engine import decode_with
 from ..timing import between, mark
 from .install import require_flexgen
 from .layer_cache import FlexGenLayerCache
@@ -40,7 +41,7 @@ def attend(cache: FlexGenLayerCache, q: torch.Tensor, k_new: torch.Tensor, v_new
     session = cache.session
     session.begin(keep.shape[1])
     cache.append(k_new.unsqueeze(2), v_new.unsqueeze(2))
-    out, record = session.policy.decode(cache.tier, q, cache.keep(keep), 1.0, session.step)
+    out, record = decode_with(session.policy, cache.tier, q, cache.keep(keep), 1.0, session.step)
     cache.evict_overflow()
     record.layer = cache.layer_id  # the store's layer 0 is FlexGen's layer layer_id
     return out, record

@@ -18,7 +18,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..config import HybridConfig
-from ..engine import DeviceTier, PolicyRunner, StepClock, make_store
+from ..engine import DeviceTier, PolicyRunner, StepClock, decode_with, make_store
 from ..host_store import HostKVStore
 from ..policies import make_policy
 from ..policies.base import keep_mask
@@ -232,7 +232,7 @@ class HybridCache(Cache, PolicyRunner):
         layer's attention)."""
         layer = self.layers[layer_idx]
         keep = keep_mask(attention_mask) if attention_mask is not None else None
-        out, record = self.policy.decode(layer.tier, q, keep, scale, self.clock.step)
+        out, record = decode_with(self.policy, layer.tier, q, keep, scale, self.clock.step)
         layer.policy_calls += 1
         self.clock.record(record, span)
         layer.evict_overflow()

@@ -90,12 +90,20 @@ class HybridPolicy(Policy):
         )
 
     def _stage(self, store, idx, q, scale, strategy, k, n_host, host_mask):
-        """The CPU stage of layer ``idx`` for query ``q`` as a callable (for the worker thread)."""
+        """The CPU stage of layer ``idx`` for query ``q`` as a callable (for the worker thread).
+        On CUDA, ``q`` and the host mask are copied to page-locked memory here, on the submitting
+        thread's stream right after the work producing them; the stage waits on that copy's event
+        only, not on the device work queued after it (which it is meant to overlap)."""
+        ready, on_cuda = None, q.is_cuda
+        if on_cuda:
+            from ..cuda import to_host
+
+            (q, host_mask), ready = to_host(q, host_mask)
         return partial(
             cpu_stage, store, idx, q, scale=scale, merge=self.config.merge,
             top_k=k if strategy == "post_qkt" else None,
             positions=pre_qkt_positions(n_host, k) if strategy == "pre_qkt" else None,
-            host_mask=host_mask, pinned=q.is_cuda,
+            host_mask=host_mask, pinned=on_cuda, ready=ready,
         )
 
     def speculate(self, tier, decoder_layer, hidden, position_embeddings, attention_mask) -> None:
