@@ -64,6 +64,11 @@ class HostPartial:
             span = time.perf_counter() - t0
         return HostPartial(self.merge, *moved, self.grouped, self.tokens, self.seconds), span
 
+    @property
+    def device(self) -> Optional[torch.device]:
+        """Where the result's tensors are (``None``: no tensors)."""
+        return next((t.device for t in (self.out, self.lse, self.logits, self.values) if t is not None), None)
+
     def nbytes(self) -> int:
         """Bytes that cross to the device."""
         return sum(t.numel() * t.element_size() for t in (self.out, self.lse, self.logits, self.values) if t is not None)
@@ -197,6 +202,8 @@ def device_combine(
     ``kernels``: use the CUDA kernels (None: whenever the tensors are on a CUDA device).
     """
     device = q.device
+    if host.device not in (None, device):
+        host = host.to(device)  # e.g. hybrid_attention(): the CPU's result has not been shipped yet
     if dev_part is None and _kernels(q, dev_k, kernels):
         from .cuda import combine
 

@@ -53,7 +53,12 @@ pub fn probe() -> Probe {
         }
     }
     if reason.is_none() && !nvrtc {
-        reason = Some(NVRTC_MISSING.to_string());
+        // The loader's own error names what was tried (and a HYBRIDGEN_NVRTC that did not load).
+        reason = Some(match super::nvrtc::get() {
+            Err(Error::Unavailable(why)) => why,
+            Err(e) => e.to_string(),
+            Ok(_) => NVRTC_MISSING.to_string(),
+        });
     }
     Probe { driver, nvrtc, devices, reason }
 }

@@ -10,7 +10,7 @@ import torch
 #: Test folders (mirroring hybridgen's packages) and top-level modules that exercise a
 #: third-party integration.
 INTEGRATION_DIRS = {"apps", "eval", "flexgen", "hf", "policies"}
-INTEGRATION_MODULES = {"test_cuda.py", "test_notebook.py", "test_smollm2.py"}
+INTEGRATION_MODULES = {"test_cuda.py", "test_cuda_device.py", "test_notebook.py", "test_smollm2.py"}
 
 
 def pytest_collection_modifyitems(config, items):
