@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -81,38 +82,51 @@ class HybridConfig:
         self.validate()
 
     def validate(self) -> "HybridConfig":
-        def positive(name, allow_zero=False):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-            if v < 0 or (v == 0 and not allow_zero):
-                raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+        """Checks every field (type first, naming the field, then range); integer fields accept
+        anything with ``__index__`` (numpy integers) and are stored as ``int``; ``bool`` is not an
+        integer here. Returns ``self``."""
 
-        positive("gpu_budget")
-        positive("sinks", allow_zero=True)
-        positive("evict_chunk")
-        positive("k")
-        positive("k_min")
-        positive("k_max")
+        def integer(name, minimum, optional=False):
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            if isinstance(v, bool) or not hasattr(type(v), "__index__"):
+                raise TypeError(f"{name} must be an int{' or None' if optional else ''}, got {type(v).__name__} {v!r}")
+            v = operator.index(v)
+            setattr(self, name, v)
+            if v < minimum:
+                raise ValueError(f"{name} must be >= {minimum}, got {v}")
+
+        def choice(name, options):
+            v = getattr(self, name)
+            if not isinstance(v, str):
+                raise TypeError(f"{name} must be a str (one of {options}), got {type(v).__name__} {v!r}")
+            if v not in options:
+                raise ValueError(f"unknown {name} {v!r}: expected one of {options}")
+
+        def flag(name, optional=False):
+            v = getattr(self, name)
+            if not (isinstance(v, bool) or (optional and v is None)):
+                allowed = "True, False or None" if optional else "True or False"
+                raise TypeError(f"{name} must be {allowed}, got {type(v).__name__} {v!r}")
+
+        for name in ("gpu_budget", "evict_chunk", "k", "k_min", "k_max"):
+            integer(name, 1)
+        integer("sinks", 0)
+        for name in ("max_context", "near_capacity_bytes", "far_capacity_bytes"):
+            integer(name, 1, optional=True)
+        for name in ("near_node", "far_node"):
+            integer(name, 0, optional=True)
+        choice("policy", POLICIES)
+        choice("merge", MERGES)
+        choice("kernels", KERNELS)
+        flag("pipeline")
+        flag("speculative")
+        flag("pin_host", optional=True)
         if self.k_min > self.k_max:
             raise ValueError(f"k_min ({self.k_min}) must not exceed k_max ({self.k_max})")
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}: expected one of {POLICIES}")
-        if self.merge not in MERGES:
-            raise ValueError(f"unknown merge {self.merge!r}: expected one of {MERGES}")
-        if self.kernels not in KERNELS:
-            raise ValueError(f"unknown kernels {self.kernels!r}: expected one of {KERNELS}")
-        if self.pin_host not in (None, True, False):
-            raise TypeError(f"pin_host must be True, False or None, got {self.pin_host!r}")
         if self.speculative and not self.pipeline:
             raise ValueError("speculative=True needs pipeline=True")
-        for name in ("max_context", "near_capacity_bytes", "far_capacity_bytes"):
-            if getattr(self, name) is not None:
-                positive(name)
-        for name in ("near_node", "far_node"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 0):
-                raise ValueError(f"{name} must be a NUMA node number >= 0 or None, got {v!r}")
         return self
 
     @property

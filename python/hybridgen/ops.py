@@ -38,16 +38,28 @@ def merge_partials(
     """Exact merge of two partial attentions over disjoint token sets (HGCA).
 
     ``o = (e^{lse_a} o_a + e^{lse_b} o_b) / (e^{lse_a} + e^{lse_b})``, computed stably; an empty
-    part (``lse = -inf``) leaves the other unchanged. ``out_*``: ``[..., d]``; ``lse_*``: ``[...]``.
-    Returns ``(out float32, lse float32)``.
+    part (``lse = -inf``) contributes nothing, whatever its output holds (even NaN). NaN in an
+    attended part propagates, as in torch. ``out_*``: float ``[..., d]`` of one shape;
+    ``lse_*``: float ``[...]`` matching it. Returns ``(out float32, lse float32)``.
     """
+    for name, t in (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if out_a.shape != out_b.shape or out_a.dim() < 1:
+        raise ValueError(f"out_a {tuple(out_a.shape)} and out_b {tuple(out_b.shape)} must have one shape [..., d]")
+    if lse_a.shape != out_a.shape[:-1] or lse_b.shape != out_a.shape[:-1]:
+        raise ValueError(f"lse_a {tuple(lse_a.shape)} and lse_b {tuple(lse_b.shape)} must be the outputs' shape "
+                         f"without the last dimension, {tuple(out_a.shape[:-1])}")
     lse_a, lse_b = lse_a.float(), lse_b.float()
     lse = torch.logaddexp(lse_a, lse_b)
     # Both empty: lse is -inf and both weights would be NaN; define them as 0.
     safe = torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse)
     w_a = torch.exp(lse_a - safe).unsqueeze(-1)
     w_b = torch.exp(lse_b - safe).unsqueeze(-1)
-    return w_a * out_a.float() + w_b * out_b.float(), lse
+    # An empty part's weight is 0, but 0 * NaN is NaN: take its output out of the sum instead.
+    o_a = torch.where(w_a == 0, 0.0, w_a * out_a.float())
+    o_b = torch.where(w_b == 0, 0.0, w_b * out_b.float())
+    return o_a + o_b, lse
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, mask=None) -> tuple[torch.Tensor, torch.Tensor]:

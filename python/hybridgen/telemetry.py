@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from statistics import mean
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Iterable
 
 
 @dataclass
@@ -38,47 +39,86 @@ class StepRecord:
         return self
 
 
-@dataclass
+class RecentRecords(deque):
+    """The most recent records (a ring: the oldest drop out once ``maxlen`` are held); indexes
+    and slices like a list."""
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return list(self)[i]
+        return super().__getitem__(i)
+
+
+#: Per-layer records kept by default: with 32 layers, the last ~3,000 steps (~40 MB). Summaries
+#: cover every step ever recorded whatever this is (they are running aggregates).
+DEFAULT_MAX_RECORDS = 100_000
+
+
 class Telemetry:
-    records: list[StepRecord] = field(default_factory=list)
+    """Per step and layer records of a run — the most recent ``max_records`` of them, so memory
+    stays bounded however long the run — and running aggregates over all of them, from which
+    :meth:`summary` is computed."""
+
+    def __init__(self, records: Iterable[StepRecord] = (), max_records: int = DEFAULT_MAX_RECORDS):
+        if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1:
+            raise ValueError(f"max_records must be a positive int, got {max_records!r}")
+        self.max_records = max_records
+        self.records = RecentRecords(maxlen=max_records)
+        self.clear()
+        for r in records:
+            self.add(r)
 
     def add(self, record: StepRecord) -> None:
         self.records.append(record)
+        a = self._totals
+        if record.step != self._step:
+            self._step, self._steps, self._pinned_last_step = record.step, self._steps + 1, 0
+        self._pinned_last_step += record.pinned_bytes
+        a["records"] += 1
+        a["k"] += record.k
+        a["t_cpu"] += record.t_cpu
+        a["t_gpu"] += record.t_gpu
+        a["t_tx"] += record.t_tx
+        a["t_hidden"] += record.t_hidden
+        a["tx_bytes"] += record.tx_bytes
+        self._strategies[record.strategy] = self._strategies.get(record.strategy, 0) + 1
+        if record.layer == 0:
+            self._k_per_step.append((record.step, record.k, record.strategy))
+        self._last = record
 
     def clear(self) -> None:
         self.records.clear()
+        self._totals = dict.fromkeys(("records", "k", "t_cpu", "t_gpu", "t_tx", "t_hidden", "tx_bytes"), 0)
+        self._strategies: dict = {}
+        self._k_per_step = RecentRecords(maxlen=self.max_records)
+        self._step, self._steps, self._pinned_last_step, self._last = None, 0, 0, None
 
     def as_dicts(self) -> list[dict]:
+        """The recent records as dicts."""
         return [asdict(r) for r in self.records]
 
     def k_per_step(self) -> list[tuple[int, int, str]]:
-        """``(step, k, strategy)`` of every step (layer 0's; one K serves all layers)."""
-        return [(r.step, r.k, r.strategy) for r in self.records if r.layer == 0]
+        """``(step, k, strategy)`` of every recent step (layer 0's; one K serves all layers)."""
+        return list(self._k_per_step)
 
     def summary(self) -> dict:
-        if not self.records:
+        """Figures over every step recorded (not only the recent records)."""
+        if self._last is None:
             return {"steps": 0}
-        steps = sorted({r.step for r in self.records})
-        t_cpu = sum(r.t_cpu for r in self.records)
-        hidden = sum(r.t_hidden for r in self.records)
-        strategies = {}
-        for r in self.records:
-            strategies[r.strategy] = strategies.get(r.strategy, 0) + 1
-        last = self.records[-1]
-        last_step = [r for r in self.records if r.step == last.step]
+        a, steps, last = self._totals, self._steps, self._last
         return {
-            "steps": len(steps),
-            "k_mean": mean(r.k for r in self.records),
+            "steps": steps,
+            "k_mean": a["k"] / a["records"],
             "k_last": last.k,
-            "strategy_share": {s: n / len(self.records) for s, n in strategies.items()},
+            "strategy_share": {s: n / a["records"] for s, n in self._strategies.items()},
             "host_tokens_last": last.host_tokens,
             "device_tokens_last": last.device_tokens,
-            "t_cpu_per_step_ms": 1e3 * t_cpu / len(steps),
-            "t_gpu_per_step_ms": 1e3 * sum(r.t_gpu for r in self.records) / len(steps),
-            "t_tx_per_step_ms": 1e3 * sum(r.t_tx for r in self.records) / len(steps),
-            "cpu_hidden_share": hidden / t_cpu if t_cpu > 0 else 0.0,
-            "tx_bytes_per_step": sum(r.tx_bytes for r in self.records) / len(steps),
-            "pinned_bytes": sum(r.pinned_bytes for r in last_step),
+            "t_cpu_per_step_ms": 1e3 * a["t_cpu"] / steps,
+            "t_gpu_per_step_ms": 1e3 * a["t_gpu"] / steps,
+            "t_tx_per_step_ms": 1e3 * a["t_tx"] / steps,
+            "cpu_hidden_share": a["t_hidden"] / a["t_cpu"] if a["t_cpu"] > 0 else 0.0,
+            "tx_bytes_per_step": a["tx_bytes"] / steps,
+            "pinned_bytes": self._pinned_last_step,
         }
 
     def format_summary(self) -> str:

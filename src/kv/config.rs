@@ -34,6 +34,17 @@ pub struct StoreConfig {
     pub max_host_tokens: Option<usize>,
 }
 
+/// Documented limits of a store, refused with a `ValueError` naming the argument: far above any
+/// model (Llama-3.1-405B has 126 layers and 8 KV heads), low enough that no size computed from
+/// them overflows.
+pub const MAX_LAYERS: usize = 1 << 12;
+pub const MAX_BATCH: usize = 1 << 16;
+pub const MAX_KV_HEADS: usize = 1 << 12;
+/// Tokens one layer may hold in total (device and host): the kernels index rows with 32 bits.
+pub const MAX_TOKENS: usize = (1 << 31) - 1;
+/// Address space a store may reserve (128 TiB: the x86-64 and aarch64 user address space).
+pub const MAX_RESERVED_BYTES: usize = 1 << 47;
+
 impl StoreConfig {
     /// Bytes of one token of one layer, keys or values: batch × kv_heads × head_dim × dtype.
     pub fn token_bytes(&self) -> usize {
@@ -46,9 +57,9 @@ impl StoreConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        ensure!(self.layers > 0, "layers must be positive, got {}", self.layers);
-        ensure!(self.batch > 0, "batch must be positive, got {}", self.batch);
-        ensure!(self.kv_heads > 0, "kv_heads must be positive, got {}", self.kv_heads);
+        ensure!(self.layers > 0 && self.layers <= MAX_LAYERS, "layers must be in 1..={MAX_LAYERS}, got {}", self.layers);
+        ensure!(self.batch > 0 && self.batch <= MAX_BATCH, "batch must be in 1..={MAX_BATCH}, got {}", self.batch);
+        ensure!(self.kv_heads > 0 && self.kv_heads <= MAX_KV_HEADS, "kv_heads must be in 1..={MAX_KV_HEADS}, got {}", self.kv_heads);
         ensure!(
             self.head_dim > 0 && self.head_dim <= 1024,
             "head_dim must be in 1..=1024, got {}",
@@ -65,12 +76,28 @@ impl StoreConfig {
         if let Some(max) = self.max_host_tokens {
             ensure!(max > 0, "max_host_tokens must be positive, got 0");
         }
+        ensure!(self.sinks <= MAX_TOKENS, "sinks must be at most {MAX_TOKENS}, got {}", self.sinks);
+        // The virtual reservation (2 buffers per layer of batch × kv_heads strips) must be
+        // addressable; the limits above keep every product here far from overflowing.
+        let reserved = self
+            .strip_tokens()
+            .checked_mul(self.row_bytes())
+            .and_then(|strip| strip.checked_mul(self.batch * self.kv_heads * 2 * self.layers))
+            .filter(|&bytes| bytes <= MAX_RESERVED_BYTES);
+        ensure!(
+            reserved.is_some(),
+            "the store would reserve more than {MAX_RESERVED_BYTES} bytes of address space ({} layers x \
+             {} host tokens x {} bytes per token, keys and values): lower max_host_tokens or the far tier capacity",
+            self.layers,
+            self.strip_tokens(),
+            self.token_bytes()
+        );
         Ok(())
     }
 
     /// Host tokens one layer can ever hold: the strip length reserved per head.
     pub fn strip_tokens(&self) -> usize {
         let by_capacity = self.far.capacity_bytes / self.token_bytes();
-        self.max_host_tokens.map_or(by_capacity, |m| m.min(by_capacity))
+        self.max_host_tokens.map_or(by_capacity, |m| m.min(by_capacity)).min(MAX_TOKENS)
     }
 }

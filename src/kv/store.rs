@@ -188,7 +188,16 @@ impl KvStore {
     /// Records `n` new tokens on the device tier of `layer` (their data stays with the caller).
     pub fn append(&mut self, layer: usize, n: usize) -> Result<()> {
         self.check_layer(layer)?;
-        self.layers[layer].total += n;
+        let total = self.layers[layer].total;
+        match total.checked_add(n).filter(|&t| t <= super::config::MAX_TOKENS) {
+            Some(t) => self.layers[layer].total = t,
+            None => {
+                return crate::invalid!(
+                    "appending {n} tokens to layer {layer} (holding {total}) exceeds the {} tokens a layer may hold",
+                    super::config::MAX_TOKENS
+                )
+            }
+        }
         Ok(())
     }
 

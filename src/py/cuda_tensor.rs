@@ -80,11 +80,19 @@ impl CudaTensor {
         if dims.len() != shape.len() || dims.iter().zip(shape).any(|(&g, w)| w.is_some_and(|w| w != g)) {
             return Err(PyValueError::new_err(format!("{name} has shape {dims:?}, expected {shape:?} (None = any)")));
         }
-        let strides: Vec<usize> = match view.strides() {
-            Some(st) if st.iter().all(|&s| s >= 0) => st.iter().map(|&s| s as usize).collect(),
+        let mut strides: Vec<usize> = match view.strides() {
+            Some(st) if st.iter().zip(&dims).all(|(&s, &d)| s >= 0 || d <= 1) => st.iter().map(|&s| s.max(0) as usize).collect(),
             Some(st) => return Err(PyValueError::new_err(format!("{name} has negative strides {st:?}"))),
             None => compact_strides(&dims),
         };
+        // The stride of a dimension of size 1 is never used to address anything, and producers
+        // leave arbitrary values there (torch: a KV cache with one KV head, an MQA model). Give
+        // it the compact value, so layout checks see the layout that matters.
+        for i in (0..dims.len()).rev() {
+            if dims[i] <= 1 {
+                strides[i] = strides.get(i + 1).map_or(1, |&s| s * dims[i + 1].max(1));
+            }
+        }
         let ptr = view.data_ptr() as u64 + view.byte_offset();
         Ok(CudaTensor { _owner: owner, ptr, shape: dims, strides, device: device.device_id as usize })
     }

@@ -1,28 +1,32 @@
 //! Free functions: top-K selection, partial-attention merge, CPU capabilities, bandwidth probe.
 
+use super::errors::run_core;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use super::args::positive;
+use super::args::{positive, Int};
 use super::tensor::{distinct, outputs_apart, Elem, Tensor};
 use crate::cpu::{self, Isa};
 
 /// The `k` largest logits of every row of `logits [..., n]` into `out_indices [..., k]` (int64,
 /// ascending token order) and `out_values [..., k]` (float32).
 #[pyfunction]
-fn topk(py: Python<'_>, logits: &Bound<'_, PyAny>, k: i64, out_indices: &Bound<'_, PyAny>, out_values: &Bound<'_, PyAny>) -> PyResult<()> {
+fn topk(py: Python<'_>, logits: &Bound<'_, PyAny>, k: Int, out_indices: &Bound<'_, PyAny>, out_values: &Bound<'_, PyAny>) -> PyResult<()> {
     let k = positive("k", k)?;
     let x = Tensor::import(logits, "logits", Elem::F32, &[None, None, None])?;
     let n = x.shape()[2];
+    if n > crate::kv::MAX_TOKENS {
+        return Err(PyValueError::new_err(format!("logits rows hold {n} tokens; at most {} are supported", crate::kv::MAX_TOKENS)));
+    }
     if k > n {
         return Err(PyValueError::new_err(format!("k = {k} is larger than the number of tokens ({n})")));
     }
     let rows = [Some(x.shape()[0]), Some(x.shape()[1]), Some(k)];
-    let idx = Tensor::import(out_indices, "out_indices", Elem::I64, &rows)?;
-    let val = Tensor::import(out_values, "out_values", Elem::F32, &rows)?;
+    let idx = Tensor::import(out_indices, "out_indices", Elem::I64, &rows)?.writable("out_indices")?;
+    let val = Tensor::import(out_values, "out_values", Elem::F32, &rows)?.writable("out_values")?;
     distinct(&[("logits", &x), ("out_indices", &idx), ("out_values", &val)])?;
     let (xs, is, vs) = (x.slice::<f32>(), idx.slice_mut::<i64>(), val.slice_mut::<f32>());
-    py.detach(|| cpu::topk(xs, n, k, is, vs))?;
+    run_core(py, || cpu::topk(xs, n, k, is, vs))?;
     Ok(())
 }
 
@@ -52,12 +56,15 @@ fn attend(
     };
     let (k, k_stride) = Tensor::import_strips(keys, "keys", Elem::of(dtype), &[Some(b), None, None, Some(d)])?;
     let (hkv, n) = (k.shape()[1], k.shape()[2]);
+    if hkv == 0 || hq % hkv != 0 {
+        return Err(PyValueError::new_err(format!("q's heads ({hq}) must be a positive multiple of the KV heads ({hkv})")));
+    }
     let (v, v_stride) = Tensor::import_strips(values, "values", Elem::of(dtype), &[Some(b), Some(hkv), Some(n), Some(d)])?;
     if k_stride != v_stride {
         return Err(PyValueError::new_err("keys and values must have the same layout"));
     }
-    let out = Tensor::import(out, "out", Elem::F32, &[Some(b), Some(hq), Some(d)])?;
-    let lse = Tensor::import(lse, "lse", Elem::F32, &[Some(b), Some(hq)])?;
+    let out = Tensor::import(out, "out", Elem::F32, &[Some(b), Some(hq), Some(d)])?.writable("out")?;
+    let lse = Tensor::import(lse, "lse", Elem::F32, &[Some(b), Some(hq)])?.writable("lse")?;
     let mask = mask.map(|m| Tensor::import_one_of(m, "mask", &[Elem::Bool, Elem::U8], &[Some(b), Some(n)])).transpose()?;
     let mut inputs = vec![("q", &q), ("keys", &k), ("values", &v)];
     inputs.extend(mask.as_ref().map(|m| ("mask", m)));
@@ -71,7 +78,7 @@ fn attend(
     let strips = unsafe { cpu::Strips::from_raw(k.ptr(), v.ptr(), k_stride * dtype.size(), b, hkv, d, dtype, n) };
     let (qs, os, ls) = (q.slice::<f32>(), out.slice_mut::<f32>(), lse.slice_mut::<f32>());
     let ms = mask.as_ref().map(|m| m.slice::<u8>());
-    py.detach(|| cpu::attend(isa, &strips, qs, hq, scale, ms, os, ls))?;
+    run_core(py, || cpu::attend(isa, &strips, qs, hq, scale, ms, os, ls))?;
     Ok(())
 }
 
@@ -82,7 +89,7 @@ fn attend(
 fn stream_read(py: Python<'_>, buffer: &Bound<'_, PyAny>, prefetch: bool) -> PyResult<u64> {
     let t = Tensor::import(buffer, "buffer", Elem::U8, &[None])?;
     let bytes = t.bytes();
-    Ok(py.detach(|| cpu::bandwidth::stream_read(bytes, prefetch)))
+    run_core(py, || Ok(cpu::bandwidth::stream_read(bytes, prefetch)))
 }
 
 /// The instruction set the kernels use on this CPU ("avx512", "avx2" or "scalar").
@@ -97,10 +104,10 @@ fn available_isas() -> Vec<&'static str> {
     Isa::available().into_iter().map(Isa::name).collect()
 }
 
-/// Threads the CPU kernels use.
+/// Threads the CPU kernels use: `HYBRIDGEN_THREADS`, or every CPU this process may run on.
 #[pyfunction]
 fn num_threads() -> usize {
-    rayon::current_num_threads()
+    cpu::threads()
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

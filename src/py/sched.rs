@@ -3,7 +3,7 @@
 use parking_lot::Mutex;
 use pyo3::prelude::*;
 
-use super::args::positive;
+use super::args::{positive, Int};
 use crate::sched::{Scheduler, SchedulerConfig, StepTimes};
 
 /// Chooses K and the selection strategy from measured step times (HybridGen, Algorithm 1).
@@ -16,7 +16,7 @@ pub(crate) struct PyScheduler {
 impl PyScheduler {
     #[new]
     #[pyo3(signature = (k_min, k_max, *, grow=1.25, shrink=0.8, slack=0.5, patience=8))]
-    fn new(k_min: i64, k_max: i64, grow: f64, shrink: f64, slack: f64, patience: u32) -> PyResult<Self> {
+    fn new(k_min: Int, k_max: Int, grow: f64, shrink: f64, slack: f64, patience: u32) -> PyResult<Self> {
         let cfg = SchedulerConfig {
             k_min: positive("k_min", k_min)?,
             k_max: positive("k_max", k_max)?,

@@ -7,6 +7,7 @@
 //! are allocated here. Results come back as the caller's own tensor when it had the exact
 //! shape, otherwise as DLPack capsules of the exact shape (`torch.from_dlpack`).
 
+use super::errors::run_core;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -50,7 +51,7 @@ fn named<'t>(name: &'t str, g: &'t Option<Given<'_, '_>>) -> Option<(&'t str, &'
 }
 
 fn given<'a, 'py>(obj: Option<&'a Bound<'py, PyAny>>, name: &str, elem: Elem) -> PyResult<Option<Given<'a, 'py>>> {
-    obj.map(|obj| Ok(Given { obj, t: Tensor::import_any_shape(obj, name, &[elem])? })).transpose()
+    obj.map(|obj| Ok(Given { obj, t: Tensor::import_any_shape(obj, name, &[elem])?.writable(name)? })).transpose()
 }
 
 /// Whether a caller's output of `shape` can take a `want` result: `Some(true)` exactly,
@@ -160,7 +161,7 @@ pub(super) fn cpu_stage<'py>(
     let (layer, isa, merge, top_k, scale) = (call.layer, call.isa, call.merge, call.top_k, call.scale);
     let indices_given = indices.is_some();
 
-    let done = py.detach(move || -> crate::Result<Done> {
+    let done = run_core(py, move || -> crate::Result<Done> {
         let store = st.store.read();
         let strips = store.strips(layer)?;
         let args = StageArgs { q: qs, q_heads: hq, scale, merge, top_k, positions: ps, mask: ms };

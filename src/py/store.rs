@@ -1,15 +1,16 @@
 //! `HostKVStore`: the host KV store and the CPU attention operations over it.
 
+use super::errors::run_core;
 use numpy::{PyArray2, PyArrayMethods};
 use parking_lot::{Mutex, RwLock};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use super::args::{isa, non_negative, positive};
+use super::args::{isa, non_negative, positive, Int};
 use super::export::export_strips;
 use super::stage::{OutputArgs, StageCall};
-use super::tensor::{distinct, Elem, Tensor};
+use super::tensor::{distinct, outputs_apart, Elem, Tensor};
 use crate::cpu::{self, Merge, Scratch};
 use crate::dtype::DType;
 use crate::gpu::PinnedStrips;
@@ -41,8 +42,9 @@ fn kind(name: &str) -> PyResult<Kind> {
     }
 }
 
-fn node(name: &str, node: Option<i64>) -> PyResult<Option<u32>> {
+fn node(name: &str, node: Option<Int>) -> PyResult<Option<u32>> {
     node.map(|n| {
+        let n = n.get(name)?;
         u32::try_from(n).map_err(|_| PyValueError::new_err(format!("{name} must be a NUMA node number >= 0, got {n}")))
     })
     .transpose()
@@ -80,11 +82,12 @@ impl Pins {
 }
 
 impl PyHostKvStore {
-    fn layer(&self, layer: i64) -> PyResult<usize> {
-        let l = non_negative("layer", layer)?;
+    fn layer(&self, layer: Int) -> PyResult<usize> {
+        let l = non_negative("layer", layer.clone())?;
         if l >= self.layers {
             return Err(PyValueError::new_err(format!(
-                "layer {layer} out of range: the store has {} layers",
+                "layer {} out of range: the store has {} layers",
+                layer.get("layer")?,
                 self.layers
             )));
         }
@@ -119,20 +122,20 @@ fn tier_dict<'py>(py: Python<'py>, t: &TierStats) -> PyResult<Bound<'py, PyDict>
 impl PyHostKvStore {
     #[new]
     #[pyo3(signature = (layers, batch, kv_heads, head_dim, dtype, *, near_capacity_bytes, far_capacity_bytes,
-                        sinks=0, near_node=None, far_node=None, max_host_tokens=None))]
+                        sinks=Int::ZERO, near_node=None, far_node=None, max_host_tokens=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
-        layers: i64,
-        batch: i64,
-        kv_heads: i64,
-        head_dim: i64,
+        layers: Int,
+        batch: Int,
+        kv_heads: Int,
+        head_dim: Int,
         dtype: &str,
-        near_capacity_bytes: i64,
-        far_capacity_bytes: i64,
-        sinks: i64,
-        near_node: Option<i64>,
-        far_node: Option<i64>,
-        max_host_tokens: Option<i64>,
+        near_capacity_bytes: Int,
+        far_capacity_bytes: Int,
+        sinks: Int,
+        near_node: Option<Int>,
+        far_node: Option<Int>,
+        max_host_tokens: Option<Int>,
     ) -> PyResult<Self> {
         let cfg = StoreConfig {
             layers: positive("layers", layers)?,
@@ -169,7 +172,7 @@ impl PyHostKvStore {
     /// per strip. Idempotent.
     #[pyo3(signature = (device, cache_dir=None))]
     fn pin(&self, py: Python<'_>, device: usize, cache_dir: Option<std::path::PathBuf>) -> PyResult<()> {
-        py.detach(|| -> crate::Result<()> {
+        run_core(py, || -> crate::Result<()> {
             let store = self.store.write(); // lock order: store, then pins (as in `evict`)
             let mut pinned = self.pinned.lock();
             if pinned.is_some() {
@@ -209,7 +212,7 @@ impl PyHostKvStore {
     }
 
     /// Bytes of layer ``layer`` (keys and values) page-locked now.
-    fn layer_pinned_bytes(&self, py: Python<'_>, layer: i64) -> PyResult<usize> {
+    fn layer_pinned_bytes(&self, py: Python<'_>, layer: Int) -> PyResult<usize> {
         let layer = self.layer(layer)?;
         Ok(py.detach(|| self.pinned.lock().as_ref().map_or(0, |p| p.layers[layer].iter().map(PinnedStrips::pinned_bytes).sum())))
     }
@@ -253,25 +256,25 @@ impl PyHostKvStore {
         self.store.read().config().token_bytes()
     }
 
-    fn total_len(&self, layer: i64) -> PyResult<usize> {
+    fn total_len(&self, layer: Int) -> PyResult<usize> {
         Ok(self.store.read().total_len(self.layer(layer)?)?)
     }
-    fn host_len(&self, layer: i64) -> PyResult<usize> {
+    fn host_len(&self, layer: Int) -> PyResult<usize> {
         Ok(self.store.read().host_len(self.layer(layer)?)?)
     }
-    fn far_key_len(&self, layer: i64) -> PyResult<usize> {
+    fn far_key_len(&self, layer: Int) -> PyResult<usize> {
         Ok(self.store.read().far_key_len(self.layer(layer)?)?)
     }
-    fn evictable(&self, layer: i64) -> PyResult<usize> {
+    fn evictable(&self, layer: Int) -> PyResult<usize> {
         Ok(self.store.read().evictable(self.layer(layer)?)?)
     }
 
-    fn append(&self, layer: i64, n: i64) -> PyResult<()> {
+    fn append(&self, layer: Int, n: Int) -> PyResult<()> {
         let (layer, n) = (self.layer(layer)?, non_negative("n", n)?);
         Ok(self.store.write().append(layer, n)?)
     }
 
-    fn evict(&self, py: Python<'_>, layer: i64, keys: &Bound<'_, PyAny>, values: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn evict(&self, py: Python<'_>, layer: Int, keys: &Bound<'_, PyAny>, values: &Bound<'_, PyAny>) -> PyResult<()> {
         let layer = self.layer(layer)?;
         let shape = [Some(self.batch), Some(self.kv_heads), None, Some(self.head_dim)];
         let k = Tensor::import(keys, "keys", Elem::of(self.dtype), &shape)?;
@@ -285,7 +288,7 @@ impl PyHostKvStore {
         }
         let m = k.shape()[2];
         let (kb, vb) = (k.bytes(), v.bytes());
-        let failed = py.detach(|| -> crate::Result<Option<String>> {
+        let failed = run_core(py, || -> crate::Result<Option<String>> {
             let mut store = self.store.write();
             // Lock the rows before they are written, so the first copy of them is asynchronous.
             let rows = (store.host_len(layer)? + m).min(store.strip_tokens());
@@ -299,7 +302,7 @@ impl PyHostKvStore {
         Ok(())
     }
 
-    fn spill_keys(&self, layer: i64, m: i64) -> PyResult<()> {
+    fn spill_keys(&self, layer: Int, m: Int) -> PyResult<()> {
         let (layer, m) = (self.layer(layer)?, non_negative("m", m)?);
         Ok(self.store.write().spill_keys(layer, m)?)
     }
@@ -308,23 +311,23 @@ impl PyHostKvStore {
         self.store.write().reset()
     }
 
-    fn read(&self, py: Python<'_>, layer: i64, start: i64, keys_out: &Bound<'_, PyAny>, values_out: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn read(&self, py: Python<'_>, layer: Int, start: Int, keys_out: &Bound<'_, PyAny>, values_out: &Bound<'_, PyAny>) -> PyResult<()> {
         let (layer, start) = (self.layer(layer)?, non_negative("start", start)?);
         let shape = [Some(self.batch), Some(self.kv_heads), None, Some(self.head_dim)];
-        let k = Tensor::import(keys_out, "keys_out", Elem::of(self.dtype), &shape)?;
-        let v = Tensor::import(values_out, "values_out", Elem::of(self.dtype), &shape)?;
+        let k = Tensor::import(keys_out, "keys_out", Elem::of(self.dtype), &shape)?.writable("keys_out")?;
+        let v = Tensor::import(values_out, "values_out", Elem::of(self.dtype), &shape)?.writable("values_out")?;
         distinct(&[("keys_out", &k), ("values_out", &v)])?;
         let len = k.shape()[2];
         if v.shape()[2] != len {
             return Err(PyValueError::new_err("keys_out and values_out must have the same shape"));
         }
         let (kb, vb) = (k.bytes_mut(), v.bytes_mut());
-        py.detach(|| self.store.read().read(layer, start, len, kb, vb))?;
+        run_core(py, || self.store.read().read(layer, start, len, kb, vb))?;
         Ok(())
     }
 
     /// Zero-copy DLPack capsule of host tokens `[start, stop)` of `kind`.
-    fn view(&self, py: Python<'_>, layer: i64, kind_name: &str, start: i64, stop: i64) -> PyResult<Py<PyAny>> {
+    fn view(&self, py: Python<'_>, layer: Int, kind_name: &str, start: Int, stop: Int) -> PyResult<Py<PyAny>> {
         let (layer, kind) = (self.layer(layer)?, kind(kind_name)?);
         let (start, stop) = (non_negative("start", start)?, non_negative("stop", stop)?);
         if stop < start {
@@ -337,7 +340,7 @@ impl PyHostKvStore {
         export_strips(py, store.buffer(layer, kind), offset, dims, store.strip_bytes(), self.dtype)
     }
 
-    fn token_map<'py>(&self, py: Python<'py>, layer: i64) -> PyResult<Bound<'py, PyArray2<u8>>> {
+    fn token_map<'py>(&self, py: Python<'py>, layer: Int) -> PyResult<Bound<'py, PyArray2<u8>>> {
         let map = self.store.read().token_map(self.layer(layer)?)?;
         let row: Vec<u8> = map.iter().map(|&t| t as u8).collect();
         let total = row.len();
@@ -354,7 +357,7 @@ impl PyHostKvStore {
     }
 
     /// NUMA node holding host token `index` of `kind` in `layer` (None if the kernel won't say).
-    fn node_of(&self, layer: i64, kind_name: &str, index: i64) -> PyResult<Option<u32>> {
+    fn node_of(&self, layer: Int, kind_name: &str, index: Int) -> PyResult<Option<u32>> {
         let (layer, kind, index) = (self.layer(layer)?, kind(kind_name)?, non_negative("index", index)?);
         Ok(self.store.read().node_of(layer, kind, index)?)
     }
@@ -364,7 +367,7 @@ impl PyHostKvStore {
     fn logits(
         &self,
         py: Python<'_>,
-        layer: i64,
+        layer: Int,
         q: &Bound<'_, PyAny>,
         scale: f32,
         out: &Bound<'_, PyAny>,
@@ -377,29 +380,36 @@ impl PyHostKvStore {
         let idx = indices
             .map(|i| Tensor::import(i, "indices", Elem::I64, &[Some(self.batch), Some(self.kv_heads), None]))
             .transpose()?;
-        let n_out = match &idx {
-            Some(i) => i.shape()[2],
-            None => self.store.read().host_len(layer)?,
-        };
-        let out = Tensor::import(out, "out", Elem::F32, &[Some(self.batch), Some(hq), Some(n_out)])?;
-        distinct(&[("q", &q), ("out", &out)])?;
+        // Without indices the output covers every host token: its length is checked under the
+        // same lock the logits are computed under (an eviction in between would change it).
+        let n_out = idx.as_ref().map(|i| i.shape()[2]);
+        let out = Tensor::import(out, "out", Elem::F32, &[Some(self.batch), Some(hq), n_out])?.writable("out")?;
+        let mut inputs = vec![("q", &q)];
+        inputs.extend(idx.as_ref().map(|i| ("indices", i)));
+        outputs_apart(&[("out", &out)], &inputs)?;
         let (qs, os, is) = (q.slice::<f32>(), out.slice_mut::<f32>(), idx.as_ref().map(|i| i.slice::<i64>()));
-        py.detach(|| {
+        let out_len = out.shape()[2];
+        run_core(py, || {
             let store = self.store.read();
             let strips = store.strips(layer)?;
+            if is.is_none() && out_len != strips.len() {
+                return crate::invalid!("out holds {out_len} logits per head, but layer {layer} has {} host tokens", strips.len());
+            }
             cpu::logits(isa, &strips, qs, hq, scale, is, os)
         })?;
         Ok(())
     }
 
-    fn gather_values(&self, py: Python<'_>, layer: i64, indices: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn gather_values(&self, py: Python<'_>, layer: Int, indices: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>) -> PyResult<()> {
         let layer = self.layer(layer)?;
         let idx = Tensor::import(indices, "indices", Elem::I64, &[Some(self.batch), None, None])?;
         let hq = self.q_heads_of(&idx, 1)?;
         let k = idx.shape()[2];
-        let out = Tensor::import(out, "out", Elem::of(self.dtype), &[Some(self.batch), Some(hq), Some(k), Some(self.head_dim)])?;
+        let out = Tensor::import(out, "out", Elem::of(self.dtype), &[Some(self.batch), Some(hq), Some(k), Some(self.head_dim)])?
+            .writable("out")?;
+        outputs_apart(&[("out", &out)], &[("indices", &idx)])?;
         let (is, os) = (idx.slice::<i64>(), out.bytes_mut());
-        py.detach(|| {
+        run_core(py, || {
             let store = self.store.read();
             cpu::gather_values(&store.strips(layer)?, is, hq, os)
         })?;
@@ -411,7 +421,7 @@ impl PyHostKvStore {
     fn partial_attention(
         &self,
         py: Python<'_>,
-        layer: i64,
+        layer: Int,
         logits: &Bound<'_, PyAny>,
         out: &Bound<'_, PyAny>,
         lse: &Bound<'_, PyAny>,
@@ -425,12 +435,14 @@ impl PyHostKvStore {
         let idx = indices
             .map(|i| Tensor::import(i, "indices", Elem::I64, &[Some(self.batch), Some(hq), Some(m)]))
             .transpose()?;
-        let out = Tensor::import(out, "out", Elem::F32, &[Some(self.batch), Some(hq), Some(self.head_dim)])?;
-        let lse = Tensor::import(lse, "lse", Elem::F32, &[Some(self.batch), Some(hq)])?;
-        distinct(&[("logits", &x), ("out", &out), ("lse", &lse)])?;
+        let out = Tensor::import(out, "out", Elem::F32, &[Some(self.batch), Some(hq), Some(self.head_dim)])?.writable("out")?;
+        let lse = Tensor::import(lse, "lse", Elem::F32, &[Some(self.batch), Some(hq)])?.writable("lse")?;
+        let mut inputs = vec![("logits", &x)];
+        inputs.extend(idx.as_ref().map(|i| ("indices", i)));
+        outputs_apart(&[("out", &out), ("lse", &lse)], &inputs)?;
         let (xs, os, ls) = (x.slice::<f32>(), out.slice_mut::<f32>(), lse.slice_mut::<f32>());
         let is = idx.as_ref().map(|i| i.slice::<i64>());
-        py.detach(|| {
+        run_core(py, || {
             let store = self.store.read();
             cpu::partial_attention(isa, &store.strips(layer)?, xs, hq, is, os, ls)
         })?;
@@ -445,11 +457,11 @@ impl PyHostKvStore {
     fn cpu_stage<'py>(
         &self,
         py: Python<'py>,
-        layer: i64,
+        layer: Int,
         q: &Bound<'py, PyAny>,
         scale: f32,
         merge: &str,
-        top_k: Option<i64>,
+        top_k: Option<Int>,
         positions: Option<&Bound<'py, PyAny>>,
         host_mask: Option<&Bound<'py, PyAny>>,
         logits_out: Option<&Bound<'py, PyAny>>,

@@ -196,6 +196,15 @@ impl Tensor {
         Ok((Tensor { _owner: owner, ptr, shape: dims, elem, extent, device }, head_stride))
     }
 
+    /// `self`, if it may be written: an output must not be a read-only array (a read-only
+    /// `np.memmap`, an array over `bytes`), which DLPack marks with its `READ_ONLY` flag.
+    pub(crate) fn writable(self, name: &str) -> PyResult<Tensor> {
+        if self._owner.flags().contains(dlpark::DlpackFlags::READ_ONLY) {
+            return Err(PyValueError::new_err(format!("{name} is read-only, but it is an output: pass a writable tensor")));
+        }
+        Ok(self)
+    }
+
     pub(crate) fn ptr(&self) -> *const u8 {
         self.ptr
     }
