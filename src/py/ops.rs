@@ -5,7 +5,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use super::args::{positive, Int};
-use super::tensor::{distinct, outputs_apart, Elem, Tensor};
+use super::tensor::{distinct, outputs_apart, require_finite, Elem, Tensor};
 use crate::cpu::{self, Isa};
 
 /// The `k` largest logits of every row of `logits [..., n]` into `out_indices [..., k]` (int64,
@@ -14,6 +14,7 @@ use crate::cpu::{self, Isa};
 fn topk(py: Python<'_>, logits: &Bound<'_, PyAny>, k: Int, out_indices: &Bound<'_, PyAny>, out_values: &Bound<'_, PyAny>) -> PyResult<()> {
     let k = positive("k", k)?;
     let x = Tensor::import(logits, "logits", Elem::F32, &[None, None, None])?;
+    require_finite("logits", &x, true)?;
     let n = x.shape()[2];
     if n > crate::kv::MAX_TOKENS {
         return Err(PyValueError::new_err(format!("logits rows hold {n} tokens; at most {} are supported", crate::kv::MAX_TOKENS)));
@@ -49,6 +50,7 @@ fn attend(
 ) -> PyResult<()> {
     let isa = super::args::isa(isa_name)?;
     let q = Tensor::import(q, "q", Elem::F32, &[None, None, None])?;
+    require_finite("q", &q, false)?;
     let [b, hq, d] = [q.shape()[0], q.shape()[1], q.shape()[2]];
     let dtype = match keys.getattr("dtype").map(|d| d.to_string()) {
         Ok(name) => crate::dtype::DType::parse(&name)?,

@@ -14,7 +14,7 @@ use pyo3::types::PyDict;
 
 use super::export::{export_prefix, export_strips, Owned};
 use super::store::PyHostKvStore;
-use super::tensor::{outputs_apart, Elem, Tensor};
+use super::tensor::{outputs_apart, require_finite, Elem, Tensor};
 use crate::cpu::{self, Isa, Merge, Scratch, Selection, StageArgs, StageOutputs};
 use crate::kv::Kind;
 
@@ -108,6 +108,7 @@ pub(super) fn cpu_stage<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let (b, d, dtype) = (st.batch, st.head_dim, st.dtype);
     let q = Tensor::import(call.q, "q", Elem::F32, &[Some(b), None, Some(d)])?;
+    require_finite("q", &q, false)?;
     let hq = st.q_heads_of(&q, 1)?;
     let positions = call.positions.map(|p| Tensor::import(p, "positions", Elem::I64, &[None])).transpose()?;
     let mask = call

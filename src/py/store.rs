@@ -10,7 +10,7 @@ use pyo3::types::PyDict;
 use super::args::{isa, non_negative, positive, Int};
 use super::export::export_strips;
 use super::stage::{OutputArgs, StageCall};
-use super::tensor::{distinct, outputs_apart, Elem, Tensor};
+use super::tensor::{distinct, outputs_apart, require_finite, Elem, Tensor};
 use crate::cpu::{self, Merge, Scratch};
 use crate::dtype::DType;
 use crate::gpu::PinnedStrips;
@@ -286,6 +286,8 @@ impl PyHostKvStore {
                 v.shape()
             )));
         }
+        require_finite("keys", &k, false)?;
+        require_finite("values", &v, false)?;
         let m = k.shape()[2];
         let (kb, vb) = (k.bytes(), v.bytes());
         let failed = run_core(py, || -> crate::Result<Option<String>> {
@@ -376,6 +378,7 @@ impl PyHostKvStore {
     ) -> PyResult<()> {
         let (layer, isa) = (self.layer(layer)?, isa(isa_name)?);
         let q = Tensor::import(q, "q", Elem::F32, &[Some(self.batch), None, Some(self.head_dim)])?;
+        require_finite("q", &q, false)?;
         let hq = self.q_heads_of(&q, 1)?;
         let idx = indices
             .map(|i| Tensor::import(i, "indices", Elem::I64, &[Some(self.batch), Some(self.kv_heads), None]))
@@ -430,6 +433,7 @@ impl PyHostKvStore {
     ) -> PyResult<()> {
         let (layer, isa) = (self.layer(layer)?, isa(isa_name)?);
         let x = Tensor::import(logits, "logits", Elem::F32, &[Some(self.batch), None, None])?;
+        require_finite("logits", &x, true)?;
         let hq = self.q_heads_of(&x, 1)?;
         let m = x.shape()[2];
         let idx = indices

@@ -282,6 +282,27 @@ impl Tensor {
     }
 }
 
+/// Attention inputs must be finite: a NaN or an infinity in a query, key, value or logit has no
+/// meaningful attention (torch returns NaN for the row), and the kernels' softmax, which treats
+/// `-inf` as "masked", would otherwise turn it into a plausible-looking number. hybridgen refuses
+/// such input instead. `-inf` is allowed where it means "masked" (logits).
+pub(crate) fn require_finite(name: &str, t: &Tensor, allow_masked: bool) -> PyResult<()> {
+    let bad = match t.elem {
+        Elem::F32 => t.slice::<u32>().iter().position(|&x| (x & 0x7f80_0000) == 0x7f80_0000 && !(allow_masked && x == 0xff80_0000)),
+        Elem::F16 => t.slice::<u16>().iter().position(|&x| (x & 0x7c00) == 0x7c00),
+        Elem::BF16 => t.slice::<u16>().iter().position(|&x| (x & 0x7f80) == 0x7f80),
+        _ => None,
+    };
+    match bad {
+        None => Ok(()),
+        Some(i) => Err(PyValueError::new_err(format!(
+            "{name} holds NaN or {}infinity (element {i}): attention over it is undefined (torch gives NaN); \
+             hybridgen refuses non-finite inputs",
+            if allow_masked { "+" } else { "" }
+        ))),
+    }
+}
+
 /// Fails if any two of `tensors` (name, tensor) share memory: outputs are written in place.
 pub(crate) fn distinct(tensors: &[(&str, &Tensor)]) -> PyResult<()> {
     for (i, (a_name, a)) in tensors.iter().enumerate() {

@@ -83,7 +83,7 @@ CALL_CASES = {
     "indices out of range": (lambda s: s.logits(0, q(), 1.0, torch.tensor([[[0, 4]] * KVH] * B)), ValueError, "out of range"),
     "negative index": (lambda s: s.logits(0, q(), 1.0, torch.tensor([[[-1]] * KVH] * B)), ValueError, "out of range"),
     "indices wrong dtype": (lambda s: s.logits(0, q(), 1.0, torch.zeros(B, KVH, 1, dtype=torch.int32)), TypeError, "int64"),
-    "logits out wrong shape": (lambda s: s.logits(0, q(), 1.0, out=torch.zeros(B, 4, 3)), ValueError, "dimension 2"),
+    "logits out wrong shape": (lambda s: s.logits(0, q(), 1.0, out=torch.zeros(B, 4, 3)), ValueError, "out holds 3 logits per head"),
     "logits out wrong dtype": (lambda s: s.logits(0, q(), 1.0, out=torch.zeros(B, 4, 4, dtype=torch.float64)), TypeError, "float32"),
     "unknown isa": (lambda s: s.logits(0, q(), 1.0, isa="neon"), ValueError, "isa"),
     "gather index past end": (lambda s: s.gather_values(0, torch.full((B, 4, 2), 7)), ValueError, "out of range"),

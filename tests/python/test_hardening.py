@@ -192,6 +192,35 @@ def test_merge_partials_follows_torch_on_empty_nan_and_inf_parts():
     assert lse.item() == torch.logsumexp(torch.tensor([float("inf"), 0.0]), 0).item() == float("inf")
 
 
+def test_non_finite_attention_inputs_are_refused_where_torch_would_give_nan():
+    s = filled()
+    host_before = s.host_len(0)
+    bad = torch.zeros(1, 2, 4, 8)
+    bad[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="keys holds NaN"):
+        s.evict(0, bad, torch.zeros(1, 2, 4, 8))
+    with pytest.raises(ValueError, match="values holds NaN or infinity"):
+        s.evict(0, torch.zeros(1, 2, 4, 8), bad.abs() + float("inf"))
+    assert s.host_len(0) == host_before  # nothing was stored
+    q = torch.randn(1, 2, 8)
+    q[0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="q holds NaN"):
+        s.cpu_stage(0, q, 1.0, "lse")
+    with pytest.raises(ValueError, match="q holds NaN"):
+        s.logits(0, q, 1.0)
+    logits = torch.randn(1, 2, 10)
+    logits[0, 1, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"logits holds NaN or \+infinity"):
+        s.partial_attention(0, logits)
+    logits[0, 1, 4] = float("inf")
+    with pytest.raises(ValueError, match="logits holds"):
+        _native.topk(logits, 2, torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 2))
+    # -inf is "masked", as everywhere: a fully masked row is zeros with lse -inf, like SDPA.
+    logits[:] = float("-inf")
+    out, lse = s.partial_attention(0, logits)
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+
+
 # --- memory ---------------------------------------------------------------------------------------
 def test_telemetry_memory_is_bounded_and_summaries_cover_every_step():
     t = Telemetry(max_records=20)
