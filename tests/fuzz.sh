@@ -26,6 +26,6 @@ for target in store_ops kernels; do
     # A private copy of the corpus: new inputs found in a short CI run are not committed.
     work="$(mktemp -d)"
     cp corpus/$target/* "$work/"
-    cargo +nightly fuzz run --features libfuzzer "$target" "$work" -- -max_total_time="$seconds" -max_len=512
+    cargo +nightly fuzz run --fuzz-dir . --features libfuzzer "$target" "$work" -- -max_total_time="$seconds" -max_len=512
     rm -rf "$work"
 done

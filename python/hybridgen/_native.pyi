@@ -57,6 +57,18 @@ def merge_partials(
     cache_dir: Optional[str] = None,
 ) -> None: ...
 def choose_splits(rows: int, tokens: int, sm_count: int, min_tokens: int = 64) -> int: ...
+def split_count(batch: int, q_heads: int, kv_heads: int, tokens: int, sm_count: int) -> int: ...
+def launch_geometry(
+    kind: str,
+    batch: int,
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    tokens: int,
+    splits: Optional[int] = None,
+    *,
+    sm_count: Optional[int] = None,
+) -> dict[str, Any]: ...
 
 class PinnedHostBuffer:
     def __init__(self, nbytes: int, device: int, *, node: Optional[int] = None, cache_dir: Optional[str] = None) -> None: ...

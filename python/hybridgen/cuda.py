@@ -121,7 +121,7 @@ def attention_partial(
         keys, values = keys.contiguous(), values.contiguous()
     m = 0 if host_logits is None else host_logits.shape[-1]
     rows = b * hq
-    splits = _native.choose_splits(rows, keys.shape[2] + m, info["sm_count"])
+    splits = _native.split_count(b, hq, keys.shape[1], keys.shape[2] + m, info["sm_count"])
     part_o = torch.empty((rows, splits, d), dtype=torch.float32, device=dev)
     part_lse = torch.empty((rows, splits), dtype=torch.float32, device=dev)
     stream = torch.cuda.current_stream(dev).cuda_stream

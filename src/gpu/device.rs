@@ -20,14 +20,16 @@ use cudarc::nvrtc::Ptx;
 use parking_lot::Mutex;
 
 use super::nvrtc::Target;
-use super::{cuda_err, kernels, probe};
+use super::{cuda_err, kernels, launch, probe};
 use crate::dtype::DType;
 use crate::ensure;
 use crate::error::{Error, Result};
 
-/// Threads per block of `split_attention` (must match `WARPS * 32` in the source).
-const SPLIT_THREADS: u32 = 128;
-/// Largest head_dim the kernels hold in registers (`32 * MAX_D_PER_LANE`).
+/// Threads per block of `split_attention` (must match `WARPS * 32` in the source, its launch
+/// bound; tests/kernel_abi.rs holds them equal). The rest of the geometry is in `launch`.
+pub(crate) const SPLIT_THREADS: u32 = 128;
+/// Largest head_dim the kernels take (the source's `MAX_HEAD_DIM`: its register arrays and
+/// shared memory are sized for it).
 pub const MAX_HEAD_DIM: usize = 256;
 
 pub struct Gpu {
@@ -160,15 +162,10 @@ impl Gpu {
     /// `stream` a live stream of this context; the outputs must not be read before the stream
     /// reaches the kernel.
     pub unsafe fn split_attention(&self, stream: u64, a: &SplitArgs) -> Result<()> {
-        ensure!(a.head_dim > 0 && a.head_dim <= MAX_HEAD_DIM, "head_dim must be in 1..={MAX_HEAD_DIM}, got {}", a.head_dim);
-        ensure!(a.kv_heads > 0 && a.q_heads % a.kv_heads == 0, "query heads ({}) must be a multiple of KV heads ({})", a.q_heads, a.kv_heads);
         ensure!(a.sinks <= a.n_dev, "sinks ({}) exceed the device tokens ({})", a.sinks, a.n_dev);
-        ensure!(a.splits >= 1 && a.splits <= 65535, "splits must be in 1..=65535, got {}", a.splits);
         ensure!(a.m == 0 || (a.host_logits != 0 && a.host_v != 0), "host logits and values are required when m > 0");
-        let total = a.n_dev + a.m;
-        let tokens_per_split = total.div_ceil(a.splits).max(1);
-        let rows = a.batch * a.q_heads;
-        if rows == 0 {
+        let geo = launch::split_attention(a.batch, a.q_heads, a.kv_heads, a.head_dim, a.n_dev + a.m, a.splits)?;
+        if geo.launch.is_empty() {
             return Ok(());
         }
         let functions = self.functions()?;
@@ -182,13 +179,9 @@ impl Gpu {
         };
         let (n_dev, sinks, m) = (to_i32("n_dev", a.n_dev)?, to_i32("sinks", a.sinks)?, to_i32("m", a.m)?);
         let (hq, hkv, d) = (to_i32("q_heads", a.q_heads)?, to_i32("kv_heads", a.kv_heads)?, to_i32("head_dim", a.head_dim)?);
-        let tps = to_i32("tokens per split", tokens_per_split)?;
+        let tps = to_i32("tokens per split", geo.tokens_per_split)?;
         let grouped = a.host_grouped as i32;
-        let cfg = LaunchConfig {
-            grid_dim: (to_i32("batch * q_heads", rows)? as u32, a.splits as u32, 1),
-            block_dim: (SPLIT_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = LaunchConfig { grid_dim: geo.launch.grid, block_dim: geo.launch.block, shared_mem_bytes: geo.launch.shared_mem_bytes };
         let s = self.ctx.wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream);
         let mut launch = s.launch_builder(func);
         launch
@@ -220,15 +213,13 @@ impl Gpu {
     /// # Safety
     /// As for [`Gpu::split_attention`].
     pub unsafe fn merge_partials(&self, stream: u64, a: &MergeArgs) -> Result<()> {
-        ensure!(a.head_dim > 0 && a.head_dim <= 1024, "head_dim must be in 1..=1024, got {}", a.head_dim);
-        ensure!(a.splits >= 1, "at least one partial per row is required");
-        if a.rows == 0 {
+        let geo = launch::merge_partials(a.rows, a.head_dim, a.splits)?;
+        if geo.is_empty() {
             return Ok(());
         }
-        let rows = u32::try_from(a.rows).map_err(|_| Error::InvalidArgument(format!("too many rows: {}", a.rows)))?;
+        ensure!(a.splits <= i32::MAX as usize, "too many partials per row: {}", a.splits);
         let (splits, d) = (a.splits as i32, a.head_dim as i32);
-        let threads = (a.head_dim as u32).div_ceil(32) * 32;
-        let cfg = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: geo.grid, block_dim: geo.block, shared_mem_bytes: geo.shared_mem_bytes };
         let s = self.ctx.wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream);
         let functions = self.functions()?;
         let mut launch = s.launch_builder(&functions.merge);
@@ -289,12 +280,11 @@ fn load_error(e: DriverError, target: Target, arch: &str) -> Error {
     Error::Cuda { context, source: e }
 }
 
-/// How many slices to split each row's tokens into: enough blocks to fill the GPU (two waves
-/// of `sm_count`), never slices shorter than `min_tokens`.
+/// How many slices to split each row's tokens into, for `rows` blocks per slice: enough blocks
+/// for one full wave on `sm_count` SMs, never slices shorter than `min_tokens` (see
+/// [`launch::splits_for`]; [`launch::split_count`] applies it to a `split_attention` launch).
 pub fn choose_splits(rows: usize, tokens: usize, sm_count: u32, min_tokens: usize) -> usize {
-    let by_work = tokens.div_ceil(min_tokens.max(1)).max(1);
-    let by_occupancy = (2 * sm_count as usize).div_ceil(rows.max(1)).max(1);
-    by_work.min(by_occupancy).min(1024)
+    launch::splits_for(rows, tokens, sm_count, min_tokens)
 }
 
 #[cfg(test)]
@@ -304,7 +294,7 @@ mod tests {
     #[test]
     fn splits_fill_the_device_without_tiny_slices() {
         assert_eq!(choose_splits(32, 100, 132, 64), 2); // short: limited by work
-        assert_eq!(choose_splits(32, 1 << 17, 132, 64), 9); // long, batch 1: two waves
+        assert_eq!(choose_splits(8, 1 << 17, 132, 64), 66); // long, batch 1: one wave of 4 blocks per SM
         assert_eq!(choose_splits(4096, 1 << 17, 132, 64), 1); // many rows already fill it
         assert_eq!(choose_splits(1, 0, 132, 64), 1);
     }

@@ -7,6 +7,7 @@
 //! - `nvrtc`: the run-time compiler, loaded by path/version in an order the core controls;
 //! - `kernels`: `kernels/*.cu` compiled by NVRTC at first use (a cubin for the device), cached in
 //!   memory and on disk;
+//! - `launch`: the kernels' launch geometry (grid, block, slices), pure arithmetic;
 //! - `device`: one context per device (torch's primary context), the compiled module, launches
 //!   on a stream the caller owns (torch's current stream);
 //! - `pinned`: page-locked registration (`cuMemHostRegister`) of mbind-placed host buffers, grown
@@ -14,6 +15,7 @@
 
 pub mod device;
 pub mod kernels;
+pub mod launch;
 pub mod nvrtc;
 pub mod pinned;
 pub mod probe;

@@ -7,6 +7,7 @@ mod constants;
 mod errors;
 mod export;
 mod gpu;
+mod launch;
 mod ops;
 mod sched;
 mod stage;
@@ -24,5 +25,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     store::register(m)?;
     sched::register(m)?;
     gpu::register(m)?;
+    launch::register(m)?;
     Ok(())
 }

@@ -48,7 +48,8 @@ def build(source: str | Path = KERNEL_SOURCE, flags: list[str] = SANITIZE) -> Pa
     if out.exists():
         return out
     tmp = out.with_suffix(f".tmp{os.getpid()}")
-    cmd = [cxx, "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wno-unused-function", *flags,
+    # -Wno-unknown-pragmas: the kernel's `#pragma unroll` means nothing to a C++ compiler.
+    cmd = [cxx, "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas", *flags,
            f'-DHYBRIDGEN_KERNEL_SOURCE="{source}"', f"-I{HERE}", *map(str, RUNTIME), "-o", str(tmp)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:

@@ -17,6 +17,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __shared__ static
 
@@ -27,6 +28,13 @@
 constexpr int warpSize = 32;
 
 #define __syncthreads() ::emu::block_barrier(__LINE__)
+
+// Vector types the kernel loads (16-byte aligned, as CUDA's are: UBSan reports a misaligned load)
+// and the read-only cache load, which on the CPU is a plain load.
+struct alignas(16) uint4 { unsigned int x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
+template <typename T>
+inline T __ldg(const T* p) { return *p; }
 
 // Bit casts.
 template <typename To, typename From>

@@ -57,7 +57,7 @@ const Kernel* find(const char* name) {
         KERNEL(split_attention_f16, WARPS * 32),
         KERNEL(split_attention_bf16, WARPS * 32),
         KERNEL(split_attention_f32, WARPS * 32),
-        KERNEL(merge_partials, 1024),
+        KERNEL(merge_partials, MERGE_WARPS * 32),
     };
     for (const Kernel& k : kernels)
         if (std::strcmp(k.name, name) == 0) return &k;

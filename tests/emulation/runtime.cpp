@@ -28,7 +28,7 @@ enum class State { RUNNABLE, AT_WARP, AT_BLOCK, DONE };
 
 struct Fiber {
     ucontext_t ctx;
-    std::unique_ptr<char[]> stack{new char[STACK_BYTES]};
+    char* stack = nullptr;  // from the pool below
     uint3 tid{};
     unsigned linear = 0;
     State state = State::RUNNABLE;
@@ -54,6 +54,21 @@ struct Launch {
 
 Launch* g = nullptr;
 
+// Fiber stacks, kept from launch to launch: allocating (and, under ASan, poisoning and
+// unpoisoning) 256 KB per thread per launch would be most of the time of a small launch.
+std::vector<std::unique_ptr<char[]>> stack_pool;
+// Whether a launch stopped on an error since the stacks were last cleaned: its fibers' stacks
+// are left poisoned mid-frame. Fibers that ran to the end leave them as they found them.
+bool stacks_dirty = true;
+
+// A warp's lanes in a mask, without allocating (this runs at every shuffle).
+struct Lanes {
+    Fiber* at[32];
+    int n = 0, missing = 0;
+    Fiber** begin() { return at; }
+    Fiber** end() { return at + n; }
+};
+
 void to_scheduler(bool finished) {
     Fiber* f = g->current;
 #if defined(__SANITIZE_ADDRESS__)
@@ -71,7 +86,7 @@ void resume(Fiber& f) {
     g->current = &f;
 #if defined(__SANITIZE_ADDRESS__)
     void* fake = nullptr;
-    __sanitizer_start_switch_fiber(&fake, f.stack.get(), STACK_BYTES);
+    __sanitizer_start_switch_fiber(&fake, f.stack, STACK_BYTES);
     swapcontext(&g->scheduler, &f.ctx);
     __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #else
@@ -115,23 +130,23 @@ std::string describe(const Fiber& f) {
 }
 
 // The lanes of the warp of `f` that are in `mask` and exist in this block.
-std::vector<Fiber*> lanes_of(const Fiber& f, unsigned mask, std::vector<Fiber*>& missing_out) {
-    std::vector<Fiber*> lanes;
+Lanes lanes_of(const Fiber& f, unsigned mask) {
+    Lanes lanes;
     unsigned base = f.linear / 32 * 32;
     for (unsigned l = 0; l < 32; ++l) {
         if (!(mask >> l & 1)) continue;
         if (base + l >= g->fibers.size()) {
-            missing_out.push_back(nullptr);
+            ++lanes.missing;
             continue;
         }
-        lanes.push_back(&g->fibers[base + l]);
+        lanes.at[lanes.n++] = &g->fibers[base + l];
     }
     return lanes;
 }
 
 // Called by the last lane to arrive: computes every lane's result.
-void resolve_warp(std::vector<Fiber*>& lanes) {
-    const Fiber& first = *lanes[0];
+void resolve_warp(Lanes& lanes) {
+    const Fiber& first = *lanes.at[0];
     unsigned base = first.linear / 32 * 32;
     auto lane_fiber = [&](int lane) -> Fiber* {
         unsigned idx = base + (unsigned)lane;
@@ -186,8 +201,7 @@ void diagnose_deadlock() {
     // A warp split between two places is the cause; a barrier left waiting is its consequence.
     for (const Fiber& f : g->fibers) {
         if (f.state != State::AT_WARP) continue;
-        std::vector<Fiber*> missing;
-        for (Fiber* o : lanes_of(f, f.mask, missing))
+        for (Fiber* o : lanes_of(f, f.mask))
             if (o->state != State::AT_WARP || o->line != f.line) {
                 fail(std::string("divergent ") + f.what + " (line " + std::to_string(f.line) + "): " + describe(f) +
                      ", but " + describe(*o));
@@ -226,9 +240,8 @@ uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t value, int arg, int wi
     }
     f->op = op, f->mask = mask, f->in = value, f->arg = arg, f->width = width, f->what = what, f->line = line;
     f->state = State::AT_WARP;
-    std::vector<Fiber*> missing;
-    std::vector<Fiber*> lanes = lanes_of(*f, mask, missing);
-    if (!missing.empty()) fail(std::string(what) + " (line " + std::to_string(line) + ") names lanes beyond the block");
+    Lanes lanes = lanes_of(*f, mask);
+    if (lanes.missing) fail(std::string(what) + " (line " + std::to_string(line) + ") names lanes beyond the block");
     bool all_here = true;
     for (Fiber* o : lanes) {
         if (o->state == State::DONE) {
@@ -263,6 +276,13 @@ std::string launch(dim3 grid, dim3 block, int schedule, unsigned seed, const std
     l.grid = grid, l.block = block, l.kernel = &kernel;
     l.fibers.resize(threads);
     g = &l;
+    while (stack_pool.size() < threads) stack_pool.emplace_back(new char[STACK_BYTES]);
+    for (unsigned i = 0; i < threads; ++i) l.fibers[i].stack = stack_pool[i].get();
+#if defined(__SANITIZE_ADDRESS__)
+    if (stacks_dirty)
+        for (auto& stack : stack_pool) __asan_unpoison_memory_region(stack.get(), STACK_BYTES);
+#endif
+    stacks_dirty = false;
     std::mt19937 rng(seed);
     std::vector<unsigned> order(threads);
     for (unsigned z = 0; z < grid.z && l.error.empty(); ++z)
@@ -274,14 +294,14 @@ std::string launch(dim3 grid, dim3 block, int schedule, unsigned seed, const std
                     f.linear = i;
                     f.tid = {i % block.x, i / block.x % block.y, i / (block.x * block.y)};
                     f.state = State::RUNNABLE;
-#if defined(__SANITIZE_ADDRESS__)
-                    __asan_unpoison_memory_region(f.stack.get(), STACK_BYTES);  // left by an aborted launch
-#endif
                     getcontext(&f.ctx);
-                    f.ctx.uc_stack.ss_sp = f.stack.get();
+                    f.ctx.uc_stack.ss_sp = f.stack;
                     f.ctx.uc_stack.ss_size = STACK_BYTES;
                     f.ctx.uc_link = nullptr;
                     makecontext(&f.ctx, fiber_main, 0);
+                    // The stack is set now; ASan's swapcontext interceptor would otherwise clear
+                    // the shadow of all of it (32 KB) at every switch into the fiber.
+                    f.ctx.uc_stack.ss_size = 0;
                 }
                 for (;;) {
                     for (unsigned i = 0; i < threads; ++i) order[i] = schedule == REVERSE ? threads - 1 - i : i;
@@ -309,6 +329,7 @@ std::string launch(dim3 grid, dim3 block, int schedule, unsigned seed, const std
                 }
             }
     g = nullptr;
+    if (!l.error.empty()) stacks_dirty = true;
     return l.error;
 }
 

@@ -30,13 +30,14 @@ def sequence(c):
 
 
 def partial(x, v):
-    """Softmax partial (o, lse) of one row's tokens; (0, -inf) when none is attended."""
+    """Softmax partial (o, lse) of one row's tokens; (0, -inf) when none is attended. A token
+    not attended contributes nothing, whatever its value row holds (NaN included)."""
     live = np.isfinite(x)
     if not live.any():
         return np.zeros(v.shape[-1]), -np.inf
     mx = x[live].max()
     w = np.where(live, np.exp(np.where(live, x - mx, 0)), 0)
-    return w @ v / w.sum(), mx + np.log(w.sum())
+    return w @ np.where(live[:, None], v, 0) / w.sum(), mx + np.log(w.sum())
 
 
 def merge(parts):
@@ -54,7 +55,7 @@ def expected(c):
     """{"part_o", "part_lse", "out_plain", "lse_plain", "out_hgca", "lse_hgca"} in float64."""
     x, v = sequence(c)
     rows, total = x.shape
-    tps = launchers.tokens_per_split(total, c.splits)
+    tps = launchers.split_geometry(c.b, c.hq, c.hkv, c.d, total, c.splits)["tokens_per_split"]
     part_o = np.zeros((rows, c.splits, c.d))
     part_lse = np.full((rows, c.splits), -np.inf)
     out = {k: [] for k in ("out_plain", "lse_plain", "out_hgca", "lse_hgca")}

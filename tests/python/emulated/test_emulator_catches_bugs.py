@@ -20,14 +20,19 @@ pytestmark = pytest.mark.emulated
 SOURCE = build.KERNEL_SOURCE.read_text()
 
 MUTANTS = {
-    # Query head h reads KV head h % group instead of h / group.
-    "gqa_head_mapping": ("kvh = h / (hq / hkv);", "kvh = h % (hq / hkv);"),
-    # Warps read each other's shared partials without waiting for them.
-    "missing_syncthreads": ("    __syncthreads();\n", "\n"),
-    # Half of the warp skips the reduction's shuffles.
-    "divergent_shuffle": ("x = warp_sum(dot) * scale;", "x = (lane < 16 ? warp_sum(dot) : dot) * scale;"),
+    # Query head s of KV head kvh's group is taken as s * hkv + kvh (heads interleaved across KV
+    # heads) instead of kvh * g + s: each query head meets another KV head's rows.
+    "gqa_head_mapping": ("return kvh * g + s;", "return s * hkv + kvh;"),
+    # Warps read each other's softmax states from shared memory without waiting for them.
+    "missing_syncthreads": ("        __syncthreads();  // every warp's state is in shared memory\n", "\n"),
+    # Half of the warp skips the dot products' shuffles.
+    "divergent_shuffle": (
+        "for (int j = 0; j < GL; ++j) x[u][j] += __shfl_xor_sync(FULL_MASK, x[u][j], o);",
+        "for (int j = 0; j < GL; ++j) if ((threadIdx.x & 31) < 16) x[u][j] += __shfl_xor_sync(FULL_MASK, x[u][j], o);",
+    ),
     # A merge thread past head_dim writes one float beyond its row (and the buffer's end).
-    "merge_out_of_bounds": ("if (i < d) out[(long long)bh * d + i] = o / L;", "if (i <= d) out[(long long)bh * d + i] = o / L;"),
+    "merge_out_of_bounds": ("if (col < d) out[(long long)row * d + col] = t / total;",
+                            "if (col <= d) out[(long long)row * d + col] = t / total;"),
 }
 
 
