@@ -241,3 +241,155 @@ fn strips_over_slices_must_cover_every_row() {
     let s = cpu::Strips::from_slices(bytes, bytes, strip_bytes, b, kvh, d, DType::F16, n).unwrap();
     assert_eq!((s.batch(), s.kv_heads(), s.head_dim(), s.len(), s.dtype()), (b, kvh, d, n, DType::F16));
 }
+
+/// f64 attention over all `n` tokens of (s, kv head kh) for query `qh`, masked tokens skipped.
+fn reference_attend(c: &common::Case, qh: &[f32], s: usize, kh: usize, scale: f32, mask: Option<&[u8]>) -> (Vec<f64>, f64) {
+    let x: Vec<f64> = (0..c.n)
+        .map(|t| {
+            if mask.is_some_and(|m| m[s * c.n + t] != 0) {
+                f64::NEG_INFINITY
+            } else {
+                dot(qh, c.key(s, kh, t)) * scale as f64
+            }
+        })
+        .collect();
+    let max = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if max == f64::NEG_INFINITY {
+        return (vec![0.0; c.d], f64::NEG_INFINITY);
+    }
+    let w: Vec<f64> = x.iter().map(|&v| (v - max).exp()).collect();
+    let sum: f64 = w.iter().sum();
+    let mut out = vec![0.0; c.d];
+    for (t, wt) in w.iter().enumerate() {
+        for (o, &v) in out.iter_mut().zip(c.value(s, kh, t)) {
+            *o += wt / sum * v as f64;
+        }
+    }
+    (out, max + sum.ln())
+}
+
+#[test]
+fn fused_attention_matches_reference_for_every_isa() {
+    // Token counts across the fused kernel's inner block (256 rows) and its task block (4096
+    // rows, merged at the end); masks that hide whole blocks at the start (the running maximum
+    // starts at -inf), scattered tokens, and one whole sequence.
+    for &(b, kvh, g, d) in &[(1usize, 2usize, 4usize, 128usize), (2, 1, 3, 80), (1, 1, 8, 64), (2, 2, 1, 64)] {
+        for dtype in [DType::F16, DType::BF16, DType::F32] {
+            for n in [1usize, 255, 700, 4096 + 300] {
+                let c = case(b, kvh, d, n, dtype, (b * 7 + g * 3 + d + n) as u64);
+                let hq = kvh * g;
+                let mut rng = rand::rngs::StdRng::seed_from_u64(n as u64);
+                // Large enough logits that the maximum moves between blocks.
+                let q: Vec<f32> = (0..b * hq * d).map(|_| rng.random_range(-1.5..1.5)).collect();
+                let scale = 1.0 / (d as f32).sqrt();
+                let mut mask: Vec<u8> = (0..b * n).map(|_| rng.random_bool(0.2) as u8).collect();
+                mask[..n.min(600)].fill(1); // the first blocks of sequence 0 masked
+                if b > 1 {
+                    mask[n..2 * n].fill(1); // sequence 1 masked entirely
+                }
+                let strips = c.store.strips(0).unwrap();
+                for m in [None, Some(&mask[..])] {
+                    for isa in Isa::available() {
+                        let (mut out, mut lse) = (vec![0.0; b * hq * d], vec![0.0; b * hq]);
+                        cpu::attend(isa, &strips, &q, hq, scale, m, &mut out, &mut lse).unwrap();
+                        for s in 0..b {
+                            for h in 0..hq {
+                                let r = s * hq + h;
+                                let what = format!("{isa:?} {dtype} b{b} g{g} d{d} n{n} mask {}", m.is_some());
+                                let (o, l) = reference_attend(&c, &q[r * d..(r + 1) * d], s, h / g, scale, m);
+                                assert_close(&out[r * d..(r + 1) * d], &o, 2e-5, &format!("{what} out"));
+                                if l == f64::NEG_INFINITY {
+                                    assert_eq!(lse[r], f32::NEG_INFINITY, "{what}: lse of a masked row");
+                                } else {
+                                    assert!((lse[r] as f64 - l).abs() <= 2e-5 * l.abs().max(1.0), "{what}: lse {} vs {l}", lse[r]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn softmax_handles_wide_logits_and_masked_tokens() {
+    // exp over a wide range (down to where e^x underflows), -inf entries, a tail shorter
+    // than a vector: the partial attention's softmax against f64.
+    let (b, kvh, g, d, n) = (1, 1, 2, 64, 1000 + 3);
+    let c = case(b, kvh, d, n, DType::F32, 9);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    let mut logits: Vec<f32> = (0..g * n).map(|_| rng.random_range(-120.0..30.0)).collect();
+    for t in (0..n).step_by(7) {
+        logits[t] = f32::NEG_INFINITY;
+    }
+    let strips = c.store.strips(0).unwrap();
+    for isa in Isa::available() {
+        let (mut out, mut lse) = (vec![0.0; g * d], vec![0.0; g]);
+        cpu::partial_attention(isa, &strips, &logits, g, None, &mut out, &mut lse).unwrap();
+        for h in 0..g {
+            let rows: Vec<&[f32]> = (0..n).map(|t| c.value(0, 0, t)).collect();
+            let (o, l) = reference_attention(&logits[h * n..(h + 1) * n], &rows, d);
+            assert_close(&out[h * d..(h + 1) * d], &o, 1e-5, &format!("{isa:?} out"));
+            assert!((lse[h] as f64 - l).abs() < 1e-5 * l.abs().max(1.0), "{isa:?} lse {} vs {l}", lse[h]);
+        }
+    }
+}
+
+/// The k largest of a row by a full sort (NaN lowest, ties to the earlier token), in token order.
+fn topk_by_sort(row: &[f32], k: usize) -> Vec<i64> {
+    let key = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
+    let mut order: Vec<usize> = (0..row.len()).collect();
+    order.sort_by(|&a, &b| key(row[b]).total_cmp(&key(row[a])).then(a.cmp(&b)));
+    let mut want: Vec<i64> = order[..k].iter().map(|&i| i as i64).collect();
+    want.sort();
+    want
+}
+
+#[test]
+fn topk_over_long_rows_matches_a_full_sort() {
+    // Long rows take the sampled-threshold path: random rows, rows with many ties (values on a
+    // coarse grid), sorted rows (the sample sees the extremes only at the ends), rows with NaN
+    // and -inf, and a row where almost everything is -inf (fewer candidates than k).
+    let n = 40_000;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    let mut rows: Vec<Vec<f32>> = Vec::new();
+    rows.push((0..n).map(|_| rng.random_range(-10.0..10.0)).collect());
+    rows.push((0..n).map(|_| rng.random_range(0..8) as f32).collect());
+    rows.push((0..n).map(|i| i as f32).collect());
+    rows.push((0..n).map(|i| -(i as f32)).collect());
+    rows.push((0..n).map(|i| if i % 5 == 0 { f32::NAN } else if i % 3 == 0 { f32::NEG_INFINITY } else { rng.random_range(-1.0..1.0) }).collect());
+    rows.push((0..n).map(|i| if i % 1000 == 0 { i as f32 } else { f32::NEG_INFINITY }).collect());
+    let logits: Vec<f32> = rows.concat();
+    for k in [1usize, 37, 2048, n / 4, n / 2] {
+        let (mut idx, mut val) = (vec![0; rows.len() * k], vec![0.0; rows.len() * k]);
+        cpu::topk(&logits, n, k, &mut idx, &mut val).unwrap();
+        for (r, row) in rows.iter().enumerate() {
+            let want = topk_by_sort(row, k);
+            assert_eq!(&idx[r * k..(r + 1) * k], &want[..], "row {r}, k {k}");
+            for (j, &t) in want.iter().enumerate() {
+                assert_eq!(val[r * k + j].to_bits(), row[t as usize].to_bits(), "row {r}, k {k}: value");
+            }
+        }
+    }
+}
+
+#[test]
+fn instruction_sets_are_named_and_checked() {
+    for isa in Isa::ALL {
+        assert_eq!(Isa::parse(isa.name()), Some(isa));
+    }
+    assert!(Isa::available().contains(&Isa::Scalar));
+    assert_eq!(*Isa::available().last().unwrap(), cpu::isa());
+    #[cfg(target_arch = "aarch64")]
+    assert!(Isa::available().contains(&Isa::Neon), "every aarch64 CPU has NEON");
+    // An instruction set this CPU lacks is an error, not undefined behaviour.
+    let c = case(1, 1, 8, 4, DType::F16, 1);
+    let s = c.store.strips(0).unwrap();
+    for isa in Isa::ALL.into_iter().filter(|i| !i.supported()) {
+        let mut out = vec![0.0; 4];
+        assert!(cpu::logits(isa, &s, &[0.0; 8], 1, 1.0, None, &mut out).is_err(), "{isa:?}");
+        let (mut o, mut l) = (vec![0.0; 8], vec![0.0; 1]);
+        assert!(cpu::attend(isa, &s, &[0.0; 8], 1, 1.0, None, &mut o, &mut l).is_err(), "{isa:?}");
+    }
+}

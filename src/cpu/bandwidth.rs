@@ -1,18 +1,22 @@
-//! Streaming reads over a buffer on all threads: the machine's read bandwidth, which bounds every
-//! logit kernel (benchmarks report kernels as a share of it). Two variants: a plain loop, and
-//! one that also prefetches as far ahead as the kernels do (a higher, tuned ceiling).
+//! Streaming reads over a buffer on the kernels' threads: the machine's read bandwidth, which
+//! bounds every logit kernel (benchmarks report kernels as a share of it). Two variants: a plain
+//! loop, and one that also prefetches `PREFETCH_AHEAD` bytes ahead in software (on CPUs whose
+//! hardware prefetcher falls behind, a higher ceiling; see `simd::tuning`).
 
 use rayon::prelude::*;
 
-use super::kernels::PREFETCH_AHEAD;
 use super::simd::prefetch;
+use super::split::run;
+
+/// Prefetch distance of the prefetching read (the distance the kernels use where they prefetch).
+const PREFETCH_AHEAD: usize = 2048;
 
 /// Reads every byte of `buf` once (in parallel chunks) and returns a checksum so the reads
 /// cannot be optimised away. With `prefetch`, software prefetches run `PREFETCH_AHEAD` bytes
 /// ahead, as in the logit kernels.
 pub fn stream_read(buf: &[u8], prefetch: bool) -> u64 {
     const CHUNK: usize = 1 << 20;
-    buf.par_chunks(CHUNK).map(|c| sum_words(c, prefetch)).reduce(|| 0, u64::wrapping_add)
+    run(buf.len(), || buf.par_chunks(CHUNK).map(|c| sum_words(c, prefetch)).reduce(|| 0, u64::wrapping_add))
 }
 
 fn sum_words(chunk: &[u8], with_prefetch: bool) -> u64 {

@@ -10,11 +10,9 @@ use std::marker::PhantomData;
 
 use rayon::prelude::*;
 
-use super::split::min_len;
-
-use super::kernels::{logits_rows_isa, weighted_rows_isa};
-use super::simd::{with_element, Isa};
-use super::softmax::softmax_lse;
+use super::kernels::{attend_rows_isa, logits_rows_isa, softmax_lse_isa, weighted_rows_isa, Online, SUB};
+use super::simd::{tuning, with_element, Isa};
+use super::split::{min_len, run};
 use crate::dtype::DType;
 use crate::ensure;
 use crate::error::Result;
@@ -167,6 +165,13 @@ impl<T> SendPtr<T> {
     }
 }
 
+/// The operations take the instruction set as an argument (so tests and benchmarks can force
+/// each one); running code built for one this CPU lacks would be undefined behaviour.
+pub(crate) fn check_isa(isa: Isa) -> Result<()> {
+    ensure!(isa.supported(), "instruction set {} is not supported by this CPU", isa.name());
+    Ok(())
+}
+
 /// Rows of one (sequence, kv head) scanned by one task: large enough to amortise scheduling,
 /// small enough to balance two to a few dozen cores.
 const BLOCK_ROWS: usize = 4096;
@@ -183,6 +188,7 @@ pub fn logits(
     indices: Option<&[i64]>,
     out: &mut [f32],
 ) -> Result<()> {
+    check_isa(isa)?;
     let g = s.group(q_heads)?;
     let d = s.head_dim;
     ensure!(
@@ -218,7 +224,8 @@ pub fn logits(
     let out_ptr = SendPtr(out.as_mut_ptr());
     let items = s.batch * s.kv_heads * blocks;
     let bytes = s.batch * s.kv_heads * n * d * s.dtype.size();
-    (0..items).into_par_iter().with_min_len(min_len(items, bytes)).for_each(|item| {
+    let ahead = tuning().prefetch_ahead;
+    run(bytes, || (0..items).into_par_iter().with_min_len(min_len(items, bytes)).for_each(|item| {
         let (pair, block) = (item / blocks, item % blocks);
         let (seq, kh) = (pair / s.kv_heads, pair % s.kv_heads);
         let t0 = block * BLOCK_ROWS;
@@ -243,12 +250,17 @@ pub fn logits(
                     scale,
                     out_ptr.get().add(head0 * n + t0),
                     n,
+                    ahead,
+                    0,
                 )
             }
         })
-    });
+    }));
     Ok(())
 }
+
+/// Rows ahead of the copy that [`gather_values`] prefetches.
+const GATHER_AHEAD: usize = 8;
 
 /// Copies value rows `indices [batch, q_heads, k]` into `out [batch, q_heads, k, d]` (raw bytes
 /// of the store's dtype): the staging buffer shipped to the device.
@@ -274,17 +286,27 @@ pub fn gather_values(s: &Strips<'_>, indices: &[i64], q_heads: usize, out: &mut 
         return Ok(());
     }
     let serial = min_len(rows, out.len());
-    out.par_chunks_mut(k * row_bytes).zip(indices.par_chunks(k)).enumerate().with_min_len(serial).for_each(
-        |(r, (dst, idx))| {
-            let (seq, h) = (r / q_heads, r % q_heads);
-            let strip = s.strip(s.values, seq, h / g);
-            for (dst_row, &t) in dst.chunks_exact_mut(row_bytes).zip(idx) {
-                // SAFETY: t < len was checked; a strip row has row_bytes bytes.
-                let src = unsafe { std::slice::from_raw_parts(strip.add(t as usize * row_bytes), row_bytes) };
-                dst_row.copy_from_slice(src);
-            }
-        },
-    );
+    run(out.len(), || {
+        out.par_chunks_mut(k * row_bytes).zip(indices.par_chunks(k)).enumerate().with_min_len(serial).for_each(
+            |(r, (dst, idx))| {
+                let (seq, h) = (r / q_heads, r % q_heads);
+                let strip = s.strip(s.values, seq, h / g);
+                for (j, (dst_row, &t)) in dst.chunks_exact_mut(row_bytes).zip(idx).enumerate() {
+                    // The rows are scattered: ask for one a few rows ahead so that several
+                    // misses are in flight at once (the addresses come from the index list).
+                    if let Some(&ahead) = idx.get(j + GATHER_AHEAD) {
+                        let p = strip.wrapping_add(ahead as usize * row_bytes);
+                        for line in (0..row_bytes).step_by(64) {
+                            super::simd::prefetch(p.wrapping_add(line));
+                        }
+                    }
+                    // SAFETY: t < len was checked; a strip row has row_bytes bytes.
+                    let src = unsafe { std::slice::from_raw_parts(strip.add(t as usize * row_bytes), row_bytes) };
+                    dst_row.copy_from_slice(src);
+                }
+            },
+        )
+    });
     Ok(())
 }
 
@@ -306,6 +328,7 @@ pub fn partial_attention(
     out: &mut [f32],
     lse: &mut [f32],
 ) -> Result<()> {
+    check_isa(isa)?;
     let g = s.group(q_heads)?;
     let d = s.head_dim;
     let rows = s.batch * q_heads;
@@ -347,47 +370,56 @@ pub fn partial_attention(
     // One task per (sequence, kv head) when heads share rows; per query head otherwise.
     let heads_per_task = if indices.is_none() { g } else { 1 };
     let tasks = rows / heads_per_task;
-    let read = rows / heads_per_task * m * d * s.dtype.size();
-    out.par_chunks_mut(heads_per_task * d)
-        .zip(lse.par_chunks_mut(heads_per_task))
-        .zip(logits.par_chunks(heads_per_task * m))
-        .enumerate()
-        .with_min_len(min_len(tasks, read))
-        .for_each_init(Vec::new, |w: &mut Vec<f32>, (task, ((o, l), x))| {
-            let head0 = task * heads_per_task;
-            let (seq, kh) = (head0 / q_heads, (head0 % q_heads) / g);
-            w.clear();
-            w.extend_from_slice(x);
-            for (h, lse_h) in l.iter_mut().enumerate() {
-                *lse_h = softmax_lse(&mut w[h * m..(h + 1) * m]);
-            }
-            o.fill(0.0);
-            let idx = indices.map_or(std::ptr::null(), |i| i[head0 * m..].as_ptr());
-            with_element!(s.dtype, E => {
-                // SAFETY: the values strip of (seq, kh) holds len >= every addressed row; `o`
-                // is this task's own heads_per_task × d output.
-                unsafe {
-                    weighted_rows_isa::<E>(
-                        isa,
-                        w.as_ptr(),
-                        m,
-                        heads_per_task,
-                        d,
-                        s.strip(s.values, seq, kh) as *const E,
-                        idx,
-                        m,
-                        o.as_mut_ptr(),
-                    )
+    let read = rows / heads_per_task * m * d * s.dtype.size() + logits.len() * 4;
+    run(read, || {
+        out.par_chunks_mut(heads_per_task * d)
+            .zip(lse.par_chunks_mut(heads_per_task))
+            .zip(logits.par_chunks(heads_per_task * m))
+            .enumerate()
+            .with_min_len(min_len(tasks, read))
+            .for_each_init(Vec::new, |w: &mut Vec<f32>, (task, ((o, l), x))| {
+                let head0 = task * heads_per_task;
+                let (seq, kh) = (head0 / q_heads, (head0 % q_heads) / g);
+                w.clear();
+                w.extend_from_slice(x);
+                for (h, lse_h) in l.iter_mut().enumerate() {
+                    // SAFETY: row h of w holds m floats.
+                    *lse_h = unsafe { softmax_lse_isa::<f32>(isa, w[h * m..].as_mut_ptr(), m) };
                 }
+                o.fill(0.0);
+                let idx = indices.map_or(std::ptr::null(), |i| i[head0 * m..].as_ptr());
+                with_element!(s.dtype, E => {
+                    // SAFETY: the values strip of (seq, kh) holds len >= every addressed row; `o`
+                    // is this task's own heads_per_task × d output.
+                    unsafe {
+                        weighted_rows_isa::<E>(
+                            isa,
+                            w.as_ptr(),
+                            m,
+                            heads_per_task,
+                            d,
+                            s.strip(s.values, seq, kh) as *const E,
+                            idx,
+                            m,
+                            o.as_mut_ptr(),
+                        )
+                    }
+                })
             })
-        });
+    });
     Ok(())
 }
 
+/// Rows of one (sequence, kv head) that one task of [`attend`] covers, keys and values.
+const ATTEND_BLOCK_ROWS: usize = 4096;
+
 /// Partial attention of `q [batch, q_heads, d]` over all `s.len` rows of `s` in one call:
-/// logits, masking (`mask [batch, len]`, nonzero = ignore the token), softmax, values and lse.
-/// This is the whole attention over one tier's tokens, e.g. a device tier that lives in host
-/// memory on a machine without a GPU.
+/// logits, masking (`mask [batch, len]`, nonzero = ignore the token), softmax, values and lse,
+/// as [`logits`] then [`partial_attention`] would compute them, fused: each task takes a block
+/// of rows of one (sequence, kv head), keeps its logits in L1 (online softmax) and reads every
+/// key row and every value row once for the whole GQA group; the blocks' partial results are
+/// merged exactly at the end. This is the CPU stage's LSE merge over every host token, and the
+/// whole attention over one tier's tokens (e.g. a device tier in host memory without a GPU).
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     isa: Isa,
@@ -399,19 +431,118 @@ pub fn attend(
     out: &mut [f32],
     lse: &mut [f32],
 ) -> Result<()> {
-    let n = s.len;
-    let mut x = vec![0.0f32; s.batch * q_heads * n];
-    logits(isa, s, q, q_heads, scale, None, &mut x)?;
+    check_isa(isa)?;
+    let g = s.group(q_heads)?;
+    let (d, n) = (s.head_dim, s.len);
+    let rows = s.batch * q_heads;
+    ensure!(
+        q.len() == rows * d,
+        "q has {} elements, expected batch × q_heads × head_dim = {}",
+        q.len(),
+        rows * d
+    );
     if let Some(mask) = mask {
         ensure!(mask.len() == s.batch * n, "mask must be [batch, {n}], got {} entries", mask.len());
-        for (row, xs) in x.chunks_mut(n.max(1)).enumerate() {
-            let m = &mask[(row / q_heads) * n..(row / q_heads + 1) * n];
-            for (v, &masked) in xs.iter_mut().zip(m) {
-                if masked != 0 {
-                    *v = f32::NEG_INFINITY;
-                }
-            }
-        }
     }
-    partial_attention(isa, s, &x, q_heads, None, out, lse)
+    ensure!(
+        out.len() == rows * d && lse.len() == rows,
+        "outputs must be [batch, q_heads, d] and [batch, q_heads]: got {} and {} elements",
+        out.len(),
+        lse.len()
+    );
+    if n == 0 {
+        out.fill(0.0);
+        lse.fill(f32::NEG_INFINITY);
+        return Ok(());
+    }
+    let blocks = n.div_ceil(ATTEND_BLOCK_ROWS);
+    let pairs = s.batch * s.kv_heads;
+    let items = pairs * blocks;
+    let bytes = 2 * pairs * n * d * s.dtype.size();
+    let ahead = tuning().prefetch_ahead;
+    // Per task: the unnormalised output and running maximum of its g heads (f32), and their
+    // sums of exponentials (f64).
+    let stride = g * d + g;
+    run(bytes, || {
+        let mut part = vec![0.0f32; items * stride];
+        let mut sums = vec![0.0f64; items * g];
+        part.par_chunks_mut(stride)
+            .zip(sums.par_chunks_mut(g))
+            .enumerate()
+            .with_min_len(min_len(items, bytes))
+            .for_each_init(
+                || vec![0.0f32; g * SUB],
+                |buf, (item, (p, l))| {
+                    let (pair, block) = (item / blocks, item % blocks);
+                    let (seq, kh) = (pair / s.kv_heads, pair % s.kv_heads);
+                    let t0 = block * ATTEND_BLOCK_ROWS;
+                    let len = ATTEND_BLOCK_ROWS.min(n - t0);
+                    let (acc, m) = p.split_at_mut(g * d);
+                    m.fill(f32::NEG_INFINITY);
+                    let mut st = Online { acc, m, l };
+                    let head0 = seq * q_heads + kh * g;
+                    let mask_rows = mask.map_or(std::ptr::null(), |mk| mk[seq * n + t0..].as_ptr());
+                    with_element!(s.dtype, E => {
+                        // SAFETY: keys and values point at rows t0..t0+len < len of this pair's
+                        // strips; q holds the g heads of the group from head0; the mask (checked
+                        // [batch, n]) has len bytes from seq·n + t0; buf holds g × SUB floats
+                        // and the state slices g × d, g and g entries.
+                        unsafe {
+                            attend_rows_isa::<E>(
+                                isa,
+                                q[head0 * d..].as_ptr(),
+                                g,
+                                d,
+                                (s.strip(s.keys, seq, kh) as *const E).add(t0 * d),
+                                (s.strip(s.values, seq, kh) as *const E).add(t0 * d),
+                                len,
+                                scale,
+                                mask_rows,
+                                buf.as_mut_ptr(),
+                                &mut st,
+                                ahead,
+                            )
+                        }
+                    })
+                },
+            );
+        // Merge each (sequence, kv head)'s blocks: o = Σ_b e^(m_b - M) acc_b / Σ_b e^(m_b - M) l_b.
+        let merge_bytes = items * stride * 4;
+        out.par_chunks_mut(g * d)
+            .zip(lse.par_chunks_mut(g))
+            .enumerate()
+            .with_min_len(min_len(pairs, merge_bytes))
+            .for_each_init(
+                || vec![0.0f64; d],
+                |total, (pair, (o, ls))| {
+                    let parts = &part[pair * blocks * stride..(pair + 1) * blocks * stride];
+                    let l = &sums[pair * blocks * g..(pair + 1) * blocks * g];
+                    for h in 0..g {
+                        let mb = |b: usize| parts[b * stride + g * d + h];
+                        let big = (0..blocks).map(mb).fold(f32::NEG_INFINITY, f32::max);
+                        let oh = &mut o[h * d..(h + 1) * d];
+                        if big == f32::NEG_INFINITY {
+                            oh.fill(0.0);
+                            ls[h] = f32::NEG_INFINITY;
+                            continue;
+                        }
+                        total.fill(0.0);
+                        let mut sum = 0.0f64;
+                        for b in (0..blocks).filter(|&b| mb(b) > f32::NEG_INFINITY) {
+                            let f = ((mb(b) - big) as f64).exp();
+                            sum += l[b * g + h] * f;
+                            let acc = &parts[b * stride + h * d..b * stride + (h + 1) * d];
+                            for (t, &a) in total.iter_mut().zip(acc) {
+                                *t += a as f64 * f;
+                            }
+                        }
+                        for (x, t) in oh.iter_mut().zip(total.iter()) {
+                            *x = (t / sum) as f32;
+                        }
+                        ls[h] = big + sum.ln() as f32;
+                    }
+                },
+            );
+    });
+    Ok(())
 }

@@ -17,10 +17,9 @@
 
 use rayon::prelude::*;
 
-use super::split::min_len;
-
-use super::ops::{gather_values, logits, partial_attention, Strips};
+use super::ops::{attend, check_isa, gather_values, logits, partial_attention, Strips};
 use super::simd::Isa;
+use super::split::{min_len, run};
 use super::topk::topk;
 use crate::ensure;
 use crate::error::Result;
@@ -132,7 +131,15 @@ pub fn cpu_stage(
     out: StageOutputs<'_>,
     scratch: &mut Scratch,
 ) -> Result<Selection> {
-    s.group(a.q_heads)?;
+    check_isa(isa)?;
+    let g = s.group(a.q_heads)?;
+    // What the stage reads: every scored key row, its logits, and at most as many value rows.
+    let scored = a.positions.map_or(s.len(), <[i64]>::len);
+    let bytes = s.batch() * s.kv_heads() * scored * (2 * s.head_dim() * s.dtype().size() + 4 * g);
+    run(bytes, || stage(isa, s, a, out, scratch))
+}
+
+fn stage(isa: Isa, s: &Strips<'_>, a: &StageArgs<'_>, out: StageOutputs<'_>, scratch: &mut Scratch) -> Result<Selection> {
     let (b, hq, d, n) = (s.batch(), a.q_heads, s.head_dim(), s.len());
     let rows = b * hq;
     ensure!(
@@ -152,6 +159,11 @@ pub fn cpu_stage(
     let k = sel.tokens;
     let StageOutputs { out, lse, logits: logits_out, indices: indices_out, values } = out;
 
+    if !a.top_k.is_some_and(|top| top < m) && a.positions.is_none() && a.merge == Merge::Lse {
+        // Attention over every host token: fused, the logits never leave the cache.
+        attend(isa, s, a.q, hq, a.scale, a.mask, out, lse)?;
+        return Ok(sel);
+    }
     if !a.top_k.is_some_and(|top| top < m) {
         // The scored tokens are the selection: score straight into the result.
         let x = match a.merge {

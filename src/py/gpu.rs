@@ -1,6 +1,7 @@
 //! Bindings of `crate::gpu`: the CUDA probe, NVRTC compilation, the two attention kernels on
 //! CUDA tensors (DLPack, launched on the caller's stream), and pinned host buffers.
 
+use super::errors::run_core;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -41,7 +42,7 @@ fn kernel_source() -> &'static str {
 fn compile_kernels<'py>(py: Python<'py>, arch: &str, options: Option<Vec<String>>) -> PyResult<Bound<'py, PyDict>> {
     let target = gpu::kernels::parse_arch(arch)?;
     let options = options.unwrap_or_default();
-    let out = py.detach(|| gpu::kernels::build(target, &options.iter().map(String::as_str).collect::<Vec<_>>()))?;
+    let out = run_core(py, || gpu::kernels::build(target, &options.iter().map(String::as_str).collect::<Vec<_>>()))?;
     let d = PyDict::new(py);
     d.set_item("code", pyo3::types::PyBytes::new(py, &out.code))?;
     d.set_item("log", out.log)?;
@@ -54,7 +55,7 @@ fn compile_kernels<'py>(py: Python<'py>, arch: &str, options: Option<Vec<String>
 #[pyfunction]
 #[pyo3(signature = (cc, cache_dir=None))]
 fn kernel_image<'py>(py: Python<'py>, cc: u32, cache_dir: Option<PathBuf>) -> PyResult<Bound<'py, PyDict>> {
-    let image = py.detach(|| gpu::kernels::image(cc, cache_dir.as_deref()))?;
+    let image = run_core(py, || gpu::kernels::image(cc, cache_dir.as_deref()))?;
     let d = PyDict::new(py);
     d.set_item("target", image.target.name())?;
     d.set_item("code", pyo3::types::PyBytes::new(py, &image.code))?;
@@ -71,7 +72,7 @@ fn prefer_nvrtc(path: &str) {
 /// raises ``CudaUnavailableError`` saying what was tried.
 #[pyfunction]
 fn nvrtc_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    let (path, version, archs) = py.detach(|| -> crate::Result<_> {
+    let (path, version, archs) = run_core(py, || -> crate::Result<_> {
         let n = gpu::nvrtc::get()?;
         Ok((n.source.clone(), n.version()?, n.supported_archs()?))
     })?;
@@ -86,7 +87,7 @@ fn nvrtc_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 #[pyfunction]
 #[pyo3(signature = (device, cache_dir=None))]
 fn cuda_device_info(py: Python<'_>, device: usize, cache_dir: Option<PathBuf>) -> PyResult<Bound<'_, PyDict>> {
-    let g = py.detach(|| Gpu::get(device, cache_dir.as_deref()))?;
+    let g = run_core(py, || Gpu::get(device, cache_dir.as_deref()))?;
     let d = PyDict::new(py);
     d.set_item("arch", g.arch.clone())?;
     d.set_item("sm_count", g.sm_count)?;
@@ -98,7 +99,7 @@ fn cuda_device_info(py: Python<'_>, device: usize, cache_dir: Option<PathBuf>) -
 #[pyfunction]
 #[pyo3(signature = (device, cache_dir=None))]
 fn load_kernels(py: Python<'_>, device: usize, cache_dir: Option<PathBuf>) -> PyResult<String> {
-    let f = py.detach(|| Gpu::get(device, cache_dir.as_deref())?.functions())?;
+    let f = run_core(py, || Gpu::get(device, cache_dir.as_deref())?.functions())?;
     Ok(f.target.name())
 }
 
@@ -210,7 +211,7 @@ fn split_attention(
         part_lse: pl.ptr,
     };
     let device = q.device;
-    py.detach(|| {
+    run_core(py, || {
         let g = Gpu::get(device, cache_dir.as_deref())?;
         // SAFETY: every pointer was imported above from a live CUDA tensor of the checked shape
         // on `device`, held until this call returns; the kernel runs on the caller's stream,
@@ -275,7 +276,7 @@ fn merge_partials(
         out_lse: ol.as_ref().map_or(0, |t| t.ptr),
     };
     let device = po.device;
-    py.detach(|| {
+    run_core(py, || {
         let g = Gpu::get(device, cache_dir.as_deref())?;
         // SAFETY: as in `split_attention`.
         unsafe { g.merge_partials(stream, &args) }
@@ -305,7 +306,7 @@ impl PyPinnedHostBuffer {
         if nbytes == 0 {
             return Err(PyValueError::new_err("nbytes must be > 0"));
         }
-        let inner = py.detach(|| -> crate::Result<PinnedBuffer> {
+        let inner = run_core(py, || -> crate::Result<PinnedBuffer> {
             let g = Gpu::get(device, cache_dir.as_deref())?;
             PinnedBuffer::allocate(nbytes, node, g)
         })?;

@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::Simd;
+use super::{exp_consts as c, Simd};
 
 #[derive(Clone, Copy)]
 pub(crate) struct Avx2;
@@ -56,6 +56,47 @@ unsafe impl Simd for Avx2 {
     unsafe fn add(a: __m256, b: __m256) -> __m256 {
         // SAFETY: registers only; AVX2 is enabled (trait contract).
         unsafe { _mm256_add_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+        // SAFETY: registers only; AVX2 is enabled (trait contract).
+        unsafe { _mm256_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn max(a: __m256, b: __m256) -> __m256 {
+        // SAFETY: registers only; AVX2 is enabled (trait contract).
+        unsafe { _mm256_max_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn exp(x: __m256) -> __m256 {
+        // SAFETY: registers only; AVX2 + FMA are enabled (trait contract).
+        unsafe {
+            let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(c::LO));
+            let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(c::LO)), _mm256_set1_ps(c::HI));
+            let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm256_mul_ps(x, _mm256_set1_ps(c::LOG2E)),
+            );
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(c::LN2_HI), x);
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(c::LN2_LO), r);
+            let mut p = _mm256_set1_ps(c::P[0]);
+            for k in &c::P[1..] {
+                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*k));
+            }
+            let p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+            // 2^n: n + 127 in the exponent field (n ≥ -126 after the clamp).
+            let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+            _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(pow2)), keep)
+        }
+    }
+    #[inline(always)]
+    unsafe fn reduce_max(v: __m256) -> f32 {
+        // SAFETY: registers only; AVX2 is enabled (trait contract).
+        unsafe {
+            let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_max_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+            _mm_cvtss_f32(s)
+        }
     }
     #[inline(always)]
     unsafe fn reduce_sum(v: __m256) -> f32 {

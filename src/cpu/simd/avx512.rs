@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::Simd;
+use super::{exp_consts as c, Simd};
 
 #[derive(Clone, Copy)]
 pub(crate) struct Avx512;
@@ -57,6 +57,42 @@ unsafe impl Simd for Avx512 {
     unsafe fn add(a: __m512, b: __m512) -> __m512 {
         // SAFETY: registers only; AVX-512 is enabled (trait contract).
         unsafe { _mm512_add_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+        // SAFETY: registers only; AVX-512 is enabled (trait contract).
+        unsafe { _mm512_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn max(a: __m512, b: __m512) -> __m512 {
+        // SAFETY: registers only; AVX-512 is enabled (trait contract).
+        unsafe { _mm512_max_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn exp(x: __m512) -> __m512 {
+        // SAFETY: registers only; AVX-512 is enabled (trait contract).
+        unsafe {
+            let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(c::LO));
+            let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(c::LO)), _mm512_set1_ps(c::HI));
+            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm512_mul_ps(x, _mm512_set1_ps(c::LOG2E)),
+            );
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(c::LN2_HI), x);
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(c::LN2_LO), r);
+            let mut p = _mm512_set1_ps(c::P[0]);
+            for k in &c::P[1..] {
+                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*k));
+            }
+            let p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+            // 2^n: n + 127 in the exponent field (n ≥ -126 after the clamp).
+            let pow2 = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)));
+            _mm512_maskz_mov_ps(keep, _mm512_mul_ps(p, _mm512_castsi512_ps(pow2)))
+        }
+    }
+    #[inline(always)]
+    unsafe fn reduce_max(v: __m512) -> f32 {
+        // SAFETY: registers only; AVX-512 is enabled (trait contract).
+        unsafe { _mm512_reduce_max_ps(v) }
     }
     #[inline(always)]
     unsafe fn reduce_sum(v: __m512) -> f32 {

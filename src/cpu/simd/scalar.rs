@@ -61,6 +61,23 @@ unsafe impl Simd for Scalar {
         std::array::from_fn(|i| a[i] + b[i])
     }
     #[inline(always)]
+    unsafe fn mul(a: Self::F, b: Self::F) -> Self::F {
+        std::array::from_fn(|i| a[i] * b[i])
+    }
+    #[inline(always)]
+    unsafe fn max(a: Self::F, b: Self::F) -> Self::F {
+        std::array::from_fn(|i| a[i].max(b[i]))
+    }
+    #[inline(always)]
+    unsafe fn exp(x: Self::F) -> Self::F {
+        // libm's expf: exact to an ulp; below the normal range it already rounds to 0.
+        x.map(|v| if v < super::exp_consts::LO { 0.0 } else { v.exp() })
+    }
+    #[inline(always)]
+    unsafe fn reduce_max(v: Self::F) -> f32 {
+        v.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    }
+    #[inline(always)]
     unsafe fn reduce_sum(v: Self::F) -> f32 {
         ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]))
     }
