@@ -312,7 +312,7 @@ def table(paths) -> str:
     record may carry a second run of the same command (``"repeat"``): cells then show both."""
     lines = [
         "| machine | keys, batch | plain read | logits: GB/s of K (share of the read) | "
-        "partial attention, all tokens: GB/s of K+V (share of reading K+V) | top-K + gather, over the logits pass |",
+        "partial attention, all tokens: GB/s of K+V (share of reading K+V) | top-K + gather: time as a share of the logits pass |",
         "|---|---|---|---|---|---|",
     ]
     for path in paths:
@@ -328,7 +328,7 @@ def table(paths) -> str:
             cell = lambda key, share: "<br>".join(
                 f"{i} " + both(lambda x: f"{x['isas'][i][key]:.1f} ({100 * x['isas'][i][share]:.0f} %)") for i in isas)
             sel = "<br>".join(
-                f"{i} " + both(lambda x: f"{100 * x['isas'][i]['select_gather_over_logits']:+.0f} %") for i in isas)
+                f"{i} " + both(lambda x: f"{100 * x['isas'][i]['select_gather_over_logits']:.0f} %") for i in isas)
             lines.append(f"| {name} | {r['dtype']}, {r['batch']} | {both(lambda x: format(x['read_k_gbps'], '.1f'))} GB/s | "
                          f"{cell('logits_gbps', 'logits_share_of_read')} | "
                          f"{cell('lse_all_gbps_of_kv', 'lse_all_share_of_kv_read')} | {sel} |")
@@ -378,7 +378,7 @@ def main():
             for isa, i in r["isas"].items():
                 print(f"    {isa:>7}: logits {i['logits_gbps']:5.1f} GB/s ({100 * i['logits_share_of_read']:3.0f} %) | "
                       f"partial {i['lse_all_gbps_of_kv']:5.1f} GB/s of K+V ({100 * i['lse_all_share_of_kv_read']:3.0f} %) | "
-                      f"top-k+gather {100 * i['select_gather_over_logits']:+.0f} % of logits", flush=True)
+                      f"top-k + gather {100 * i['select_gather_over_logits']:.0f} % of the logits time", flush=True)
     counts = []
     if args.threads != "none":
         counts = [int(c) for c in args.threads.split(",")] if args.threads else sorted({1, os.cpu_count() or 1})
