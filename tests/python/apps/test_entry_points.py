@@ -34,7 +34,12 @@ def test_bandwidth_benchmark_writes_its_record(tmp_path):
     assert r.returncode == 0, r.stderr
     record = json.loads(out.read_text())
     assert record["command"].startswith("python benchmarks/logits_bandwidth.py")
+    assert record["results"] and record["machine"]["cpu"]["model"]
     for row in record["results"]:
-        assert row["kernel_gbps"] > 0 and row["read_bandwidth_gbps"] > 0
-        assert row["max_abs_err_vs_f32_reference"] < 1e-3
+        assert row["read_k_gbps"] > 0 and row["read_kv_gbps"] > 0
+        assert row["max_abs_err_vs_f64"] < 1e-3
+        # Every instruction set the CPU runs was forced and measured.
+        assert set(row["isas"]) == set(record["machine"]["isas"])
+        for figures in row["isas"].values():
+            assert figures["logits_gbps"] > 0 and figures["lse_all_gbps_of_kv"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
