@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from tqdm import tqdm
 import hybridgen
 
 sys.path.insert(0, str(Path(__file__).parent))
-from logits_bandwidth import cpu_model  # noqa: E402
+from logits_bandwidth import cpu_model, interleaved  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -65,19 +64,6 @@ def flexgen_cpu_attention(q, k_cache, v_cache, k_new, v_new, mask, b, src_s, n_h
     attn_weights = F.softmax(attn_weights, dim=2)
     # _attention_value
     return torch.bmm(attn_weights, v).view(b, n_head, tgt_s, head_dim)
-
-
-def interleaved(fns: dict, repeats: int, desc: str) -> dict:
-    """Median wall time of each of ``fns`` over ``repeats`` rounds, run in turn each round."""
-    times = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in tqdm(range(repeats), desc=desc, leave=False):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def bench(tokens: int, batch: int, n_head: int, head_dim: int, repeats: int, isas: list) -> dict:
