@@ -310,6 +310,24 @@ pub fn gather_values(s: &Strips<'_>, indices: &[i64], q_heads: usize, out: &mut 
     Ok(())
 }
 
+/// A partial attention's outputs must be `out [batch, q_heads, d]` and `lse [batch, q_heads]`
+/// (`rows = batch · q_heads`).
+fn check_partial_outputs(rows: usize, d: usize, out: &[f32], lse: &[f32]) -> Result<()> {
+    ensure!(
+        out.len() == rows * d && lse.len() == rows,
+        "outputs must be [batch, q_heads, d] and [batch, q_heads]: got {} and {} elements",
+        out.len(),
+        lse.len()
+    );
+    Ok(())
+}
+
+/// Attention over no tokens: zeros and `lse = -inf`, the neutral partial of `merge_partials`.
+fn neutral_partial(out: &mut [f32], lse: &mut [f32]) {
+    out.fill(0.0);
+    lse.fill(f32::NEG_INFINITY);
+}
+
 /// Attention of every query head over host tokens, normalised over those tokens only:
 /// `out[b, h] = Σ_t softmax(logits[b, h])_t · V[b, h / group, row t]` and
 /// `lse[b, h] = log Σ_t exp(logits[b, h, t])`, so the result merges exactly with a partial
@@ -355,16 +373,9 @@ pub fn partial_attention(
             s.check_indices(idx)?;
         }
     }
-    ensure!(
-        out.len() == rows * d && lse.len() == rows,
-        "outputs must be [batch, q_heads, d] and [batch, q_heads]: got {} and {} elements",
-        out.len(),
-        lse.len()
-    );
+    check_partial_outputs(rows, d, out, lse)?;
     if m == 0 {
-        // Attention over no tokens: the neutral partial of `merge_partials`.
-        out.fill(0.0);
-        lse.fill(f32::NEG_INFINITY);
+        neutral_partial(out, lse);
         return Ok(());
     }
     // One task per (sequence, kv head) when heads share rows; per query head otherwise.
@@ -444,15 +455,9 @@ pub fn attend(
     if let Some(mask) = mask {
         ensure!(mask.len() == s.batch * n, "mask must be [batch, {n}], got {} entries", mask.len());
     }
-    ensure!(
-        out.len() == rows * d && lse.len() == rows,
-        "outputs must be [batch, q_heads, d] and [batch, q_heads]: got {} and {} elements",
-        out.len(),
-        lse.len()
-    );
+    check_partial_outputs(rows, d, out, lse)?;
     if n == 0 {
-        out.fill(0.0);
-        lse.fill(f32::NEG_INFINITY);
+        neutral_partial(out, lse);
         return Ok(());
     }
     let blocks = n.div_ceil(ATTEND_BLOCK_ROWS);
