@@ -97,6 +97,24 @@ def cpu_model() -> dict:
             "microarchitecture": uarch, "arch": platform.machine(), "cores": os.cpu_count()}
 
 
+def thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode (``always``, ``madvise`` or ``never``)."""
+    try:
+        return re.search(r"\[(\w+)\]", Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()).group(1)
+    except (OSError, AttributeError):
+        return None
+
+
+def anon_huge_mib() -> float | None:
+    """MiB of this process's memory on transparent huge pages (the store's strips, once long)."""
+    try:
+        text = Path("/proc/self/smaps_rollup").read_text()
+    except OSError:
+        return None
+    m = re.search(r"AnonHugePages:\s+(\d+) kB", text)
+    return int(m.group(1)) / 1024 if m else None
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
@@ -154,6 +172,7 @@ def bench_case(dtype, batch, tokens, kv_heads, group, head_dim, repeats, topk_k,
     scale = head_dim**-0.5
     rows = batch * q_heads
     keys_b, values_b = flat_bytes(store, "keys", tokens), flat_bytes(store, "values", tokens)
+    huge_mib = anon_huge_mib()
     k_bytes, v_bytes = keys_b.numel(), values_b.numel()
 
     # Outputs allocated once: the stage writes into them, as the decode engine's plans do.
@@ -204,6 +223,7 @@ def bench_case(dtype, batch, tokens, kv_heads, group, head_dim, repeats, topk_k,
         "read_k_prefetch_gbps": k_bytes / t["read_k_prefetch"] / 1e9,
         "read_kv_gbps": read_kv,
         "max_abs_err_vs_f64": err,
+        "anon_huge_pages_mib": huge_mib,
         "topk_k": topk_k,
         "topk_s": t["topk"],
         "gather_s": t["gather"],
@@ -374,7 +394,8 @@ def main():
             print(f"{r['dtype']:>8} b{batch}: read {r['read_k_gbps']:.1f} GB/s (prefetching "
                   f"{r['read_k_prefetch_gbps']:.1f}), K+V {r['read_kv_gbps']:.1f} GB/s"
                   + (f" | torch {r['torch_best_gbps']:.1f} GB/s" if "torch_best_gbps" in r else "")
-                  + f" | top-{args.topk} {1e3 * r['topk_s']:.1f} ms, gather {1e3 * r['gather_s']:.2f} ms", flush=True)
+                  + f" | top-{args.topk} {1e3 * r['topk_s']:.1f} ms, gather {1e3 * r['gather_s']:.2f} ms"
+                  + f" | on huge pages: {r['anon_huge_pages_mib']} MiB", flush=True)
             for isa, i in r["isas"].items():
                 print(f"    {isa:>7}: logits {i['logits_gbps']:5.1f} GB/s ({100 * i['logits_share_of_read']:3.0f} %) | "
                       f"partial {i['lse_all_gbps_of_kv']:5.1f} GB/s of K+V ({100 * i['lse_all_share_of_kv_read']:3.0f} %) | "
@@ -397,6 +418,8 @@ def main():
             "isas": isas,
             "torch": torch.__version__,
             "hybridgen": getattr(_native, "__version__", None),
+            "transparent_hugepage": thp_mode(),
+            "huge_pages_env": os.environ.get("HYBRIDGEN_HUGEPAGES"),
             "load_average_before": load_before[0],
             "load_average_after": load_after[0],
         },

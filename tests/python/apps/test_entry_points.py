@@ -35,6 +35,9 @@ def test_bandwidth_benchmark_writes_its_record(tmp_path):
     record = json.loads(out.read_text())
     assert record["command"].startswith("python benchmarks/logits_bandwidth.py")
     assert record["results"] and record["machine"]["cpu"]["model"]
+    # The page size the scans ran on is part of the machine: THP mode, and MiB on huge pages.
+    assert record["machine"]["transparent_hugepage"] in (None, "always", "madvise", "never")
+    assert all("anon_huge_pages_mib" in row for row in record["results"])
     for row in record["results"]:
         assert row["read_k_gbps"] > 0 and row["read_kv_gbps"] > 0
         assert row["max_abs_err_vs_f64"] < 1e-3
