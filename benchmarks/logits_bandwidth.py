@@ -106,7 +106,8 @@ def thp_mode() -> str | None:
 
 
 def anon_huge_mib() -> float | None:
-    """MiB of this process's memory on transparent huge pages (the store's strips, once long)."""
+    """MiB of this process's memory on transparent huge pages (the store's strips where the
+    kernel's THP mode is ``always``; the store itself keeps 4 KiB pages, see the README)."""
     try:
         text = Path("/proc/self/smaps_rollup").read_text()
     except OSError:
@@ -419,7 +420,6 @@ def main():
             "torch": torch.__version__,
             "hybridgen": getattr(_native, "__version__", None),
             "transparent_hugepage": thp_mode(),
-            "huge_pages_env": os.environ.get("HYBRIDGEN_HUGEPAGES"),
             "load_average_before": load_before[0],
             "load_average_after": load_after[0],
         },
