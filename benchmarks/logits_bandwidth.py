@@ -171,7 +171,6 @@ def bench_case(dtype, batch, tokens, kv_heads, group, head_dim, repeats, topk_k,
     gen = torch.Generator().manual_seed(1)
     q = torch.randn((batch, q_heads, head_dim), generator=gen)
     scale = head_dim**-0.5
-    rows = batch * q_heads
     keys_b, values_b = flat_bytes(store, "keys", tokens), flat_bytes(store, "values", tokens)
     huge_mib = anon_huge_mib()
     k_bytes, v_bytes = keys_b.numel(), values_b.numel()
