@@ -26,7 +26,8 @@ from .config import MERGES
 from .host_store import HostKVStore
 from .ops import attend, merge_partials
 
-__all__ = ["HostPartial", "cpu_stage", "device_combine", "device_partial", "hybrid_attention", "pre_qkt_positions"]
+__all__ = ["HostPartial", "cpu_stage", "device_combine", "device_partial", "grouped_logits", "hybrid_attention",
+           "pre_qkt_positions", "softmax_rows", "weighted_values"]
 
 
 @dataclass
@@ -72,6 +73,29 @@ class HostPartial:
     def nbytes(self) -> int:
         """Bytes that cross to the device."""
         return sum(t.numel() * t.element_size() for t in (self.out, self.lse, self.logits, self.values) if t is not None)
+
+
+# --- attention in torch: the one implementation every device-side fallback and policy uses ------
+def grouped_logits(q: torch.Tensor, keys: torch.Tensor, scale: float, ignore=None) -> torch.Tensor:
+    """Logits ``[b, hkv, g, n]`` (float32) of ``q [b, hq, d]`` against ``keys [b, hkv, n, d]``;
+    ``ignore``: bool, broadcastable to ``[b, hkv, n]`` (True = masked, logit -inf)."""
+    b, hq, d = q.shape
+    hkv = keys.shape[1]
+    x = torch.matmul(q.float().view(b, hkv, hq // hkv, d), keys.float().transpose(-1, -2)) * scale
+    if ignore is not None:
+        x = x.masked_fill(ignore.unsqueeze(2), float("-inf"))
+    return x
+
+
+def softmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension; rows that are entirely masked give zeros, not NaN."""
+    return torch.softmax(x, dim=-1).nan_to_num(0.0)
+
+
+def weighted_values(p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``p [b, h, g, n]`` times ``values [b, h, n, d]`` → output ``[b, h·g, d]`` (float32)."""
+    b, h, g, _ = p.shape
+    return torch.matmul(p, values.float()).reshape(b, h * g, -1)
 
 
 def pre_qkt_positions(n_host: int, k: int) -> torch.Tensor:
@@ -174,14 +198,8 @@ def device_partial(
     if keys.device.type == "cpu" and keys.dtype in (torch.float32, torch.float16, torch.bfloat16):
         # A device tier in host memory (no GPU): one native call instead of a chain of torch ops.
         return attend(q, keys, values, scale, mask)
-    qg = q.float().view(b, hkv, hq // hkv, d)
-    x = torch.matmul(qg, keys.float().transpose(-1, -2)) * scale  # [b, hkv, g, n]
-    if mask is not None:
-        x = x.masked_fill(mask.view(b, 1, 1, n), float("-inf"))
-    lse = torch.logsumexp(x, dim=-1)
-    p = torch.exp(x - lse.unsqueeze(-1)).nan_to_num(0.0)  # all-masked rows: zeros
-    out = torch.matmul(p, values.float())
-    return out.view(b, hq, d), lse.view(b, hq)
+    x = grouped_logits(q, keys, scale, None if mask is None else mask.view(b, 1, n))  # [b, hkv, g, n]
+    return weighted_values(softmax_rows(x), values), torch.logsumexp(x, dim=-1).view(b, hq)
 
 
 def device_combine(
@@ -216,9 +234,7 @@ def device_combine(
     b, hq, d = q.shape
     hkv = dev_k.shape[1]
     g = hq // hkv
-    dev_x = torch.matmul(q.float().view(b, hkv, g, d), dev_k.float().transpose(-1, -2)) * scale  # [b, hkv, g, n]
-    if dev_mask is not None:
-        dev_x = dev_x.masked_fill(dev_mask.view(b, 1, 1, -1), float("-inf"))
+    dev_x = grouped_logits(q, dev_k, scale, None if dev_mask is None else dev_mask.view(b, 1, -1))  # [b, hkv, g, n]
     host_v = host.values.to(device).float()
     if host.grouped:  # every host token: value rows shared by the GQA group
         host_x = host.logits.to(device).view(b, hkv, g, -1)
@@ -229,8 +245,7 @@ def device_combine(
         dev_vg = dev_v.float().repeat_interleave(g, dim=1)
     logits = torch.cat([dev_x[..., :sinks], host_x, dev_x[..., sinks:]], dim=-1)
     values = torch.cat([dev_vg[:, :, :sinks], host_v, dev_vg[:, :, sinks:]], dim=2)
-    p = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    return torch.matmul(p, values).reshape(b, hq, d)
+    return weighted_values(softmax_rows(logits), values).reshape(b, hq, d)
 
 
 def hybrid_attention(

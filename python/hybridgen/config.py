@@ -130,11 +130,6 @@ class HybridConfig:
         return self
 
     @property
-    def exact(self) -> bool:
-        """Whether every host token is attended to (full-attention equivalence)."""
-        return self.policy in ("all", "full", "aog", "aoc") and not self.speculative
-
-    @property
     def use_kernels(self) -> Optional[bool]:
         """The ``kernels`` argument of :mod:`hybridgen.attention`'s functions."""
         return {"auto": None, "cuda": True, "torch": False}[self.kernels]

@@ -1,19 +1,24 @@
-"""The framework-free decode engine both integrations share.
+"""The framework-free decode engine every front end shares.
 
-- :class:`DeviceTier`: one layer's tokens on the model's device (sinks + recent), chunked and,
-  on a GPU, asynchronous eviction to the host store, masks and positions;
+- :class:`Engine`: config → policy → placement, the step clock and telemetry, the host store,
+  the per-layer device tiers and the pipelining worker; ``plan`` once, then ``step`` per layer
+  and ``close_step`` per token;
+- :class:`DeviceTier`: one layer's tokens on the model's device (sinks + recent), chunked and, on
+  a GPU, asynchronous eviction to the host store, masks and positions;
 - :class:`StepClock`: per-layer records of a step → telemetry → the policy's feedback;
-  :func:`decode_with` runs one layer's step through a policy;
-- :func:`make_store`: the host store, sized and pinned the same way everywhere;
-- the policies (:mod:`hybridgen.policies`): ``decode(tier, q, keep, scale, step) -> (out, record)``.
+- :class:`Placement`, :class:`ModelInfo`: where tokens live, the model's attention shape;
+- :class:`PromptRecorder`: one prefill recorded and replayed into many engines.
 
-transformers' :class:`~hybridgen.hf.cache.HybridCache` and FlexGen's cache only translate their
-layouts and call these.
+transformers' :class:`~hybridgen.hf.HybridCache` and FlexGen's session translate their layouts
+and call :class:`Engine`; nothing here imports a model framework.
 """
 
-from .clock import PolicyRunner, StepClock, decode_with
+from .clock import StepClock
 from .model_info import ModelInfo
+from .placement import Placement
 from .store import make_store
 from .tier import DeviceTier
+from .prompt import PromptRecorder
+from .engine import Engine  # last: it makes policies, which use the modules above
 
-__all__ = ["DeviceTier", "ModelInfo", "PolicyRunner", "StepClock", "decode_with", "make_store"]
+__all__ = ["DeviceTier", "Engine", "ModelInfo", "Placement", "PromptRecorder", "StepClock", "make_store"]

@@ -3,24 +3,19 @@
 A step's records carry lazy times (CUDA events on a GPU); they are resolved once, when the step
 closes, so no layer waits for the device. Closing feeds the summed per-layer times to the policy
 (the feedback scheduler picks K and the strategy of the next step from them).
+
+Where a step ends is decided here, the same way for every front end: a step closes when a tier
+that already recorded in it records again (the next token has started), or when the front end
+says so (:meth:`StepClock.close_step`: the end of a forward, of a generation).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Hashable, Optional
 
 from ..telemetry import StepRecord, Telemetry
 
-__all__ = ["PolicyRunner", "StepClock", "decode_with"]
-
-
-def decode_with(policy, tier, q, keep, scale: float, step: int):
-    """One decode step of ``tier``'s layer through ``policy``: ``(out, record)``, the record
-    completed with what only the engine knows (the layer's page-locked bytes)."""
-    out, record = policy.decode(tier, q, keep, scale, step)
-    if tier.store.pin_device is not None:  # a Python attribute: no native call on the CPU path
-        record.pinned_bytes = tier.store.layer_pinned_bytes(tier.layer_idx)
-    return out, record
+__all__ = ["StepClock"]
 
 
 class StepClock:
@@ -37,16 +32,29 @@ class StepClock:
         #: Decode steps closed so far.
         self.step = 0
         self._open: list = []  # this step's records and their spans
+        self._seen: set = set()  # the tiers that recorded in the open step
 
     @property
     def open_records(self) -> int:
         return len(self._open)
 
-    def record(self, record: StepRecord, span=None) -> None:
+    @property
+    def last_record(self) -> Optional[StepRecord]:
+        """The latest record of the step in progress (its times may still be lazy)."""
+        return self._open[-1][0] if self._open else None
+
+    def begin(self, tier: Hashable) -> None:
+        """Called before ``tier`` decodes: a tier that already recorded in the open step starts
+        the next one, so the open step closes first."""
+        if tier in self._seen:
+            self.close_step()
+
+    def record(self, record: StepRecord, span=None, tier: Hashable = None) -> None:
         """Adds one layer's record to the step in progress (``span``: the whole layer's or call's
         time, if measured; device time becomes everything but the serial CPU stage and the transfer)."""
         record.step = self.step
         self._open.append((record, span))
+        self._seen.add(tier)
 
     def close_step(self) -> None:
         """Resolves the step's times, adds its records to the telemetry and feeds the policy
@@ -60,27 +68,6 @@ class StepClock:
             t_cpu += record.t_cpu - record.t_hidden
             t_tx += record.t_tx
         self._open = []
+        self._seen = set()
         self.observe(t_gpu, t_cpu, t_tx)
         self.step += 1
-
-
-class PolicyRunner:
-    """What an integration's owner of a policy and its clock shows users (transformers'
-    HybridCache, FlexGen's Session): telemetry, decode steps, the scheduler."""
-
-    clock: StepClock
-    policy: object
-
-    @property
-    def telemetry(self):
-        return self.clock.telemetry
-
-    @property
-    def step(self) -> int:
-        """Decode steps closed so far (every layer recorded)."""
-        return self.clock.step
-
-    @property
-    def scheduler(self):
-        """The native feedback scheduler of the ``scheduler`` policy, else ``None``."""
-        return getattr(self.policy, "scheduler", None)

@@ -13,12 +13,10 @@ __all__ = ["make_store"]
 
 
 def make_store(config: HybridConfig, *, layers: int, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-               max_tokens: int, sinks: int, device: torch.device, to_host: bool,
-               share: int = 1) -> HostKVStore:
+               max_tokens: int, sinks: int, device: torch.device, to_host: bool) -> HostKVStore:
     """A :class:`HostKVStore` for ``layers`` layers of ``max_tokens`` tokens per sequence.
 
-    Tier capacities default to room for every token in each tier; ``config``'s capacities are
-    for ``share`` stores together (FlexGen makes one per layer and GPU batch). The store is pinned
+    Tier capacities default to room for every token in each tier. The store is pinned
     (registered page-locked) when the model is on CUDA and the policy moves tokens to the host
     (``to_host``), or when ``config.pin_host`` says so.
     """
@@ -27,8 +25,8 @@ def make_store(config: HybridConfig, *, layers: int, batch: int, kv_heads: int, 
     room = layers * max_tokens * token_bytes
     store = HostKVStore(
         layers, batch, kv_heads, head_dim, dtype, sinks=sinks,
-        near_capacity_bytes=config.near_capacity_bytes // share if config.near_capacity_bytes else room,
-        far_capacity_bytes=config.far_capacity_bytes // share if config.far_capacity_bytes else 2 * room,
+        near_capacity_bytes=config.near_capacity_bytes or room,
+        far_capacity_bytes=config.far_capacity_bytes or 2 * room,
         near_node=config.near_node, far_node=config.far_node, max_host_tokens=max_tokens,
     )
     if config.pin_host or (config.pin_host is None and device.type == "cuda" and to_host):

@@ -17,7 +17,7 @@ import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..host_store import HostKVStore
-    from ..policies.base import Placement
+    from .placement import Placement
 
 __all__ = ["DeviceTier"]
 
@@ -52,6 +52,8 @@ class DeviceTier:
         #: What the serving policy keeps about this layer (e.g. accumulated attention scores);
         #: cleared when the policy changes.
         self.policy_state: Optional[object] = None
+        #: Output buffers of the layer's CPU stage, allocated once by the engine's plan.
+        self.buffers: Optional[dict] = None
 
     # --- shape ----------------------------------------------------------------------------------
     @property

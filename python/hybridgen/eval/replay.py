@@ -1,11 +1,5 @@
-"""One prefill, replayed into every policy's cache.
-
-Prefill is the same for every policy — the model's own attention over the whole prompt; a policy
-only decides afterwards where the tokens go and may look at the prompt's queries
-(:meth:`~hybridgen.policies.Policy.prefill`). So an evaluation that compares many policies on one
-prompt runs the prompt once, records each layer's query, keys, values and mask, and hands them to
-each policy's fresh cache exactly as its own prefill would have. Decoding then runs for real.
-"""
+"""One prefill of a transformers model, replayed into every policy's cache
+(:class:`hybridgen.engine.PromptRecorder` does the recording and the placing)."""
 
 from __future__ import annotations
 
@@ -15,43 +9,34 @@ from typing import Optional
 import torch
 
 from ..config import HybridConfig
-from ..policies.exact import FullPolicy
+from ..engine import PromptRecorder
 from ..hf.compat import cache_arg
 
 
 @dataclass
 class RecordedPrefill:
-    #: Per layer: ``(query, keys, values, attention_mask, scale)`` as the attention function saw them.
-    layers: list
+    #: What every layer's prompt showed the engine.
+    prompt: PromptRecorder
     #: Next-token logits after the prompt ``[vocab]`` (float32).
     logits: torch.Tensor
     length: int
 
 
-class _Recorder(FullPolicy):
-    def __init__(self, config, info, into: dict):
-        super().__init__(config, info)
-        self.into = into
-
-    def prefill(self, layer, query, key, value, attention_mask, scale) -> None:
-        self.into[layer.layer_idx] = (query.clone(), key.clone(), value.clone(), attention_mask, scale)
-
-
-def record_prefill(model, ids: torch.Tensor) -> RecordedPrefill:
-    """Runs the prompt ``ids [1, n]`` once through the (unpatched) ``model`` and records it."""
+def record_prefill(model, ids: torch.Tensor, window: Optional[int] = None) -> RecordedPrefill:
+    """Runs the prompt ``ids [1, n]`` once through the (unpatched) ``model`` and records it
+    (``window``: keep only each layer's last ``window`` queries)."""
     from ..hf import HybridCache, patch, unpatch
 
-    seen: dict = {}
     config = HybridConfig(policy="full", max_context=ids.shape[1] + 8)
     patch(model, config)
     try:
         cache = HybridCache(model)
-        cache.policy = _Recorder(config, cache.info, seen)
+        recorder = cache.engine.on_prefill = PromptRecorder(window=window)
         with torch.inference_mode():
             logits = model(ids.to(model.device), **cache_arg(cache), use_cache=True).logits[0, -1].float()
     finally:
         unpatch(model)
-    return RecordedPrefill([seen[i] for i in range(len(seen))], logits, ids.shape[1])
+    return RecordedPrefill(recorder, logits, ids.shape[1])
 
 
 def replay(model, recorded: RecordedPrefill, config: Optional[HybridConfig]):
@@ -62,13 +47,14 @@ def replay(model, recorded: RecordedPrefill, config: Optional[HybridConfig]):
 
     from ..hf import HybridCache
 
+    layers = recorded.prompt.layers
     if config is None:
         cache = DynamicCache()
-        for i, (_, k, v, _, _) in enumerate(recorded.layers):
-            cache.update(k, v, i)
+        for i in range(len(layers)):
+            cache.update(layers[i].keys, layers[i].values, i)
         return cache
     cache = HybridCache(model, config)
     with torch.inference_mode():
-        for i, (q, k, v, mask, scale) in enumerate(recorded.layers):
-            cache.place_prompt(i, k, v, q, mask, scale)
+        for i in range(len(layers)):
+            recorded.prompt.replay(cache.engine, i, place=cache.place_prompt)
     return cache

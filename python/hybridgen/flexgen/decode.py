@@ -11,12 +11,12 @@ the same engine as transformers' :class:`~hybridgen.HybridCache`.
 
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..engine import decode_with
-from ..timing import between, mark
+from ..timing import OpenSpan
 from .install import require_flexgen
 from .layer_cache import FlexGenLayerCache
 
@@ -26,7 +26,8 @@ TorchTensor, DeviceType = _backend.TorchTensor, _backend.DeviceType
 __all__ = ["attend", "hybrid_mha_gen"]
 
 
-def attend(cache: FlexGenLayerCache, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keep: torch.Tensor):
+def attend(cache: FlexGenLayerCache, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keep: torch.Tensor,
+           span: Optional[OpenSpan] = None):
     """Hybrid attention of one decode query over ``cache``'s tokens and the new token, through
     the session's policy (the same engine as transformers' HybridCache).
 
@@ -38,13 +39,9 @@ def attend(cache: FlexGenLayerCache, q: torch.Tensor, k_new: torch.Tensor, v_new
     Returns ``(out float32 [b, n_head, d], StepRecord)``; the record's ``t_gpu`` is the device
     part of attention only (:func:`hybrid_mha_gen` widens it to the whole call).
     """
-    session = cache.session
-    session.begin(keep.shape[1])
     cache.append(k_new.unsqueeze(2), v_new.unsqueeze(2))
-    out, record = decode_with(session.policy, cache.tier, q, cache.keep(keep), 1.0, session.step)
-    cache.evict_overflow()
-    record.layer = cache.layer_id  # the store's layer 0 is FlexGen's layer layer_id
-    return out, record
+    out = cache.engine.step(cache.index, q, cache.keep(keep), 1.0, span=span)
+    return out, cache.engine.clock.last_record
 
 
 def hybrid_mha_gen(device, inputs, attention_mask, w_q, b_q, w_k, b_k, w_v, b_v, w_out, b_out, w_ln, b_ln,
@@ -62,7 +59,7 @@ def hybrid_mha_gen(device, inputs, attention_mask, w_q, b_q, w_k, b_k, w_v, b_v,
     if tgt_s != 1:
         raise ValueError(f"hybrid decode attention takes one token per sequence, got {tgt_s}")
     head_dim = h // n_head
-    start = mark(x.device)
+    span = OpenSpan(x.device)  # the whole call: the clock widens the record's t_gpu to it
 
     hidden = F.layer_norm(x, (h,), weight=w_ln.data, bias=b_ln.data)
     q = F.linear(hidden, w_q.data, bias=b_q.data) * head_dim**-0.5
@@ -70,7 +67,7 @@ def hybrid_mha_gen(device, inputs, attention_mask, w_q, b_q, w_k, b_k, w_v, b_v,
     v = F.linear(hidden, w_v.data, bias=b_v.data)
     q, k, v = (t.view(b, n_head, head_dim) for t in (q, k, v))
 
-    out, record = attend(state, q, k, v, attention_mask.data)
+    out, _ = attend(state, q, k, v, attention_mask.data, span)
 
     # (b, n_head, d) -> (b, 1, h): the head-major layout of FlexGen's value.transpose(1, 2).view(b, 1, h)
     value = F.linear(out.to(x.dtype).reshape(b, 1, h), w_out.data, bias=b_out.data)
@@ -80,7 +77,7 @@ def hybrid_mha_gen(device, inputs, attention_mask, w_q, b_q, w_k, b_k, w_v, b_v,
     if donate[1]:
         attention_mask.delete()
 
-    state.session.record(record, call_span=between(start, mark(value.device)))
+    span.close(value.device)
     k_new = k.reshape(1, b * n_head, head_dim)
     v_new = v.reshape(1, b * n_head, head_dim)
     return (TorchTensor.create_from_torch(value, device), TorchTensor.create_from_torch(k_new, device),

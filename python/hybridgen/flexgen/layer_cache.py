@@ -4,9 +4,9 @@ onto the decode engine (:mod:`hybridgen.engine`).
 FlexGen keeps a layer's cache as a pair of ``(s, b*n_head, head_dim)`` float16 tensors and hands
 it to ``TorchDevice.mha_gen`` as ``k_cache``/``v_cache``. With the drop-in, the layer's cache home
 holds a :class:`FlexGenLayerCache` instead, and the patched ``mha_gen`` recognises it. Its tokens
-live in a :class:`~hybridgen.engine.DeviceTier` over a one-layer host store, exactly as a
-transformers layer's do: the same placement, chunked (on a GPU asynchronous) eviction, pinned
-store and policies.
+are one tier of the session's :class:`~hybridgen.engine.Engine`, exactly as a transformers
+layer's are: the same placement, chunked (on a GPU asynchronous) eviction, pinned store, policies
+and step clock.
 
 FlexGen writes a step's new key/value after attention (``store_cache``); the drop-in commits it
 when attention runs (the engine attends over committed tokens), so ``store_cache`` only places
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import DeviceTier, ModelInfo, make_store
+from ..engine import ModelInfo
 
 __all__ = ["FlexGenLayerCache"]
 
@@ -32,31 +32,28 @@ class FlexGenLayerCache:
     """The tokens of one FlexGen layer and GPU batch (see the module docstring).
 
     Args:
-        session: the patch's shared :class:`~hybridgen.flexgen.session.Session` (policy, clock).
+        session: the patch's shared :class:`~hybridgen.flexgen.session.Session` (its engine).
         layer_id: FlexGen's layer index (for telemetry).
         batch, n_head, head_dim: the cache's shape (FlexGen's GPU batch size, OPT's heads).
         max_tokens: the sequence length FlexGen's task can reach (``prompt_len + gen_len``).
         sinks, gpu_budget: FlexGen's token split (:func:`hybridgen.flexgen.compat.placement`); the
             session's policy decides the placement from them.
-        layers: the model's layer count.
+        layers, gpu_batches: the model's layer count and FlexGen's GPU batches per step.
         device: where FlexGen computes (the store is pinned for a CUDA device).
-        share: how many such caches split the config's host tier capacities.
     """
 
     def __init__(self, session, layer_id: int, *, batch: int, n_head: int, head_dim: int, max_tokens: int,
-                 sinks: int, gpu_budget: int, layers: int = 1, device=None, share: int = 1,
+                 sinks: int, gpu_budget: int, layers: int = 1, gpu_batches: int = 1, device=None,
                  dtype: torch.dtype = torch.float16):
         self.session = session
         self.layer_id = layer_id
         self.batch, self.n_head, self.head_dim = batch, n_head, head_dim
         info = ModelInfo("opt", layers, n_head, n_head, head_dim, max_tokens)
-        _, placement = session.policy_for(info, sinks, gpu_budget)
-        store = make_store(
-            session.config, layers=1, batch=batch, kv_heads=n_head, head_dim=head_dim, dtype=dtype,
-            max_tokens=max_tokens, sinks=placement.sinks, device=torch.device(device or "cpu"),
-            to_host=placement.recent is not None, share=share,
+        self.engine, self.index = session.tier_for(
+            layer_id, info=info, sinks=sinks, gpu_budget=gpu_budget, gpu_batches=gpu_batches, batch=batch,
+            max_tokens=max_tokens, device=device, dtype=dtype,
         )
-        self.tier = DeviceTier(store, 0, placement)
+        self.tier = self.engine.tiers[self.index]
 
     # --- shape of the tiers -------------------------------------------------------------------
     @property
@@ -83,24 +80,25 @@ class FlexGenLayerCache:
         """The device tier's keys and values ``[b, n_head, n_dev, d]`` (views, sinks first)."""
         return self.tier.keys, self.tier.values
 
+    def read_host(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the host tier's keys and values ``[b, n_head, host_len, d]``."""
+        self.tier.settle()
+        return self.store.read(self.index, 0, self.host_len)
+
     # --- placing tokens -----------------------------------------------------------------------
     def place_prompt(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Places the prompt's keys/values ``(s, b*n_head, d)`` (FlexGen's prefill output): the
         sinks and the most recent tokens on the device, the rest on the host."""
         if self.tier.total:
             raise RuntimeError(f"layer {self.layer_id}: the prompt was already placed (a new generate() makes new caches)")
-        self.tier.append(_heads(k, self.batch, self.n_head), _heads(v, self.batch, self.n_head))
-        self.tier.evict_overflow(force=True)
+        self.engine.place(self.index, _heads(k, self.batch, self.n_head), _heads(v, self.batch, self.n_head), prompt=True)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Commits a decode step's keys/values ``[b, n_head, m, d]``; call :meth:`evict_overflow`
-        once attention has read them."""
+        """Commits a decode step's keys/values ``[b, n_head, m, d]`` (the engine's step moves the
+        overflow to the host after attention has read them)."""
         if self.tier.keys is None:
             raise RuntimeError(f"layer {self.layer_id}: a decode token arrived before the prompt was placed")
-        self.tier.append(k, v)
-
-    def evict_overflow(self) -> None:
-        self.tier.evict_overflow()
+        self.engine.place(self.index, k, v)
 
     def evict(self, m: int) -> None:
         """Moves the ``m`` oldest non-sink device tokens to the host store."""
@@ -117,11 +115,13 @@ class FlexGenLayerCache:
 
     # --- FlexGen's cache protocol -------------------------------------------------------------
     def delete(self) -> None:
-        """Frees both tiers (FlexGen's ``delete_cache`` calls this at the end of ``generate``) and
-        closes the session's step in progress: the generation is over."""
+        """Frees the tier (FlexGen's ``delete_cache`` calls this at the end of ``generate``) and
+        closes the step in progress: the generation is over. The host store returns its memory
+        once every tier is empty."""
         self.session.finish_step()
         self.tier.reset()
-        self.tier.store.reset()
+        if all(t.total == 0 for t in self.engine.tiers):
+            self.engine.store.reset()
 
     def __repr__(self) -> str:
         p = self.tier.placement

@@ -61,7 +61,7 @@ def patch(config: Optional[HybridConfig] = None, **options) -> Session:
     (ValueError when ``generate`` starts; see :mod:`hybridgen.flexgen.compat`): without a
     ``gpu_budget`` keyword, cache percents that move cache off the GPU set the split; a
     ``HybridConfig`` counts as an explicit budget. Host tier capacities are for all layers and GPU
-    batches together. Returns the :class:`~hybridgen.flexgen.session.Session` (telemetry, scheduler).
+    batches together (one host store serves them all). Returns the :class:`~hybridgen.flexgen.session.Session` (telemetry, scheduler).
 
     Raises ImportError when FlexGen is missing or not 0.1.8, ValueError/TypeError for bad options,
     RuntimeError when already patched.
@@ -122,7 +122,7 @@ def _replacements(session: Session, originals: dict, hybrid_mha_gen) -> dict:
             session, self.layer_id, batch=policy.gpu_batch_size, n_head=config.n_head,
             head_dim=config.input_dim // config.n_head, max_tokens=task.prompt_len + task.gen_len,
             sinks=sinks, gpu_budget=gpu_budget, layers=config.num_hidden_layers,
-            device=getattr(self.compute, "dev", None), share=config.num_hidden_layers * policy.num_gpu_batches,
+            gpu_batches=policy.num_gpu_batches, device=getattr(self.compute, "dev", None),
         )
         cache_home.store((cache,))
 

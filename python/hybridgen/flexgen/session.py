@@ -1,11 +1,12 @@
-"""What the layers of one patched FlexGen share: the configuration, the policy (one K for every
-layer of a step, as in HybridGen's Algorithm 1) and the step clock with its telemetry.
+"""What the layers of one patched FlexGen share: the configuration and the decode engine (one
+policy and one K for every layer of a step, as in HybridGen's Algorithm 1; one step clock with
+its telemetry; one host store).
 
-FlexGen runs a decode step as a loop over layers (and GPU batches) without telling anyone where a
-step begins, so the session recognises a new step by its length: every attention call of step
-``i`` sees a mask of ``prompt_len + i`` tokens. When the length changes, the finished step's
-records close (:class:`~hybridgen.engine.StepClock`): their summed times go to the policy, whose
-scheduler picks K and the strategy for the step that starts.
+FlexGen makes a cache per attention layer and GPU batch when ``generate`` starts, in order
+(layer by layer, GPU batch by GPU batch). Each becomes one tier of the session's engine:
+tier ``layer_id * gpu_batches + k``. Steps end where the engine ends them for every front end
+(a tier decoding again starts the next step); the session also closes the step in progress when
+a generation starts or ends.
 """
 
 from __future__ import annotations
@@ -13,60 +14,82 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import torch
+
 from ..config import HybridConfig
-from ..engine import ModelInfo, PolicyRunner, StepClock
-from ..policies import Placement, Policy, make_policy
+from ..engine import Engine, ModelInfo, StepClock
 from .compat import check_config
 
 __all__ = ["Session"]
 
 
-class Session(PolicyRunner):
+class Session:
     """The state of one :func:`hybridgen.flexgen.patch` call.
 
     Attributes:
         config: the validated :class:`~hybridgen.HybridConfig`.
         budget_given: whether ``gpu_budget`` was chosen explicitly (else FlexGen's cache
             percents may set it, see :mod:`hybridgen.flexgen.compat`).
-        policy: the policy serving every layer (made with the first cache, when the model's shape
-            and FlexGen's split are known).
-        clock: decode steps, their records and the telemetry.
+        engine: the decode engine of the current generation's shape (made with the first cache,
+            when the model's shape and FlexGen's split are known; kept while they stay, so the
+            scheduler's state carries over from one ``generate`` to the next).
+        clock: decode steps, their records and the telemetry, over every generation.
     """
 
     def __init__(self, config: HybridConfig, *, budget_given: bool = True):
         self.config = check_config(config)
         self.budget_given = budget_given
-        self.policy: Optional[Policy] = None
+        self.engine: Optional[Engine] = None
         self.clock = StepClock(self._observe)
-        self._length: Optional[int] = None  # sequence length of the step in progress
+        self._shape: Optional[tuple] = None
+        self._made: dict[int, int] = {}  # caches made per FlexGen layer in this generation
 
-    def policy_for(self, info: ModelInfo, sinks: int, gpu_budget: int) -> tuple[Policy, Placement]:
-        """The session's policy (made on first use, then kept: the scheduler's state carries over
-        from one ``generate`` to the next) and its placement for FlexGen's split."""
-        if self.policy is None or self.policy.info != info or (self.policy.config.sinks, self.policy.config.gpu_budget) != (sinks, gpu_budget):
-            config = dataclasses.replace(self.config, sinks=sinks, gpu_budget=gpu_budget)
-            self.policy = make_policy(config, info)
-        return self.policy, self.policy.placement()
-
-    def begin(self, length: int) -> None:
-        """Called by every attention call with its sequence length, before it selects tokens."""
-        if length != self._length:
+    def tier_for(self, layer_id: int, *, info: ModelInfo, sinks: int, gpu_budget: int, gpu_batches: int, batch: int,
+                 max_tokens: int, device, dtype: torch.dtype) -> tuple[Engine, int]:
+        """The engine and tier index of the next cache of FlexGen layer ``layer_id``: a cache of a
+        layer that already has one per GPU batch starts a new generation (every tier emptied)."""
+        device = torch.device(device or "cpu")
+        shape = (info, sinks, gpu_budget, gpu_batches, batch, max_tokens, device, dtype)
+        if self.engine is None or shape != self._shape:
             self.finish_step()
-            self._length = length
+            config = dataclasses.replace(self.config, sinks=sinks, gpu_budget=gpu_budget)
+            self.engine = Engine(config, info, clock=self.clock)
+            self.engine.plan(batch=batch, dtype=dtype, device=device, max_tokens=max_tokens,
+                             layers=info.layers * gpu_batches,
+                             labels=[layer for layer in range(info.layers) for _ in range(gpu_batches)])
+            self._shape, self._made = shape, {}
+        elif self._made.get(layer_id, 0) >= gpu_batches:  # a new generate()
+            self.engine.reset()
+            self._made = {}
+        k = self._made.get(layer_id, 0)
+        self._made[layer_id] = k + 1
+        return self.engine, layer_id * gpu_batches + k
 
-    def record(self, record, call_span=None) -> None:
-        """Adds one layer's record to the step in progress (``call_span``: the whole attention
-        call's time; on CUDA, spans are events read once, when the step closes)."""
-        self.clock.record(record, call_span)
+    @property
+    def policy(self):
+        return None if self.engine is None else self.engine.policy
+
+    @property
+    def telemetry(self):
+        return self.clock.telemetry
+
+    @property
+    def step(self) -> int:
+        """Decode steps closed so far (every layer recorded)."""
+        return self.clock.step
+
+    @property
+    def scheduler(self):
+        """The native feedback scheduler of the ``scheduler`` policy, else ``None``."""
+        return None if self.engine is None else self.engine.scheduler
 
     def finish_step(self) -> None:
         """Closes the step in progress (if any layer ran)."""
         self.clock.close_step()
-        self._length = None
 
     def _observe(self, t_gpu: float, t_cpu: float, t_tx: float) -> None:
-        if self.policy is not None:
-            self.policy.observe(t_gpu, t_cpu, t_tx)
+        if self.engine is not None:
+            self.engine.policy.observe(t_gpu, t_cpu, t_tx)
 
     def __repr__(self) -> str:
         c = self.config

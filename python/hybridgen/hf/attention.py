@@ -2,8 +2,8 @@
 
 Multi-token steps (the prompt) run the model's usual SDPA attention over every token the cache
 returns (the cache's policy may look at them first, e.g. to seed attention scores). One-token
-steps (decode) with a :class:`HybridCache` run the cache's policy (:mod:`hybridgen.policies`),
-after which the layer's overflow moves to the host. A decode step of a patched model that does
+steps (decode) with a :class:`HybridCache` run its engine's step (:mod:`hybridgen.engine`), after
+which the layer's overflow moves to the host. A decode step of a patched model that does
 not reach its HybridCache is an error (:class:`~hybridgen.guard.HybridPathError`), unless the
 caller chose another cache on purpose (then a warning, once).
 """
@@ -17,7 +17,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..guard import HybridPathError
-from .cache import CURRENT_CALL, active_cache
+from .cache import keep_mask
+from .calls import CURRENT_CALL, active_cache, warn_foreign_cache
 
 NAME = "hybridgen"
 
@@ -50,7 +51,7 @@ def hybridgen_attention(module, query, key, value, attention_mask, dropout=0.0, 
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if layer is None or query.shape[2] > 1:
         if layer is not None:
-            layer.cache.policy.prefill(layer.tier, query, key, value, attention_mask, scale)
+            layer.cache.engine.prefill(module.layer_idx, query, key, value, keep_mask(attention_mask), scale)
         elif query.shape[2] == 1:
             _decode_without_hybrid_cache(module, state)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -76,8 +77,6 @@ def _decode_without_hybrid_cache(module, state) -> None:
     if call is not None and call[0] is state:
         foreign = call[1]
         if foreign is not None:
-            from .patch import warn_foreign_cache
-
             warn_foreign_cache(state, foreign)
             return
         if active_cache() is None:

@@ -1,99 +1,101 @@
-"""HybridCache: a transformers ``Cache`` over the decode engine (:mod:`hybridgen.engine`).
+"""HybridCache: a transformers ``Cache`` whose layers are the decode engine's
+(:class:`hybridgen.engine.Engine`).
 
-Each layer's tokens live in a :class:`~hybridgen.engine.DeviceTier` (sinks + recent tokens on the
-model's device, ``[b, hkv, n_dev, d]``) and the cache's host store (every token in between). A
-multi-token step (the prompt) runs the model's own attention over all tokens and then places
-them; a one-token step (decode) runs the policy (:meth:`HybridCache.decode`, called by
-:mod:`hybridgen.hf.attention`), after which the oldest recent tokens beyond the budget move to
-the host.
+This module only speaks transformers' ``Cache`` protocol and translates its masks: the tokens,
+the policy, the clock and the host store are the engine's. A multi-token step (the prompt) runs
+the model's own attention over all tokens and then places them; a one-token step (decode) runs
+:meth:`Engine.step <hybridgen.engine.Engine.step>` (called by :mod:`hybridgen.hf.attention`).
 """
 
 from __future__ import annotations
 
-import weakref
-from contextvars import ContextVar, Token
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..config import HybridConfig
-from ..engine import DeviceTier, PolicyRunner, StepClock, decode_with, make_store
-from ..host_store import HostKVStore
-from ..policies import make_policy
-from ..policies.base import keep_mask
+from ..engine import DeviceTier, Engine
 from ..timing import OpenSpan
+from .calls import activate
 from .models import describe
 
-#: The HybridCache whose layer was updated last: the attention function (which transformers does
-#: not hand the cache) reads it right after the update of the same layer. Held weakly, so it never
-#: keeps a cache (and its host memory) alive; a patched model's call restores it when it ends.
-ACTIVE_CACHE: ContextVar[Optional[weakref.ref]] = ContextVar("hybridgen_active_cache", default=None)
-
-#: ``(patch state, name of a non-hybrid cache type or None)`` of the patched model call in
-#: progress: tells the attention function whether a decode step without a HybridCache is the
-#: user's choice (they passed another cache) or a bypass (an error).
-CURRENT_CALL: ContextVar[Optional[tuple]] = ContextVar("hybridgen_current_call", default=None)
+__all__ = ["HybridCache", "HybridLayer", "keep_mask"]
 
 
-def activate(cache: Optional["HybridCache"]) -> Token:
-    """Makes ``cache`` the active one; returns the token that restores the previous one."""
-    return ACTIVE_CACHE.set(None if cache is None else weakref.ref(cache))
+def keep_mask(attention_mask) -> Optional[torch.Tensor]:
+    """The engine's mask, bool ``[b, total]`` (True = attend), from transformers' 4-D mask: its
+    last query row (causal order is the engine's rule). ``None`` stays ``None``."""
+    if attention_mask is None:
+        return None
+    keep = attention_mask[:, 0, -1, :]
+    if keep.dtype != torch.bool:  # additive float mask: 0 attends, a large negative masks
+        keep = keep > torch.finfo(keep.dtype).min / 2
+    return keep
 
 
-def deactivate(token: Token) -> None:
-    ACTIVE_CACHE.reset(token)
-
-
-def active_cache() -> Optional["HybridCache"]:
-    ref = ACTIVE_CACHE.get()
-    return None if ref is None else ref()
+@contextmanager
+def _in_cache_terms():
+    """The engine's "make a new one" is a new HybridCache here."""
+    try:
+        yield
+    except ValueError as e:
+        if "make a new one" not in str(e):
+            raise
+        raise ValueError(str(e).replace("this engine", "this HybridCache").replace("make a new one", "use a new HybridCache")) from None
 
 
 class HybridLayer(DynamicLayer):
-    """transformers' view of one layer: its tokens live in a :class:`~hybridgen.engine.DeviceTier`
-    (device) and the cache's host store; this class only speaks the ``Cache`` layer protocol."""
+    """transformers' view of one layer: its tokens are the engine's tier ``layer_idx``; this
+    class only speaks the ``Cache`` layer protocol."""
 
     def __init__(self, cache: "HybridCache", layer_idx: int):
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
-        #: The layer's tokens (made with the store, at the first update).
-        self.tier: Optional[DeviceTier] = None
-        #: Decode steps this layer's attention ran through the cache's policy.
+        #: Decode steps this layer's attention ran through the engine.
         self.policy_calls = 0
         #: The keys returned by the latest update: the attention function recognises its call by them.
         self.returned_keys: Optional[torch.Tensor] = None
         #: The layer's forward in progress (set by the patch's layer hooks).
         self.span: Optional[OpenSpan] = None
 
+    @property
+    def tier(self) -> Optional[DeviceTier]:
+        """The layer's tokens (``None`` until the first update plans the engine)."""
+        tiers = self.cache.engine.tiers
+        return tiers[self.layer_idx] if tiers else None
+
     # --- the transformers layer protocol ---------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        store = self.cache.ensure_store(key_states)
-        if self.tier is None:
-            self.tier = DeviceTier(store, self.layer_idx, self.cache.placement)
-        tier = self.tier
+        engine = self.cache.engine
+        with _in_cache_terms():
+            engine.plan(batch=key_states.shape[0], dtype=key_states.dtype, device=key_states.device)
+        tier = engine.tiers[self.layer_idx]
         tier.settle()
         n_new = key_states.shape[-2]
         full = None
         if n_new > 1 and tier.host_tokens > 0:
             # A multi-token step after tokens went to the host: it attends to every token (exact).
             full = tier.logical_kv(key_states, value_states)
-        tier.append(key_states, value_states)
-        self.keys, self.values = tier.keys, tier.values
+        engine.place(self.layer_idx, key_states, value_states)
+        self._sync()
         returned = (self.keys, self.values) if full is None else full
         self.returned_keys = returned[0]
         if n_new > 1:
             # The prompt: place it now (the returned tensors keep the step's tokens alive).
-            self.evict_overflow(force=True)
+            engine.evict_overflow(self.layer_idx, force=True)
+            self._sync()
         return returned
 
-    def evict_overflow(self, force: bool = False) -> None:
-        if self.tier is not None:
-            self.tier.evict_overflow(force)
-            self.keys, self.values = self.tier.keys, self.tier.values
+    def _sync(self) -> None:
+        """transformers reads ``keys``/``values``: the tier's device tokens."""
+        tier = self.tier
+        if tier is not None:
+            self.keys, self.values = tier.keys, tier.values
 
     def settle(self) -> None:
         if self.tier is not None:
@@ -136,7 +138,7 @@ class HybridLayer(DynamicLayer):
         raise NotImplementedError("HybridCache does not support beam search; use greedy or sampling")
 
 
-class HybridCache(Cache, PolicyRunner):
+class HybridCache(Cache):
     """Pass as the cache (``cache=`` from transformers 5.24, ``past_key_values=`` before; see
     :func:`hybridgen.hf.compat.cache_arg`) to a model patched with :func:`hybridgen.patch` (its
     ``generate`` and forward make one by themselves when given none).
@@ -156,10 +158,9 @@ class HybridCache(Cache, PolicyRunner):
             raise TypeError(f"config must be a HybridConfig, got {type(config).__name__}")
         self.info = describe(model)
         self.owner = state
+        #: The decode engine: policy, clock and telemetry, host store, device tiers.
+        self.engine = Engine(config, self.info)
         super().__init__(layers=[HybridLayer(self, i) for i in range(self.info.layers)])
-        self.store: Optional[HostKVStore] = None
-        self.clock: Optional[StepClock] = None
-        self.set_config(config)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if not 0 <= layer_idx < self.info.layers:
@@ -172,49 +173,26 @@ class HybridCache(Cache, PolicyRunner):
         activate(self)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
-    def ensure_store(self, key_states: torch.Tensor) -> HostKVStore:
-        if self.store is None:
-            c, info = self.config, self.info
-            self.store = make_store(
-                c, layers=info.layers, batch=key_states.shape[0], kv_heads=info.kv_heads, head_dim=info.head_dim,
-                dtype=key_states.dtype, max_tokens=c.max_context or info.max_positions, sinks=self.placement.sinks,
-                device=key_states.device, to_host=self.placement.recent is not None,
-            )
-        elif key_states.dtype != self.store.dtype:
-            raise ValueError(
-                f"keys arrive as {key_states.dtype} but this HybridCache stores {self.store.dtype}: use a new HybridCache"
-            )
-        elif key_states.shape[0] != self.store.batch:
-            raise ValueError(
-                f"batch size changed from {self.store.batch} to {key_states.shape[0]}: use a new HybridCache"
-            )
-        return self.store
-
-    # --- the policy --------------------------------------------------------------------------
-    def set_config(self, config: HybridConfig) -> None:
-        """Serves the following steps with ``config``'s policy (a fresh one: scores, the
-        scheduler's state start over). Once tokens are placed, the placement must not change."""
-        config.validate()
-        policy = make_policy(config, self.info)
-        placement = policy.placement()
-        if self.store is not None and placement != self.placement:
-            raise ValueError(
-                f"policy {config.policy!r} places tokens as {placement}, but this cache holds them as "
-                f"{self.placement}: use a new HybridCache"
-            )
-        self.config, self.policy, self.placement = config, policy, placement
-        if self.clock is None:
-            self.clock = StepClock(policy.observe)
-        else:  # the step count and telemetry carry on; the feedback goes to the new policy
-            self.clock.observe = policy.observe
-        for layer in self.layers:
-            if layer.tier is not None:
-                layer.tier.policy_state = None
+    # --- the engine's state, as users of a cache look for it --------------------------------------
+    config = property(lambda self: self.engine.config)
+    policy = property(lambda self: self.engine.policy)
+    placement = property(lambda self: self.engine.placement)
+    store = property(lambda self: self.engine.store)
+    clock = property(lambda self: self.engine.clock)
+    telemetry = property(lambda self: self.engine.telemetry)
+    scheduler = property(lambda self: self.engine.scheduler)
 
     @property
-    def decode_steps(self) -> int:
-        """Decode steps whose every layer ran this cache's policy (and was recorded)."""
-        return self.clock.step
+    def step(self) -> int:
+        """Decode steps closed so far (every layer recorded)."""
+        return self.engine.steps
+
+    decode_steps = step
+
+    def set_config(self, config: HybridConfig) -> None:
+        """Serves the following steps with ``config``'s policy (:meth:`Engine.set_config`)."""
+        with _in_cache_terms():
+            self.engine.set_config(config)
 
     def host_tokens(self, layer_idx: int = 0) -> int:
         """Tokens of a layer in the host tier (or on their way there)."""
@@ -222,37 +200,32 @@ class HybridCache(Cache, PolicyRunner):
         return 0 if tier is None else tier.host_tokens + tier.in_flight
 
     def policy_calls(self) -> list[int]:
-        """Per layer, the decode steps its attention ran through the policy."""
+        """Per layer, the decode steps its attention ran through the engine."""
         return [layer.policy_calls for layer in self.layers]
 
     def decode(self, layer_idx: int, q: torch.Tensor, attention_mask, scale: float, span=None) -> torch.Tensor:
-        """One decode step of layer ``layer_idx`` through the policy: ``q [b, hq, d]`` → attention
-        output ``[b, hq, d]`` (float32); the step's record goes to the clock (``span``: the whole
-        layer's forward, closed by the patch's hooks; without one the step closes after the last
-        layer's attention)."""
+        """One decode step of layer ``layer_idx``: ``q [b, hq, d]`` → attention output ``[b, hq, d]``
+        (float32) through the engine (``span``: the whole layer's forward, closed by the patch's
+        hooks, which also close the step; without them the step closes after the last layer)."""
         layer = self.layers[layer_idx]
-        keep = keep_mask(attention_mask) if attention_mask is not None else None
-        out, record = decode_with(self.policy, layer.tier, q, keep, scale, self.clock.step)
+        out = self.engine.step(layer_idx, q, keep_mask(attention_mask), scale, span=span)
         layer.policy_calls += 1
-        self.clock.record(record, span)
-        layer.evict_overflow()
+        layer._sync()
         if span is None and layer_idx == self.info.layers - 1:
-            self.clock.close_step()
+            self.engine.close_step()
         return out
 
-    def place_prompt(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, query=None,
-                     attention_mask=None, scale: Optional[float] = None) -> None:
+    def place_prompt(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, query=None, keep=None,
+                     scale: Optional[float] = None) -> None:
         """Places a prompt recorded elsewhere (``keys``/``values [b, hkv, n, d]`` in logical order)
-        as this cache's own prefill would: the tokens go to their tiers, and a policy that looks
-        at the prompt sees ``query [b, hq, n, d]`` (if given). One prefill, replayed into many
-        policies' caches (the speed harness, the accuracy evaluations)."""
+        as this cache's own prefill would; a policy that looks at prompts sees ``query`` (see
+        :class:`hybridgen.engine.PromptRecorder`)."""
         layer = self.layers[layer_idx]
         self.update(keys, values, layer_idx)
         layer.returned_keys = None  # nothing attends to this step: let the prompt's tensors go
         if query is not None:
-            self.policy.prefill(layer.tier, query, keys, values, attention_mask, scale)
+            self.engine.policy.prefill(layer.tier, query, keys, values, keep, scale)
 
     def settle(self) -> None:
         """Completes every layer's in-flight eviction (e.g. before inspecting the store)."""
-        for layer in self.layers:
-            layer.settle()
+        self.engine.settle()

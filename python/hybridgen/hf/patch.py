@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Optional
+
+import torch
 
 from ..config import HybridConfig
 from ..timing import OpenSpan
 from . import attention
-from .cache import CURRENT_CALL, HybridCache, activate, active_cache, deactivate
+from .cache import HybridCache, keep_mask
+from .calls import CURRENT_CALL, activate, active_cache, deactivate
 from .compat import get_cache, set_cache
 from .models import describe
+from .speculation import attention_scale, speculative_query
 
 __all__ = ["patch", "unpatch", "is_patched"]
 
@@ -147,17 +150,6 @@ def _call_end(state: PatchState):
     return hook
 
 
-def warn_foreign_cache(state: PatchState, foreign: str) -> None:
-    """Once per patch: a cache the user chose bypasses hybrid attention (their choice, but said)."""
-    if not state.warned_foreign:
-        state.warned_foreign = True
-        warnings.warn(
-            f"this patched model was called with a {foreign}, not a HybridCache: its own attention serves "
-            "those decode steps, not hybridgen's (pass no cache, or a HybridCache, to use hybrid attention)",
-            stacklevel=3,
-        )
-
-
 def _active_layer(idx):
     cache = active_cache()
     if cache is None or idx >= len(cache.layers):
@@ -168,15 +160,18 @@ def _active_layer(idx):
 def _layer_start(idx, decoder_layers):
     def hook(module, args, kwargs):
         layer = _active_layer(idx)
-        if layer is None or layer.tier is None:
+        if layer is None or layer.tier is None or layer.tier.keys is None:  # the layer holds no tokens yet
             return
         hidden = args[0] if args else kwargs.get("hidden_states")
-        if idx + 1 < len(decoder_layers) and hidden is not None and hidden.shape[1] == 1:  # a decode step
-            following = layer.cache.layers[idx + 1]
-            if following.tier is not None:
-                following.settle()
-                layer.cache.policy.speculate(following.tier, decoder_layers[idx + 1], hidden,
-                                             kwargs.get("position_embeddings"), kwargs.get("attention_mask"))
+        engine = layer.cache.engine
+        if (idx + 1 < len(decoder_layers) and hidden is not None and hidden.shape[1] == 1  # a decode step
+                and engine.wants_query_estimate(idx + 1)):
+            following = decoder_layers[idx + 1]
+            info = layer.cache.info
+            with torch.no_grad():
+                q_est = speculative_query(following, hidden, kwargs.get("position_embeddings"))
+            engine.speculate(idx + 1, q_est, keep_mask(kwargs.get("attention_mask")),
+                             attention_scale(following, info.model_type, info.head_dim))
         layer.span = OpenSpan(layer.tier.keys.device)
 
     return hook
@@ -192,6 +187,6 @@ def _layer_end(idx):
         layer.span.close(layer.tier.keys.device)
         layer.span = None
         if idx == len(layer.cache.layers) - 1:
-            layer.cache.clock.close_step()
+            layer.cache.engine.close_step()
 
     return hook

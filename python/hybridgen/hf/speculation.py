@@ -1,10 +1,10 @@
-"""Speculative pipelining: the CPU stage of layer i+1 starts while layer i runs on the device.
+"""Query estimates for speculation, made from transformers' modules (the engine takes tensors).
 
 Consecutive layers see similar inputs, so layer i's input projected with layer i+1's input norm,
 query projection and rotary embedding is a good stand-in for layer i+1's query:
-``q̃ = RoPE(W_q^{i+1} · norm^{i+1}(h_i))`` (OPT: no rotary, the query is pre-scaled). The CPU
-stage for layer i+1 is submitted to the worker thread from layer i's pre-forward hook and its
-result is used by layer i+1's attention: approximate, so ``speculative=True`` is never exact.
+``q̃ = RoPE(W_q^{i+1} · norm^{i+1}(h_i))`` (OPT: no rotary, the query is pre-scaled). The patch's
+pre-forward hook of layer i hands it to :meth:`hybridgen.engine.Engine.speculate` for layer i+1
+(a pipelining policy starts that layer's CPU stage from it: approximate, so never exact).
 """
 
 from __future__ import annotations
@@ -30,3 +30,10 @@ def speculative_query(decoder_layer, hidden_states: torch.Tensor, position_embed
         x = decoder_layer.self_attn_layer_norm(hidden_states) if decoder_layer.do_layer_norm_before else hidden_states
         q = (attn.q_proj(x) * attn.scaling).view(b, 1, -1, d).transpose(1, 2)
     return q[:, :, 0]
+
+
+def attention_scale(decoder_layer, model_type: str, head_dim: int) -> float:
+    """The scale the layer's attention applies to ``q·k`` (OPT pre-scales q: 1)."""
+    if model_type == "opt":
+        return 1.0
+    return getattr(decoder_layer.self_attn, "scaling", None) or head_dim**-0.5

@@ -9,7 +9,8 @@ policy. :func:`table` describes each: what it keeps, where attention runs, what 
 from __future__ import annotations
 
 from ..config import POLICIES, HybridConfig
-from .base import Placement, Policy
+from ..engine.placement import Placement
+from .base import Policy
 from .exact import AllOnCpuPolicy, AllOnGpuPolicy, FullPolicy
 from .heavy_hitter import HeavyHitterPolicy, KeyformerPolicy
 from .hybrid import HybridPolicy
@@ -30,9 +31,9 @@ def policy_class(name: str) -> type[Policy]:
     return _BY_NAME[name]
 
 
-def make_policy(config: HybridConfig, info) -> Policy:
-    """The policy object serving one cache."""
-    return policy_class(config.policy)(config, info)
+def make_policy(config: HybridConfig, info, worker=None) -> Policy:
+    """The policy object serving one engine (``worker``: the engine's thread for pipelined CPU stages)."""
+    return policy_class(config.policy)(config, info, worker)
 
 
 def table() -> list[dict]:

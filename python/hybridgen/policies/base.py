@@ -1,7 +1,8 @@
 """The interface every decode-time KV policy implements, and the helpers they share.
 
-A policy decides two things for every layer's :class:`~hybridgen.engine.DeviceTier` (whichever
-integration owns it: transformers' HybridCache or FlexGen's cache):
+A policy decides two things for every layer's :class:`~hybridgen.engine.DeviceTier` of the
+:class:`~hybridgen.engine.Engine` that serves it (whichever front end drives the engine). It sees
+plain tensors only: queries, keys, values, ``keep`` masks and query estimates.
 
 - *placement*: how many leading (sink) and recent tokens each layer keeps on the model's device;
   every other token lives in the host store (nothing is ever lost: policies that "drop" tokens
@@ -14,29 +15,24 @@ Prefill always runs the model's own attention over every token; a policy may loo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Optional
 
 import torch
 
-from ..attention import device_partial
+from ..attention import device_partial, grouped_logits, softmax_rows, weighted_values
 from ..config import HybridConfig
+from ..engine.placement import Placement
 from ..telemetry import StepRecord
 from ..timing import timed
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..engine import DeviceTier
-    from ..engine import ModelInfo
+    from concurrent.futures import Executor
 
+    from ..engine.model_info import ModelInfo
+    from ..engine.tier import DeviceTier
 
-@dataclass(frozen=True)
-class Placement:
-    """Where a layer's tokens live: ``sinks`` leading tokens and up to ``recent`` (+ ``evict_chunk``)
-    most recent tokens on the device, the rest on the host. ``recent=None``: all on the device."""
-
-    sinks: int
-    recent: Optional[int]
-    evict_chunk: int
+__all__ = ["Placement", "Policy", "device_only", "fetch_rows", "grouped_logits", "softmax_rows", "weighted_values",
+           "with_chosen"]
 
 
 class Policy:
@@ -52,9 +48,19 @@ class Policy:
     #: Whether its output equals full attention (up to rounding); see :meth:`is_exact`.
     exact: ClassVar[bool] = False
 
-    def __init__(self, config: HybridConfig, info: "ModelInfo"):
+    def __init__(self, config: HybridConfig, info: "ModelInfo", worker: Optional["Executor"] = None):
         self.config = config
         self.info = info
+        self._worker = worker
+
+    @property
+    def worker(self) -> "Executor":
+        """The thread for pipelined CPU stages: the engine's (a policy made on its own makes one)."""
+        if self._worker is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridgen-cpu")
+        return self._worker
 
     @classmethod
     def is_exact(cls, config: HybridConfig) -> bool:
@@ -80,11 +86,21 @@ class Policy:
     #: Whether the policy must see the prompt's queries (:meth:`prefill`) to work.
     needs_prompt_queries: ClassVar[bool] = False
 
-    def prefill(self, tier: "DeviceTier", query, key, value, attention_mask, scale: float) -> None:
-        """Sees a multi-token step's query and every key/value in logical order (default: nothing)."""
+    @property
+    def uses_query_estimate(self) -> bool:
+        """Whether :meth:`speculate` does anything (front ends skip computing the estimate)."""
+        return False
 
-    def speculate(self, tier: "DeviceTier", decoder_layer, hidden, position_embeddings, attention_mask) -> None:
-        """Called from layer ``tier.layer_idx - 1``'s pre-forward hook with its input (default: nothing)."""
+    def prefill(self, tier: "DeviceTier", query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                keep: Optional[torch.Tensor], scale: float) -> None:
+        """Sees a multi-token step: ``query [b, hq, n, d]``, every token's ``keys``/``values
+        [b, hkv, total, d]`` in logical order (the step's tokens last) and ``keep`` bool
+        ``[b, total]`` (True = a real token; causal order implied). Default: nothing."""
+
+    def speculate(self, tier: "DeviceTier", q_estimate: torch.Tensor, keep: Optional[torch.Tensor],
+                  scale: float) -> None:
+        """An estimate ``[b, hq, d]`` of the coming query of ``tier``'s layer, made before the layer
+        runs; ``keep`` bool ``[b, tier.total + 1]`` is the coming step's mask. Default: nothing."""
 
     def decode(self, tier: "DeviceTier", q: torch.Tensor, keep: Optional[torch.Tensor], scale: float,
                step: int) -> tuple[torch.Tensor, StepRecord]:
@@ -95,40 +111,7 @@ class Policy:
         raise NotImplementedError
 
 
-# --- masks --------------------------------------------------------------------------------------
-def keep_mask(attention_mask) -> torch.Tensor:
-    """Bool ``[b, total]`` (True = attend) of the last query row of the model's mask."""
-    keep = attention_mask[:, 0, -1, :]
-    if keep.dtype != torch.bool:  # additive float mask: 0 attends, a large negative masks
-        keep = keep > torch.finfo(keep.dtype).min / 2
-    return keep
-
-
-
-
-# --- attention over explicit per-KV-head token sets (policies that pick tokens per head) -------
-def grouped_logits(q, keys, scale: float, ignore=None) -> torch.Tensor:
-    """Logits ``[b, hkv, g, n]`` (float32) of ``q [b, hq, d]`` against ``keys [b, hkv, n, d]``;
-    ``ignore``: bool, broadcastable to ``[b, hkv, n]`` (True = masked, logit -inf)."""
-    b, hq, d = q.shape
-    hkv = keys.shape[1]
-    x = torch.matmul(q.float().view(b, hkv, hq // hkv, d), keys.float().transpose(-1, -2)) * scale
-    if ignore is not None:
-        x = x.masked_fill(ignore.unsqueeze(2), float("-inf"))
-    return x
-
-
-def softmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension; rows that are entirely masked give zeros, not NaN."""
-    return torch.softmax(x, dim=-1).nan_to_num(0.0)
-
-
-def weighted_values(p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``p [b, hkv, g, n]`` times ``values [b, hkv, n, d]`` → output ``[b, hq, d]``."""
-    b, hkv, g, _ = p.shape
-    return torch.matmul(p, values.float()).reshape(b, hkv * g, -1)
-
-
+# --- helpers of the policies that attend on the device --------------------------------------
 def device_only(tier: "DeviceTier", q, keep, scale: float, step: int, strategy: str):
     """Attention over the layer's device tokens alone (host tokens, if any, are not read):
     ``(out, record)``."""

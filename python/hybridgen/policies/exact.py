@@ -84,10 +84,6 @@ class AllOnCpuPolicy(HybridPolicy):
     bus = "q to the CPU, the output + LSE back"
     exact = True
 
-    @classmethod
-    def is_exact(cls, config) -> bool:
-        return True
-
     def placement(self) -> Placement:
         return Placement(sinks=0, recent=0, evict_chunk=1)
 

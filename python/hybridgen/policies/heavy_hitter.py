@@ -70,7 +70,7 @@ class HeavyHitterPolicy(Policy):
             st.acc = torch.cat([st.acc, pad], dim=-1)
         return st
 
-    def prefill(self, tier, query, key, value, attention_mask, scale) -> None:
+    def prefill(self, tier, query, key, value, keep, scale) -> None:
         """Accumulates the score every prompt query gives every token (blocks of queries)."""
         b, hq, nq, d = query.shape
         hkv, n = key.shape[1], key.shape[2]
@@ -80,17 +80,13 @@ class HeavyHitterPolicy(Policy):
             hi = min(lo + PROMPT_BLOCK, nq)
             qb = query[:, :, lo:hi].float().reshape(b, hkv, hq // hkv, hi - lo, d)
             x = torch.matmul(qb, key.float().unsqueeze(2).transpose(-1, -2)) * scale  # [b, hkv, g, c, n]
-            if attention_mask is not None:
-                m = attention_mask[:, :, lo:hi, :]
-                ignore = ~m if m.dtype == torch.bool else m <= torch.finfo(m.dtype).min / 2
-                # A query that may not see itself is padding: it hands out no score.
-                own = torch.arange(lo, hi, device=key.device) + (n - nq)
-                padding = ignore[:, 0, torch.arange(hi - lo, device=key.device), own]  # [b, c]
-                ignore = ignore | padding[:, None, :, None]
-                x = x.masked_fill(ignore.unsqueeze(1), float("-inf"))
-            else:  # causal: query i of the block sits at position n - nq + i
-                rows = torch.arange(lo, hi, device=key.device).unsqueeze(1) + (n - nq)
-                x = x.masked_fill(torch.arange(n, device=key.device) > rows, float("-inf"))
+            own = torch.arange(lo, hi, device=key.device) + (n - nq)  # query i of the block sits at n - nq + i
+            ignore = torch.arange(n, device=key.device) > own.unsqueeze(1)  # causal, [c, n]
+            if keep is not None:
+                # Padding is never attended to, and a padding query hands out no score.
+                keep = keep.to(key.device)
+                ignore = ignore | ~keep[:, None, :] | ~keep[:, own, None]  # [b, c, n]
+            x = x.masked_fill(ignore.view(-1, 1, 1, hi - lo, n), float("-inf"))
             inc += self.score(x, softmax_rows(x))
         st.acc[..., :n] += inc
 
@@ -133,8 +129,8 @@ class KeyformerPolicy(HeavyHitterPolicy):
     names = ("keyformer",)
     keeps = "sinks + `gpu_budget` recent + `k` key tokens per KV head (Gumbel-regularised score) on the device; the rest dropped"
 
-    def __init__(self, config, info):
-        super().__init__(config, info)
+    def __init__(self, config, info, worker=None):
+        super().__init__(config, info, worker)
         self.steps = 0  # decode steps so far (drives the temperature)
         self.generator: Optional[torch.Generator] = None
 

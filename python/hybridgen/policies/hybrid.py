@@ -9,18 +9,14 @@ K and switches between the two from measured step times (paper Algorithm 1, in t
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Optional
 
-import torch
-
 from .. import _native
 from ..attention import cpu_stage, device_combine, device_partial, pre_qkt_positions
-from ..speculation import speculative_query
 from ..telemetry import StepRecord
 from ..timing import timed
-from .base import Policy, keep_mask
+from .base import Policy
 
 
 class HybridPolicy(Policy):
@@ -29,16 +25,21 @@ class HybridPolicy(Policy):
     runs = "device over its tokens, CPU over the host tokens (all, top-K after scoring all, or K chosen by position); LSE or concat merge"
     bus = "q to the CPU; the CPU's partial output + LSE (or K logits + K value rows) back"
 
-    def __init__(self, config, info):
-        super().__init__(config, info)
+    def __init__(self, config, info, worker=None):
+        super().__init__(config, info, worker)
         self.scheduler = _native.Scheduler(config.k_min, config.k_max) if config.policy == "scheduler" else None
         #: Layer index -> future of its speculatively started CPU stage (pipeline + speculative).
         self.speculated: dict = {}
 
     @classmethod
     def is_exact(cls, config) -> bool:
-        # Every host token attended, from the true query (speculation starts from an estimate).
-        return config.policy == "all" and not config.speculative
+        # Every host token attended (``aoc`` serves them all too), from the true query:
+        # speculation starts the CPU stage from an estimate.
+        return config.policy in ("all", "aoc") and not config.speculative
+
+    @property
+    def uses_query_estimate(self) -> bool:
+        return self.config.speculative
 
     def selection(self) -> tuple[str, Optional[int]]:
         if self.config.policy == "all":
@@ -52,7 +53,7 @@ class HybridPolicy(Policy):
             self.scheduler.observe(t_gpu, t_cpu, t_tx)
 
     def decode(self, tier, q, keep, scale, step):
-        cfg, store, idx = self.config, tier.store, tier.layer_idx
+        cfg, idx = self.config, tier.layer_idx
         dev_k, dev_v = tier.keys, tier.values
         n_host = tier.host_tokens
         dev_mask, host_mask = tier.masks(keep)
@@ -69,13 +70,13 @@ class HybridPolicy(Policy):
         elif cfg.pipeline and cfg.merge == "lse":
             # The CPU stage runs on the worker thread (native code, GIL released) while the device
             # computes its own partial; only the remainder of the CPU stage is waited for.
-            future = _worker().submit(self._stage(store, idx, q, scale, strategy, k, n_host, host_mask))
+            future = self.worker.submit(self._stage(tier, q, scale, strategy, k, host_mask))
             dev_part, t_dev_part = timed(
                 lambda: device_partial(q, dev_k, dev_v, scale, dev_mask, kernels=kernels), q.device
             )
             host, hidden = _wait(future)
         else:
-            host, hidden = self._stage(store, idx, q, scale, strategy, k, n_host, host_mask)(), 0.0
+            host, hidden = self._stage(tier, q, scale, strategy, k, host_mask)(), 0.0
         moved, t_tx = host.ship(q.device)
         s = tier.sinks_on_device
         out, t_dev = timed(
@@ -89,8 +90,8 @@ class HybridPolicy(Policy):
             t_hidden=hidden, tx_bytes=host.nbytes(), speculative=speculated is not None,
         )
 
-    def _stage(self, store, idx, q, scale, strategy, k, n_host, host_mask):
-        """The CPU stage of layer ``idx`` for query ``q`` as a callable (for the worker thread).
+    def _stage(self, tier, q, scale, strategy, k, host_mask):
+        """The CPU stage of ``tier``'s layer for query ``q`` as a callable (for the worker thread).
         On CUDA, ``q`` and the host mask are copied to page-locked memory here, on the submitting
         thread's stream right after the work producing them; the stage waits on that copy's event
         only, not on the device work queued after it (which it is meant to overlap)."""
@@ -100,31 +101,24 @@ class HybridPolicy(Policy):
 
             (q, host_mask), ready = to_host(q, host_mask)
         return partial(
-            cpu_stage, store, idx, q, scale=scale, merge=self.config.merge,
+            cpu_stage, tier.store, tier.layer_idx, q, scale=scale, merge=self.config.merge,
             top_k=k if strategy == "post_qkt" else None,
-            positions=pre_qkt_positions(n_host, k) if strategy == "pre_qkt" else None,
+            positions=pre_qkt_positions(tier.host_tokens, k) if strategy == "pre_qkt" else None,
             host_mask=host_mask, pinned=on_cuda, ready=ready,
+            buffers=tier.buffers if self.config.merge == "lse" else None,
         )
 
-    def speculate(self, tier, decoder_layer, hidden, position_embeddings, attention_mask) -> None:
-        """Submits layer ``tier.layer_idx``'s CPU stage, with a query estimated from the previous
-        layer's input ``hidden``, to the worker thread (used by that layer's attention)."""
-        if not self.config.speculative:
-            return
-        idx = tier.layer_idx
-        n_host = tier.host_tokens
-        if n_host == 0:
+    def speculate(self, tier, q_estimate, keep, scale) -> None:
+        """Submits the CPU stage of ``tier``'s layer, from the query estimate, to the worker
+        thread (used by that layer's attention)."""
+        if not self.config.speculative or tier.host_tokens == 0:
             return
         strategy, k = self.selection()
-        scale = getattr(decoder_layer.self_attn, "scaling", None)
-        scale = 1.0 if self.info.model_type == "opt" else (scale or self.info.head_dim**-0.5)
         host_mask = None
-        if attention_mask is not None:
+        if keep is not None:
             s = min(tier.placement.sinks, tier.total + 1)  # the layer has not taken this step's token yet
-            host_mask = ~keep_mask(attention_mask)[:, s : s + n_host]
-        with torch.no_grad():
-            q = speculative_query(decoder_layer, hidden, position_embeddings)
-        self.speculated[idx] = _worker().submit(self._stage(tier.store, idx, q, scale, strategy, k, n_host, host_mask))
+            host_mask = ~keep[:, s : s + tier.host_tokens]
+        self.speculated[tier.layer_idx] = self.worker.submit(self._stage(tier, q_estimate, scale, strategy, k, host_mask))
 
 
 def _wait(future) -> tuple:
@@ -132,14 +126,3 @@ def _wait(future) -> tuple:
     t0 = time.perf_counter()
     host = future.result()
     return host, max(0.0, host.seconds - (time.perf_counter() - t0))
-
-
-_WORKER: Optional[ThreadPoolExecutor] = None
-
-
-def _worker() -> ThreadPoolExecutor:
-    """The thread that runs pipelined CPU stages (one: stages of consecutive layers queue)."""
-    global _WORKER
-    if _WORKER is None:
-        _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridgen-cpu")
-    return _WORKER

@@ -22,7 +22,6 @@ from typing import Optional
 
 import torch
 
-from ..speculation import speculative_query
 from ..telemetry import StepRecord
 from ..timing import timed
 from .base import Policy, fetch_rows, grouped_logits, softmax_rows, weighted_values, with_chosen
@@ -45,12 +44,12 @@ class InfiniGenPolicy(Policy):
 
     needs_prompt_queries = True
 
-    def __init__(self, config, info):
-        super().__init__(config, info)
+    def __init__(self, config, info, worker=None):
+        super().__init__(config, info, worker)
         #: Layer index -> query estimated from the previous layer's input (this step).
         self.estimates: dict[int, torch.Tensor] = {}
 
-    def prefill(self, tier, query, key, value, attention_mask, scale) -> None:
+    def prefill(self, tier, query, key, value, keep, scale) -> None:
         b, hq, nq, d = query.shape
         hkv = key.shape[1]
         r = max(1, round(PARTIAL_RATIO * d))
@@ -61,9 +60,12 @@ class InfiniGenPolicy(Policy):
         empty = key.new_empty((b, hkv, 0, r))
         tier.policy_state = _PartialKeys(channels, empty)
 
-    def speculate(self, tier, decoder_layer, hidden, position_embeddings, attention_mask) -> None:
-        with torch.no_grad():
-            self.estimates[tier.layer_idx] = speculative_query(decoder_layer, hidden, position_embeddings)
+    @property
+    def uses_query_estimate(self) -> bool:
+        return True
+
+    def speculate(self, tier, q_estimate, keep, scale) -> None:
+        self.estimates[tier.layer_idx] = q_estimate
 
     def _mirror(self, tier, st: _PartialKeys, n_host: int, device) -> None:
         """Appends the partial keys of host tokens that arrived since the last step."""

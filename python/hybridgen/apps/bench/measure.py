@@ -12,26 +12,10 @@ from typing import Optional
 import torch
 
 from ...config import HybridConfig
+from ...engine import PromptRecorder
 from ...guard import require_hybrid_run
 from ...hf.compat import cache_arg
 from .planning import free_memory, plan
-
-
-class _QueryRecorder:
-    """Stands in for a policy's ``prefill`` during the shared prompt pass: keeps the last
-    ``window`` queries (and the scale) of every layer, then calls the policy's own."""
-
-    def __init__(self, inner, window: int):
-        self.inner, self.window = inner, window
-        self.queries: dict[int, torch.Tensor] = {}
-        self.scales: dict[int, float] = {}
-
-    def __call__(self, layer, query, key, value, attention_mask, scale):
-        prev = self.queries.get(layer.layer_idx)
-        q = query if prev is None else torch.cat([prev, query], dim=2)
-        self.queries[layer.layer_idx] = q[:, :, -self.window :].clone()  # not a view of the chunk
-        self.scales[layer.layer_idx] = scale
-        return self.inner(layer, query, key, value, attention_mask, scale)
 
 
 def _sync(device: torch.device) -> None:
@@ -40,36 +24,34 @@ def _sync(device: torch.device) -> None:
 
 
 def prefill(model, ids: torch.Tensor, config: HybridConfig, chunk: int, window: int):
-    """The prompt through a fresh HybridCache in chunks: ``(cache, next tokens, seconds, recorder)``."""
+    """The prompt through a fresh HybridCache in chunks: ``(cache, next tokens, seconds, recorder)``;
+    the recorder keeps each layer's last ``window`` queries (the tokens stay in the cache)."""
     from ...hf import HybridCache
 
     cache = HybridCache(model, config)
-    recorder = _QueryRecorder(cache.policy.prefill, window)
-    cache.policy.prefill = recorder
+    recorder = cache.engine.on_prefill = PromptRecorder(window=window, kv=False)
     _sync(ids.device)
     t0 = time.perf_counter()
     for s in range(0, ids.shape[1], chunk):
         out = model(ids[:, s : s + chunk], **cache_arg(cache), use_cache=True, logits_to_keep=1)
     _sync(ids.device)
     seconds = time.perf_counter() - t0
-    del cache.policy.prefill  # the policy's own method again
+    cache.engine.on_prefill = None
     return cache, out.logits[:, -1:].argmax(-1), seconds, recorder
 
 
-def place(model, source, config: HybridConfig, recorder: _QueryRecorder):
+def place(model, source, config: HybridConfig, recorder: PromptRecorder):
     """A new cache for ``config`` holding ``source``'s prompt, placed as the prompt step would
     place it; a policy that looks at the prompt sees the recorded queries. ``(cache, seconds)``."""
     from ...hf import HybridCache
-    from ...policies import Policy
 
     cache = HybridCache(model, config)
-    scores_prompt = type(cache.policy).prefill is not Policy.prefill
     device = source.layers[0].keys.device
     _sync(device)
     t0 = time.perf_counter()
     for i in range(len(source.layers)):
         k, v = source.layers[i].tier.logical_kv()
-        cache.place_prompt(i, k, v, *((recorder.queries[i], None, recorder.scales[i]) if scores_prompt else ()))
+        recorder.replay(cache.engine, i, k, v, place=cache.place_prompt)
         del k, v
     _sync(device)
     return cache, time.perf_counter() - t0
