@@ -103,6 +103,33 @@ impl<'a> Strips<'a> {
         })
     }
 
+    /// The strips of sequences `first..first+count` only, with `len` rows each (at most this
+    /// view's rows): e.g. one request's slot of a store, with that slot's host length.
+    pub fn sequences(&self, first: usize, count: usize, len: usize) -> Result<Strips<'a>> {
+        ensure!(
+            first.checked_add(count).is_some_and(|end| end <= self.batch) && count > 0,
+            "sequences {first}..{} are not inside a batch of {}",
+            first.saturating_add(count),
+            self.batch
+        );
+        ensure!(len <= self.len, "{len} rows asked of strips holding {}", self.len);
+        let offset = first * self.kv_heads * self.strip_bytes;
+        // SAFETY: the narrowed strips are a subset (sequences inside the batch, rows inside
+        // `len`) of the memory this view's maker vouched for, for the same lifetime.
+        unsafe {
+            Ok(Strips::from_raw(
+                self.keys.add(offset),
+                self.values.add(offset),
+                self.strip_bytes,
+                count,
+                self.kv_heads,
+                self.head_dim,
+                self.dtype,
+                len,
+            ))
+        }
+    }
+
     /// Valid rows per strip (host tokens).
     pub fn len(&self) -> usize {
         self.len

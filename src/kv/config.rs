@@ -14,8 +14,10 @@ pub struct TierConfig {
 
 /// Shape and budgets of a host KV store.
 ///
-/// All sequences of the batch advance in lockstep (the same number of tokens per step, as in
-/// batched decoding with left padding), so one token map serves the whole batch of a layer.
+/// `batch` is the number of sequence slots: each slot has its own length per layer (a ragged
+/// batch); a new store has every slot in use, and the layer-wide calls treat the slots in use as
+/// one lockstep batch (the same number of tokens per step, as in batched decoding with left
+/// padding).
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
     pub layers: usize,
@@ -46,7 +48,8 @@ pub const MAX_TOKENS: usize = (1 << 31) - 1;
 pub const MAX_RESERVED_BYTES: usize = 1 << 47;
 
 impl StoreConfig {
-    /// Bytes of one token of one layer, keys or values: batch × kv_heads × head_dim × dtype.
+    /// Bytes of one token of one layer for the whole batch, keys or values:
+    /// batch × kv_heads × head_dim × dtype.
     pub fn token_bytes(&self) -> usize {
         self.batch * self.kv_heads * self.head_dim * self.dtype.size()
     }

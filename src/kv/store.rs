@@ -1,19 +1,28 @@
 //! Storage, token map and tier accounting of the host KV store.
 //!
 //! Layout: per layer and kind (keys, values) one mapping of `batch × kv_heads` strips; strip
-//! `(seq, head)` holds that head's rows for host tokens `0..strip_tokens` contiguously, so the
+//! `(slot, head)` holds that head's rows for host tokens `0..strip_tokens` contiguously, so the
 //! CPU scans one contiguous run per head. Strips start on page boundaries, so moving a key range
 //! between NUMA nodes is an `mbind` of whole pages with unchanged addresses: zero-copy views and
 //! cached pointers stay valid across tier moves.
 //!
-//! Logical positions of a layer (identical for every sequence in the batch):
+//! Slots: the `batch` sequences are a pool (`slots`): each slot has its own length in every
+//! layer and is added, reset and released on its own (a serving engine's ragged batch). The
+//! layer-wide calls (`append(layer, n)`, `evict(layer, ..)`, `host_len(layer)`...) are the
+//! lockstep batch: they apply to every active slot, require those to have one length, and are
+//! loops over the per-slot logic (all slots checked first, so an error changes nothing).
+//!
+//! Logical positions of one sequence (slot) in a layer:
 //! `[0, sinks)` device (sinks) · `[sinks, sinks+far_keys)` host, keys in the far tier ·
 //! `[.., sinks+host)` host, keys in the near tier · `[sinks+host, total)` device (recent).
-//! Values of every host token live in the far tier.
+//! Values of every host token live in the far tier. Tier accounting is per token per slot
+//! (`kv_heads` rows of keys or values).
 
 use std::sync::Arc;
 
-use super::config::StoreConfig;
+use super::config::{StoreConfig, MAX_TOKENS};
+use super::slots::SlotPool;
+use super::spill;
 use crate::cpu::Strips;
 use crate::ensure;
 use crate::error::{Error, Result};
@@ -53,9 +62,15 @@ pub struct TierStats {
     pub placement: NodePlacement,
     pub capacity_bytes: usize,
     pub used_bytes: usize,
+    /// Keys (values) held, in tokens of the whole batch (`token_bytes` each): the per-slot
+    /// count below divided by `batch`, rounded down; exact for a lockstep batch.
     pub key_tokens: usize,
     pub value_tokens: usize,
+    /// Keys (values) held, one per (layer, slot, position).
+    pub key_slot_tokens: usize,
+    pub value_slot_tokens: usize,
 }
+
 
 /// One layer's keys or values: `batch × kv_heads` page-aligned strips.
 struct Region {
@@ -63,16 +78,27 @@ struct Region {
     strip_bytes: usize,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-struct LayerState {
+/// One sequence (slot) in one layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct SeqState {
     /// Logical length (device + host tokens).
     total: usize,
     /// Host tokens (all have values in the far tier).
     host: usize,
     /// The oldest `far_keys` host tokens have their keys in the far tier.
     far_keys: usize,
-    /// Bytes at the start of every key strip already migrated to the far node.
+    /// Bytes at the start of each of the slot's key strips already migrated to the far node.
     migrated_bytes: usize,
+}
+
+impl SeqState {
+    fn evictable(&self, sinks: usize) -> usize {
+        self.total - self.total.min(sinks) - self.host
+    }
+
+    fn near_keys(&self) -> usize {
+        self.host - self.far_keys
+    }
 }
 
 struct TierState {
@@ -92,7 +118,9 @@ pub struct KvStore {
     strip_tokens: usize,
     keys: Vec<Region>,
     values: Vec<Region>,
-    layers: Vec<LayerState>,
+    /// Per (layer, slot), at `layer · batch + slot`.
+    seqs: Vec<SeqState>,
+    slots: SlotPool,
     near: TierState,
     far: TierState,
 }
@@ -127,7 +155,8 @@ impl KvStore {
             values.push(region(far.placement.node)?);
         }
         Ok(KvStore {
-            layers: vec![LayerState::default(); cfg.layers],
+            seqs: vec![SeqState::default(); cfg.layers * cfg.batch],
+            slots: SlotPool::full(cfg.batch),
             cfg,
             strip_tokens,
             keys,
@@ -141,9 +170,14 @@ impl KvStore {
         &self.cfg
     }
 
-    /// Host tokens one layer can hold at most (the strip length).
+    /// Host tokens one sequence can hold at most in one layer (the strip length).
     pub fn strip_tokens(&self) -> usize {
         self.strip_tokens
+    }
+
+    /// Bytes of one token of one slot, keys or values: kv_heads × head_dim × dtype.
+    pub fn slot_token_bytes(&self) -> usize {
+        self.cfg.kv_heads * self.cfg.row_bytes()
     }
 
     fn check_layer(&self, layer: usize) -> Result<()> {
@@ -155,22 +189,206 @@ impl KvStore {
         Ok(())
     }
 
-    /// Logical length of `layer` (device + host).
-    pub fn total_len(&self, layer: usize) -> Result<usize> {
+    /// Checks `layer` and that `slot` is in use.
+    fn check_seq(&self, layer: usize, slot: usize) -> Result<()> {
         self.check_layer(layer)?;
-        Ok(self.layers[layer].total)
+        self.slots.check(slot)
     }
 
-    /// Host tokens of `layer`.
-    pub fn host_len(&self, layer: usize) -> Result<usize> {
+    fn seq(&self, layer: usize, slot: usize) -> &SeqState {
+        &self.seqs[layer * self.cfg.batch + slot]
+    }
+
+    fn seq_mut(&mut self, layer: usize, slot: usize) -> &mut SeqState {
+        &mut self.seqs[layer * self.cfg.batch + slot]
+    }
+
+    // --- the pool of slots -----------------------------------------------------------------
+
+    /// The slots in use, ascending (all `batch` of them in a new store).
+    pub fn active_slots(&self) -> Vec<usize> {
+        self.slots.active()
+    }
+
+    pub fn is_active(&self, slot: usize) -> bool {
+        self.slots.is_active(slot)
+    }
+
+    /// Takes a free slot (the lowest id) for a new sequence, empty in every layer.
+    /// `Error::Capacity` when every slot is in use.
+    pub fn add_slot(&mut self) -> Result<usize> {
+        self.slots.acquire()
+    }
+
+    /// Forgets every token of `slot` in every layer and returns its pages; the slot stays in use.
+    pub fn reset_slot(&mut self, slot: usize) -> Result<()> {
+        self.slots.check(slot)?;
+        self.clear_slot(slot);
+        Ok(())
+    }
+
+    /// Resets `slot` and gives it back to the pool.
+    pub fn release_slot(&mut self, slot: usize) -> Result<()> {
+        self.slots.check(slot)?;
+        self.clear_slot(slot);
+        self.slots.release(slot);
+        Ok(())
+    }
+
+    fn clear_slot(&mut self, slot: usize) {
+        let st = self.slot_token_bytes();
+        let span = self.cfg.kv_heads * self.keys[0].strip_bytes;
+        for layer in 0..self.cfg.layers {
+            let s = *self.seq(layer, slot);
+            self.near.used -= s.near_keys() * st;
+            self.far.used -= (s.host + s.far_keys) * st;
+            for region in [&self.keys[layer], &self.values[layer]] {
+                region.buf.release(slot * span, span);
+            }
+            if s.migrated_bytes > 0 {
+                let _ = self.keys[layer].buf.bind(slot * span, span, self.near.placement.node);
+            }
+            *self.seq_mut(layer, slot) = SeqState::default();
+        }
+    }
+
+    /// Forgets every token of every slot (the slots in use stay in use) and returns the pages.
+    pub fn reset(&mut self) {
+        for layer in 0..self.cfg.layers {
+            for region in [&self.keys[layer], &self.values[layer]] {
+                region.buf.release(0, region.buf.len());
+            }
+            let seqs = &mut self.seqs[layer * self.cfg.batch..(layer + 1) * self.cfg.batch];
+            if seqs.iter().any(|s| s.migrated_bytes > 0) {
+                let _ = self.keys[layer].buf.bind(0, self.keys[layer].buf.len(), self.near.placement.node);
+            }
+            seqs.fill(SeqState::default());
+        }
+        self.near.used = 0;
+        self.far.used = 0;
+    }
+
+    // --- one slot ------------------------------------------------------------------------------
+
+    /// Logical length of `slot` in `layer` (device + host).
+    pub fn slot_total_len(&self, layer: usize, slot: usize) -> Result<usize> {
+        self.check_seq(layer, slot)?;
+        Ok(self.seq(layer, slot).total)
+    }
+
+    /// Host tokens of `slot` in `layer`.
+    pub fn slot_host_len(&self, layer: usize, slot: usize) -> Result<usize> {
+        self.check_seq(layer, slot)?;
+        Ok(self.seq(layer, slot).host)
+    }
+
+    /// Host tokens of `slot` in `layer` whose keys are in the far tier (the oldest ones).
+    pub fn slot_far_key_len(&self, layer: usize, slot: usize) -> Result<usize> {
+        self.check_seq(layer, slot)?;
+        Ok(self.seq(layer, slot).far_keys)
+    }
+
+    /// Device tokens of `slot` in `layer` that may be evicted now (non-sink, oldest first).
+    pub fn slot_evictable(&self, layer: usize, slot: usize) -> Result<usize> {
+        self.check_seq(layer, slot)?;
+        Ok(self.seq(layer, slot).evictable(self.cfg.sinks))
+    }
+
+    /// Records `n` new device tokens of `slot` in `layer`.
+    pub fn append_slot(&mut self, layer: usize, slot: usize, n: usize) -> Result<()> {
+        self.check_seq(layer, slot)?;
+        self.append_to(layer, &[slot], n)
+    }
+
+    /// Moves the `m` oldest non-sink device tokens of `slot` in `layer` to the host: `keys` /
+    /// `values` are their rows `[kv_heads, m, head_dim]`, contiguous, as bytes. As `evict`.
+    pub fn evict_slot(&mut self, layer: usize, slot: usize, m: usize, keys: &[u8], values: &[u8]) -> Result<()> {
+        self.check_seq(layer, slot)?;
+        self.evict_from(layer, &[slot], m, keys, values)
+    }
+
+    /// Moves the `m` oldest near-tier keys of `slot` in `layer` to the far tier.
+    pub fn spill_slot_keys(&mut self, layer: usize, slot: usize, m: usize) -> Result<()> {
+        self.check_seq(layer, slot)?;
+        self.spill_from(layer, &[slot], m)
+    }
+
+    /// The tier of the key at every logical position of `slot` in `layer`.
+    pub fn slot_token_map(&self, layer: usize, slot: usize) -> Result<Vec<Tier>> {
+        self.check_seq(layer, slot)?;
+        let s = self.seq(layer, slot);
+        let sinks = s.total.min(self.cfg.sinks);
+        let mut map = vec![Tier::Device; s.total];
+        map[sinks..sinks + s.far_keys].fill(Tier::Far);
+        map[sinks + s.far_keys..sinks + s.host].fill(Tier::Near);
+        Ok(map)
+    }
+
+    /// Copies host tokens `[start, start+len)` of `slot` in `layer` out as `[kv_heads, len, d]`.
+    pub fn read_slot(&self, layer: usize, slot: usize, start: usize, len: usize, keys: &mut [u8], values: &mut [u8]) -> Result<()> {
+        self.check_seq(layer, slot)?;
+        self.read_from(layer, &[slot], start, len, keys, values)
+    }
+
+    /// The host strips of `slot` in `layer` (batch 1, the slot's host length), for the CPU
+    /// attention operations; they borrow the store as `strips` does.
+    pub fn slot_strips(&self, layer: usize, slot: usize) -> Result<Strips<'_>> {
+        self.check_seq(layer, slot)?;
+        self.all_strips(layer, self.strip_tokens).sequences(slot, 1, self.seq(layer, slot).host)
+    }
+
+    // --- the lockstep batch: every active slot, one length -----------------------------------
+
+    /// `f` of every active slot of `layer`, which must agree (`what` names it in the error).
+    fn uniform(&self, layer: usize, what: &str, f: impl Fn(&SeqState) -> usize) -> Result<usize> {
         self.check_layer(layer)?;
-        Ok(self.layers[layer].host)
+        let mut first: Option<(usize, usize)> = None;
+        for slot in self.slots.active() {
+            let v = f(self.seq(layer, slot));
+            match first {
+                None => first = Some((slot, v)),
+                Some((s0, v0)) if v0 != v => {
+                    return crate::invalid!(
+                        "slots have different {what} in layer {layer} (slot {s0}: {v0}, slot {slot}: {v}): use the per-slot calls"
+                    )
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(first.map_or(0, |(_, v)| v))
+    }
+
+    /// The active slots, after checking they have one logical and one host length in `layer`.
+    fn lockstep(&self, layer: usize) -> Result<Vec<usize>> {
+        self.uniform(layer, "lengths", |s| s.total)?;
+        self.uniform(layer, "host lengths", |s| s.host)?;
+        Ok(self.slots.active())
+    }
+
+    /// The active slots as one range `a..a+n` (what a strided view of the batch needs).
+    pub fn lockstep_slots(&self) -> Result<std::ops::Range<usize>> {
+        let active = self.slots.active();
+        let (a, n) = (active.first().copied().unwrap_or(0), active.len());
+        ensure!(
+            active.last().map_or(true, |&last| last + 1 - a == n),
+            "the active slots {active:?} are not contiguous: use the per-slot calls (cpu_stage_slots)"
+        );
+        Ok(a..a + n)
+    }
+
+    /// Logical length of `layer` (device + host), the same for every active slot.
+    pub fn total_len(&self, layer: usize) -> Result<usize> {
+        self.uniform(layer, "lengths", |s| s.total)
+    }
+
+    /// Host tokens of `layer`, the same for every active slot.
+    pub fn host_len(&self, layer: usize) -> Result<usize> {
+        self.uniform(layer, "host lengths", |s| s.host)
     }
 
     /// Host tokens of `layer` whose keys are in the far tier (the oldest ones).
     pub fn far_key_len(&self, layer: usize) -> Result<usize> {
-        self.check_layer(layer)?;
-        Ok(self.layers[layer].far_keys)
+        self.uniform(layer, "far key counts", |s| s.far_keys)
     }
 
     /// Logical position of host token 0 (the sinks stay on the device before it).
@@ -180,165 +398,254 @@ impl KvStore {
 
     /// Device tokens of `layer` that may be evicted to the host now (non-sink, oldest first).
     pub fn evictable(&self, layer: usize) -> Result<usize> {
-        self.check_layer(layer)?;
-        let s = &self.layers[layer];
-        Ok(s.total - s.total.min(self.cfg.sinks) - s.host)
+        let sinks = self.cfg.sinks;
+        self.uniform(layer, "evictable counts", |s| s.evictable(sinks))
     }
 
-    /// Records `n` new tokens on the device tier of `layer` (their data stays with the caller).
+    /// Records `n` new tokens on the device tier of `layer` for every active slot.
     pub fn append(&mut self, layer: usize, n: usize) -> Result<()> {
-        self.check_layer(layer)?;
-        let total = self.layers[layer].total;
-        match total.checked_add(n).filter(|&t| t <= super::config::MAX_TOKENS) {
-            Some(t) => self.layers[layer].total = t,
-            None => {
+        let slots = self.lockstep(layer)?;
+        self.append_to(layer, &slots, n)
+    }
+
+    /// Moves the `m` oldest non-sink device tokens of `layer` to the host for every active slot:
+    /// `keys`/`values` are their rows, `[active slots, kv_heads, m, head_dim]` contiguous in the
+    /// store's dtype, as bytes.
+    ///
+    /// Keys go to the near tier; if it overflows, the least recently generated keys (of any
+    /// layer and slot) move to the far tier. Values go to the far tier. If the far tier cannot
+    /// take all of that, nothing changes and `Error::Capacity` is returned.
+    pub fn evict(&mut self, layer: usize, m: usize, keys: &[u8], values: &[u8]) -> Result<()> {
+        let slots = self.lockstep(layer)?;
+        self.evict_from(layer, &slots, m, keys, values)
+    }
+
+    /// Moves the `m` oldest near-tier keys of `layer` to the far tier, for every active slot.
+    pub fn spill_keys(&mut self, layer: usize, m: usize) -> Result<()> {
+        let slots = self.lockstep(layer)?;
+        self.uniform(layer, "far key counts", |s| s.far_keys)?;
+        self.spill_from(layer, &slots, m)
+    }
+
+    /// The tier of the key at every logical position of `layer` (the same for every active slot).
+    pub fn token_map(&self, layer: usize) -> Result<Vec<Tier>> {
+        self.uniform(layer, "lengths", |s| s.total)?;
+        self.uniform(layer, "host lengths", |s| s.host)?;
+        self.uniform(layer, "far key counts", |s| s.far_keys)?;
+        match self.slots.active().first() {
+            Some(&slot) => self.slot_token_map(layer, slot),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Checks that host tokens `[start, start+len)` exist in `layer` (every active slot).
+    pub fn check_host_range(&self, layer: usize, start: usize, len: usize) -> Result<()> {
+        let host = self.host_len(layer)?;
+        ensure!(
+            start.checked_add(len).is_some_and(|end| end <= host),
+            "host range [{start}, {}) out of bounds: layer {layer} holds {host} host tokens",
+            start.saturating_add(len)
+        );
+        Ok(())
+    }
+
+    /// Copies host tokens `[start, start+len)` of `layer` out as `[active slots, kv_heads, len, d]`.
+    pub fn read(&self, layer: usize, start: usize, len: usize, keys: &mut [u8], values: &mut [u8]) -> Result<()> {
+        let slots = self.lockstep(layer)?;
+        self.read_from(layer, &slots, start, len, keys, values)
+    }
+
+    /// The host strips of `layer` for the active slots (`lockstep_slots`, which must be one
+    /// range, with one host length), for the CPU attention operations; they borrow the store,
+    /// so no eviction or reset can change the rows while they are in use.
+    pub fn strips(&self, layer: usize) -> Result<Strips<'_>> {
+        let host = self.host_len(layer)?;
+        let range = self.lockstep_slots()?;
+        self.all_strips(layer, self.strip_tokens).sequences(range.start, range.len(), host)
+    }
+
+    // --- the one implementation of each change, over a list of slots ----------------------
+
+    fn append_to(&mut self, layer: usize, slots: &[usize], n: usize) -> Result<()> {
+        for &slot in slots {
+            let total = self.seq(layer, slot).total;
+            if total.checked_add(n).map_or(true, |t| t > MAX_TOKENS) {
                 return crate::invalid!(
-                    "appending {n} tokens to layer {layer} (holding {total}) exceeds the {} tokens a layer may hold",
-                    super::config::MAX_TOKENS
-                )
+                    "appending {n} tokens to layer {layer} (slot {slot} holding {total}) exceeds the {MAX_TOKENS} tokens a layer may hold"
+                );
             }
+        }
+        for &slot in slots {
+            self.seq_mut(layer, slot).total += n;
         }
         Ok(())
     }
 
-    /// Moves the `m` oldest non-sink device tokens of `layer` to the host: `keys`/`values` are
-    /// their rows, `[batch, kv_heads, m, head_dim]` contiguous in the store's dtype, as bytes.
-    ///
-    /// Keys go to the near tier; if it overflows, the least recently generated keys (of any
-    /// layer) move to the far tier. Values go to the far tier. If the far tier cannot take all
-    /// of that, nothing changes and `Error::Capacity` is returned.
-    pub fn evict(&mut self, layer: usize, m: usize, keys: &[u8], values: &[u8]) -> Result<()> {
-        self.check_layer(layer)?;
-        let tb = self.cfg.token_bytes();
+    /// `keys`/`values`: `[slots, kv_heads, m, d]` rows, one block per listed slot.
+    fn evict_from(&mut self, layer: usize, slots: &[usize], m: usize, keys: &[u8], values: &[u8]) -> Result<()> {
+        let st = self.slot_token_bytes();
+        let need = slots.len() * m * st;
         ensure!(
-            keys.len() == m * tb && values.len() == m * tb,
-            "evict of {m} tokens needs {} bytes of keys and of values, got {} and {}",
-            m * tb,
+            keys.len() == need && values.len() == need,
+            "evict of {m} tokens from {} slot(s) needs {need} bytes of keys and of values, got {} and {}",
+            slots.len(),
             keys.len(),
             values.len()
         );
-        let evictable = self.evictable(layer)?;
-        ensure!(
-            m <= evictable,
-            "cannot evict {m} tokens from layer {layer}: only {evictable} non-sink device tokens"
-        );
-        let host = self.layers[layer].host;
-        if host + m > self.strip_tokens {
-            return Err(Error::Capacity(format!(
-                "layer {layer} would hold {} host tokens, more than the {} reserved \
-                 (max_host_tokens / far tier capacity)",
-                host + m,
-                self.strip_tokens
-            )));
+        for &slot in slots {
+            let s = *self.seq(layer, slot);
+            let evictable = s.evictable(self.cfg.sinks);
+            ensure!(
+                m <= evictable,
+                "cannot evict {m} tokens from layer {layer} (slot {slot}): only {evictable} non-sink device tokens"
+            );
+            if s.host + m > self.strip_tokens {
+                return Err(Error::Capacity(format!(
+                    "layer {layer} (slot {slot}) would hold {} host tokens, more than the {} reserved \
+                     (max_host_tokens / far tier capacity)",
+                    s.host + m,
+                    self.strip_tokens
+                )));
+            }
         }
-        let spill = (self.near.used + m * tb).saturating_sub(self.near.capacity).div_ceil(tb);
-        let far_needed = (m + spill) * tb;
+        // Plan the spill over the state as it would be after the write, so the far tier's
+        // room is checked against exactly what will move before anything changes.
+        let added = slots.len() * m;
+        let host: Vec<usize> = {
+            let mut h: Vec<usize> = self.seqs.iter().map(|s| s.host).collect();
+            slots.iter().for_each(|&slot| h[layer * self.cfg.batch + slot] += m);
+            h
+        };
+        let mut far_keys: Vec<usize> = self.seqs.iter().map(|s| s.far_keys).collect();
+        let excess = (self.near.used + added * st).saturating_sub(self.near.capacity).div_ceil(st);
+        let (moves, spilled) = spill::plan(&host, &mut far_keys, self.cfg.batch, excess);
+        let far_needed = (added + spilled) * st;
         if far_needed > self.far.free() {
             return Err(Error::Capacity(format!(
-                "far tier full: evicting {m} tokens needs {far_needed} bytes ({m} tokens of \
-                 values, {spill} of spilled keys), {} of {} bytes free",
+                "far tier full: evicting {m} tokens of {} slot(s) needs {far_needed} bytes ({added} slot tokens of \
+                 values, {spilled} of spilled keys), {} of {} bytes free",
+                slots.len(),
                 self.far.free(),
                 self.far.capacity
             )));
         }
-        self.write_rows(layer, host, m, keys, values);
-        self.layers[layer].host += m;
-        self.near.used += m * tb;
-        self.far.used += m * tb;
-        while self.near.used > self.near.capacity {
-            let deficit = (self.near.used - self.near.capacity).div_ceil(tb);
-            let (victim, count) = self.oldest_near_keys(deficit);
-            self.move_keys_to_far(victim, count);
+        for (i, &slot) in slots.iter().enumerate() {
+            let run = m * st;
+            let start = self.seq(layer, slot).host;
+            self.write_rows(layer, slot, start, m, &keys[i * run..(i + 1) * run], &values[i * run..(i + 1) * run]);
+            self.seq_mut(layer, slot).host += m;
+        }
+        self.near.used += added * st;
+        self.far.used += added * st;
+        for mv in moves {
+            self.move_keys_to_far(mv.seq / self.cfg.batch, mv.seq % self.cfg.batch, mv.count);
         }
         Ok(())
     }
 
-    /// Moves the `m` oldest near-tier keys of `layer` to the far tier.
-    pub fn spill_keys(&mut self, layer: usize, m: usize) -> Result<()> {
-        self.check_layer(layer)?;
-        let s = self.layers[layer];
-        let near_keys = s.host - s.far_keys;
-        ensure!(
-            m <= near_keys,
-            "cannot spill {m} keys of layer {layer}: only {near_keys} keys are in the near tier"
-        );
-        let bytes = m * self.cfg.token_bytes();
+    fn spill_from(&mut self, layer: usize, slots: &[usize], m: usize) -> Result<()> {
+        for &slot in slots {
+            let near_keys = self.seq(layer, slot).near_keys();
+            ensure!(
+                m <= near_keys,
+                "cannot spill {m} keys of layer {layer} (slot {slot}): only {near_keys} keys are in the near tier"
+            );
+        }
+        let bytes = slots.len() * m * self.slot_token_bytes();
         if bytes > self.far.free() {
             return Err(Error::Capacity(format!(
-                "far tier full: spilling {m} keys needs {bytes} bytes, {} free",
+                "far tier full: spilling {m} keys of {} slot(s) needs {bytes} bytes, {} free",
+                slots.len(),
                 self.far.free()
             )));
         }
-        self.move_keys_to_far(layer, m);
+        for &slot in slots {
+            self.move_keys_to_far(layer, slot, m);
+        }
         Ok(())
     }
 
-    /// Forgets every token of every layer (a new batch of sequences) and returns the pages.
-    pub fn reset(&mut self) {
-        for layer in 0..self.cfg.layers {
-            for region in [&self.keys[layer], &self.values[layer]] {
-                region.buf.release(0, region.buf.len());
-            }
-            if self.layers[layer].migrated_bytes > 0 {
-                let _ = self.keys[layer].buf.bind(0, self.keys[layer].buf.len(), self.near.placement.node);
-            }
-            self.layers[layer] = LayerState::default();
+    /// Copies out `[slots, kv_heads, len, d]`.
+    fn read_from(&self, layer: usize, slots: &[usize], start: usize, len: usize, keys: &mut [u8], values: &mut [u8]) -> Result<()> {
+        for &slot in slots {
+            let host = self.seq(layer, slot).host;
+            ensure!(
+                start.checked_add(len).is_some_and(|end| end <= host),
+                "host range [{start}, {}) out of bounds: layer {layer} (slot {slot}) holds {host} host tokens",
+                start.saturating_add(len)
+            );
         }
-        self.near.used = 0;
-        self.far.used = 0;
+        let need = slots.len() * len * self.slot_token_bytes();
+        ensure!(
+            keys.len() == need && values.len() == need,
+            "read of {len} tokens of {} slot(s) needs {need}-byte outputs, got {} and {}",
+            slots.len(),
+            keys.len(),
+            values.len()
+        );
+        let (row, run) = (self.cfg.row_bytes(), len * self.cfg.row_bytes());
+        let heads = self.cfg.kv_heads;
+        for (i, &slot) in slots.iter().enumerate() {
+            for head in 0..heads {
+                let strip = i * heads + head;
+                for (kind, out) in [(Kind::Keys, &mut *keys), (Kind::Values, &mut *values)] {
+                    let src = self.strip_ptr(layer, kind, slot, head);
+                    // SAFETY: the range was checked against the slot's host length <= strip_tokens.
+                    let src = unsafe { std::slice::from_raw_parts(src.add(start * row), run) };
+                    out[strip * run..(strip + 1) * run].copy_from_slice(src);
+                }
+            }
+        }
+        Ok(())
     }
 
-    /// The tier of the key at every logical position of `layer` (the same for every sequence).
-    pub fn token_map(&self, layer: usize) -> Result<Vec<Tier>> {
-        self.check_layer(layer)?;
-        let s = self.layers[layer];
-        let sinks = s.total.min(self.cfg.sinks);
-        let mut map = vec![Tier::Device; s.total];
-        map[sinks..sinks + s.far_keys].fill(Tier::Far);
-        map[sinks + s.far_keys..sinks + s.host].fill(Tier::Near);
-        Ok(map)
-    }
+    // --- storage ---------------------------------------------------------------------------
 
     pub fn tier_stats(&self) -> (TierStats, TierStats) {
-        let far_keys: usize = self.layers.iter().map(|s| s.far_keys).sum();
-        let host: usize = self.layers.iter().map(|s| s.host).sum();
+        let far_keys: usize = self.seqs.iter().map(|s| s.far_keys).sum();
+        let host: usize = self.seqs.iter().map(|s| s.host).sum();
+        let b = self.cfg.batch;
         let near = TierStats {
             placement: self.near.placement.clone(),
             capacity_bytes: self.near.capacity,
             used_bytes: self.near.used,
-            key_tokens: host - far_keys,
+            key_tokens: (host - far_keys) / b,
             value_tokens: 0,
+            key_slot_tokens: host - far_keys,
+            value_slot_tokens: 0,
         };
         let far = TierStats {
             placement: self.far.placement.clone(),
             capacity_bytes: self.far.capacity,
             used_bytes: self.far.used,
-            key_tokens: far_keys,
-            value_tokens: host,
+            key_tokens: far_keys / b,
+            value_tokens: host / b,
+            key_slot_tokens: far_keys,
+            value_slot_tokens: host,
         };
         (near, far)
     }
 
-    /// Base address of strip `(seq, head)` of `kind` in `layer`: `strip_tokens` rows of
-    /// `head_dim` elements; the first `host_len(layer)` rows are valid.
-    pub fn strip_ptr(&self, layer: usize, kind: Kind, seq: usize, head: usize) -> *const u8 {
+    /// Base address of strip `(slot, head)` of `kind` in `layer`: `strip_tokens` rows of
+    /// `head_dim` elements; the slot's first `host` rows are valid.
+    pub fn strip_ptr(&self, layer: usize, kind: Kind, slot: usize, head: usize) -> *const u8 {
         let region = self.region(layer, kind);
-        let offset = (seq * self.cfg.kv_heads + head) * region.strip_bytes;
-        // SAFETY: offset < region length for seq < batch and head < kv_heads.
+        let offset = (slot * self.cfg.kv_heads + head) * region.strip_bytes;
+        // SAFETY: offset < region length for slot < batch and head < kv_heads.
         unsafe { region.buf.as_ptr().add(offset) }
     }
 
-    /// The host strips of `layer`, for the CPU attention operations; they borrow the store, so
-    /// no eviction or reset can change the rows while they are in use.
-    pub fn strips(&self, layer: usize) -> Result<Strips<'_>> {
-        self.check_layer(layer)?;
+    /// Every strip of `layer` with `len` rows each (`len <= strip_tokens`), to narrow down.
+    fn all_strips(&self, layer: usize, len: usize) -> Strips<'_> {
         let (keys, values) = (&self.keys[layer], &self.values[layer]);
+        debug_assert!(len <= self.strip_tokens);
         // SAFETY: both regions hold batch × kv_heads page-aligned strips of strip_bytes >=
-        // strip_tokens rows >= host rows (rows are whole elements, so aligned for the dtype);
-        // the mappings live as long as `self`. The store writes them only through `&mut self`
-        // (`evict`, `reset`), which the returned borrow of `self` excludes; the zero-copy views
-        // it exports are read-only by contract (`HostKVStore.view`).
-        Ok(unsafe {
+        // strip_tokens rows >= len rows (rows are whole elements, so aligned for the dtype);
+        // the anonymous mappings are readable and zero-initialised throughout and live as long
+        // as `self`. The store writes them only through `&mut self` (`evict`, `reset`), which
+        // the returned borrow of `self` excludes; the zero-copy views it exports are read-only
+        // by contract (`HostKVStore.view`).
+        unsafe {
             Strips::from_raw(
                 keys.buf.as_ptr(),
                 values.buf.as_ptr(),
@@ -347,9 +654,9 @@ impl KvStore {
                 self.cfg.kv_heads,
                 self.cfg.head_dim,
                 self.cfg.dtype,
-                self.layers[layer].host,
+                len,
             )
-        })
+        }
     }
 
     /// Distance in bytes between consecutive strips (heads) of a region.
@@ -369,113 +676,51 @@ impl KvStore {
         }
     }
 
-    /// Checks that host tokens `[start, start+len)` exist in `layer`.
-    pub fn check_host_range(&self, layer: usize, start: usize, len: usize) -> Result<()> {
-        self.check_layer(layer)?;
-        let host = self.layers[layer].host;
-        ensure!(
-            start.checked_add(len).is_some_and(|end| end <= host),
-            "host range [{start}, {}) out of bounds: layer {layer} holds {host} host tokens",
-            start.saturating_add(len)
-        );
-        Ok(())
-    }
-
-    /// Copies host tokens `[start, start+len)` of `layer` out as `[batch, kv_heads, len, d]`.
-    pub fn read(&self, layer: usize, start: usize, len: usize, keys: &mut [u8], values: &mut [u8]) -> Result<()> {
-        self.check_host_range(layer, start, len)?;
-        let need = len * self.cfg.token_bytes();
-        ensure!(
-            keys.len() == need && values.len() == need,
-            "read of {len} tokens needs {need}-byte outputs, got {} and {}",
-            keys.len(),
-            values.len()
-        );
-        let (row, run) = (self.cfg.row_bytes(), len * self.cfg.row_bytes());
-        for (strip, seq, head) in self.strip_indices() {
-            for (kind, out) in [(Kind::Keys, &mut *keys), (Kind::Values, &mut *values)] {
-                let src = self.strip_ptr(layer, kind, seq, head);
-                // SAFETY: the range was checked against host_len <= strip_tokens.
-                let src = unsafe { std::slice::from_raw_parts(src.add(start * row), run) };
-                out[strip * run..(strip + 1) * run].copy_from_slice(src);
-            }
-        }
-        Ok(())
-    }
-
-    /// The NUMA node holding host token `index` of `kind` in `layer` (sequence 0, head 0), as
-    /// the kernel reports it; `None` if the kernel does not say.
+    /// The NUMA node holding host token `index` of `kind` in `layer` (first active slot, head
+    /// 0), as the kernel reports it; `None` if the kernel does not say.
     pub fn node_of(&self, layer: usize, kind: Kind, index: usize) -> Result<Option<u32>> {
         self.check_host_range(layer, index, 1)?;
-        let offset = index * self.cfg.row_bytes();
+        let slot = self.slots.active().first().copied().unwrap_or(0);
+        let offset = slot * self.cfg.kv_heads * self.strip_bytes() + index * self.cfg.row_bytes();
         Ok(self.region(layer, kind).buf.node_at(offset).ok())
     }
 
-    /// Every strip of a region as `(index, seq, head)`, in storage order.
-    fn strip_indices(&self) -> impl Iterator<Item = (usize, usize, usize)> {
-        let heads = self.cfg.kv_heads;
-        (0..self.cfg.batch * heads).map(move |i| (i, i / heads, i % heads))
-    }
-
-    fn write_rows(&mut self, layer: usize, start: usize, m: usize, keys: &[u8], values: &[u8]) {
+    /// Writes rows `[kv_heads, m, d]` of `slot` at host token `start` of `layer`.
+    fn write_rows(&mut self, layer: usize, slot: usize, start: usize, m: usize, keys: &[u8], values: &[u8]) {
         let (row, run) = (self.cfg.row_bytes(), m * self.cfg.row_bytes());
-        for (strip, seq, head) in self.strip_indices() {
+        for head in 0..self.cfg.kv_heads {
             for (kind, src) in [(Kind::Keys, keys), (Kind::Values, values)] {
-                let dst = self.strip_ptr(layer, kind, seq, head) as *mut u8;
+                let dst = self.strip_ptr(layer, kind, slot, head) as *mut u8;
                 // SAFETY: start + m <= strip_tokens was checked by the caller; the source run
                 // has exactly `run` bytes; store writes are serialised by `&mut self`.
-                unsafe { std::ptr::copy_nonoverlapping(src[strip * run..].as_ptr(), dst.add(start * row), run) };
+                unsafe { std::ptr::copy_nonoverlapping(src[head * run..].as_ptr(), dst.add(start * row), run) };
             }
         }
     }
 
-    /// The layer holding the least recently generated near-tier key, and how many of its
-    /// oldest near keys to move (at most `want`, never past another layer's oldest near key).
-    fn oldest_near_keys(&self, want: usize) -> (usize, usize) {
-        let mut candidates = self
-            .layers
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.host > s.far_keys)
-            .map(|(l, s)| (s.far_keys, l));
-        let (pos, layer) = candidates.next().expect("near tier over budget but holds no keys");
-        let (mut best_pos, mut best_layer, mut runner_up) = (pos, layer, usize::MAX);
-        for (pos, l) in candidates {
-            if pos < best_pos {
-                runner_up = best_pos;
-                best_pos = pos;
-                best_layer = l;
-            } else {
-                runner_up = runner_up.min(pos);
-            }
-        }
-        let s = self.layers[best_layer];
-        let until_runner_up = runner_up.saturating_sub(best_pos).max(1);
-        (best_layer, want.min(s.host - s.far_keys).min(until_runner_up))
+    fn move_keys_to_far(&mut self, layer: usize, slot: usize, m: usize) {
+        let st = self.slot_token_bytes();
+        self.seq_mut(layer, slot).far_keys += m;
+        self.near.used -= m * st;
+        self.far.used += m * st;
+        self.migrate_far_key_pages(layer, slot);
     }
 
-    fn move_keys_to_far(&mut self, layer: usize, m: usize) {
-        let tb = self.cfg.token_bytes();
-        self.layers[layer].far_keys += m;
-        self.near.used -= m * tb;
-        self.far.used += m * tb;
-        self.migrate_far_key_pages(layer);
-    }
-
-    /// Migrates the whole pages now covered by far-tier keys of every strip of `layer`.
-    fn migrate_far_key_pages(&mut self, layer: usize) {
+    /// Migrates the whole pages now covered by far-tier keys of the strips of `slot` in `layer`.
+    fn migrate_far_key_pages(&mut self, layer: usize, slot: usize) {
         if self.near.placement.node == self.far.placement.node {
             return; // same node: the move is pure accounting
         }
-        let covered = self.layers[layer].far_keys * self.cfg.row_bytes() / PAGE_SIZE * PAGE_SIZE;
-        let done = self.layers[layer].migrated_bytes;
-        if covered <= done {
+        let s = *self.seq(layer, slot);
+        let covered = s.far_keys * self.cfg.row_bytes() / PAGE_SIZE * PAGE_SIZE;
+        if covered <= s.migrated_bytes {
             return;
         }
         let region = &self.keys[layer];
-        for strip in 0..self.cfg.batch * self.cfg.kv_heads {
-            let _ = region.buf.bind(strip * region.strip_bytes + done, covered - done, self.far.placement.node);
+        for head in 0..self.cfg.kv_heads {
+            let strip = slot * self.cfg.kv_heads + head;
+            let _ = region.buf.bind(strip * region.strip_bytes + s.migrated_bytes, covered - s.migrated_bytes, self.far.placement.node);
         }
-        self.layers[layer].migrated_bytes = covered;
+        self.seq_mut(layer, slot).migrated_bytes = covered;
     }
 }
