@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("flexgen_offload: needs a CUDA GPU (FlexGen runs its model on one); none is available", file=sys.stderr)
         return 1
-    from hybridgen.flexgen import cli
+    from hybridgen.apps.flexgen import cli
     from hybridgen.flexgen.install import require_flexgen
 
     flex_opt, _ = require_flexgen()

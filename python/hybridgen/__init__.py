@@ -8,6 +8,7 @@ log-sum-exp) over its tokens, and the device merges them with its own.
 from . import _native
 from ._native import CapacityError, available_isas, isa, num_threads
 from .config import HybridConfig
+from .engine import Engine
 from .host_store import HostKVStore, Tier
 from .ops import merge_partials, topk
 
@@ -25,6 +26,7 @@ __version__ = _native.__version__
 
 __all__ = [
     "CapacityError",
+    "Engine",
     "HostKVStore",
     "HybridCache",
     "HybridConfig",

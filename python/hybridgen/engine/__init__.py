@@ -9,8 +9,8 @@
 - :class:`Placement`, :class:`ModelInfo`: where tokens live, the model's attention shape;
 - :class:`PromptRecorder`: one prefill recorded and replayed into many engines.
 
-transformers' :class:`~hybridgen.hf.HybridCache` and FlexGen's session translate their layouts
-and call :class:`Engine`; nothing here imports a model framework.
+The front ends (:mod:`hybridgen.hf`'s cache, the FlexGen adapter's session) translate their
+layouts and call :class:`Engine`; nothing here imports a model framework.
 """
 
 from .clock import StepClock

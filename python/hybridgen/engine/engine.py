@@ -3,12 +3,12 @@
 ``Engine(config, info)`` holds the configuration, the policy it makes and the placement that
 policy asks for, the step clock with its telemetry, the host store, one device tier per layer
 and (with ``pipeline``) the worker thread that runs CPU stages beside the device. A front end
-(transformers' :class:`~hybridgen.hf.HybridCache`, FlexGen's session, a serving engine) only
-translates its layout into these calls::
+(:mod:`hybridgen.hf`'s cache, the FlexGen adapter's session, a serving engine) only translates
+its layout into these calls::
 
     engine.plan(batch=b, dtype=torch.float16, device="cuda")   # once: store, tiers, buffers
-    engine.prefill(layer, q, k, v, keep, scale)                # optional: the prompt's attention
     engine.place(layer, k, v, prompt=True)                     # the prompt's tokens to their tiers
+    engine.prefill(layer, q, k, v, keep, scale)                # optional: show the policy the prompt
     # per decode token, per layer:
     engine.place(layer, k_new, v_new)                          # the step's token, on the device
     out = engine.step(layer, q, keep, scale)                   # policy → attention output

@@ -1,8 +1,8 @@
 """The device tier of one layer: the tokens that stay on the model's device, and the moves of
 the others to the host store.
 
-Both integrations keep their layer's tokens here (transformers' :class:`~hybridgen.hf.cache.HybridLayer`,
-FlexGen's :class:`~hybridgen.flexgen.layer_cache.FlexGenLayerCache`); they only translate layouts.
+The :class:`~hybridgen.engine.Engine` keeps one per layer; every front end's tokens live here
+(front ends only translate layouts).
 
 Layout: ``keys``/``values [b, hkv, n_dev, d]`` views of buffers with room to spare; the first
 ``min(sinks, total)`` are the sink tokens, the rest the most recent ones. Host tokens (layer

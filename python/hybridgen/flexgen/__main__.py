@@ -1,8 +1,8 @@
-"""``python -m hybridgen.flexgen``: see :mod:`hybridgen.flexgen.cli`."""
+"""``python -m hybridgen.flexgen``: the command line lives in :mod:`hybridgen.apps.flexgen.cli`."""
 
 import sys
 
-from .cli import main
+from ..apps.flexgen.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

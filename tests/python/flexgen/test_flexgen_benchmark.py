@@ -8,14 +8,14 @@ import pytest
 import torch
 from flexgen_support import ROOT, fo
 
-from hybridgen.flexgen import cli
+from hybridgen.apps.flexgen import cli
 
 
 def test_benchmark_runs_are_valid_flexgen_command_lines(bench, tmp_path):
     args = bench.parse_args(["--prompt-len", "1024", "--gen-len", "16", "--gpu-budget", "256", "--policy", "post_qkt"])
     assert args.model == "facebook/opt-1.3b" and args.out.name == "flexgen_offload_opt-1.3b_p1024_g16.json"
     parser = cli.build_parser(fo)
-    from hybridgen.flexgen.options import check_args
+    from hybridgen.apps.flexgen.options import check_args
 
     seen = {}
     for name in bench.VARIANTS:

@@ -1,4 +1,4 @@
-"""``python -m hybridgen.flexgen`` (hybridgen.flexgen.cli, options, tokenizer)."""
+"""``python -m hybridgen.flexgen`` (hybridgen.apps.flexgen.cli, options, tokenizer)."""
 
 import os
 import subprocess
@@ -8,9 +8,9 @@ import pytest
 import torch
 from flexgen_support import ROOT, fo
 
-from hybridgen.flexgen import cli
+from hybridgen.apps.flexgen import cli
 from hybridgen.flexgen import compat
-from hybridgen.flexgen import tokenizer
+from hybridgen.apps.flexgen import tokenizer
 
 
 # --- the command line -----------------------------------------------------------------------------------
@@ -51,7 +51,7 @@ def test_cli_refuses_bad_options(capsys, argv, match):
 
 
 def test_cli_parses_flexgen_and_hybrid_options_together():
-    from hybridgen.flexgen.options import check_args, hybrid_options
+    from hybridgen.apps.flexgen.options import check_args, hybrid_options
 
     parser = cli.build_parser(fo)
     args = parser.parse_args(["--model", "facebook/opt-1.3b", "--path", "_DUMMY_", "--prompt-len", "512", "--gen-len", "8",

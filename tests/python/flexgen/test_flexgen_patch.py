@@ -13,7 +13,7 @@ import torch
 from flexgen_support import AttentionRun, ExecutionEnv, OptConfig, ROOT, TINY, Task, TorchTensor, ValueHolder, decode_scenario, flex_policy, fo, generate, pb, run_attention
 
 from hybridgen import HybridConfig
-from hybridgen.flexgen import cli
+from hybridgen.apps.flexgen import cli
 from hybridgen.flexgen import compat
 import hybridgen.flexgen as hf
 

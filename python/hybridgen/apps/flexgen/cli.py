@@ -1,6 +1,6 @@
 """``python -m hybridgen.flexgen``: FlexGen's ``flex_opt`` command line with hybrid attention.
 
-Every ``flex_opt`` option works as before; the hybrid options (:mod:`hybridgen.flexgen.options`)
+Every ``flex_opt`` option works as before; the hybrid options (:mod:`hybridgen.apps.flexgen.options`)
 are added, the patch is applied around FlexGen's own ``run_flexgen``, and the hybrid telemetry is
 printed after FlexGen's report. ``--no-hybrid`` runs FlexGen unchanged through the same command.
 """
@@ -11,9 +11,9 @@ import argparse
 import sys
 from typing import Optional
 
-from .install import require_flexgen
+from ...flexgen.install import require_flexgen
 from .options import STAND_IN, add_hybrid_arguments, check_args, hybrid_options
-from .patch import patch, unpatch
+from ...flexgen.patch import patch, unpatch
 from .tokenizer import use_tokenizer
 
 __all__ = ["build_parser", "main", "run", "timings"]

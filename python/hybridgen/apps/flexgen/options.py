@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import MERGES, HybridConfig
-from .compat import FLEXGEN_POLICIES, FlexSettings, check_config, placement
+from ...config import MERGES, HybridConfig
+from ...flexgen.compat import FLEXGEN_POLICIES, FlexSettings, check_config, placement
 
 __all__ = ["STAND_IN", "add_hybrid_arguments", "check_args", "hybrid_options"]
 
