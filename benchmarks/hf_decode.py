@@ -25,8 +25,8 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from hybridgen import HybridConfig
-from hybridgen.data import assets
 from hybridgen.apps.bench import machine_info
+from hybridgen.data import assets
 from hybridgen.hf import HybridCache, patch, unpatch
 from hybridgen.hf.compat import cache_arg
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINTS = ROOT / "python" / "constraints.txt"

@@ -188,7 +188,7 @@ def device_partial(
     ``kernels``: use the CUDA kernels (None: whenever the tensors are on a CUDA device).
     """
     b, hq, d = q.shape
-    hkv, n = keys.shape[1], keys.shape[2]
+    n = keys.shape[2]
     if n == 0:
         return q.new_zeros((b, hq, d), dtype=torch.float32), q.new_full((b, hq), float("-inf"), dtype=torch.float32)
     if _kernels(q, keys, kernels):

@@ -26,7 +26,8 @@ from collections import Counter
 
 import numpy as np
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hybridgen import _native
 

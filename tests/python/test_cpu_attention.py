@@ -6,10 +6,10 @@ magnitude: 1e-5 for float32 storage, 2e-3 for float16/bfloat16 storage.
 """
 
 import pytest
+import reference as ref
 import torch
 
 import hybridgen
-import reference as ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [  # (batch, kv_heads, group, head_dim, host tokens)

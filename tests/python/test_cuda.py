@@ -4,13 +4,12 @@ CUDA-only options fail with clear errors. What needs a GPU is in test_cuda_devic
 
 import pytest
 import torch
+from tiny_models import greedy, prompts, tiny
 
 import hybridgen
-from hybridgen import HybridConfig, HostKVStore, _native, cuda
+from hybridgen import HostKVStore, HybridConfig, _native, cuda
 from hybridgen.hf.patch import is_patched
 from hybridgen.timing import between, mark, seconds
-
-from tiny_models import greedy, prompts, tiny
 
 ENTRIES = ("split_attention_f16", "split_attention_bf16", "split_attention_f32", "merge_partials")
 NO_GPU = not torch.cuda.is_available()

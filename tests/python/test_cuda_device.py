@@ -21,13 +21,12 @@ import sys
 
 import pytest
 import torch
+from tiny_models import greedy, prompts, tiny
 
 import hybridgen
-from hybridgen import HybridConfig, HostKVStore, _native, cuda
+from hybridgen import HostKVStore, HybridConfig, _native, cuda
 from hybridgen.attention import hybrid_attention, pre_qkt_positions
 from hybridgen.hf.compat import cache_arg
-
-from tiny_models import greedy, prompts, tiny
 
 pytestmark = pytest.mark.gpu
 

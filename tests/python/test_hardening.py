@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from hybridgen import HybridConfig, HostKVStore, _native
+from hybridgen import HostKVStore, HybridConfig, _native
 from hybridgen.ops import merge_partials
 from hybridgen.telemetry import StepRecord, Telemetry
 

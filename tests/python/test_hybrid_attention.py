@@ -2,12 +2,11 @@
 attention over all tokens, in both merge modes, with GQA, sinks and left-padding masks."""
 
 import pytest
+import reference as ref
 import torch
 
 import hybridgen
 from hybridgen.attention import hybrid_attention
-
-import reference as ref
 
 
 def setup(b, hkv, g, d, n, sinks, budget, dtype, gen):

@@ -14,14 +14,12 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-
 import ipykernel  # noqa: F401  (the test extra installs these; a missing one is a failure, not a skip)
 import matplotlib  # noqa: F401
 import nbclient
 import nbformat
+import pytest
 import transformers  # noqa: F401
-
 from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402  (installed with nbclient)
 from jupyter_client.manager import KernelManager  # noqa: E402
 

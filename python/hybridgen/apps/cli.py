@@ -30,6 +30,7 @@ def provenance() -> str:
     import torch
 
     import hybridgen
+
     from .. import _native, cuda
 
     p = cuda.probe()

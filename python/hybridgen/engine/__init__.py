@@ -14,11 +14,11 @@ layouts and call :class:`Engine`; nothing here imports a model framework.
 """
 
 from .clock import StepClock
+from .engine import Engine  # last: it makes policies, which use the modules above
 from .model_info import ModelInfo
 from .placement import Placement
+from .prompt import PromptRecorder
 from .store import make_store
 from .tier import DeviceTier
-from .prompt import PromptRecorder
-from .engine import Engine  # last: it makes policies, which use the modules above
 
 __all__ = ["DeviceTier", "Engine", "ModelInfo", "Placement", "PromptRecorder", "StepClock", "make_store"]

@@ -31,7 +31,6 @@ from .. import policies
 from ..config import HybridConfig
 from .clock import StepClock
 from .model_info import ModelInfo
-
 from .store import make_store
 from .tier import DeviceTier
 

@@ -29,8 +29,8 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from ..config import HybridConfig
-from ..hf import HybridCache, patch
 from ..guard import require_hybrid_run
+from ..hf import HybridCache, patch
 from ..hf.compat import cache_arg
 
 log = logging.getLogger(__name__)

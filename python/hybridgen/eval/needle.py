@@ -14,11 +14,11 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from ..data import haystack
 from ..config import HybridConfig
-from .replay import record_prefill, replay
+from ..data import haystack
 from ..guard import require_hybrid_run
 from ..hf.compat import cache_arg
+from .replay import record_prefill, replay
 
 #: Ten depths from the start (0) to the end (1) of the haystack.
 DEPTHS = tuple(i / 9 for i in range(10))

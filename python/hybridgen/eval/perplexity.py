@@ -15,9 +15,9 @@ import torch
 from tqdm import tqdm
 
 from ..config import HybridConfig
-from .replay import replay
 from ..guard import require_hybrid_run
 from ..hf.compat import cache_arg
+from .replay import replay
 
 
 @dataclass

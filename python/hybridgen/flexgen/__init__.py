@@ -18,9 +18,9 @@ when :func:`patch` is called.
 
 from .compat import FLEXGEN_POLICIES
 from .install import SUPPORTED_VERSION, flexgen_version
+from .layer_cache import FlexGenLayerCache
 from .patch import current_session, is_patched, patch, unpatch
 from .session import Session
-from .layer_cache import FlexGenLayerCache
 
 __all__ = [
     "FLEXGEN_POLICIES",

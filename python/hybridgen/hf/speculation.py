@@ -24,7 +24,7 @@ def speculative_query(decoder_layer, hidden_states: torch.Tensor, position_embed
         x = decoder_layer.input_layernorm(hidden_states)
         q = attn.q_proj(x).view(b, 1, -1, d).transpose(1, 2)
         cos, sin = position_embeddings
-        rotate = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb")
+        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         q, _ = rotate(q, q, cos, sin)
     else:  # OPT: learned positions are already in the hidden states; q is pre-scaled
         x = decoder_layer.self_attn_layer_norm(hidden_states) if decoder_layer.do_layer_norm_before else hidden_states

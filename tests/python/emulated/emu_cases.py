@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import launchers
 import numpy as np
 
-import launchers
 from hybridgen import _native
 
 DTYPES = ("f16", "bf16", "f32")

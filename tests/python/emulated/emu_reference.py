@@ -4,9 +4,8 @@ and the merges of those partials with and without the CPU's partial."""
 
 from __future__ import annotations
 
-import numpy as np
-
 import launchers
+import numpy as np
 
 
 def sequence(c):

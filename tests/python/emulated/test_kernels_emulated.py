@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "emulation"))
 
 import build  # noqa: E402
 import emu_cases  # noqa: E402
-import launchers  # noqa: E402
 import emu_reference  # noqa: E402
+import launchers  # noqa: E402
 import runner  # noqa: E402
 
 pytestmark = pytest.mark.emulated

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from reference import attention as ref_attention
-from reference import expand_kv, logits as ref_logits
+from reference import expand_kv
+from reference import logits as ref_logits
 
 from hybridgen import HybridConfig
 from hybridgen.config import POLICIES

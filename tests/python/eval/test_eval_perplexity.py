@@ -3,10 +3,10 @@ selection changes it, and bad arguments are rejected."""
 
 import pytest
 import torch
+from tiny_models import tiny, tiny_model_dir
 
 from hybridgen import HybridConfig
 from hybridgen.eval import decode_perplexity
-from tiny_models import tiny, tiny_model_dir
 
 
 def text(n=120):

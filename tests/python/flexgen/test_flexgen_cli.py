@@ -8,9 +8,8 @@ import pytest
 import torch
 from flexgen_support import ROOT, fo
 
-from hybridgen.apps.flexgen import cli
+from hybridgen.apps.flexgen import cli, tokenizer
 from hybridgen.flexgen import compat
-from hybridgen.apps.flexgen import tokenizer
 
 
 # --- the command line -----------------------------------------------------------------------------------

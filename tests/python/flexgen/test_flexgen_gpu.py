@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from flexgen_support import ExecutionEnv, OptConfig, ROOT, TINY, flex_policy, fo
+from flexgen_support import ROOT, TINY, ExecutionEnv, OptConfig, flex_policy, fo
 
 import hybridgen.flexgen as hf
 

@@ -10,13 +10,27 @@ import sys
 import numpy as np
 import pytest
 import torch
-from flexgen_support import AttentionRun, ExecutionEnv, OptConfig, ROOT, TINY, Task, TorchTensor, ValueHolder, decode_scenario, flex_policy, fo, generate, pb, run_attention
+from flexgen_support import (
+    ROOT,
+    TINY,
+    AttentionRun,
+    ExecutionEnv,
+    OptConfig,
+    Task,
+    TorchTensor,
+    ValueHolder,
+    decode_scenario,
+    flex_policy,
+    fo,
+    generate,
+    pb,
+    run_attention,
+)
 
+import hybridgen.flexgen as hf
 from hybridgen import HybridConfig
 from hybridgen.apps.flexgen import cli
 from hybridgen.flexgen import compat
-import hybridgen.flexgen as hf
-
 
 # --- the patched SelfAttention vs FlexGen's, through FlexGen's cache protocol -----------------------
 

@@ -4,11 +4,12 @@ tokens live on the host, batch 2 with left padding, both merge modes, 64 greedy 
 
 import pytest
 import torch
+from tiny_models import greedy, prompts, tiny
 
 import hybridgen
 from hybridgen import HybridConfig
 from hybridgen.hf.compat import cache_arg, output_cache
-from tiny_models import greedy, prompts, tiny
+
 
 @pytest.mark.parametrize("merge", ["lse", "concat"])
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "opt"])

@@ -4,12 +4,12 @@ a cache chosen by the user warns once, the version range is checked up front."""
 
 import gc
 import re
-import tomllib
 import warnings
 import weakref
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 import transformers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LlamaModel

@@ -4,11 +4,11 @@ tensors they are, and exact mode must equal the model's own attention at batch 1
 
 import pytest
 import torch
+from tiny_models import VOCAB, greedy, prompts
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import hybridgen
 from hybridgen import HybridConfig
-from tiny_models import VOCAB, greedy, prompts
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

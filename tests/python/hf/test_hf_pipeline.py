@@ -4,10 +4,10 @@ telemetry reports the CPU time that ran while the device worked."""
 
 import pytest
 import torch
+from tiny_models import greedy, prompts, tiny
 
 import hybridgen
 from hybridgen import HybridConfig
-from tiny_models import greedy, prompts, tiny
 
 
 @pytest.mark.parametrize("model_type", ["llama", "opt"])

@@ -9,8 +9,8 @@ from tiny_models import VOCAB, greedy, prompts, tiny
 import hybridgen
 from hybridgen import HybridConfig
 from hybridgen.config import POLICIES
-from hybridgen.policies import heavy_hitter, infinigen, table
 from hybridgen.hf.compat import cache_arg
+from hybridgen.policies import heavy_hitter, infinigen, table
 
 
 def run(model, ids, mask, steps, config):

@@ -43,7 +43,7 @@ def _latency(ax, rows: list[dict], record: dict) -> None:
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     colors = plt.get_cmap("tab10").colors
     others = [p for p in policies if p != "full"]
-    for i, policy in enumerate(policies):
+    for policy in policies:
         pts = sorted((r["context"], r["ms_per_token"]) for r in rows if r["policy"] == policy)
         xs, ys = zip(*pts)
         if policy == "full":

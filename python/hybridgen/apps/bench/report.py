@@ -49,6 +49,7 @@ def machine_info(device: torch.device) -> dict:
     import transformers
 
     import hybridgen
+
     from ... import _native
 
     cpu = platform.processor() or platform.machine()

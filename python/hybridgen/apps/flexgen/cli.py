@@ -12,8 +12,8 @@ import sys
 from typing import Optional
 
 from ...flexgen.install import require_flexgen
-from .options import STAND_IN, add_hybrid_arguments, check_args, hybrid_options
 from ...flexgen.patch import patch, unpatch
+from .options import STAND_IN, add_hybrid_arguments, check_args, hybrid_options
 from .tokenizer import use_tokenizer
 
 __all__ = ["build_parser", "main", "run", "timings"]
