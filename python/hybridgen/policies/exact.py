@@ -35,18 +35,24 @@ class FullPolicy(Policy):
         return device_only(tier, q, keep, scale, step, "full")
 
 
-class AllOnGpuPolicy(Policy):
-    names = ("aog",)
+class _AllOnHost:
+    """The placement of the baselines that keep every token in host memory (the step's new token
+    goes there after its step)."""
+
     keeps = "every token in host memory (only the step's new token on the device)"
-    runs = "device, after streaming all KV from the host"
-    bus = "all keys and values to the device, every step and layer"
-    exact = True
 
     def placement(self) -> Placement:
         return Placement(sinks=0, recent=0, evict_chunk=1)
 
     def selection(self):
         return "all", None
+
+
+class AllOnGpuPolicy(_AllOnHost, Policy):
+    names = ("aog",)
+    runs = "device, after streaming all KV from the host"
+    bus = "all keys and values to the device, every step and layer"
+    exact = True
 
     def decode(self, tier, q, keep, scale, step):
         store, idx = tier.store, tier.layer_idx
@@ -77,15 +83,9 @@ class AllOnGpuPolicy(Policy):
         )
 
 
-class AllOnCpuPolicy(HybridPolicy):
+class AllOnCpuPolicy(_AllOnHost, HybridPolicy):
+    """Exact unless speculative (:meth:`HybridPolicy.is_exact`)."""
+
     names = ("aoc",)
-    keeps = "every token in host memory (only the step's new token on the device)"
     runs = "CPU over all stored tokens (the new token's share on the device, LSE-merged)"
     bus = "q to the CPU, the output + LSE back"
-    exact = True
-
-    def placement(self) -> Placement:
-        return Placement(sinks=0, recent=0, evict_chunk=1)
-
-    def selection(self):
-        return "all", None
