@@ -9,14 +9,23 @@ Reports the median extra microseconds per layer and per step, and counts the cal
 native store per layer and step (the decode engine's contract: one).
 
     .venv/bin/python benchmarks/engine_overhead.py
+    .venv/bin/python benchmarks/engine_overhead.py --baseline 4a0d576 --rounds 5
+
+``--baseline REV`` measures another revision in the same run: its tree is checked out beside this
+one (a git worktree under ``target/``) with its own native core built there, and the two trees run
+this script in alternation, ``--rounds`` times each, so load on a shared machine falls on both; the
+record holds every round, the medians and the load average.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -84,13 +93,74 @@ def measure(layers: int, prompt: int, budget: int, steps: int) -> dict:
             "native_store_calls": dict(counter.calls)}
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def baseline_tree(rev: str) -> Path:
+    """A checkout of ``rev`` with its native core built (kept under target/ for the next run)."""
+    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    tree = ROOT / "target" / f"baseline-{sha}"
+    if not tree.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), sha], cwd=ROOT, check=True)
+    native = tree / "python" / "hybridgen" / "_native.abi3.so"
+    if not native.exists():
+        print(f"building the native core of {sha} (release; a few minutes the first time)", flush=True)
+        target = ROOT / "target" / "baseline-build"
+        subprocess.run(["cargo", "build", "--release", "--quiet", "--features", "python", "--lib"], cwd=tree,
+                       check=True, env={**os.environ, "CARGO_TARGET_DIR": str(target)})
+        native.write_bytes((target / "release" / "libhybridgen.so").read_bytes())
+    return tree
+
+
+def compare(args) -> int:
+    """This tree and ``args.baseline``'s in alternation (see the module docstring)."""
+    trees = {"baseline": baseline_tree(args.baseline), "current": ROOT}
+    rounds: dict = {name: [] for name in trees}
+    loads = []
+    for r in range(args.rounds):
+        for name, tree in trees.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "run.json"
+                cmd = [sys.executable, str(tree / "benchmarks" / "engine_overhead.py"), "--layers", str(args.layers),
+                       "--steps", str(args.steps), "--host-tokens", str(args.host_tokens), "--out", str(out)]
+                subprocess.run(cmd, cwd=tree, check=True, capture_output=True,
+                               env={**os.environ, "PYTHONPATH": str(tree / "python")})
+                rounds[name].append(json.loads(out.read_text())["results"])
+            loads.append(os.getloadavg()[0])
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    summary = {}
+    for name, runs in rounds.items():
+        summary[name] = [{"host_tokens": runs[0][i]["host_tokens"],
+                          "overhead_us_per_layer": statistics.median(run[i]["overhead_us_per_layer"] for run in runs),
+                          "native_store_calls_per_layer_step": runs[0][i]["native_store_calls_per_layer_step"]}
+                         for i in range(len(runs[0]))]
+    for i, row in enumerate(summary["current"]):
+        before = summary["baseline"][i]["overhead_us_per_layer"]
+        print(f"host tokens {row['host_tokens']:>5}: overhead per layer {before:6.0f} us ({args.baseline}) -> "
+              f"{row['overhead_us_per_layer']:6.0f} us (this tree), median of {args.rounds} alternating rounds; "
+              f"native store calls per layer and step {summary['baseline'][i]['native_store_calls_per_layer_step']:.2f}"
+              f" -> {row['native_store_calls_per_layer_step']:.2f}")
+    record = {"command": "python benchmarks/engine_overhead.py " + " ".join(sys.argv[1:]),
+              "machine": machine_info(torch.device("cpu")), "torch_threads": 1, "baseline": args.baseline,
+              "load_average_1min": {"min": min(loads), "max": max(loads)}, "medians": summary, "rounds": rounds}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--host-tokens", type=int, default=256, help="host tokens in the second configuration")
+    p.add_argument("--baseline", help="a git revision to measure in alternation with this tree")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds per tree (with --baseline)")
     p.add_argument("--out", type=Path, default=RESULTS / "engine_overhead.json")
     args = p.parse_args(argv)
+    if args.baseline:
+        return compare(args)
     torch.set_num_threads(1)  # the overhead, not the cores, is what this measures
     budget = 64
     rows = [measure(args.layers, 32, budget, args.steps),  # fits the device tier: host store empty
