@@ -4,12 +4,21 @@ Every method allocates its outputs with torch (or writes into ``out=`` tensors y
 calls into the Rust core, which releases the GIL while it works. Shapes use ``b`` = batch,
 ``hq`` = query heads, ``hkv`` = KV heads, ``d`` = head_dim, ``n`` = host tokens of a layer.
 
-Positions: host token ``i`` of a layer is logical position ``sinks + i`` (the first ``sinks``
-tokens never leave the device). All sequences of a batch advance in lockstep.
+Slots: the store is a pool of ``batch`` sequence slots, each with its own length per layer (a
+ragged batch, as a serving engine has). A new store has every slot in use; the layer-wide calls
+(:meth:`HostKVStore.append`, :meth:`~HostKVStore.evict`, :meth:`~HostKVStore.host_len`,
+:meth:`~HostKVStore.cpu_stage`...) treat the slots in use as one lockstep batch (``b`` = the
+number of slots in use, in slot order) and raise ``ValueError`` if their lengths differ. The
+per-slot calls (:meth:`~HostKVStore.add_slot`, :meth:`~HostKVStore.evict_slot`,
+:meth:`~HostKVStore.cpu_stage_slots`...) let sequences join, advance and leave independently.
+
+Positions: host token ``i`` of a sequence in a layer is its logical position ``sinks + i`` (the
+first ``sinks`` tokens never leave the device).
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import numpy as np
@@ -139,7 +148,11 @@ class HostKVStore:
         return self._native.evictable(layer)
 
     def tier_stats(self) -> dict:
-        """``{"near": {...}, "far": {...}}``: node, capacity, used bytes, key/value tokens."""
+        """``{"near": {...}, "far": {...}}``: node, capacity, used bytes, key/value tokens.
+
+        ``key_tokens``/``value_tokens`` count tokens of the whole batch (``token_bytes`` each;
+        exact for a lockstep batch); ``key_slot_tokens``/``value_slot_tokens`` count one per
+        (layer, slot, position)."""
         return self._native.tier_stats()
 
     @property
@@ -174,15 +187,117 @@ class HostKVStore:
         self._native.spill_keys(layer, m)
 
     def reset(self) -> None:
-        """Forgets every token (a new batch) and returns the memory to the OS."""
+        """Forgets every token of every slot (a new batch) and returns the memory to the OS.
+        The slots in use stay in use."""
         self._native.reset()
+
+    # --- request slots -----------------------------------------------------------------------
+    # A slot is one sequence: ``batch`` of them, each with its own length per layer. Rows of one
+    # slot are ``[hkv, m, d]`` (no batch axis).
+
+    @property
+    def active_slots(self) -> list[int]:
+        """The slots in use, ascending (all ``batch`` of them in a new store)."""
+        return self._native.active_slots
+
+    def add_slot(self) -> int:
+        """Takes a free slot (the lowest id) for a new sequence, empty in every layer.
+        Raises :class:`hybridgen.CapacityError` when every slot is in use."""
+        return self._native.add_slot()
+
+    def release_slot(self, slot: int) -> None:
+        """Forgets the tokens of ``slot`` (every layer), returns its memory to the OS and gives
+        the slot back to the pool (a finished request)."""
+        self._native.release_slot(slot)
+
+    def reset_slot(self, slot: int) -> None:
+        """Forgets the tokens of ``slot`` (every layer) and returns its memory; it stays in use."""
+        self._native.reset_slot(slot)
+
+    def slot_total_len(self, layer: int, slot: int) -> int:
+        """Logical length of ``slot`` in ``layer``: device plus host tokens."""
+        return self._native.slot_total_len(layer, slot)
+
+    def slot_host_len(self, layer: int, slot: int) -> int:
+        """Host tokens of ``slot`` in ``layer``."""
+        return self._native.slot_host_len(layer, slot)
+
+    def slot_far_key_len(self, layer: int, slot: int) -> int:
+        """Host tokens of ``slot`` in ``layer`` whose keys were spilled to the far tier."""
+        return self._native.slot_far_key_len(layer, slot)
+
+    def slot_evictable(self, layer: int, slot: int) -> int:
+        """Non-sink device tokens of ``slot`` in ``layer`` that :meth:`evict_slot` may move now."""
+        return self._native.slot_evictable(layer, slot)
+
+    def append_slot(self, layer: int, slot: int, n: int) -> None:
+        """Records ``n`` new device tokens of ``slot`` in ``layer``."""
+        self._native.append_slot(layer, slot, n)
+
+    def evict_slot(self, layer: int, slot: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Moves the oldest ``m`` non-sink device tokens of ``slot`` to the host.
+
+        ``keys``/``values``: ``[hkv, m, d]`` CPU tensors in the store's dtype, contiguous.
+        Raises :class:`hybridgen.CapacityError` (changing nothing) when the tiers are full.
+        """
+        self._native.evict_slot(layer, slot, keys, values)
+
+    def spill_slot_keys(self, layer: int, slot: int, m: int) -> None:
+        """Moves the ``m`` oldest near-tier keys of ``slot`` in ``layer`` to the far tier."""
+        self._native.spill_slot_keys(layer, slot, m)
+
+    def read_slot(self, layer: int, slot: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of host tokens ``[start, stop)`` of ``slot``: keys and values ``[hkv, stop-start, d]``."""
+        if stop < start:
+            raise ValueError(f"stop ({stop}) < start ({start})")
+        shape = (self.kv_heads, stop - start, self.head_dim)
+        k, v = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
+        self._native.read_slot(layer, slot, start, k, v)
+        return k, v
+
+    def slot_token_map(self, layer: int, slot: int) -> np.ndarray:
+        """``uint8 [slot_total_len]``: :class:`Tier` of every logical position's key of ``slot``."""
+        return self._native.slot_token_map(layer, slot)
+
+    def cpu_stage_slots(self, layer: int, slots, q: torch.Tensor, scale: float, merge: str, **kwargs) -> dict:
+        """The CPU stage over a ragged batch in one native call: row ``i`` is query ``q[i]``
+        over the host tokens of slot ``slots[i]`` only (rows run in parallel, GIL released).
+
+        Args:
+            slots: ``int64 [r]`` tensor or a list of ints; slots in use. A slot may appear in
+                several rows (e.g. several query rows of one request).
+            q: ``float32 [r, hq, d]`` (other float dtypes are converted).
+            scale: logit scale. merge: ``"lse"`` or ``"concat"``.
+            top_k: keep that many tokens per query head and row (``None``: all scored tokens).
+            positions: ``int64 [m]`` host token indices scored in every row, or ``[r, m]`` one
+                list per row (Pre-QKT); each index must exist in its row's slot.
+            host_mask: ``bool [r, w]``, ``w`` at least every row's host length; row ``i`` uses
+                its first ``host_len[i]`` columns; True = ignore the token.
+            isa_name: force an instruction set ("scalar", "avx2", "avx512", "neon").
+
+        Returns a dict: ``merge``; ``tokens`` (list, per row: tokens selected per head);
+        ``host_len`` (list, per row); ``width`` ``K`` (the largest ``tokens``); for ``"lse"``
+        ``out`` ``float32 [r, hq, d]`` and ``lse`` ``float32 [r, hq]`` (a row with no tokens:
+        zeros and ``-inf``); for ``"concat"`` ``logits`` ``float32 [r, hq, K]``, ``indices``
+        ``int64 [r, hq, K]`` (host token indices of the row's slot, in scored order) and
+        ``values`` ``[r, hq, K, d]`` in the store's dtype, row ``i`` filling its first
+        ``tokens[i]`` entries per head and padded with ``-inf`` logits, index ``-1`` and zero
+        values. Entries a merge does not produce are ``None``.
+        """
+        if isinstance(slots, (list, tuple)):
+            slots = torch.tensor([operator.index(s) for s in slots], dtype=torch.int64)
+        result = self._native.cpu_stage_slots(layer, slots, _float_query(q), float(scale), merge, **kwargs)
+        for key in ("out", "lse", "logits", "indices", "values"):
+            if result[key] is not None:
+                result[key] = torch.from_dlpack(result[key])
+        return result
 
     # --- reading ---------------------------------------------------------------------------
     def read(self, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of host tokens ``[start, stop)``: keys and values ``[b, hkv, stop-start, d]``."""
         if stop < start:
             raise ValueError(f"stop ({stop}) < start ({start})")
-        shape = (self.batch, self.kv_heads, stop - start, self.head_dim)
+        shape = (len(self.active_slots), self.kv_heads, stop - start, self.head_dim)
         k, v = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
         self._native.read(layer, start, k, v)
         return k, v

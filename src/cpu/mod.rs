@@ -6,6 +6,8 @@
 //!   vocabulary, the best one chosen at run time (`isa()`); every operation takes the `Isa` to
 //!   use, so tests and benchmarks force each one the CPU has. How the kernels stream memory
 //!   (software prefetch or not) is chosen at run time from the CPU vendor (`tuning()`).
+//! - Ragged batches (`ragged`): the stage over a list of query rows, each over its own
+//!   sequence's strips (a serving engine's request slots), in one call.
 //! - Threads (`split`): the kernels run on a pool of their own, sized by the environment
 //!   variable `HYBRIDGEN_THREADS` at first use (default: every CPU this process may run on);
 //!   small work stays on the calling thread.
@@ -17,6 +19,7 @@
 pub mod bandwidth;
 mod kernels;
 pub mod ops;
+pub mod ragged;
 pub mod simd;
 mod softmax;
 pub mod split;
@@ -24,6 +27,7 @@ pub mod stage;
 pub mod topk;
 
 pub use ops::{attend, gather_values, logits, partial_attention, Strips};
+pub use ragged::{ragged_selections, ragged_stage, RaggedArgs, RaggedOutputs, RowPositions};
 pub use simd::{cpu_vendor, isa, tuning, Isa, Tuning};
 pub use split::threads;
 pub use softmax::merge_partials;

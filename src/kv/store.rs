@@ -391,6 +391,12 @@ impl KvStore {
         self.uniform(layer, "far key counts", |s| s.far_keys)
     }
 
+    /// The most host tokens any active slot holds in `layer` (how far the strips are filled).
+    pub fn max_host_len(&self, layer: usize) -> Result<usize> {
+        self.check_layer(layer)?;
+        Ok(self.slots.active().iter().map(|&slot| self.seq(layer, slot).host).max().unwrap_or(0))
+    }
+
     /// Logical position of host token 0 (the sinks stay on the device before it).
     pub fn host_start(&self) -> usize {
         self.cfg.sinks

@@ -10,6 +10,7 @@ mod gpu;
 mod launch;
 mod ops;
 mod sched;
+mod slots;
 mod stage;
 mod store;
 mod tensor;

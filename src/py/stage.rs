@@ -97,7 +97,8 @@ struct Done {
     values: Option<Owned>,
     out: Option<Vec<f32>>,
     lse: Option<Vec<f32>>,
-    store_values: Option<(std::sync::Arc<crate::mem::HostBuffer>, usize)>,
+    /// The buffer, the offset of the first slot's strips, the strip stride.
+    store_values: Option<(std::sync::Arc<crate::mem::HostBuffer>, usize, usize)>,
 }
 
 pub(super) fn cpu_stage<'py>(
@@ -106,7 +107,8 @@ pub(super) fn cpu_stage<'py>(
     call: StageCall<'_, 'py>,
     outs: OutputArgs<'_, 'py>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let (b, d, dtype) = (st.batch, st.head_dim, st.dtype);
+    // The lockstep batch: the slots in use (rechecked against the strips under the lock).
+    let (b, d, dtype) = (st.lockstep_batch(), st.head_dim, st.dtype);
     let q = Tensor::import(call.q, "q", Elem::F32, &[Some(b), None, Some(d)])?;
     require_finite("q", &q, false)?;
     let hq = st.q_heads_of(&q, 1)?;
@@ -165,6 +167,9 @@ pub(super) fn cpu_stage<'py>(
     let done = run_core(py, move || -> crate::Result<Done> {
         let store = st.store.read();
         let strips = store.strips(layer)?;
+        if strips.batch() != b {
+            return crate::invalid!("the slots in use changed during the call ({b} → {})", strips.batch());
+        }
         let args = StageArgs { q: qs, q_heads: hq, scale, merge, top_k, positions: ps, mask: ms };
         let sel = args.selection(strips.len());
         let k = sel.tokens;
@@ -204,7 +209,8 @@ pub(super) fn cpu_stage<'py>(
             };
         }
         if merge == Merge::Concat && !sel.indexed {
-            done.store_values = Some((store.buffer(layer, Kind::Values), store.strip_bytes()));
+            let first = store.lockstep_slots()?.start * st.kv_heads * store.strip_bytes();
+            done.store_values = Some((store.buffer(layer, Kind::Values), first, store.strip_bytes()));
         }
         let mut scratch_guard = st.scratch.try_lock();
         let mut own_scratch = Scratch::default();
@@ -244,7 +250,7 @@ pub(super) fn cpu_stage<'py>(
         lse_v = None;
         logits_v = result!(logits, done.logits, [b, hq, k], Owned::F32);
         values_v = match done.store_values {
-            Some((buf, strip_bytes)) => Some(export_strips(py, buf, 0, [b, st.kv_heads, n, d], strip_bytes, dtype)?),
+            Some((buf, first, strip_bytes)) => Some(export_strips(py, buf, first, [b, st.kv_heads, n, d], strip_bytes, dtype)?),
             None => result!(values, done.values, [b, hq, k, d], std::convert::identity),
         };
     }

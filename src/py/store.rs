@@ -94,6 +94,72 @@ impl PyHostKvStore {
         Ok(l)
     }
 
+    /// The lockstep batch of the layer-wide calls: the slots in use (`batch` in a new store).
+    pub(super) fn lockstep_batch(&self) -> usize {
+        self.store.read().active_slots().len()
+    }
+
+    pub(super) fn slot(&self, slot: Int) -> PyResult<usize> {
+        let s = non_negative("slot", slot.clone())?;
+        if s >= self.batch {
+            return Err(PyValueError::new_err(format!(
+                "slot {} out of range: the store has {} slots (its batch)",
+                slot.get("slot")?,
+                self.batch
+            )));
+        }
+        Ok(s)
+    }
+
+    /// `evict` (every active slot, rows `[slots, kv_heads, m, d]`) or `evict_slot` (rows
+    /// `[kv_heads, m, d]`): one binding for both.
+    fn evict_rows(
+        &self,
+        py: Python<'_>,
+        layer: usize,
+        slot: Option<usize>,
+        keys: &Bound<'_, PyAny>,
+        values: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let rows = [Some(self.kv_heads), None, Some(self.head_dim)];
+        let shape: Vec<Option<usize>> = match slot {
+            Some(_) => rows.to_vec(),
+            None => std::iter::once(Some(self.lockstep_batch())).chain(rows).collect(),
+        };
+        let k = Tensor::import(keys, "keys", Elem::of(self.dtype), &shape)?;
+        let v = Tensor::import(values, "values", Elem::of(self.dtype), &shape)?;
+        if k.shape() != v.shape() {
+            return Err(PyValueError::new_err(format!(
+                "keys {:?} and values {:?} must have the same shape",
+                k.shape(),
+                v.shape()
+            )));
+        }
+        require_finite("keys", &k, false)?;
+        require_finite("values", &v, false)?;
+        let m = k.shape()[shape.len() - 2];
+        let (kb, vb) = (k.bytes(), v.bytes());
+        let failed = run_core(py, || -> crate::Result<Option<String>> {
+            let mut store = self.store.write();
+            // Lock the rows before they are written, so the first copy of them is asynchronous.
+            let held = match slot {
+                Some(slot) => store.slot_host_len(layer, slot)?,
+                None => store.max_host_len(layer)?,
+            };
+            let rows = (held + m).min(store.strip_tokens());
+            let failed = self.pinned.lock().as_mut().and_then(|p| p.grow(layer, rows * store.config().row_bytes()));
+            match slot {
+                Some(slot) => store.evict_slot(layer, slot, m, kb, vb)?,
+                None => store.evict(layer, m, kb, vb)?,
+            }
+            Ok(failed)
+        })?;
+        if let Some(msg) = failed {
+            PyErr::warn(py, &py.get_type::<pyo3::exceptions::PyResourceWarning>(), &std::ffi::CString::new(msg).unwrap_or_default(), 1)?;
+        }
+        Ok(())
+    }
+
     pub(super) fn q_heads_of(&self, t: &Tensor, axis: usize) -> PyResult<usize> {
         let h = t.shape()[axis];
         if h == 0 || h % self.kv_heads != 0 {
@@ -115,6 +181,8 @@ fn tier_dict<'py>(py: Python<'py>, t: &TierStats) -> PyResult<Bound<'py, PyDict>
     d.set_item("used_bytes", t.used_bytes)?;
     d.set_item("key_tokens", t.key_tokens)?;
     d.set_item("value_tokens", t.value_tokens)?;
+    d.set_item("key_slot_tokens", t.key_slot_tokens)?;
+    d.set_item("value_slot_tokens", t.value_slot_tokens)?;
     Ok(d)
 }
 
@@ -185,7 +253,7 @@ impl PyHostKvStore {
                 let make = |kind| PinnedStrips::new(store.buffer(l, kind), gpu.clone(), strips, strip_bytes);
                 pins.layers.push([make(Kind::Keys)?, make(Kind::Values)?]);
                 for strips in pins.layers[l].iter_mut() {
-                    strips.grow(store.host_len(l)? * store.config().row_bytes())?;
+                    strips.grow(store.max_host_len(l)? * store.config().row_bytes())?;
                 }
             }
             *pinned = Some(pins);
@@ -276,32 +344,7 @@ impl PyHostKvStore {
 
     fn evict(&self, py: Python<'_>, layer: Int, keys: &Bound<'_, PyAny>, values: &Bound<'_, PyAny>) -> PyResult<()> {
         let layer = self.layer(layer)?;
-        let shape = [Some(self.batch), Some(self.kv_heads), None, Some(self.head_dim)];
-        let k = Tensor::import(keys, "keys", Elem::of(self.dtype), &shape)?;
-        let v = Tensor::import(values, "values", Elem::of(self.dtype), &shape)?;
-        if k.shape() != v.shape() {
-            return Err(PyValueError::new_err(format!(
-                "keys {:?} and values {:?} must have the same shape",
-                k.shape(),
-                v.shape()
-            )));
-        }
-        require_finite("keys", &k, false)?;
-        require_finite("values", &v, false)?;
-        let m = k.shape()[2];
-        let (kb, vb) = (k.bytes(), v.bytes());
-        let failed = run_core(py, || -> crate::Result<Option<String>> {
-            let mut store = self.store.write();
-            // Lock the rows before they are written, so the first copy of them is asynchronous.
-            let rows = (store.host_len(layer)? + m).min(store.strip_tokens());
-            let failed = self.pinned.lock().as_mut().and_then(|p| p.grow(layer, rows * store.config().row_bytes()));
-            store.evict(layer, m, kb, vb)?;
-            Ok(failed)
-        })?;
-        if let Some(msg) = failed {
-            PyErr::warn(py, &py.get_type::<pyo3::exceptions::PyResourceWarning>(), &std::ffi::CString::new(msg).unwrap_or_default(), 1)?;
-        }
-        Ok(())
+        self.evict_rows(py, layer, None, keys, values)
     }
 
     fn spill_keys(&self, layer: Int, m: Int) -> PyResult<()> {
@@ -315,7 +358,8 @@ impl PyHostKvStore {
 
     fn read(&self, py: Python<'_>, layer: Int, start: Int, keys_out: &Bound<'_, PyAny>, values_out: &Bound<'_, PyAny>) -> PyResult<()> {
         let (layer, start) = (self.layer(layer)?, non_negative("start", start)?);
-        let shape = [Some(self.batch), Some(self.kv_heads), None, Some(self.head_dim)];
+        let nb = self.lockstep_batch();
+        let shape = [Some(nb), Some(self.kv_heads), None, Some(self.head_dim)];
         let k = Tensor::import(keys_out, "keys_out", Elem::of(self.dtype), &shape)?.writable("keys_out")?;
         let v = Tensor::import(values_out, "values_out", Elem::of(self.dtype), &shape)?.writable("values_out")?;
         distinct(&[("keys_out", &k), ("values_out", &v)])?;
@@ -337,17 +381,21 @@ impl PyHostKvStore {
         }
         let store = self.store.read();
         store.check_host_range(layer, start, stop - start)?;
-        let dims = [self.batch, self.kv_heads, stop - start, self.head_dim];
-        let offset = start * self.head_dim * self.dtype.size();
+        let slots = store.lockstep_slots()?;
+        let dims = [slots.len(), self.kv_heads, stop - start, self.head_dim];
+        let offset = slots.start * self.kv_heads * store.strip_bytes() + start * self.head_dim * self.dtype.size();
         export_strips(py, store.buffer(layer, kind), offset, dims, store.strip_bytes(), self.dtype)
     }
 
     fn token_map<'py>(&self, py: Python<'py>, layer: Int) -> PyResult<Bound<'py, PyArray2<u8>>> {
-        let map = self.store.read().token_map(self.layer(layer)?)?;
+        let (map, nb) = {
+            let store = self.store.read();
+            (store.token_map(self.layer(layer)?)?, store.active_slots().len())
+        };
         let row: Vec<u8> = map.iter().map(|&t| t as u8).collect();
         let total = row.len();
-        let all: Vec<u8> = std::iter::repeat_n(row, self.batch).flatten().collect();
-        Ok(numpy::PyArray1::from_vec(py, all).reshape([self.batch, total])?)
+        let all: Vec<u8> = std::iter::repeat_n(row, nb).flatten().collect();
+        Ok(numpy::PyArray1::from_vec(py, all).reshape([nb, total])?)
     }
 
     fn tier_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -376,17 +424,17 @@ impl PyHostKvStore {
         indices: Option<&Bound<'_, PyAny>>,
         isa_name: Option<&str>,
     ) -> PyResult<()> {
-        let (layer, isa) = (self.layer(layer)?, isa(isa_name)?);
-        let q = Tensor::import(q, "q", Elem::F32, &[Some(self.batch), None, Some(self.head_dim)])?;
+        let (layer, isa, nb) = (self.layer(layer)?, isa(isa_name)?, self.lockstep_batch());
+        let q = Tensor::import(q, "q", Elem::F32, &[Some(nb), None, Some(self.head_dim)])?;
         require_finite("q", &q, false)?;
         let hq = self.q_heads_of(&q, 1)?;
         let idx = indices
-            .map(|i| Tensor::import(i, "indices", Elem::I64, &[Some(self.batch), Some(self.kv_heads), None]))
+            .map(|i| Tensor::import(i, "indices", Elem::I64, &[Some(nb), Some(self.kv_heads), None]))
             .transpose()?;
         // Without indices the output covers every host token: its length is checked under the
         // same lock the logits are computed under (an eviction in between would change it).
         let n_out = idx.as_ref().map(|i| i.shape()[2]);
-        let out = Tensor::import(out, "out", Elem::F32, &[Some(self.batch), Some(hq), n_out])?.writable("out")?;
+        let out = Tensor::import(out, "out", Elem::F32, &[Some(nb), Some(hq), n_out])?.writable("out")?;
         let mut inputs = vec![("q", &q)];
         inputs.extend(idx.as_ref().map(|i| ("indices", i)));
         outputs_apart(&[("out", &out)], &inputs)?;
@@ -404,11 +452,11 @@ impl PyHostKvStore {
     }
 
     fn gather_values(&self, py: Python<'_>, layer: Int, indices: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>) -> PyResult<()> {
-        let layer = self.layer(layer)?;
-        let idx = Tensor::import(indices, "indices", Elem::I64, &[Some(self.batch), None, None])?;
+        let (layer, nb) = (self.layer(layer)?, self.lockstep_batch());
+        let idx = Tensor::import(indices, "indices", Elem::I64, &[Some(nb), None, None])?;
         let hq = self.q_heads_of(&idx, 1)?;
         let k = idx.shape()[2];
-        let out = Tensor::import(out, "out", Elem::of(self.dtype), &[Some(self.batch), Some(hq), Some(k), Some(self.head_dim)])?
+        let out = Tensor::import(out, "out", Elem::of(self.dtype), &[Some(nb), Some(hq), Some(k), Some(self.head_dim)])?
             .writable("out")?;
         outputs_apart(&[("out", &out)], &[("indices", &idx)])?;
         let (is, os) = (idx.slice::<i64>(), out.bytes_mut());
@@ -431,16 +479,16 @@ impl PyHostKvStore {
         indices: Option<&Bound<'_, PyAny>>,
         isa_name: Option<&str>,
     ) -> PyResult<()> {
-        let (layer, isa) = (self.layer(layer)?, isa(isa_name)?);
-        let x = Tensor::import(logits, "logits", Elem::F32, &[Some(self.batch), None, None])?;
+        let (layer, isa, nb) = (self.layer(layer)?, isa(isa_name)?, self.lockstep_batch());
+        let x = Tensor::import(logits, "logits", Elem::F32, &[Some(nb), None, None])?;
         require_finite("logits", &x, true)?;
         let hq = self.q_heads_of(&x, 1)?;
         let m = x.shape()[2];
         let idx = indices
-            .map(|i| Tensor::import(i, "indices", Elem::I64, &[Some(self.batch), Some(hq), Some(m)]))
+            .map(|i| Tensor::import(i, "indices", Elem::I64, &[Some(nb), Some(hq), Some(m)]))
             .transpose()?;
-        let out = Tensor::import(out, "out", Elem::F32, &[Some(self.batch), Some(hq), Some(self.head_dim)])?.writable("out")?;
-        let lse = Tensor::import(lse, "lse", Elem::F32, &[Some(self.batch), Some(hq)])?.writable("lse")?;
+        let out = Tensor::import(out, "out", Elem::F32, &[Some(nb), Some(hq), Some(self.head_dim)])?.writable("out")?;
+        let lse = Tensor::import(lse, "lse", Elem::F32, &[Some(nb), Some(hq)])?.writable("lse")?;
         let mut inputs = vec![("logits", &x)];
         inputs.extend(idx.as_ref().map(|i| ("indices", i)));
         outputs_apart(&[("out", &out), ("lse", &lse)], &inputs)?;
@@ -451,6 +499,121 @@ impl PyHostKvStore {
             cpu::partial_attention(isa, &store.strips(layer)?, xs, hq, is, os, ls)
         })?;
         Ok(())
+    }
+
+    // --- request slots ---------------------------------------------------------------------
+
+    /// Takes a free slot (lowest id) for a new sequence; CapacityError when every slot is in use.
+    fn add_slot(&self) -> PyResult<usize> {
+        Ok(self.store.write().add_slot()?)
+    }
+
+    /// Forgets the tokens of `slot` (every layer) and gives it back to the pool.
+    fn release_slot(&self, py: Python<'_>, slot: Int) -> PyResult<()> {
+        let slot = self.slot(slot)?;
+        run_core(py, || self.store.write().release_slot(slot))
+    }
+
+    /// Forgets the tokens of `slot` (every layer); the slot stays in use.
+    fn reset_slot(&self, py: Python<'_>, slot: Int) -> PyResult<()> {
+        let slot = self.slot(slot)?;
+        run_core(py, || self.store.write().reset_slot(slot))
+    }
+
+    #[getter]
+    fn active_slots(&self) -> Vec<usize> {
+        self.store.read().active_slots()
+    }
+
+    fn slot_total_len(&self, layer: Int, slot: Int) -> PyResult<usize> {
+        Ok(self.store.read().slot_total_len(self.layer(layer)?, self.slot(slot)?)?)
+    }
+    fn slot_host_len(&self, layer: Int, slot: Int) -> PyResult<usize> {
+        Ok(self.store.read().slot_host_len(self.layer(layer)?, self.slot(slot)?)?)
+    }
+    fn slot_far_key_len(&self, layer: Int, slot: Int) -> PyResult<usize> {
+        Ok(self.store.read().slot_far_key_len(self.layer(layer)?, self.slot(slot)?)?)
+    }
+    fn slot_evictable(&self, layer: Int, slot: Int) -> PyResult<usize> {
+        Ok(self.store.read().slot_evictable(self.layer(layer)?, self.slot(slot)?)?)
+    }
+
+    fn append_slot(&self, layer: Int, slot: Int, n: Int) -> PyResult<()> {
+        let (layer, slot, n) = (self.layer(layer)?, self.slot(slot)?, non_negative("n", n)?);
+        Ok(self.store.write().append_slot(layer, slot, n)?)
+    }
+
+    /// Moves the `m` oldest non-sink device tokens of `slot`: rows `[kv_heads, m, d]`.
+    fn evict_slot(&self, py: Python<'_>, layer: Int, slot: Int, keys: &Bound<'_, PyAny>, values: &Bound<'_, PyAny>) -> PyResult<()> {
+        let (layer, slot) = (self.layer(layer)?, self.slot(slot)?);
+        self.evict_rows(py, layer, Some(slot), keys, values)
+    }
+
+    fn spill_slot_keys(&self, layer: Int, slot: Int, m: Int) -> PyResult<()> {
+        let (layer, slot, m) = (self.layer(layer)?, self.slot(slot)?, non_negative("m", m)?);
+        Ok(self.store.write().spill_slot_keys(layer, slot, m)?)
+    }
+
+    /// Copies host tokens `[start, start+len)` of `slot` into `[kv_heads, len, d]` outputs.
+    #[allow(clippy::too_many_arguments)]
+    fn read_slot(
+        &self,
+        py: Python<'_>,
+        layer: Int,
+        slot: Int,
+        start: Int,
+        keys_out: &Bound<'_, PyAny>,
+        values_out: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let (layer, slot, start) = (self.layer(layer)?, self.slot(slot)?, non_negative("start", start)?);
+        let shape = [Some(self.kv_heads), None, Some(self.head_dim)];
+        let k = Tensor::import(keys_out, "keys_out", Elem::of(self.dtype), &shape)?.writable("keys_out")?;
+        let v = Tensor::import(values_out, "values_out", Elem::of(self.dtype), &shape)?.writable("values_out")?;
+        distinct(&[("keys_out", &k), ("values_out", &v)])?;
+        let len = k.shape()[1];
+        if v.shape()[1] != len {
+            return Err(PyValueError::new_err("keys_out and values_out must have the same shape"));
+        }
+        let (kb, vb) = (k.bytes_mut(), v.bytes_mut());
+        run_core(py, || self.store.read().read_slot(layer, slot, start, len, kb, vb))?;
+        Ok(())
+    }
+
+    /// `uint8 [total]`: the tier of every logical position's key of `slot` in `layer`.
+    fn slot_token_map<'py>(&self, py: Python<'py>, layer: Int, slot: Int) -> PyResult<Bound<'py, numpy::PyArray1<u8>>> {
+        let map = self.store.read().slot_token_map(self.layer(layer)?, self.slot(slot)?)?;
+        Ok(numpy::PyArray1::from_vec(py, map.iter().map(|&t| t as u8).collect()))
+    }
+
+    /// The CPU stage over a ragged batch of query rows, each over its own slot's host tokens, in
+    /// one call (see `cpu::ragged` for the semantics and `py::slots` for the arguments).
+    #[pyo3(signature = (layer, slots, q, scale, merge, top_k=None, positions=None, host_mask=None, isa_name=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn cpu_stage_slots<'py>(
+        &self,
+        py: Python<'py>,
+        layer: Int,
+        slots: &Bound<'py, PyAny>,
+        q: &Bound<'py, PyAny>,
+        scale: f32,
+        merge: &str,
+        top_k: Option<Int>,
+        positions: Option<&Bound<'py, PyAny>>,
+        host_mask: Option<&Bound<'py, PyAny>>,
+        isa_name: Option<&str>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let call = super::slots::SlotsCall {
+            layer: self.layer(layer)?,
+            isa: isa(isa_name)?,
+            slots,
+            q,
+            scale,
+            merge: Merge::parse(merge)?,
+            top_k: top_k.map(|k| non_negative("top_k", k)).transpose()?,
+            positions,
+            host_mask,
+        };
+        super::slots::cpu_stage_slots(self, py, call)
     }
 
     /// The CPU stage of one decode step over the host tokens of `layer` in one call (see
