@@ -3,6 +3,8 @@
 //! every CPU test and corrupt memory on a GPU. The launch argument lists are read from the
 //! launcher's source, so neither side is restated here. Needs NVRTC (torch's, see tests/run.sh).
 
+mod common;
+
 use hybridgen::gpu::{kernels, probe};
 
 const DEVICE_RS: &str = include_str!("../src/gpu/device.rs");
@@ -72,7 +74,10 @@ fn compatible(ptx_ty: &str, size: usize) -> bool {
 #[test]
 fn entry_parameters_match_the_launchers() {
     if !probe::nvrtc_loadable() {
-        eprintln!("SKIPPED entry_parameters_match_the_launchers: NVRTC is not loadable (put torch's nvidia/cu13/lib on LD_LIBRARY_PATH, as tests/run.sh does)");
+        common::skipped(
+            "entry_parameters_match_the_launchers",
+            "NVRTC is not loadable (put torch's nvidia/cu13/lib on LD_LIBRARY_PATH, as tests/run.sh does)",
+        );
         return;
     }
     let ptx = kernels::compile("compute_80").expect("NVRTC compiles the kernels");

@@ -92,7 +92,7 @@ impl<'a> Strips<'a> {
         for (name, buf) in [("keys", keys), ("values", values)] {
             ensure!(buf.len() >= need, "{name} hold {} bytes, the strips need {need}", buf.len());
             ensure!(
-                (buf.as_ptr() as usize) % dtype.size() == 0 && strip_bytes % dtype.size() == 0,
+                (buf.as_ptr() as usize).is_multiple_of(dtype.size()) && strip_bytes.is_multiple_of(dtype.size()),
                 "{name} are not aligned for {dtype}"
             );
         }
@@ -165,7 +165,7 @@ impl<'a> Strips<'a> {
     /// Number of query heads per KV head.
     pub(crate) fn group(&self, q_heads: usize) -> Result<usize> {
         ensure!(
-            q_heads > 0 && q_heads % self.kv_heads == 0,
+            q_heads > 0 && q_heads.is_multiple_of(self.kv_heads),
             "q_heads ({q_heads}) must be a positive multiple of kv_heads ({})",
             self.kv_heads
         );
@@ -295,7 +295,7 @@ pub fn gather_values(s: &Strips<'_>, indices: &[i64], q_heads: usize, out: &mut 
     let g = s.group(q_heads)?;
     let rows = s.batch * q_heads;
     ensure!(
-        indices.len() % rows == 0,
+        indices.len().is_multiple_of(rows),
         "value indices must be [batch, q_heads, k]; {} entries for {} × {q_heads}",
         indices.len(),
         s.batch
@@ -378,7 +378,7 @@ pub fn partial_attention(
     let d = s.head_dim;
     let rows = s.batch * q_heads;
     ensure!(
-        logits.len() % rows == 0,
+        logits.len().is_multiple_of(rows),
         "logits must be [batch, q_heads, m]; {} entries for {} × {q_heads}",
         logits.len(),
         s.batch

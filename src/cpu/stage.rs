@@ -159,12 +159,12 @@ fn stage(isa: Isa, s: &Strips<'_>, a: &StageArgs<'_>, out: StageOutputs<'_>, scr
     let k = sel.tokens;
     let StageOutputs { out, lse, logits: logits_out, indices: indices_out, values } = out;
 
-    if !a.top_k.is_some_and(|top| top < m) && a.positions.is_none() && a.merge == Merge::Lse {
+    if a.top_k.is_none_or(|top| top >= m) && a.positions.is_none() && a.merge == Merge::Lse {
         // Attention over every host token: fused, the logits never leave the cache.
         attend(isa, s, a.q, hq, a.scale, a.mask, out, lse)?;
         return Ok(sel);
     }
-    if !a.top_k.is_some_and(|top| top < m) {
+    if a.top_k.is_none_or(|top| top >= m) {
         // The scored tokens are the selection: score straight into the result.
         let x = match a.merge {
             Merge::Concat => logits_out,
@@ -174,8 +174,8 @@ fn stage(isa: Isa, s: &Strips<'_>, a: &StageArgs<'_>, out: StageOutputs<'_>, scr
         let idx = match a.positions {
             Some(p) => {
                 let idx = if indices_out.is_empty() { take(&mut scratch.indices, rows * m) } else { indices_out };
-                if m > 0 {
-                    let serial = min_len(idx.len() / m, idx.len() * 8);
+                if let Some(lists) = idx.len().checked_div(m) {
+                    let serial = min_len(lists, idx.len() * 8);
                     idx.par_chunks_mut(m).with_min_len(serial).for_each(|row| row.copy_from_slice(p));
                 }
                 Some(&*idx)

@@ -17,7 +17,7 @@ use crate::error::Result;
 /// earlier token, so the result is deterministic.
 pub fn topk(logits: &[f32], n: usize, k: usize, out_idx: &mut [i64], out_val: &mut [f32]) -> Result<()> {
     ensure!(n > 0, "top-k over zero tokens");
-    ensure!(logits.len() % n == 0, "logits length {} is not a multiple of n = {n}", logits.len());
+    ensure!(logits.len().is_multiple_of(n), "logits length {} is not a multiple of n = {n}", logits.len());
     let rows = logits.len() / n;
     ensure!(k > 0, "k must be positive, got 0");
     ensure!(k <= n, "k = {k} is larger than the number of tokens ({n})");

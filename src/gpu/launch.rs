@@ -93,7 +93,7 @@ fn dim(what: &str, v: usize, max: usize) -> Result<u32> {
 /// The `split_attention` launch for `splits` slices of `tokens` tokens.
 pub fn split_attention(batch: usize, q_heads: usize, kv_heads: usize, head_dim: usize, tokens: usize, splits: usize) -> Result<SplitLaunch> {
     ensure!((1..=MAX_HEAD_DIM).contains(&head_dim), "head_dim must be in 1..={MAX_HEAD_DIM}, got {head_dim}");
-    ensure!(kv_heads > 0 && q_heads % kv_heads == 0, "query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})");
+    ensure!(kv_heads > 0 && q_heads.is_multiple_of(kv_heads), "query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})");
     ensure!((1..=GRID_YZ_MAX).contains(&splits), "splits must be in 1..={GRID_YZ_MAX}, got {splits}");
     ensure!(tokens <= i32::MAX as usize, "{tokens} tokens do not fit the kernel's 32-bit token index");
     let chunks = head_chunks(q_heads, kv_heads);

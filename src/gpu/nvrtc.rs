@@ -25,20 +25,33 @@ type Status = c_int;
 pub struct Nvrtc {
     /// The file name or path the library was loaded from.
     pub source: String,
-    version: unsafe extern "C" fn(*mut c_int, *mut c_int) -> Status,
-    error_string: unsafe extern "C" fn(Status) -> *const c_char,
-    create: unsafe extern "C" fn(*mut Program, *const c_char, *const c_char, c_int, *const *const c_char, *const *const c_char) -> Status,
-    compile: unsafe extern "C" fn(Program, c_int, *const *const c_char) -> Status,
-    destroy: unsafe extern "C" fn(*mut Program) -> Status,
-    log_size: unsafe extern "C" fn(Program, *mut usize) -> Status,
-    log: unsafe extern "C" fn(Program, *mut c_char) -> Status,
-    ptx_size: unsafe extern "C" fn(Program, *mut usize) -> Status,
-    ptx: unsafe extern "C" fn(Program, *mut c_char) -> Status,
-    cubin_size: unsafe extern "C" fn(Program, *mut usize) -> Status,
-    cubin: unsafe extern "C" fn(Program, *mut c_char) -> Status,
-    num_archs: unsafe extern "C" fn(*mut c_int) -> Status,
-    archs: unsafe extern "C" fn(*mut c_int) -> Status,
+    version: VersionFn,
+    error_string: ErrorStringFn,
+    create: CreateFn,
+    compile: CompileFn,
+    destroy: DestroyFn,
+    log_size: SizeFn,
+    log: BytesFn,
+    ptx_size: SizeFn,
+    ptx: BytesFn,
+    cubin_size: SizeFn,
+    cubin: BytesFn,
+    num_archs: ArchsFn,
+    archs: ArchsFn,
 }
+
+// The C signatures of the NVRTC functions used (nvrtc.h, stable since CUDA 11).
+type VersionFn = unsafe extern "C" fn(*mut c_int, *mut c_int) -> Status;
+type ErrorStringFn = unsafe extern "C" fn(Status) -> *const c_char;
+type CreateFn =
+    unsafe extern "C" fn(*mut Program, *const c_char, *const c_char, c_int, *const *const c_char, *const *const c_char) -> Status;
+type CompileFn = unsafe extern "C" fn(Program, c_int, *const *const c_char) -> Status;
+type DestroyFn = unsafe extern "C" fn(*mut Program) -> Status;
+/// `nvrtcGetProgramLogSize`, `nvrtcGetPTXSize`, `nvrtcGetCUBINSize`.
+type SizeFn = unsafe extern "C" fn(Program, *mut usize) -> Status;
+/// `nvrtcGetProgramLog`, `nvrtcGetPTX`, `nvrtcGetCUBIN`.
+type BytesFn = unsafe extern "C" fn(Program, *mut c_char) -> Status;
+type ArchsFn = unsafe extern "C" fn(*mut c_int) -> Status;
 
 // SAFETY: NVRTC's API is thread-safe (each program object is used by one call sequence here) and
 // the function pointers point into a library that is never unloaded.
@@ -140,32 +153,32 @@ fn load(name: &str) -> Option<Nvrtc> {
         return None;
     }
     macro_rules! sym {
-        ($name:literal) => {{
+        ($name:literal, $ty:ty) => {{
             // SAFETY: the symbol name is NUL-terminated; a missing symbol gives null, refused below.
             let p = unsafe { libc::dlsym(handle, concat!($name, "\0").as_ptr().cast()) };
             if p.is_null() {
                 return None;
             }
             // SAFETY: the symbol is NVRTC's function of that name; its C signature is the one of
-            // the field it is stored in (nvrtc.h, stable since CUDA 11).
-            unsafe { std::mem::transmute::<*mut c_void, _>(p) }
+            // the field it is stored in, `$ty` (nvrtc.h, stable since CUDA 11).
+            unsafe { std::mem::transmute::<*mut c_void, $ty>(p) }
         }};
     }
     Some(Nvrtc {
         source: name.to_string(),
-        version: sym!("nvrtcVersion"),
-        error_string: sym!("nvrtcGetErrorString"),
-        create: sym!("nvrtcCreateProgram"),
-        compile: sym!("nvrtcCompileProgram"),
-        destroy: sym!("nvrtcDestroyProgram"),
-        log_size: sym!("nvrtcGetProgramLogSize"),
-        log: sym!("nvrtcGetProgramLog"),
-        ptx_size: sym!("nvrtcGetPTXSize"),
-        ptx: sym!("nvrtcGetPTX"),
-        cubin_size: sym!("nvrtcGetCUBINSize"),
-        cubin: sym!("nvrtcGetCUBIN"),
-        num_archs: sym!("nvrtcGetNumSupportedArchs"),
-        archs: sym!("nvrtcGetSupportedArchs"),
+        version: sym!("nvrtcVersion", VersionFn),
+        error_string: sym!("nvrtcGetErrorString", ErrorStringFn),
+        create: sym!("nvrtcCreateProgram", CreateFn),
+        compile: sym!("nvrtcCompileProgram", CompileFn),
+        destroy: sym!("nvrtcDestroyProgram", DestroyFn),
+        log_size: sym!("nvrtcGetProgramLogSize", SizeFn),
+        log: sym!("nvrtcGetProgramLog", BytesFn),
+        ptx_size: sym!("nvrtcGetPTXSize", SizeFn),
+        ptx: sym!("nvrtcGetPTX", BytesFn),
+        cubin_size: sym!("nvrtcGetCUBINSize", SizeFn),
+        cubin: sym!("nvrtcGetCUBIN", BytesFn),
+        num_archs: sym!("nvrtcGetNumSupportedArchs", ArchsFn),
+        archs: sym!("nvrtcGetSupportedArchs", ArchsFn),
     })
 }
 

@@ -136,7 +136,7 @@ impl PinnedStrips {
     /// Nothing registered yet: call [`PinnedStrips::grow`].
     pub fn new(buf: Arc<HostBuffer>, gpu: Arc<Gpu>, strips: usize, strip_bytes: usize) -> Result<Self> {
         let fits = strips.checked_mul(strip_bytes).is_some_and(|n| n <= buf.len());
-        if !fits || strip_bytes % crate::mem::PAGE_SIZE != 0 {
+        if !fits || !strip_bytes.is_multiple_of(crate::mem::PAGE_SIZE) {
             return Err(Error::InvalidArgument(format!(
                 "{strips} strips of {strip_bytes} bytes (page-aligned) do not fit a {}-byte buffer",
                 buf.len()
@@ -202,7 +202,7 @@ mod tests {
         let (mut prefix, mut steps) = (0, 0);
         for needed in (0..=strip).step_by(256 * 1024) {
             let next = grown_prefix(prefix, needed, strip);
-            assert!(next >= needed && next % page == 0 && next <= strip);
+            assert!(next >= needed && next.is_multiple_of(page) && next <= strip);
             steps += (next != prefix) as usize;
             prefix = next;
         }

@@ -370,7 +370,7 @@ impl KvStore {
         let active = self.slots.active();
         let (a, n) = (active.first().copied().unwrap_or(0), active.len());
         ensure!(
-            active.last().map_or(true, |&last| last + 1 - a == n),
+            active.last().is_none_or(|&last| last + 1 - a == n),
             "the active slots {active:?} are not contiguous: use the per-slot calls (cpu_stage_slots)"
         );
         Ok(a..a + n)
@@ -475,7 +475,7 @@ impl KvStore {
     fn append_to(&mut self, layer: usize, slots: &[usize], n: usize) -> Result<()> {
         for &slot in slots {
             let total = self.seq(layer, slot).total;
-            if total.checked_add(n).map_or(true, |t| t > MAX_TOKENS) {
+            if total.checked_add(n).is_none_or(|t| t > MAX_TOKENS) {
                 return crate::invalid!(
                     "appending {n} tokens to layer {layer} (slot {slot} holding {total}) exceeds the {MAX_TOKENS} tokens a layer may hold"
                 );

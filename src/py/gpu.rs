@@ -329,7 +329,7 @@ impl PyPinnedHostBuffer {
     fn view(&self, py: Python<'_>, dtype: &str, count: usize, offset: usize) -> PyResult<Py<PyAny>> {
         let dt = DType::parse(dtype).map_err(PyErr::from)?;
         let end = offset + count * dt.size();
-        if end > self.inner.buffer().len() || offset % dt.size() != 0 {
+        if end > self.inner.buffer().len() || !offset.is_multiple_of(dt.size()) {
             return Err(PyValueError::new_err(format!(
                 "{count} {dtype} elements at byte {offset} do not fit this {}-byte buffer (or are misaligned)",
                 self.inner.buffer().len()

@@ -329,7 +329,7 @@ pub(crate) fn outputs_apart(outputs: &[(&str, &Tensor)], inputs: &[(&str, &Tenso
 
 /// The kernels read elements through typed pointers: the data must be aligned for its dtype.
 fn aligned(name: &str, ptr: *const u8, elem: Elem) -> PyResult<()> {
-    if (ptr as usize) % elem.dl().element_size() != 0 {
+    if !(ptr as usize).is_multiple_of(elem.dl().element_size()) {
         return Err(PyValueError::new_err(format!("{name} is not aligned for {}", elem.name())));
     }
     Ok(())

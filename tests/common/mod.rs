@@ -68,3 +68,11 @@ pub fn case(b: usize, kvh: usize, d: usize, n: usize, dtype: DType, seed: u64) -
     store.evict(0, n, &kb, &vb).unwrap();
     Case { store, keys, values, value_bytes: vb, b, kvh, d, n, dtype }
 }
+
+/// Reports, visibly, that `test` could not exercise its subject here and why. libtest captures
+/// `eprintln!` (shown only with `--nocapture` or on failure), not writes to the stderr handle
+/// itself, so this line shows in a plain `cargo test` run.
+pub fn skipped(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}

@@ -278,6 +278,8 @@ macro_rules! isa_dispatch {
         $(#[$meta])*
         /// # Safety
         /// The same contract as the kernel it dispatches to.
+        // Kernels take raw pointers, lengths and strides: a struct of them would only rename them.
+        #[allow(clippy::too_many_arguments)]
         pub(crate) unsafe fn $name<E: $crate::cpu::simd::Element>(
             isa: $crate::cpu::simd::Isa, $($arg: $ty),*
         ) -> $ret {
@@ -286,6 +288,7 @@ macro_rules! isa_dispatch {
                 /// # Safety
                 /// The kernel's contract, on a CPU with these features.
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn avx512<E: $crate::cpu::simd::Element>($($arg: $ty),*) -> $ret {
                     // SAFETY: compiled for AVX-512, as `Avx512` requires; the rest is the caller's.
                     unsafe { $kernel::<$crate::cpu::simd::Avx512, E>($($arg),*) }
@@ -293,6 +296,7 @@ macro_rules! isa_dispatch {
                 /// # Safety
                 /// The kernel's contract, on a CPU with these features.
                 #[target_feature(enable = "avx2,fma,f16c")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2<E: $crate::cpu::simd::Element>($($arg: $ty),*) -> $ret {
                     // SAFETY: compiled for AVX2, as `Avx2` requires; the rest is the caller's.
                     unsafe { $kernel::<$crate::cpu::simd::Avx2, E>($($arg),*) }
@@ -309,6 +313,7 @@ macro_rules! isa_dispatch {
                 /// # Safety
                 /// The kernel's contract, on a CPU with these features.
                 #[target_feature(enable = "neon")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn neon<E: $crate::cpu::simd::Element>($($arg: $ty),*) -> $ret {
                     // SAFETY: compiled for NEON, as `Neon` requires; the rest is the caller's.
                     unsafe { $kernel::<$crate::cpu::simd::Neon, E>($($arg),*) }
