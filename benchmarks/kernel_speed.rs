@@ -29,7 +29,14 @@ fn time(f: &mut dyn FnMut()) -> f64 {
 }
 
 /// One shape on every instruction set: (logits shares, attend shares) per isa.
-fn run(bytes_total: usize, dtype: DType, g: usize, d: usize, rounds: usize, print: bool) -> Vec<(Isa, f64, f64)> {
+fn run(
+    bytes_total: usize,
+    dtype: DType,
+    g: usize,
+    d: usize,
+    rounds: usize,
+    print: bool,
+) -> Vec<(Isa, f64, f64)> {
     let kvh = 8usize;
     let n = bytes_total / (kvh * d * dtype.size()) / 64 * 64;
     let bytes = kvh * n * d * dtype.size();
@@ -39,14 +46,21 @@ fn run(bytes_total: usize, dtype: DType, g: usize, d: usize, rounds: usize, prin
     let vw = vec![0x3c00_3c00u32; bytes / 4];
     // SAFETY: u32s are plain initialised bytes; the views borrow kw/vw, which are only read.
     let (keys, values): (&[u8], &[u8]) = unsafe {
-        (std::slice::from_raw_parts(kw.as_ptr().cast(), bytes), std::slice::from_raw_parts(vw.as_ptr().cast(), bytes))
+        (
+            std::slice::from_raw_parts(kw.as_ptr().cast(), bytes),
+            std::slice::from_raw_parts(vw.as_ptr().cast(), bytes),
+        )
     };
-    let strips = Strips::from_slices(keys, values, n * d * dtype.size(), 1, kvh, d, dtype, n).expect("strips");
+    let strips = Strips::from_slices(keys, values, n * d * dtype.size(), 1, kvh, d, dtype, n)
+        .expect("strips");
     let hq = kvh * g;
     let q = vec![0.01f32; hq * d];
     let mut out = vec![0f32; hq * n];
     let (mut o, mut l) = (vec![0f32; hq * d], vec![0f32; hq]);
-    let isas: Vec<Isa> = Isa::available().into_iter().filter(|&i| i != Isa::Scalar).collect();
+    let isas: Vec<Isa> = Isa::available()
+        .into_iter()
+        .filter(|&i| i != Isa::Scalar)
+        .collect();
     let (mut rk, mut rv) = (Vec::new(), Vec::new());
     let mut lg = vec![Vec::new(); isas.len()];
     let mut at = vec![Vec::new(); isas.len()];
@@ -60,8 +74,12 @@ fn run(bytes_total: usize, dtype: DType, g: usize, d: usize, rounds: usize, prin
             std::hint::black_box(cpu::bandwidth::stream_read(values, false));
         }));
         for (i, &isa) in isas.iter().enumerate() {
-            lg[i].push(time(&mut || cpu::logits(isa, &strips, &q, hq, 1.0, None, &mut out).unwrap()));
-            at[i].push(time(&mut || cpu::attend(isa, &strips, &q, hq, 1.0, None, &mut o, &mut l).unwrap()));
+            lg[i].push(time(&mut || {
+                cpu::logits(isa, &strips, &q, hq, 1.0, None, &mut out).unwrap()
+            }));
+            at[i].push(time(&mut || {
+                cpu::attend(isa, &strips, &q, hq, 1.0, None, &mut o, &mut l).unwrap()
+            }));
         }
     }
     let (tk, tv) = (median(rk), median(rv));
@@ -94,7 +112,9 @@ fn run(bytes_total: usize, dtype: DType, g: usize, d: usize, rounds: usize, prin
 /// Best-of-many GB/s of each kernel over one strip of 96 KiB of K (and as much V: L2-resident), on the calling
 /// thread (work this small never enters the pool).
 fn in_cache(dtype: DType) {
-    println!("in cache, 1 thread, {dtype}, 96 KiB of K: logits / attend GB/s of K (K+V for attend)");
+    println!(
+        "in cache, 1 thread, {dtype}, 96 KiB of K: logits / attend GB/s of K (K+V for attend)"
+    );
     for d in [64usize, 128] {
         for g in [1usize, 2, 4, 8] {
             let n = (96 << 10) / (d * dtype.size());
@@ -109,10 +129,21 @@ fn in_cache(dtype: DType) {
             let mut cells = Vec::new();
             for isa in Isa::available().into_iter().filter(|&i| i != Isa::Scalar) {
                 let reps = 20;
-                let best = |f: &mut dyn FnMut()| (0..30).map(|_| time(&mut || (0..reps).for_each(|_| f()))).fold(f64::MAX, f64::min) / reps as f64;
+                let best = |f: &mut dyn FnMut()| {
+                    (0..30)
+                        .map(|_| time(&mut || (0..reps).for_each(|_| f())))
+                        .fold(f64::MAX, f64::min)
+                        / reps as f64
+                };
                 let tl = best(&mut || cpu::logits(isa, &s, &q, g, 1.0, None, &mut out).unwrap());
-                let ta = best(&mut || cpu::attend(isa, &s, &q, g, 1.0, None, &mut o, &mut l).unwrap());
-                cells.push(format!("{} {:5.1} / {:5.1}", isa.name(), bytes as f64 / tl / 1e9, 2.0 * bytes as f64 / ta / 1e9));
+                let ta =
+                    best(&mut || cpu::attend(isa, &s, &q, g, 1.0, None, &mut o, &mut l).unwrap());
+                cells.push(format!(
+                    "{} {:5.1} / {:5.1}",
+                    isa.name(),
+                    bytes as f64 / tl / 1e9,
+                    2.0 * bytes as f64 / ta / 1e9
+                ));
             }
             println!("  d {d:3} group {g}: {}", cells.join(" | "));
         }
@@ -133,7 +164,9 @@ fn topk_speed(n: usize, k: usize) {
     let mut x: u64 = 1;
     let logits: Vec<f32> = (0..hq * n)
         .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((x >> 40) as f32 / (1u64 << 24) as f32) * 8.0 - 4.0
         })
         .collect();
@@ -155,31 +188,47 @@ fn topk_speed(n: usize, k: usize) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     if args.first().map(String::as_str) == Some("--topk") {
         let n = args.get(1).map_or(786_432, |a| a.parse().expect("tokens"));
         topk_speed(n, args.get(2).map_or(2048, |a| a.parse().expect("k")));
         return;
     }
-    println!("{} | {} threads | prefetch {} bytes", cpu::cpu_vendor(), cpu::threads(), cpu::tuning().prefetch_ahead);
+    println!(
+        "{} | {} threads | prefetch {} bytes",
+        cpu::cpu_vendor(),
+        cpu::threads(),
+        cpu::tuning().prefetch_ahead
+    );
     if args.first().map(String::as_str) == Some("--in-cache") {
         in_cache(DType::parse(args.get(1).map_or("f16", String::as_str)).expect("dtype"));
         return;
     }
     if args.first().map(String::as_str) == Some("--sweep") {
         let dtype = DType::parse(args.get(1).map_or("f16", String::as_str)).expect("dtype");
-        println!("share of the plain read (logits) / of reading K+V (attend), {dtype}, 1 GiB of K:");
+        println!(
+            "share of the plain read (logits) / of reading K+V (attend), {dtype}, 1 GiB of K:"
+        );
         for d in [64usize, 128] {
             for g in [1usize, 2, 4, 8] {
                 let r = run(1 << 30, dtype, g, d, 5, false);
-                let cells: Vec<String> =
-                    r.iter().map(|(i, l, a)| format!("{} {:3.0} % / {:3.0} %", i.name(), 100.0 * l, 100.0 * a)).collect();
+                let cells: Vec<String> = r
+                    .iter()
+                    .map(|(i, l, a)| {
+                        format!("{} {:3.0} % / {:3.0} %", i.name(), 100.0 * l, 100.0 * a)
+                    })
+                    .collect();
                 println!("  d {d:3} group {g}: {}", cells.join(" | "));
             }
         }
         return;
     }
-    let n: usize = args.first().map_or(786_432, |a| a.parse().expect("tokens must be a number"));
+    let n: usize = args
+        .first()
+        .map_or(786_432, |a| a.parse().expect("tokens must be a number"));
     let dtype = DType::parse(args.get(1).map_or("f16", String::as_str)).expect("dtype");
     let g: usize = args.get(2).map_or(4, |a| a.parse().expect("group"));
     let d: usize = args.get(3).map_or(128, |a| a.parse().expect("head_dim"));

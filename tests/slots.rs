@@ -31,7 +31,13 @@ fn rows(seq: usize, layer: usize, kind: usize, from: usize, m: usize) -> Vec<u8>
     out
 }
 
-fn config(layers: usize, batch: usize, sinks: usize, near_tokens: usize, far_tokens: usize) -> StoreConfig {
+fn config(
+    layers: usize,
+    batch: usize,
+    sinks: usize,
+    near_tokens: usize,
+    far_tokens: usize,
+) -> StoreConfig {
     StoreConfig {
         layers,
         batch,
@@ -39,8 +45,14 @@ fn config(layers: usize, batch: usize, sinks: usize, near_tokens: usize, far_tok
         head_dim: D,
         dtype: DType::F32,
         sinks,
-        near: TierConfig { node: None, capacity_bytes: near_tokens * ST },
-        far: TierConfig { node: None, capacity_bytes: far_tokens * ST },
+        near: TierConfig {
+            node: None,
+            capacity_bytes: near_tokens * ST,
+        },
+        far: TierConfig {
+            node: None,
+            capacity_bytes: far_tokens * ST,
+        },
         max_host_tokens: Some(64),
     }
 }
@@ -62,7 +74,10 @@ impl Model {
 fn snapshot(store: &KvStore, layers: usize, batch: usize) -> Vec<String> {
     let mut out = vec![format!("{:?}", store.active_slots())];
     let (near, far) = store.tier_stats();
-    out.push(format!("{} {} {} {}", near.used_bytes, far.used_bytes, near.key_slot_tokens, far.value_slot_tokens));
+    out.push(format!(
+        "{} {} {} {}",
+        near.used_bytes, far.used_bytes, near.key_slot_tokens, far.value_slot_tokens
+    ));
     for l in 0..layers {
         for s in 0..batch {
             if store.is_active(s) {
@@ -80,7 +95,10 @@ fn check_invariants(store: &KvStore, model: &Model, layers: usize) {
     for (slot, seq) in model.seq_of.iter().enumerate() {
         assert_eq!(store.is_active(slot), seq.is_some(), "slot {slot} in use");
         let Some(seq) = *seq else {
-            assert!(store.slot_host_len(0, slot).is_err(), "a free slot has no length");
+            assert!(
+                store.slot_host_len(0, slot).is_err(),
+                "a free slot has no length"
+            );
             continue;
         };
         for l in 0..layers {
@@ -93,22 +111,41 @@ fn check_invariants(store: &KvStore, model: &Model, layers: usize) {
             assert_eq!(f, store.slot_far_key_len(l, slot).unwrap());
             let first_host = sinks.min(total);
             assert!(map[..first_host].iter().all(|&t| t == Tier::Device));
-            assert!(map[first_host..first_host + f].iter().all(|&t| t == Tier::Far));
-            assert!(map[first_host + f..first_host + f + n].iter().all(|&t| t == Tier::Near));
+            assert!(map[first_host..first_host + f]
+                .iter()
+                .all(|&t| t == Tier::Far));
+            assert!(map[first_host + f..first_host + f + n]
+                .iter()
+                .all(|&t| t == Tier::Near));
             assert!(map[first_host + f + n..].iter().all(|&t| t == Tier::Device));
             (near_keys, far_keys, host) = (near_keys + n, far_keys + f, host + n + f);
             let h = n + f;
             let (mut k, mut v) = (vec![0u8; h * ST], vec![0u8; h * ST]);
             store.read_slot(l, slot, 0, h, &mut k, &mut v).unwrap();
-            assert_eq!(k, rows(seq, l, 0, sinks, h), "keys of slot {slot}, layer {l}");
-            assert_eq!(v, rows(seq, l, 1, sinks, h), "values of slot {slot}, layer {l}");
+            assert_eq!(
+                k,
+                rows(seq, l, 0, sinks, h),
+                "keys of slot {slot}, layer {l}"
+            );
+            assert_eq!(
+                v,
+                rows(seq, l, 1, sinks, h),
+                "values of slot {slot}, layer {l}"
+            );
             let strips = store.slot_strips(l, slot).unwrap();
             assert_eq!((strips.batch(), strips.len()), (1, h));
         }
     }
     assert_eq!(near.used_bytes, near_keys * ST, "near accounting");
     assert_eq!(far.used_bytes, (far_keys + host) * ST, "far accounting");
-    assert_eq!((near.key_slot_tokens, far.key_slot_tokens, far.value_slot_tokens), (near_keys, far_keys, host));
+    assert_eq!(
+        (
+            near.key_slot_tokens,
+            far.key_slot_tokens,
+            far.value_slot_tokens
+        ),
+        (near_keys, far_keys, host)
+    );
     assert!(near.used_bytes <= near.capacity_bytes && far.used_bytes <= far.capacity_bytes);
 }
 
@@ -125,8 +162,18 @@ fn random_join_leave_evict_keeps_every_token_exactly_once() {
         let layers = rng.random_range(1..4);
         let batch = rng.random_range(1..7);
         let sinks = rng.random_range(0..3);
-        let mut store = KvStore::new(config(layers, batch, sinks, rng.random_range(1..60), rng.random_range(10..150))).unwrap();
-        let mut model = Model { seq_of: vec![None; batch], next_seq: 0 };
+        let mut store = KvStore::new(config(
+            layers,
+            batch,
+            sinks,
+            rng.random_range(1..60),
+            rng.random_range(10..150),
+        ))
+        .unwrap();
+        let mut model = Model {
+            seq_of: vec![None; batch],
+            next_seq: 0,
+        };
         for slot in 0..batch {
             model.seq_of[slot] = Some(model.fresh());
         }
@@ -144,7 +191,11 @@ fn random_join_leave_evict_keeps_every_token_exactly_once() {
                         }
                         Err(Error::Capacity(_)) => {
                             assert!(lowest_free.is_none());
-                            assert_eq!(before, snapshot(&store, layers, batch), "a refused add changes nothing");
+                            assert_eq!(
+                                before,
+                                snapshot(&store, layers, batch),
+                                "a refused add changes nothing"
+                            );
                         }
                         Err(e) => panic!("unexpected error {e}"),
                     }
@@ -153,7 +204,10 @@ fn random_join_leave_evict_keeps_every_token_exactly_once() {
                     if let Some(slot) = random_active(&mut rng, &store) {
                         store.release_slot(slot).unwrap();
                         model.seq_of[slot] = None;
-                        assert!(store.release_slot(slot).is_err(), "a free slot cannot be released twice");
+                        assert!(
+                            store.release_slot(slot).is_err(),
+                            "a free slot cannot be released twice"
+                        );
                     }
                 }
                 2 => {
@@ -164,20 +218,34 @@ fn random_join_leave_evict_keeps_every_token_exactly_once() {
                 }
                 3..=8 => {
                     if let Some(slot) = random_active(&mut rng, &store) {
-                        store.append_slot(layer, slot, rng.random_range(0..6)).unwrap();
+                        store
+                            .append_slot(layer, slot, rng.random_range(0..6))
+                            .unwrap();
                     }
                 }
                 9..=15 => {
-                    let Some(slot) = random_active(&mut rng, &store) else { continue };
+                    let Some(slot) = random_active(&mut rng, &store) else {
+                        continue;
+                    };
                     let seq = model.seq_of[slot].unwrap();
                     let m = rng.random_range(0..=store.slot_evictable(layer, slot).unwrap());
                     let from = sinks + store.slot_host_len(layer, slot).unwrap();
                     let before = snapshot(&store, layers, batch);
-                    match store.evict_slot(layer, slot, m, &rows(seq, layer, 0, from, m), &rows(seq, layer, 1, from, m)) {
+                    match store.evict_slot(
+                        layer,
+                        slot,
+                        m,
+                        &rows(seq, layer, 0, from, m),
+                        &rows(seq, layer, 1, from, m),
+                    ) {
                         Ok(()) => {}
                         Err(Error::Capacity(_)) => {
                             capacity_errors += 1;
-                            assert_eq!(before, snapshot(&store, layers, batch), "a refused evict changes nothing");
+                            assert_eq!(
+                                before,
+                                snapshot(&store, layers, batch),
+                                "a refused evict changes nothing"
+                            );
                         }
                         Err(e) => panic!("unexpected error {e}"),
                     }
@@ -202,13 +270,18 @@ fn random_join_leave_evict_keeps_every_token_exactly_once() {
                     let before = snapshot(&store, layers, batch);
                     match store.evict(layer, m, &k, &v) {
                         Ok(()) => lockstep_evicts += 1,
-                        Err(Error::Capacity(_)) => assert_eq!(before, snapshot(&store, layers, batch)),
+                        Err(Error::Capacity(_)) => {
+                            assert_eq!(before, snapshot(&store, layers, batch))
+                        }
                         Err(e) => panic!("unexpected error {e}"),
                     }
                 }
                 17 | 18 => {
-                    let Some(slot) = random_active(&mut rng, &store) else { continue };
-                    let near = store.slot_host_len(layer, slot).unwrap() - store.slot_far_key_len(layer, slot).unwrap();
+                    let Some(slot) = random_active(&mut rng, &store) else {
+                        continue;
+                    };
+                    let near = store.slot_host_len(layer, slot).unwrap()
+                        - store.slot_far_key_len(layer, slot).unwrap();
                     match store.spill_slot_keys(layer, slot, rng.random_range(0..=near)) {
                         Ok(()) | Err(Error::Capacity(_)) => {}
                         Err(e) => panic!("unexpected error {e}"),
@@ -229,8 +302,14 @@ fn random_join_leave_evict_keeps_every_token_exactly_once() {
             check_invariants(&store, &model, layers);
         }
     }
-    assert!(capacity_errors > 0, "the sequences must also exercise refused evictions");
-    assert!(reused > 0 && lockstep_evicts > 0, "and slot reuse ({reused}) and lockstep evictions ({lockstep_evicts})");
+    assert!(
+        capacity_errors > 0,
+        "the sequences must also exercise refused evictions"
+    );
+    assert!(
+        reused > 0 && lockstep_evicts > 0,
+        "and slot reuse ({reused}) and lockstep evictions ({lockstep_evicts})"
+    );
 }
 
 #[test]
@@ -240,9 +319,15 @@ fn layer_wide_calls_need_one_length_and_name_the_slots() {
     assert_eq!(store.total_len(3).unwrap(), 5);
     store.append_slot(3, 2, 4).unwrap();
     let err = store.total_len(3).unwrap_err().to_string();
-    assert_eq!(err, "slots have different lengths in layer 3 (slot 0: 5, slot 2: 9): use the per-slot calls");
+    assert_eq!(
+        err,
+        "slots have different lengths in layer 3 (slot 0: 5, slot 2: 9): use the per-slot calls"
+    );
     let before = snapshot(&store, 4, 3);
-    assert!(store.append(3, 1).is_err(), "a layer-wide append over ragged slots is refused");
+    assert!(
+        store.append(3, 1).is_err(),
+        "a layer-wide append over ragged slots is refused"
+    );
     assert_eq!(before, snapshot(&store, 4, 3), "and changes nothing");
     // Releasing the odd one out makes the rest a lockstep batch again.
     store.release_slot(2).unwrap();
@@ -255,7 +340,10 @@ fn layer_wide_calls_need_one_length_and_name_the_slots() {
     store.add_slot().unwrap();
     store.add_slot().unwrap();
     assert!(store.add_slot().is_err(), "all three in use");
-    assert!(store.reset_slot(3).is_err() && store.append_slot(0, 7, 1).is_err(), "slot out of range");
+    assert!(
+        store.reset_slot(3).is_err() && store.append_slot(0, 7, 1).is_err(),
+        "slot out of range"
+    );
 }
 
 #[test]
@@ -265,7 +353,9 @@ fn near_overflow_spills_the_oldest_position_across_slots() {
     let mut store = KvStore::new(config(1, 2, 0, 4, 100)).unwrap();
     for slot in 0..2 {
         store.append_slot(0, slot, 3).unwrap();
-        store.evict_slot(0, slot, 3, &rows(slot, 0, 0, 0, 3), &rows(slot, 0, 1, 0, 3)).unwrap();
+        store
+            .evict_slot(0, slot, 3, &rows(slot, 0, 0, 0, 3), &rows(slot, 0, 1, 0, 3))
+            .unwrap();
     }
     assert_eq!(store.slot_far_key_len(0, 0).unwrap(), 1);
     assert_eq!(store.slot_far_key_len(0, 1).unwrap(), 1);
@@ -277,13 +367,22 @@ fn near_overflow_spills_the_oldest_position_across_slots() {
 fn a_released_slot_returns_its_pages_and_reads_as_new() {
     let mut store = KvStore::new(config(2, 2, 0, 1000, 1000)).unwrap();
     store.append_slot(1, 1, 40).unwrap();
-    store.evict_slot(1, 1, 40, &rows(7, 1, 0, 0, 40), &rows(7, 1, 1, 0, 40)).unwrap();
+    store
+        .evict_slot(1, 1, 40, &rows(7, 1, 0, 0, 40), &rows(7, 1, 1, 0, 40))
+        .unwrap();
     store.release_slot(1).unwrap();
-    assert_eq!(store.tier_stats().1.used_bytes, 0, "its bytes are returned to the tiers");
+    assert_eq!(
+        store.tier_stats().1.used_bytes,
+        0,
+        "its bytes are returned to the tiers"
+    );
     assert_eq!(store.add_slot().unwrap(), 1);
     assert_eq!(store.slot_host_len(1, 1).unwrap(), 0);
     let first_row = store.strip_ptr(1, hybridgen::kv::Kind::Keys, 1, 0);
     // SAFETY: the strip is inside the store's live mapping; nothing writes it meanwhile.
     let bytes = unsafe { std::slice::from_raw_parts(first_row, 40 * D * 4) };
-    assert!(bytes.iter().all(|&b| b == 0), "released pages read back as zero (returned to the OS)");
+    assert!(
+        bytes.iter().all(|&b| b == 0),
+        "released pages read back as zero (returned to the OS)"
+    );
 }

@@ -55,12 +55,22 @@ fn reference(c: &Case, a: &Query<'_>, s: usize, h: usize) -> HeadRef {
                 return f64::NEG_INFINITY;
             }
             let k = c.row(&c.keys, s, kh, t);
-            qh.iter().zip(k).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>() * a.scale as f64
+            qh.iter()
+                .zip(k)
+                .map(|(&x, &y)| x as f64 * y as f64)
+                .sum::<f64>()
+                * a.scale as f64
         })
         .collect();
     let mut keep: Vec<usize> = (0..cand.len()).collect();
     if let Some(k) = a.top_k.filter(|&k| k < cand.len()) {
-        let key = |i: usize| if x[i].is_nan() { f64::NEG_INFINITY } else { x[i] };
+        let key = |i: usize| {
+            if x[i].is_nan() {
+                f64::NEG_INFINITY
+            } else {
+                x[i]
+            }
+        };
         keep.sort_by(|&i, &j| key(j).total_cmp(&key(i)).then(i.cmp(&j)));
         keep.truncate(k);
         keep.sort();
@@ -80,7 +90,12 @@ fn reference(c: &Case, a: &Query<'_>, s: usize, h: usize) -> HeadRef {
         }
         lse = max + sum.ln();
     }
-    HeadRef { tokens, logits, out, lse }
+    HeadRef {
+        tokens,
+        logits,
+        out,
+        lse,
+    }
 }
 
 fn close(got: f32, want: f64, scale: f64) -> bool {
@@ -115,9 +130,12 @@ fn check(c: &Case, b: usize, a: &Query<'_>, what: &str) {
         let mut values = vec![0u8; indexed(rows * k * d * c.dtype.size())];
         for isa in cpu::Isa::available() {
             let dst = match merge {
-                Merge::Lse => {
-                    StageOutputs { out: &mut out, lse: &mut lse, indices: &mut indices, ..Default::default() }
-                }
+                Merge::Lse => StageOutputs {
+                    out: &mut out,
+                    lse: &mut lse,
+                    indices: &mut indices,
+                    ..Default::default()
+                },
                 Merge::Concat => StageOutputs {
                     logits: &mut logits,
                     indices: &mut indices,
@@ -133,14 +151,22 @@ fn check(c: &Case, b: usize, a: &Query<'_>, what: &str) {
                     let want = reference(c, a, s, h);
                     assert_eq!(want.tokens.len(), k, "{what}: selection size");
                     if sel.indexed {
-                        let got: Vec<usize> = indices[r * k..(r + 1) * k].iter().map(|&t| t as usize).collect();
+                        let got: Vec<usize> = indices[r * k..(r + 1) * k]
+                            .iter()
+                            .map(|&t| t as usize)
+                            .collect();
                         assert_eq!(got, want.tokens, "{what} {merge:?}: indices of row {r}");
                     }
                     match merge {
                         Merge::Lse => {
                             let scale = want.out.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-                            for (i, (&g, &w)) in out[r * d..(r + 1) * d].iter().zip(&want.out).enumerate() {
-                                assert!(close(g, w, scale), "{what}: out[{r}][{i}] = {g}, want {w}");
+                            for (i, (&g, &w)) in
+                                out[r * d..(r + 1) * d].iter().zip(&want.out).enumerate()
+                            {
+                                assert!(
+                                    close(g, w, scale),
+                                    "{what}: out[{r}][{i}] = {g}, want {w}"
+                                );
                             }
                             assert!(
                                 close(lse[r], want.lse, want.lse.abs()),
@@ -150,16 +176,30 @@ fn check(c: &Case, b: usize, a: &Query<'_>, what: &str) {
                             );
                         }
                         Merge::Concat => {
-                            let scale =
-                                want.logits.iter().filter(|v| v.is_finite()).fold(0.0f64, |m, v| m.max(v.abs()));
-                            for (j, (&g, &w)) in logits[r * k..(r + 1) * k].iter().zip(&want.logits).enumerate() {
-                                assert!(close(g, w, scale), "{what}: logits[{r}][{j}] = {g}, want {w}");
+                            let scale = want
+                                .logits
+                                .iter()
+                                .filter(|v| v.is_finite())
+                                .fold(0.0f64, |m, v| m.max(v.abs()));
+                            for (j, (&g, &w)) in logits[r * k..(r + 1) * k]
+                                .iter()
+                                .zip(&want.logits)
+                                .enumerate()
+                            {
+                                assert!(
+                                    close(g, w, scale),
+                                    "{what}: logits[{r}][{j}] = {g}, want {w}"
+                                );
                             }
                             if sel.indexed {
                                 let rb = d * c.dtype.size();
                                 for (j, &t) in want.tokens.iter().enumerate() {
                                     let got = &values[(r * k + j) * rb..(r * k + j + 1) * rb];
-                                    assert_eq!(got, c.value_row_bytes(s, h / (hq / c.kvh), t), "{what}: value row");
+                                    assert_eq!(
+                                        got,
+                                        c.value_row_bytes(s, h / (hq / c.kvh), t),
+                                        "{what}: value row"
+                                    );
                                 }
                             }
                         }
@@ -181,7 +221,9 @@ fn stage_matches_reference_for_every_selection() {
                 let hq = kvh * g;
                 let c = case(b, kvh, d, n, dtype, (g * 10 + b) as u64);
                 let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-                let q: Vec<f32> = (0..b * hq * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let q: Vec<f32> = (0..b * hq * d)
+                    .map(|_| rng.random_range(-1.0..1.0))
+                    .collect();
                 let mut mask: Vec<u8> = (0..b * n).map(|_| rng.random_bool(0.3) as u8).collect();
                 mask[..n].fill(1); // sequence 0 fully masked
                 let positions: Vec<i64> = vec![n as i64 - 1, 0, 5, 5, 40, 3, 77];
@@ -197,7 +239,14 @@ fn stage_matches_reference_for_every_selection() {
                 ];
                 for (top_k, pos) in selections {
                     for m in [None, Some(&mask[..])] {
-                        let a = Query { q: &q, hq, scale: 0.125, top_k, positions: pos, mask: m };
+                        let a = Query {
+                            q: &q,
+                            hq,
+                            scale: 0.125,
+                            top_k,
+                            positions: pos,
+                            mask: m,
+                        };
                         let what = format!(
                             "{dtype} g{g} b{b} top_k {top_k:?} positions {} mask {}",
                             pos.is_some(),
@@ -216,8 +265,20 @@ fn no_host_tokens_give_empty_selections() {
     let c = case(2, 2, 32, 0, DType::F16, 1);
     let q = vec![0.5f32; 2 * 4 * 32];
     let empty: [i64; 0] = [];
-    for (top_k, pos) in [(None, None), (Some(4), None), (Some(0), None), (None, Some(&empty[..]))] {
-        let a = Query { q: &q, hq: 4, scale: 1.0, top_k, positions: pos, mask: Some(&[]) };
+    for (top_k, pos) in [
+        (None, None),
+        (Some(4), None),
+        (Some(0), None),
+        (None, Some(&empty[..])),
+    ] {
+        let a = Query {
+            q: &q,
+            hq: 4,
+            scale: 1.0,
+            top_k,
+            positions: pos,
+            mask: Some(&[]),
+        };
         check(&c, 2, &a, "n = 0");
     }
 }
@@ -228,28 +289,99 @@ fn bad_arguments_are_errors_not_panics() {
     let strips = c.store.strips(0).unwrap();
     let isa = cpu::isa();
     let q = vec![0.0f32; 4 * 16];
-    let base = StageArgs { q: &q, q_heads: 4, scale: 1.0, merge: Merge::Lse, top_k: None, positions: None, mask: None };
+    let base = StageArgs {
+        q: &q,
+        q_heads: 4,
+        scale: 1.0,
+        merge: Merge::Lse,
+        top_k: None,
+        positions: None,
+        mask: None,
+    };
     let run = |a: StageArgs<'_>, out_len: usize, lse_len: usize| {
         let (mut out, mut lse) = (vec![0.0; out_len], vec![0.0; lse_len]);
-        let dst = StageOutputs { out: &mut out, lse: &mut lse, ..Default::default() };
+        let dst = StageOutputs {
+            out: &mut out,
+            lse: &mut lse,
+            ..Default::default()
+        };
         cpu::cpu_stage(isa, &strips, &a, dst, &mut Scratch::default())
     };
     assert!(run(base, 64, 4).is_ok());
-    assert!(run(StageArgs { q_heads: 3, ..base }, 48, 3).is_err(), "heads not a multiple of kv heads");
-    assert!(run(StageArgs { q: &q[1..], ..base }, 64, 4).is_err(), "short q");
+    assert!(
+        run(StageArgs { q_heads: 3, ..base }, 48, 3).is_err(),
+        "heads not a multiple of kv heads"
+    );
+    assert!(
+        run(StageArgs { q: &q[1..], ..base }, 64, 4).is_err(),
+        "short q"
+    );
     assert!(run(base, 63, 4).is_err(), "short output");
     assert!(run(base, 64, 5).is_err(), "long lse");
-    assert!(run(StageArgs { positions: Some(&[0, 10]), ..base }, 64, 4).is_err(), "position past the end");
-    assert!(run(StageArgs { positions: Some(&[-1]), ..base }, 64, 4).is_err(), "negative position");
-    assert!(run(StageArgs { mask: Some(&[0; 9]), ..base }, 64, 4).is_err(), "short mask");
+    assert!(
+        run(
+            StageArgs {
+                positions: Some(&[0, 10]),
+                ..base
+            },
+            64,
+            4
+        )
+        .is_err(),
+        "position past the end"
+    );
+    assert!(
+        run(
+            StageArgs {
+                positions: Some(&[-1]),
+                ..base
+            },
+            64,
+            4
+        )
+        .is_err(),
+        "negative position"
+    );
+    assert!(
+        run(
+            StageArgs {
+                mask: Some(&[0; 9]),
+                ..base
+            },
+            64,
+            4
+        )
+        .is_err(),
+        "short mask"
+    );
     // Concat needs logits (and, for an index selection, indices and values) of the right size.
-    let concat = StageArgs { merge: Merge::Concat, top_k: Some(3), ..base };
+    let concat = StageArgs {
+        merge: Merge::Concat,
+        top_k: Some(3),
+        ..base
+    };
     let (mut logits, mut idx, mut values) = (vec![0.0; 12], vec![0; 12], vec![0u8; 12 * 16 * 4]);
-    let dst = StageOutputs { logits: &mut logits, indices: &mut idx, values: &mut values[1..], ..Default::default() };
-    assert!(cpu::cpu_stage(isa, &strips, &concat, dst, &mut Scratch::default()).is_err(), "short values");
-    let dst = StageOutputs { logits: &mut logits, indices: &mut idx, values: &mut values, ..Default::default() };
+    let dst = StageOutputs {
+        logits: &mut logits,
+        indices: &mut idx,
+        values: &mut values[1..],
+        ..Default::default()
+    };
+    assert!(
+        cpu::cpu_stage(isa, &strips, &concat, dst, &mut Scratch::default()).is_err(),
+        "short values"
+    );
+    let dst = StageOutputs {
+        logits: &mut logits,
+        indices: &mut idx,
+        values: &mut values,
+        ..Default::default()
+    };
     assert_eq!(
         cpu::cpu_stage(isa, &strips, &concat, dst, &mut Scratch::default()).unwrap(),
-        Selection { tokens: 3, indexed: true }
+        Selection {
+            tokens: 3,
+            indexed: true
+        }
     );
 }

@@ -38,8 +38,14 @@ fn config(layers: usize, sinks: usize, near_tokens: usize, far_tokens: usize) ->
         head_dim: D,
         dtype: DType::F32,
         sinks,
-        near: TierConfig { node: None, capacity_bytes: near_tokens * tb },
-        far: TierConfig { node: None, capacity_bytes: far_tokens * tb },
+        near: TierConfig {
+            node: None,
+            capacity_bytes: near_tokens * tb,
+        },
+        far: TierConfig {
+            node: None,
+            capacity_bytes: far_tokens * tb,
+        },
         max_host_tokens: None,
     }
 }
@@ -61,8 +67,12 @@ fn check_invariants(store: &KvStore, layers: usize) {
         // Layout: sinks on device, then far keys, then near keys, then recent device tokens.
         let first_host = sinks.min(total);
         assert!(map[..first_host].iter().all(|&t| t == Tier::Device));
-        assert!(map[first_host..first_host + f].iter().all(|&t| t == Tier::Far));
-        assert!(map[first_host + f..first_host + f + n].iter().all(|&t| t == Tier::Near));
+        assert!(map[first_host..first_host + f]
+            .iter()
+            .all(|&t| t == Tier::Far));
+        assert!(map[first_host + f..first_host + f + n]
+            .iter()
+            .all(|&t| t == Tier::Near));
         assert!(map[first_host + f + n..].iter().all(|&t| t == Tier::Device));
         near_keys += n;
         far_keys += f;
@@ -78,7 +88,10 @@ fn check_invariants(store: &KvStore, layers: usize) {
     }
     assert_eq!(near.used_bytes, near_keys * tb, "near accounting");
     assert_eq!(far.used_bytes, (far_keys + host) * tb, "far accounting");
-    assert_eq!((near.key_tokens, far.key_tokens, far.value_tokens), (near_keys, far_keys, host));
+    assert_eq!(
+        (near.key_tokens, far.key_tokens, far.value_tokens),
+        (near_keys, far_keys, host)
+    );
     assert!(near.used_bytes <= near.capacity_bytes && far.used_bytes <= far.capacity_bytes);
 }
 
@@ -114,17 +127,23 @@ fn random_sequences_keep_every_token_exactly_once() {
                     let m = rng.random_range(0..=avail);
                     let from = sinks + store.host_len(layer).unwrap();
                     let before = snapshot(&store, layers);
-                    match store.evict(layer, m, &rows(layer, 0, from, m), &rows(layer, 1, from, m)) {
+                    match store.evict(layer, m, &rows(layer, 0, from, m), &rows(layer, 1, from, m))
+                    {
                         Ok(()) => {}
                         Err(Error::Capacity(_)) => {
                             capacity_errors += 1;
-                            assert_eq!(before, snapshot(&store, layers), "a refused evict changes nothing");
+                            assert_eq!(
+                                before,
+                                snapshot(&store, layers),
+                                "a refused evict changes nothing"
+                            );
                         }
                         Err(e) => panic!("unexpected error {e}"),
                     }
                 }
                 8 => {
-                    let near_keys = store.host_len(layer).unwrap() - store.far_key_len(layer).unwrap();
+                    let near_keys =
+                        store.host_len(layer).unwrap() - store.far_key_len(layer).unwrap();
                     let m = rng.random_range(0..=near_keys);
                     match store.spill_keys(layer, m) {
                         Ok(()) | Err(Error::Capacity(_)) => {}
@@ -140,7 +159,10 @@ fn random_sequences_keep_every_token_exactly_once() {
             check_invariants(&store, layers);
         }
     }
-    assert!(capacity_errors > 0, "the sequences must also exercise refused evictions");
+    assert!(
+        capacity_errors > 0,
+        "the sequences must also exercise refused evictions"
+    );
 }
 
 #[test]
@@ -149,7 +171,9 @@ fn near_overflow_spills_least_recently_generated_keys_across_layers() {
     let mut store = KvStore::new(config(2, 1, 4, 100)).unwrap();
     for l in 0..2 {
         store.append(l, 4).unwrap();
-        store.evict(l, 3, &rows(l, 0, 1, 3), &rows(l, 1, 1, 3)).unwrap();
+        store
+            .evict(l, 3, &rows(l, 0, 1, 3), &rows(l, 1, 1, 3))
+            .unwrap();
     }
     // 6 keys, room for 4: two keys spill, and the oldest position exists in both layers.
     let (near, far) = store.tier_stats();
@@ -165,9 +189,13 @@ fn near_overflow_spills_least_recently_generated_keys_across_layers() {
 fn far_tier_full_is_a_capacity_error() {
     let mut store = KvStore::new(config(1, 0, 2, 4)).unwrap();
     store.append(0, 10).unwrap();
-    store.evict(0, 3, &rows(0, 0, 0, 3), &rows(0, 1, 0, 3)).unwrap();
+    store
+        .evict(0, 3, &rows(0, 0, 0, 3), &rows(0, 1, 0, 3))
+        .unwrap();
     // Far now holds 3 values + 1 spilled key: one more token needs 2 more tokens of far space.
-    let err = store.evict(0, 1, &rows(0, 0, 3, 1), &rows(0, 1, 3, 1)).unwrap_err();
+    let err = store
+        .evict(0, 1, &rows(0, 0, 3, 1), &rows(0, 1, 3, 1))
+        .unwrap_err();
     assert!(matches!(err, Error::Capacity(_)), "{err}");
     assert_eq!(store.host_len(0).unwrap(), 3);
 }
@@ -192,11 +220,24 @@ fn invalid_configs_and_requests_are_rejected() {
     assert!(store.append(1, 1).is_err(), "layer out of range");
     store.append(0, 3).unwrap();
     assert_eq!(store.evictable(0).unwrap(), 1, "two sinks stay");
-    assert!(store.evict(0, 2, &rows(0, 0, 2, 2), &rows(0, 1, 2, 2)).is_err(), "more than evictable");
-    assert!(store.evict(0, 1, &rows(0, 0, 2, 2), &rows(0, 1, 2, 1)).is_err(), "wrong byte count");
+    assert!(
+        store
+            .evict(0, 2, &rows(0, 0, 2, 2), &rows(0, 1, 2, 2))
+            .is_err(),
+        "more than evictable"
+    );
+    assert!(
+        store
+            .evict(0, 1, &rows(0, 0, 2, 2), &rows(0, 1, 2, 1))
+            .is_err(),
+        "wrong byte count"
+    );
     assert!(store.spill_keys(0, 1).is_err(), "no near keys yet");
     let mut buf = vec![0u8; 48];
-    assert!(store.read(0, 0, 1, &mut buf.clone(), &mut buf).is_err(), "nothing on the host");
+    assert!(
+        store.read(0, 0, 1, &mut buf.clone(), &mut buf).is_err(),
+        "nothing on the host"
+    );
 }
 
 #[test]
@@ -209,12 +250,21 @@ fn placement_is_reported_and_unknown_nodes_fall_back() {
     assert!(far.placement.fell_back(), "node 4095 is not online here");
     assert_eq!(far.placement.requested, Some(4095));
     store.append(0, 2).unwrap();
-    store.evict(0, 2, &rows(0, 0, 0, 2), &rows(0, 1, 0, 2)).unwrap();
+    store
+        .evict(0, 2, &rows(0, 0, 0, 2), &rows(0, 1, 0, 2))
+        .unwrap();
     let online = hybridgen::mem::numa::online_nodes();
     for kind in [Kind::Keys, Kind::Values] {
         if let Some(node) = store.node_of(0, kind, 1).unwrap() {
-            assert!(online.contains(&node), "{kind:?} on node {node}, online {online:?}");
-            let want = if kind == Kind::Keys { near.placement.node } else { far.placement.node };
+            assert!(
+                online.contains(&node),
+                "{kind:?} on node {node}, online {online:?}"
+            );
+            let want = if kind == Kind::Keys {
+                near.placement.node
+            } else {
+                far.placement.node
+            };
             assert_eq!(node, want);
         }
     }

@@ -26,7 +26,8 @@ fn hybridgen_threads_sizes_the_pool() {
         for t in 0..6000 {
             let o = ((h / 2) * 6000 + t) * 64;
             let k = &c.keys[o..o + 64];
-            single[h * 6000 + t] = qh.iter().zip(k).map(|(a, b)| (a * b) as f64).sum::<f64>() as f32 * 0.125;
+            single[h * 6000 + t] =
+                qh.iter().zip(k).map(|(a, b)| (a * b) as f64).sum::<f64>() as f32 * 0.125;
         }
     }
     for (a, b) in out.iter().zip(&single) {

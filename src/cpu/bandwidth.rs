@@ -16,7 +16,11 @@ const PREFETCH_AHEAD: usize = 2048;
 /// ahead, as in the logit kernels.
 pub fn stream_read(buf: &[u8], prefetch: bool) -> u64 {
     const CHUNK: usize = 1 << 20;
-    run(buf.len(), || buf.par_chunks(CHUNK).map(|c| sum_words(c, prefetch)).reduce(|| 0, u64::wrapping_add))
+    run(buf.len(), || {
+        buf.par_chunks(CHUNK)
+            .map(|c| sum_words(c, prefetch))
+            .reduce(|| 0, u64::wrapping_add)
+    })
 }
 
 fn sum_words(chunk: &[u8], with_prefetch: bool) -> u64 {

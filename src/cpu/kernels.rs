@@ -38,7 +38,11 @@ macro_rules! unroll {
 unsafe fn row<E>(base: *const E, idx: *const i64, t: usize, d: usize) -> *const E {
     // SAFETY: the caller guarantees both reads/offsets stay inside their allocations.
     unsafe {
-        let r = if idx.is_null() { t } else { *idx.add(t) as usize };
+        let r = if idx.is_null() {
+            t
+        } else {
+            *idx.add(t) as usize
+        };
         base.add(r * d)
     }
 }
@@ -93,16 +97,11 @@ pub(crate) unsafe fn logits_rows<S: Simd, E: Element>(
                 }
             };
         }
-        go!(
-            (1, 1, 0, 2, 1, 0, 2)
-            (2, 2, 0, 2, 2, 0, 2)
-            (3, 3, 0, 4, 3, 0, 2)
-            (4, 4, 0, 4, 4, 0, 2)
-            (5, 5, 0, 2, 3, 2, 2)
-            (6, 6, 0, 2, 3, 3, 2)
-            (7, 7, 0, 2, 4, 3, 2)
-            (8, 8, 0, 2, 4, 4, 2)
-        );
+        go!((1, 1, 0, 2, 1, 0, 2)(2, 2, 0, 2, 2, 0, 2)(
+            3, 3, 0, 4, 3, 0, 2
+        )(4, 4, 0, 4, 4, 0, 2)(5, 5, 0, 2, 3, 2, 2)(
+            6, 6, 0, 2, 3, 3, 2
+        )(7, 7, 0, 2, 4, 3, 2)(8, 8, 0, 2, 4, 4, 2));
         h0 += gs;
     }
 }
@@ -188,10 +187,18 @@ unsafe fn logits_tile<S: Simd, E: Element, const G: usize, const R: usize>(
             let nta = tuning().prefetch_nta;
             for line in 0..lines {
                 let p = tile.wrapping_add(ahead + 64 * line);
-                if nta { prefetch_nta(p) } else { prefetch(p) }
+                if nta {
+                    prefetch_nta(p)
+                } else {
+                    prefetch(p)
+                }
                 if also != 0 {
                     let v = tile.wrapping_add(also.wrapping_add(64 * line));
-                    if nta { prefetch_nta(v) } else { prefetch(v) }
+                    if nta {
+                        prefetch_nta(v)
+                    } else {
+                        prefetch(v)
+                    }
                 }
             }
         }
@@ -210,7 +217,8 @@ unsafe fn logits_tile<S: Simd, E: Element, const G: usize, const R: usize>(
         let mut sums = [[0.0f32; R]; G];
         let flat = acc.as_flattened();
         for (i, dst) in sums.as_flattened_mut().chunks_mut(4).enumerate() {
-            let four: [S::F; 4] = std::array::from_fn(|j| flat.get(4 * i + j).copied().unwrap_or(S::zero()));
+            let four: [S::F; 4] =
+                std::array::from_fn(|j| flat.get(4 * i + j).copied().unwrap_or(S::zero()));
             dst.copy_from_slice(&S::reduce4(four)[..dst.len()]);
         }
         if body < d {
@@ -512,8 +520,24 @@ pub(crate) unsafe fn attend_rows<S: Simd, E: Element>(
         while t0 < n {
             let len = SUB.min(n - t0);
             // With prefetching on, the value rows of this block are requested with its keys.
-            let also = if ahead > 0 { (values as usize).wrapping_sub(keys as usize) } else { 0 };
-            logits_rows::<S, E>(q, g, d, keys.add(t0 * d), std::ptr::null(), len, scale, buf, SUB, ahead, also);
+            let also = if ahead > 0 {
+                (values as usize).wrapping_sub(keys as usize)
+            } else {
+                0
+            };
+            logits_rows::<S, E>(
+                q,
+                g,
+                d,
+                keys.add(t0 * d),
+                std::ptr::null(),
+                len,
+                scale,
+                buf,
+                SUB,
+                ahead,
+                also,
+            );
             if !mask.is_null() {
                 for r in 0..len {
                     if *mask.add(t0 + r) != 0 {
@@ -550,7 +574,16 @@ pub(crate) unsafe fn attend_rows<S: Simd, E: Element>(
                 }
                 st.l[h] += exp_shifted::<S>(x, len, m_new) as f64;
             }
-            weighted_rows::<S, E>(buf, SUB, g, d, values.add(t0 * d), std::ptr::null(), len, st.acc.as_mut_ptr());
+            weighted_rows::<S, E>(
+                buf,
+                SUB,
+                g,
+                d,
+                values.add(t0 * d),
+                std::ptr::null(),
+                len,
+                st.acc.as_mut_ptr(),
+            );
             t0 += len;
         }
     }

@@ -29,7 +29,7 @@ pub mod topk;
 pub use ops::{attend, gather_values, logits, partial_attention, Strips};
 pub use ragged::{ragged_selections, ragged_stage, RaggedArgs, RaggedOutputs, RowPositions};
 pub use simd::{cpu_vendor, isa, tuning, Isa, Tuning};
-pub use split::threads;
 pub use softmax::merge_partials;
+pub use split::threads;
 pub use stage::{cpu_stage, Merge, Scratch, Selection, StageArgs, StageOutputs};
 pub use topk::topk;

@@ -10,7 +10,9 @@ use std::marker::PhantomData;
 
 use rayon::prelude::*;
 
-use super::kernels::{attend_rows_isa, logits_rows_isa, softmax_lse_isa, weighted_rows_isa, Online, SUB};
+use super::kernels::{
+    attend_rows_isa, logits_rows_isa, softmax_lse_isa, weighted_rows_isa, Online, SUB,
+};
 use super::simd::{tuning, with_element, Isa};
 use super::split::{min_len, run};
 use crate::dtype::DType;
@@ -62,7 +64,17 @@ impl<'a> Strips<'a> {
         dtype: DType,
         len: usize,
     ) -> Strips<'a> {
-        Strips { keys, values, strip_bytes, batch, kv_heads, head_dim, dtype, len, _memory: PhantomData }
+        Strips {
+            keys,
+            values,
+            strip_bytes,
+            batch,
+            kv_heads,
+            head_dim,
+            dtype,
+            len,
+            _memory: PhantomData,
+        }
     }
 
     /// Strips over two borrowed byte buffers, checked: both must hold every strip's `len` rows
@@ -78,7 +90,10 @@ impl<'a> Strips<'a> {
         dtype: DType,
         len: usize,
     ) -> Result<Strips<'a>> {
-        ensure!(batch > 0 && kv_heads > 0 && head_dim > 0, "batch, kv_heads and head_dim must be positive");
+        ensure!(
+            batch > 0 && kv_heads > 0 && head_dim > 0,
+            "batch, kv_heads and head_dim must be positive"
+        );
         // Bytes from the first strip's start to the end of the last strip's rows.
         let need = (|| {
             let rows = len.checked_mul(head_dim)?.checked_mul(dtype.size())?;
@@ -90,16 +105,30 @@ impl<'a> Strips<'a> {
             return crate::invalid!("{len} rows of {head_dim} {dtype} elements do not fit strips of {strip_bytes} bytes");
         };
         for (name, buf) in [("keys", keys), ("values", values)] {
-            ensure!(buf.len() >= need, "{name} hold {} bytes, the strips need {need}", buf.len());
             ensure!(
-                (buf.as_ptr() as usize).is_multiple_of(dtype.size()) && strip_bytes.is_multiple_of(dtype.size()),
+                buf.len() >= need,
+                "{name} hold {} bytes, the strips need {need}",
+                buf.len()
+            );
+            ensure!(
+                (buf.as_ptr() as usize).is_multiple_of(dtype.size())
+                    && strip_bytes.is_multiple_of(dtype.size()),
                 "{name} are not aligned for {dtype}"
             );
         }
         // SAFETY: both buffers are borrowed for 'a (shared: nobody writes them meanwhile), hold
         // every addressed row (checked above) and are aligned for dtype.
         Ok(unsafe {
-            Strips::from_raw(keys.as_ptr(), values.as_ptr(), strip_bytes, batch, kv_heads, head_dim, dtype, len)
+            Strips::from_raw(
+                keys.as_ptr(),
+                values.as_ptr(),
+                strip_bytes,
+                batch,
+                kv_heads,
+                head_dim,
+                dtype,
+                len,
+            )
         })
     }
 
@@ -107,12 +136,19 @@ impl<'a> Strips<'a> {
     /// view's rows): e.g. one request's slot of a store, with that slot's host length.
     pub fn sequences(&self, first: usize, count: usize, len: usize) -> Result<Strips<'a>> {
         ensure!(
-            first.checked_add(count).is_some_and(|end| end <= self.batch) && count > 0,
+            first
+                .checked_add(count)
+                .is_some_and(|end| end <= self.batch)
+                && count > 0,
             "sequences {first}..{} are not inside a batch of {}",
             first.saturating_add(count),
             self.batch
         );
-        ensure!(len <= self.len, "{len} rows asked of strips holding {}", self.len);
+        ensure!(
+            len <= self.len,
+            "{len} rows asked of strips holding {}",
+            self.len
+        );
         let offset = first * self.kv_heads * self.strip_bytes;
         // SAFETY: the narrowed strips are a subset (sequences inside the batch, rows inside
         // `len`) of the memory this view's maker vouched for, for the same lifetime.
@@ -195,7 +231,11 @@ impl<T> SendPtr<T> {
 /// The operations take the instruction set as an argument (so tests and benchmarks can force
 /// each one); running code built for one this CPU lacks would be undefined behaviour.
 pub(crate) fn check_isa(isa: Isa) -> Result<()> {
-    ensure!(isa.supported(), "instruction set {} is not supported by this CPU", isa.name());
+    ensure!(
+        isa.supported(),
+        "instruction set {} is not supported by this CPU",
+        isa.name()
+    );
     Ok(())
 }
 
@@ -252,37 +292,42 @@ pub fn logits(
     let items = s.batch * s.kv_heads * blocks;
     let bytes = s.batch * s.kv_heads * n * d * s.dtype.size();
     let ahead = tuning().prefetch_ahead;
-    run(bytes, || (0..items).into_par_iter().with_min_len(min_len(items, bytes)).for_each(|item| {
-        let (pair, block) = (item / blocks, item % blocks);
-        let (seq, kh) = (pair / s.kv_heads, pair % s.kv_heads);
-        let t0 = block * BLOCK_ROWS;
-        let rows = BLOCK_ROWS.min(n - t0);
-        let head0 = seq * q_heads + kh * g;
-        let idx = indices.map_or(std::ptr::null(), |i| i[pair * n + t0..].as_ptr());
-        let t_base = if indices.is_some() { 0 } else { t0 };
-        with_element!(s.dtype, E => {
-            // SAFETY: keys point at this pair's strip; rows t_base.. t_base+rows (or the
-            // checked indices) are < len. The task writes out[head0..head0+g][t0..t0+rows]
-            // only, disjoint from every other task.
-            unsafe {
-                let keys = (s.strip(s.keys, seq, kh) as *const E).add(t_base * d);
-                logits_rows_isa::<E>(
-                    isa,
-                    q[head0 * d..].as_ptr(),
-                    g,
-                    d,
-                    keys,
-                    idx,
-                    rows,
-                    scale,
-                    out_ptr.get().add(head0 * n + t0),
-                    n,
-                    ahead,
-                    0,
-                )
-            }
-        })
-    }));
+    run(bytes, || {
+        (0..items)
+            .into_par_iter()
+            .with_min_len(min_len(items, bytes))
+            .for_each(|item| {
+                let (pair, block) = (item / blocks, item % blocks);
+                let (seq, kh) = (pair / s.kv_heads, pair % s.kv_heads);
+                let t0 = block * BLOCK_ROWS;
+                let rows = BLOCK_ROWS.min(n - t0);
+                let head0 = seq * q_heads + kh * g;
+                let idx = indices.map_or(std::ptr::null(), |i| i[pair * n + t0..].as_ptr());
+                let t_base = if indices.is_some() { 0 } else { t0 };
+                with_element!(s.dtype, E => {
+                    // SAFETY: keys point at this pair's strip; rows t_base.. t_base+rows (or the
+                    // checked indices) are < len. The task writes out[head0..head0+g][t0..t0+rows]
+                    // only, disjoint from every other task.
+                    unsafe {
+                        let keys = (s.strip(s.keys, seq, kh) as *const E).add(t_base * d);
+                        logits_rows_isa::<E>(
+                            isa,
+                            q[head0 * d..].as_ptr(),
+                            g,
+                            d,
+                            keys,
+                            idx,
+                            rows,
+                            scale,
+                            out_ptr.get().add(head0 * n + t0),
+                            n,
+                            ahead,
+                            0,
+                        )
+                    }
+                })
+            })
+    });
     Ok(())
 }
 
@@ -291,7 +336,12 @@ const GATHER_AHEAD: usize = 8;
 
 /// Copies value rows `indices [batch, q_heads, k]` into `out [batch, q_heads, k, d]` (raw bytes
 /// of the store's dtype): the staging buffer shipped to the device.
-pub fn gather_values(s: &Strips<'_>, indices: &[i64], q_heads: usize, out: &mut [u8]) -> Result<()> {
+pub fn gather_values(
+    s: &Strips<'_>,
+    indices: &[i64],
+    q_heads: usize,
+    out: &mut [u8],
+) -> Result<()> {
     let g = s.group(q_heads)?;
     let rows = s.batch * q_heads;
     ensure!(
@@ -314,8 +364,11 @@ pub fn gather_values(s: &Strips<'_>, indices: &[i64], q_heads: usize, out: &mut 
     }
     let serial = min_len(rows, out.len());
     run(out.len(), || {
-        out.par_chunks_mut(k * row_bytes).zip(indices.par_chunks(k)).enumerate().with_min_len(serial).for_each(
-            |(r, (dst, idx))| {
+        out.par_chunks_mut(k * row_bytes)
+            .zip(indices.par_chunks(k))
+            .enumerate()
+            .with_min_len(serial)
+            .for_each(|(r, (dst, idx))| {
                 let (seq, h) = (r / q_heads, r % q_heads);
                 let strip = s.strip(s.values, seq, h / g);
                 for (j, (dst_row, &t)) in dst.chunks_exact_mut(row_bytes).zip(idx).enumerate() {
@@ -328,11 +381,12 @@ pub fn gather_values(s: &Strips<'_>, indices: &[i64], q_heads: usize, out: &mut 
                         }
                     }
                     // SAFETY: t < len was checked; a strip row has row_bytes bytes.
-                    let src = unsafe { std::slice::from_raw_parts(strip.add(t as usize * row_bytes), row_bytes) };
+                    let src = unsafe {
+                        std::slice::from_raw_parts(strip.add(t as usize * row_bytes), row_bytes)
+                    };
                     dst_row.copy_from_slice(src);
                 }
-            },
-        )
+            })
     });
     Ok(())
 }
@@ -480,7 +534,11 @@ pub fn attend(
         rows * d
     );
     if let Some(mask) = mask {
-        ensure!(mask.len() == s.batch * n, "mask must be [batch, {n}], got {} entries", mask.len());
+        ensure!(
+            mask.len() == s.batch * n,
+            "mask must be [batch, {n}], got {} entries",
+            mask.len()
+        );
     }
     check_partial_outputs(rows, d, out, lse)?;
     if n == 0 {

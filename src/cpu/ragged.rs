@@ -83,11 +83,16 @@ pub struct RaggedOutputs<'o> {
 /// Checks the arguments against the rows' strips; returns every row's selection.
 pub fn ragged_selections(rows: &[Strips<'_>], a: &RaggedArgs<'_>) -> Result<Vec<Selection>> {
     let r = rows.len();
-    let Some(first) = rows.first() else { return Ok(Vec::new()) };
+    let Some(first) = rows.first() else {
+        return Ok(Vec::new());
+    };
     let d = first.head_dim();
     for (i, s) in rows.iter().enumerate() {
         ensure!(
-            s.batch() == 1 && s.kv_heads() == first.kv_heads() && s.head_dim() == d && s.dtype() == first.dtype(),
+            s.batch() == 1
+                && s.kv_heads() == first.kv_heads()
+                && s.head_dim() == d
+                && s.dtype() == first.dtype(),
             "row {i}: every row must be over one sequence of the same store"
         );
     }
@@ -99,23 +104,41 @@ pub fn ragged_selections(rows: &[Strips<'_>], a: &RaggedArgs<'_>) -> Result<Vec<
         a.q_heads
     );
     if let Some(RowPositions::PerRow { list, m }) = a.positions {
-        ensure!(list.len() == r * m, "positions must be [rows, m] = [{r}, {m}], got {} entries", list.len());
+        ensure!(
+            list.len() == r * m,
+            "positions must be [rows, m] = [{r}, {m}], got {} entries",
+            list.len()
+        );
     }
     for (i, s) in rows.iter().enumerate() {
         if let Some(p) = a.positions {
             s.check_indices(p.row(i)).map_err(|e| row_error(i, e))?;
         }
         if let Some((mask, w)) = a.mask {
-            ensure!(mask.len() == r * w, "host_mask must be [rows, width] = [{r}, {w}], got {} entries", mask.len());
-            ensure!(w >= s.len(), "host_mask has {w} columns, row {i} has {} host tokens", s.len());
+            ensure!(
+                mask.len() == r * w,
+                "host_mask must be [rows, width] = [{r}, {w}], got {} entries",
+                mask.len()
+            );
+            ensure!(
+                w >= s.len(),
+                "host_mask has {w} columns, row {i} has {} host tokens",
+                s.len()
+            );
         }
     }
-    Ok(rows.iter().enumerate().map(|(i, s)| a.row(i, s.len(), d).selection(s.len())).collect())
+    Ok(rows
+        .iter()
+        .enumerate()
+        .map(|(i, s)| a.row(i, s.len(), d).selection(s.len()))
+        .collect())
 }
 
 fn row_error(i: usize, e: crate::Error) -> crate::Error {
     match e {
-        crate::Error::InvalidArgument(msg) => crate::Error::InvalidArgument(format!("row {i}: {msg}")),
+        crate::Error::InvalidArgument(msg) => {
+            crate::Error::InvalidArgument(format!("row {i}: {msg}"))
+        }
         other => other,
     }
 }
@@ -130,24 +153,49 @@ fn pieces<T>(s: &mut [T], n: usize) -> Vec<&mut [T]> {
 
 /// Runs the stage for every row (see the module documentation); `width` is the padded token
 /// axis `K` of the concat outputs (at least every row's selection, from `ragged_selections`).
-pub fn ragged_stage(isa: Isa, rows: &[Strips<'_>], a: &RaggedArgs<'_>, width: usize, o: RaggedOutputs<'_>) -> Result<()> {
+pub fn ragged_stage(
+    isa: Isa,
+    rows: &[Strips<'_>],
+    a: &RaggedArgs<'_>,
+    width: usize,
+    o: RaggedOutputs<'_>,
+) -> Result<()> {
     let sels = ragged_selections(rows, a)?;
     let r = rows.len();
     if r == 0 {
         return Ok(());
     }
     let (hq, d, size) = (a.q_heads, rows[0].head_dim(), rows[0].dtype().size());
-    ensure!(sels.iter().all(|s| s.tokens <= width), "width {width} is less than a row's selection");
+    ensure!(
+        sels.iter().all(|s| s.tokens <= width),
+        "width {width} is less than a row's selection"
+    );
     let want = |name: &str, got: usize, need: usize| -> Result<()> {
-        ensure!(got == need, "{name} output has {got} elements, the ragged {} stage needs {need}", a.merge.name());
+        ensure!(
+            got == need,
+            "{name} output has {got} elements, the ragged {} stage needs {need}",
+            a.merge.name()
+        );
         Ok(())
     };
     let (lse_merge, concat) = (a.merge == Merge::Lse, a.merge == Merge::Concat);
     want("out", o.out.len(), if lse_merge { r * hq * d } else { 0 })?;
     want("lse", o.lse.len(), if lse_merge { r * hq } else { 0 })?;
-    want("logits", o.logits.len(), if concat { r * hq * width } else { 0 })?;
-    want("indices", o.indices.len(), if concat { r * hq * width } else { 0 })?;
-    want("values (bytes)", o.values.len(), if concat { r * hq * width * d * size } else { 0 })?;
+    want(
+        "logits",
+        o.logits.len(),
+        if concat { r * hq * width } else { 0 },
+    )?;
+    want(
+        "indices",
+        o.indices.len(),
+        if concat { r * hq * width } else { 0 },
+    )?;
+    want(
+        "values (bytes)",
+        o.values.len(),
+        if concat { r * hq * width * d * size } else { 0 },
+    )?;
 
     let jobs: Vec<_> = pieces(o.out, r)
         .into_iter()
@@ -156,42 +204,57 @@ pub fn ragged_stage(isa: Isa, rows: &[Strips<'_>], a: &RaggedArgs<'_>, width: us
         .zip(pieces(o.indices, r))
         .zip(pieces(o.values, r))
         .enumerate()
-        .map(|(i, ((((out, lse), logits), indices), values))| (i, out, lse, logits, indices, values))
+        .map(|(i, ((((out, lse), logits), indices), values))| {
+            (i, out, lse, logits, indices, values)
+        })
         .collect();
-    let scored: usize = rows.iter().enumerate().map(|(i, s)| a.positions.map_or(s.len(), |p| p.row(i).len())).sum();
+    let scored: usize = rows
+        .iter()
+        .enumerate()
+        .map(|(i, s)| a.positions.map_or(s.len(), |p| p.row(i).len()))
+        .sum();
     let bytes = scored * rows[0].kv_heads() * (2 * d * size + 4 * (hq / rows[0].kv_heads()));
     run(bytes, || {
-        jobs.into_par_iter().with_min_len(min_len(r, bytes)).try_for_each_init(Scratch::default, |scratch, job| {
-            let (i, out, lse, logits, indices, values) = job;
-            let s = &rows[i];
-            let sel = sels[i];
-            let args = a.row(i, s.len(), d);
-            let k = sel.tokens;
-            let dst = match a.merge {
-                Merge::Lse => StageOutputs { out, lse, ..Default::default() },
-                Merge::Concat if sel.indexed => StageOutputs {
-                    logits: &mut logits[..hq * k],
-                    indices: &mut indices[..hq * k],
-                    values: &mut values[..hq * k * d * size],
-                    ..Default::default()
-                },
-                Merge::Concat => StageOutputs { logits: &mut logits[..hq * k], ..Default::default() },
-            };
-            cpu_stage(isa, s, &args, dst, scratch).map_err(|e| row_error(i, e))?;
-            if concat {
-                if !sel.indexed {
-                    // Every host token in order: list them and copy their rows.
-                    for head in indices[..hq * k].chunks_mut(k.max(1)) {
-                        head.iter_mut().enumerate().for_each(|(t, x)| *x = t as i64);
+        jobs.into_par_iter()
+            .with_min_len(min_len(r, bytes))
+            .try_for_each_init(Scratch::default, |scratch, job| {
+                let (i, out, lse, logits, indices, values) = job;
+                let s = &rows[i];
+                let sel = sels[i];
+                let args = a.row(i, s.len(), d);
+                let k = sel.tokens;
+                let dst = match a.merge {
+                    Merge::Lse => StageOutputs {
+                        out,
+                        lse,
+                        ..Default::default()
+                    },
+                    Merge::Concat if sel.indexed => StageOutputs {
+                        logits: &mut logits[..hq * k],
+                        indices: &mut indices[..hq * k],
+                        values: &mut values[..hq * k * d * size],
+                        ..Default::default()
+                    },
+                    Merge::Concat => StageOutputs {
+                        logits: &mut logits[..hq * k],
+                        ..Default::default()
+                    },
+                };
+                cpu_stage(isa, s, &args, dst, scratch).map_err(|e| row_error(i, e))?;
+                if concat {
+                    if !sel.indexed {
+                        // Every host token in order: list them and copy their rows.
+                        for head in indices[..hq * k].chunks_mut(k.max(1)) {
+                            head.iter_mut().enumerate().for_each(|(t, x)| *x = t as i64);
+                        }
+                        gather_values(s, &indices[..hq * k], hq, &mut values[..hq * k * d * size])?;
                     }
-                    gather_values(s, &indices[..hq * k], hq, &mut values[..hq * k * d * size])?;
+                    pad(logits, hq, k, width, 1, f32::NEG_INFINITY);
+                    pad(indices, hq, k, width, 1, -1);
+                    pad(values, hq, k, width, d * size, 0);
                 }
-                pad(logits, hq, k, width, 1, f32::NEG_INFINITY);
-                pad(indices, hq, k, width, 1, -1);
-                pad(values, hq, k, width, d * size, 0);
-            }
-            Ok(())
-        })
+                Ok(())
+            })
     })
 }
 

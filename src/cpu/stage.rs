@@ -84,8 +84,14 @@ impl StageArgs<'_> {
     pub fn selection(&self, host_len: usize) -> Selection {
         let scored = self.positions.map_or(host_len, <[i64]>::len);
         match self.top_k {
-            Some(k) if k < scored => Selection { tokens: k, indexed: true },
-            _ => Selection { tokens: scored, indexed: self.positions.is_some() },
+            Some(k) if k < scored => Selection {
+                tokens: k,
+                indexed: true,
+            },
+            _ => Selection {
+                tokens: scored,
+                indexed: self.positions.is_some(),
+            },
         }
     }
 }
@@ -139,7 +145,13 @@ pub fn cpu_stage(
     run(bytes, || stage(isa, s, a, out, scratch))
 }
 
-fn stage(isa: Isa, s: &Strips<'_>, a: &StageArgs<'_>, out: StageOutputs<'_>, scratch: &mut Scratch) -> Result<Selection> {
+fn stage(
+    isa: Isa,
+    s: &Strips<'_>,
+    a: &StageArgs<'_>,
+    out: StageOutputs<'_>,
+    scratch: &mut Scratch,
+) -> Result<Selection> {
     let (b, hq, d, n) = (s.batch(), a.q_heads, s.head_dim(), s.len());
     let rows = b * hq;
     ensure!(
@@ -148,7 +160,11 @@ fn stage(isa: Isa, s: &Strips<'_>, a: &StageArgs<'_>, out: StageOutputs<'_>, scr
         a.q.len()
     );
     if let Some(mask) = a.mask {
-        ensure!(mask.len() == b * n, "host_mask must be [batch, host tokens] = [{b}, {n}], got {} entries", mask.len());
+        ensure!(
+            mask.len() == b * n,
+            "host_mask must be [batch, host tokens] = [{b}, {n}], got {} entries",
+            mask.len()
+        );
     }
     if let Some(p) = a.positions {
         s.check_indices(p)?;
@@ -157,7 +173,13 @@ fn stage(isa: Isa, s: &Strips<'_>, a: &StageArgs<'_>, out: StageOutputs<'_>, scr
     check_outputs(s, a, sel, &out)?;
     let m = a.positions.map_or(n, <[i64]>::len);
     let k = sel.tokens;
-    let StageOutputs { out, lse, logits: logits_out, indices: indices_out, values } = out;
+    let StageOutputs {
+        out,
+        lse,
+        logits: logits_out,
+        indices: indices_out,
+        values,
+    } = out;
 
     if a.top_k.is_none_or(|top| top >= m) && a.positions.is_none() && a.merge == Merge::Lse {
         // Attention over every host token: fused, the logits never leave the cache.
@@ -173,10 +195,16 @@ fn stage(isa: Isa, s: &Strips<'_>, a: &StageArgs<'_>, out: StageOutputs<'_>, scr
         score(isa, s, a, x, &mut scratch.key_indices)?;
         let idx = match a.positions {
             Some(p) => {
-                let idx = if indices_out.is_empty() { take(&mut scratch.indices, rows * m) } else { indices_out };
+                let idx = if indices_out.is_empty() {
+                    take(&mut scratch.indices, rows * m)
+                } else {
+                    indices_out
+                };
                 if let Some(lists) = idx.len().checked_div(m) {
                     let serial = min_len(lists, idx.len() * 8);
-                    idx.par_chunks_mut(m).with_min_len(serial).for_each(|row| row.copy_from_slice(p));
+                    idx.par_chunks_mut(m)
+                        .with_min_len(serial)
+                        .for_each(|row| row.copy_from_slice(p));
                 }
                 Some(&*idx)
             }
@@ -193,24 +221,40 @@ fn stage(isa: Isa, s: &Strips<'_>, a: &StageArgs<'_>, out: StageOutputs<'_>, scr
         Merge::Concat => logits_out,
         Merge::Lse => take(&mut scratch.selected, rows * k),
     };
-    let sel_i = if indices_out.is_empty() { take(&mut scratch.indices, rows * k) } else { indices_out };
+    let sel_i = if indices_out.is_empty() {
+        take(&mut scratch.indices, rows * k)
+    } else {
+        indices_out
+    };
     if k > 0 {
         topk(x, m, k, sel_i, sel_x)?;
         if let Some(p) = a.positions {
             // Indices into the scored list become host token indices.
             let serial = min_len(sel_i.len(), sel_i.len() * 8);
-            sel_i.par_iter_mut().with_min_len(serial).for_each(|i| *i = p[*i as usize]);
+            sel_i
+                .par_iter_mut()
+                .with_min_len(serial)
+                .for_each(|i| *i = p[*i as usize]);
         }
     }
     finish(isa, s, a, sel_x, Some(sel_i), out, lse, values)?;
     Ok(sel)
 }
 
-fn check_outputs(s: &Strips<'_>, a: &StageArgs<'_>, sel: Selection, o: &StageOutputs<'_>) -> Result<()> {
+fn check_outputs(
+    s: &Strips<'_>,
+    a: &StageArgs<'_>,
+    sel: Selection,
+    o: &StageOutputs<'_>,
+) -> Result<()> {
     let rows = s.batch() * a.q_heads;
     let (k, d) = (sel.tokens, s.head_dim());
     let want = |name: &str, got: usize, need: usize| -> Result<()> {
-        ensure!(got == need, "{name} output has {got} elements, the {} stage needs {need}", a.merge.name());
+        ensure!(
+            got == need,
+            "{name} output has {got} elements, the {} stage needs {need}",
+            a.merge.name()
+        );
         Ok(())
     };
     let indexed = |need: usize| if sel.indexed { need } else { 0 };
@@ -229,43 +273,63 @@ fn check_outputs(s: &Strips<'_>, a: &StageArgs<'_>, sel: Selection, o: &StageOut
             want("lse", o.lse.len(), 0)?;
             want("logits", o.logits.len(), rows * k)?;
             want("indices", o.indices.len(), indexed(rows * k))?;
-            want("values (bytes)", o.values.len(), indexed(rows * k * d * s.dtype().size()))?;
+            want(
+                "values (bytes)",
+                o.values.len(),
+                indexed(rows * k * d * s.dtype().size()),
+            )?;
         }
     }
     Ok(())
 }
 
 /// Logits of the scored tokens into `x [batch, q_heads, m]`, masked tokens set to `-inf`.
-fn score(isa: Isa, s: &Strips<'_>, a: &StageArgs<'_>, x: &mut [f32], key_indices: &mut Vec<i64>) -> Result<()> {
+fn score(
+    isa: Isa,
+    s: &Strips<'_>,
+    a: &StageArgs<'_>,
+    x: &mut [f32],
+    key_indices: &mut Vec<i64>,
+) -> Result<()> {
     let (hq, n) = (a.q_heads, s.len());
     let key_idx = match a.positions {
         Some(p) => {
             // The kernel takes key indices per (sequence, kv head): the same list for each.
             let idx = take(key_indices, s.batch() * s.kv_heads() * p.len());
             if !p.is_empty() {
-                idx.chunks_mut(p.len()).for_each(|row| row.copy_from_slice(p));
+                idx.chunks_mut(p.len())
+                    .for_each(|row| row.copy_from_slice(p));
             }
             Some(&*idx)
         }
         None => None,
     };
     logits(isa, s, a.q, hq, a.scale, key_idx, x)?;
-    let (Some(mask), m) = (a.mask, x.len() / (s.batch() * hq)) else { return Ok(()) };
+    let (Some(mask), m) = (a.mask, x.len() / (s.batch() * hq)) else {
+        return Ok(());
+    };
     if m == 0 {
         return Ok(());
     }
     let serial = min_len(x.len() / m, x.len() * 4);
-    x.par_chunks_mut(m).enumerate().with_min_len(serial).for_each(|(r, row)| {
-        let masked = &mask[(r / hq) * n..(r / hq + 1) * n];
-        match a.positions {
-            Some(p) => row
-                .iter_mut()
-                .zip(p)
-                .filter(|(_, &t)| masked[t as usize] != 0)
-                .for_each(|(v, _)| *v = f32::NEG_INFINITY),
-            None => row.iter_mut().zip(masked).filter(|(_, &mk)| mk != 0).for_each(|(v, _)| *v = f32::NEG_INFINITY),
-        }
-    });
+    x.par_chunks_mut(m)
+        .enumerate()
+        .with_min_len(serial)
+        .for_each(|(r, row)| {
+            let masked = &mask[(r / hq) * n..(r / hq + 1) * n];
+            match a.positions {
+                Some(p) => row
+                    .iter_mut()
+                    .zip(p)
+                    .filter(|(_, &t)| masked[t as usize] != 0)
+                    .for_each(|(v, _)| *v = f32::NEG_INFINITY),
+                None => row
+                    .iter_mut()
+                    .zip(masked)
+                    .filter(|(_, &mk)| mk != 0)
+                    .for_each(|(v, _)| *v = f32::NEG_INFINITY),
+            }
+        });
     Ok(())
 }
 
@@ -293,22 +357,69 @@ mod tests {
     use super::*;
 
     fn args(top_k: Option<usize>, positions: Option<&[i64]>) -> StageArgs<'_> {
-        StageArgs { q: &[], q_heads: 1, scale: 1.0, merge: Merge::Lse, top_k, positions, mask: None }
+        StageArgs {
+            q: &[],
+            q_heads: 1,
+            scale: 1.0,
+            merge: Merge::Lse,
+            top_k,
+            positions,
+            mask: None,
+        }
     }
 
     #[test]
     fn selection_follows_top_k_and_positions() {
-        let all = Selection { tokens: 10, indexed: false };
+        let all = Selection {
+            tokens: 10,
+            indexed: false,
+        };
         assert_eq!(args(None, None).selection(10), all);
         assert_eq!(args(Some(10), None).selection(10), all);
         assert_eq!(args(Some(99), None).selection(10), all);
-        assert_eq!(args(Some(3), None).selection(10), Selection { tokens: 3, indexed: true });
-        assert_eq!(args(Some(0), None).selection(10), Selection { tokens: 0, indexed: true });
-        assert_eq!(args(Some(0), None).selection(0), Selection { tokens: 0, indexed: false });
+        assert_eq!(
+            args(Some(3), None).selection(10),
+            Selection {
+                tokens: 3,
+                indexed: true
+            }
+        );
+        assert_eq!(
+            args(Some(0), None).selection(10),
+            Selection {
+                tokens: 0,
+                indexed: true
+            }
+        );
+        assert_eq!(
+            args(Some(0), None).selection(0),
+            Selection {
+                tokens: 0,
+                indexed: false
+            }
+        );
         let p = [4i64, 1, 7];
-        assert_eq!(args(None, Some(&p)).selection(10), Selection { tokens: 3, indexed: true });
-        assert_eq!(args(Some(2), Some(&p)).selection(10), Selection { tokens: 2, indexed: true });
-        assert_eq!(args(Some(5), Some(&p)).selection(10), Selection { tokens: 3, indexed: true });
+        assert_eq!(
+            args(None, Some(&p)).selection(10),
+            Selection {
+                tokens: 3,
+                indexed: true
+            }
+        );
+        assert_eq!(
+            args(Some(2), Some(&p)).selection(10),
+            Selection {
+                tokens: 2,
+                indexed: true
+            }
+        );
+        assert_eq!(
+            args(Some(5), Some(&p)).selection(10),
+            Selection {
+                tokens: 3,
+                indexed: true
+            }
+        );
     }
 
     #[test]

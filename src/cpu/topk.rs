@@ -15,9 +15,19 @@ use crate::error::Result;
 /// For each of the `rows` rows of `n` logits, the `k` largest, written as indices in ascending
 /// (original token) order with their logits. NaN ranks below every number; ties go to the
 /// earlier token, so the result is deterministic.
-pub fn topk(logits: &[f32], n: usize, k: usize, out_idx: &mut [i64], out_val: &mut [f32]) -> Result<()> {
+pub fn topk(
+    logits: &[f32],
+    n: usize,
+    k: usize,
+    out_idx: &mut [i64],
+    out_val: &mut [f32],
+) -> Result<()> {
     ensure!(n > 0, "top-k over zero tokens");
-    ensure!(logits.len().is_multiple_of(n), "logits length {} is not a multiple of n = {n}", logits.len());
+    ensure!(
+        logits.len().is_multiple_of(n),
+        "logits length {} is not a multiple of n = {n}",
+        logits.len()
+    );
     let rows = logits.len() / n;
     ensure!(k > 0, "k must be positive, got 0");
     ensure!(k <= n, "k = {k} is larger than the number of tokens ({n})");
@@ -74,7 +84,9 @@ fn select_row(row: &[f32], k: usize, scratch: &mut Vec<u32>, idx: &mut [i64], va
     if k < scratch.len() {
         // Larger logit first; among equals, the earlier token first.
         scratch.select_nth_unstable_by(k - 1, |&a, &b| {
-            key(row[b as usize]).total_cmp(&key(row[a as usize])).then(a.cmp(&b))
+            key(row[b as usize])
+                .total_cmp(&key(row[a as usize]))
+                .then(a.cmp(&b))
         });
     }
     let chosen = &mut scratch[..k];

@@ -15,7 +15,9 @@ use std::sync::{Arc, OnceLock};
 
 use std::path::PathBuf;
 
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, DriverError, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaModule, DriverError, LaunchConfig, PushKernelArg,
+};
 use cudarc::nvrtc::Ptx;
 use parking_lot::Mutex;
 
@@ -111,7 +113,9 @@ impl Gpu {
         // Raw pointers only: cudarc's per-allocation event tracking has nothing to track.
         // SAFETY: no cudarc-owned allocations are ever made through this context.
         unsafe { ctx.disable_event_tracking() };
-        let (major, minor) = ctx.compute_capability().map_err(cuda_err("reading the compute capability"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(cuda_err("reading the compute capability"))?;
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(cuda_err("reading the SM count"))? as u32;
@@ -135,14 +139,20 @@ impl Gpu {
             return Ok(f.clone());
         }
         let image = kernels::image(self.compute_capability, self.cache_dir.as_deref())?;
-        self.ctx.bind_to_thread().map_err(cuda_err("binding the CUDA context"))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(cuda_err("binding the CUDA context"))?;
         let module = self
             .ctx
             .load_module(Ptx::from_binary(image.code.clone()))
             .map_err(|e| load_error(e, image.target, &self.arch))?;
         let function = |name: &str| module.load_function(name).map_err(cuda_err(name));
         let f = Arc::new(Functions {
-            split: [function(kernels::SPLIT_F16)?, function(kernels::SPLIT_BF16)?, function(kernels::SPLIT_F32)?],
+            split: [
+                function(kernels::SPLIT_F16)?,
+                function(kernels::SPLIT_BF16)?,
+                function(kernels::SPLIT_F32)?,
+            ],
             merge: function(kernels::MERGE)?,
             _module: module,
             target: image.target,
@@ -162,9 +172,24 @@ impl Gpu {
     /// `stream` a live stream of this context; the outputs must not be read before the stream
     /// reaches the kernel.
     pub unsafe fn split_attention(&self, stream: u64, a: &SplitArgs) -> Result<()> {
-        ensure!(a.sinks <= a.n_dev, "sinks ({}) exceed the device tokens ({})", a.sinks, a.n_dev);
-        ensure!(a.m == 0 || (a.host_logits != 0 && a.host_v != 0), "host logits and values are required when m > 0");
-        let geo = launch::split_attention(a.batch, a.q_heads, a.kv_heads, a.head_dim, a.n_dev + a.m, a.splits)?;
+        ensure!(
+            a.sinks <= a.n_dev,
+            "sinks ({}) exceed the device tokens ({})",
+            a.sinks,
+            a.n_dev
+        );
+        ensure!(
+            a.m == 0 || (a.host_logits != 0 && a.host_v != 0),
+            "host logits and values are required when m > 0"
+        );
+        let geo = launch::split_attention(
+            a.batch,
+            a.q_heads,
+            a.kv_heads,
+            a.head_dim,
+            a.n_dev + a.m,
+            a.splits,
+        )?;
         if geo.launch.is_empty() {
             return Ok(());
         }
@@ -175,14 +200,32 @@ impl Gpu {
             DType::F32 => 2,
         }];
         let to_i32 = |name: &str, v: usize| -> Result<i32> {
-            i32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{name} ({v}) does not fit the kernel's 32-bit index")))
+            i32::try_from(v).map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "{name} ({v}) does not fit the kernel's 32-bit index"
+                ))
+            })
         };
-        let (n_dev, sinks, m) = (to_i32("n_dev", a.n_dev)?, to_i32("sinks", a.sinks)?, to_i32("m", a.m)?);
-        let (hq, hkv, d) = (to_i32("q_heads", a.q_heads)?, to_i32("kv_heads", a.kv_heads)?, to_i32("head_dim", a.head_dim)?);
+        let (n_dev, sinks, m) = (
+            to_i32("n_dev", a.n_dev)?,
+            to_i32("sinks", a.sinks)?,
+            to_i32("m", a.m)?,
+        );
+        let (hq, hkv, d) = (
+            to_i32("q_heads", a.q_heads)?,
+            to_i32("kv_heads", a.kv_heads)?,
+            to_i32("head_dim", a.head_dim)?,
+        );
         let tps = to_i32("tokens per split", geo.tokens_per_split)?;
         let grouped = a.host_grouped as i32;
-        let cfg = LaunchConfig { grid_dim: geo.launch.grid, block_dim: geo.launch.block, shared_mem_bytes: geo.launch.shared_mem_bytes };
-        let s = self.ctx.wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream);
+        let cfg = LaunchConfig {
+            grid_dim: geo.launch.grid,
+            block_dim: geo.launch.block,
+            shared_mem_bytes: geo.launch.shared_mem_bytes,
+        };
+        let s = self
+            .ctx
+            .wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream);
         let mut launch = s.launch_builder(func);
         launch
             .arg(&a.q)
@@ -204,7 +247,9 @@ impl Gpu {
             .arg(&tps)
             .arg(&a.part_o)
             .arg(&a.part_lse);
-        launch.launch(cfg).map_err(cuda_err("launching split_attention"))?;
+        launch
+            .launch(cfg)
+            .map_err(cuda_err("launching split_attention"))?;
         Ok(())
     }
 
@@ -217,10 +262,20 @@ impl Gpu {
         if geo.is_empty() {
             return Ok(());
         }
-        ensure!(a.splits <= i32::MAX as usize, "too many partials per row: {}", a.splits);
+        ensure!(
+            a.splits <= i32::MAX as usize,
+            "too many partials per row: {}",
+            a.splits
+        );
         let (splits, d) = (a.splits as i32, a.head_dim as i32);
-        let cfg = LaunchConfig { grid_dim: geo.grid, block_dim: geo.block, shared_mem_bytes: geo.shared_mem_bytes };
-        let s = self.ctx.wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream);
+        let cfg = LaunchConfig {
+            grid_dim: geo.grid,
+            block_dim: geo.block,
+            shared_mem_bytes: geo.shared_mem_bytes,
+        };
+        let s = self
+            .ctx
+            .wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream);
         let functions = self.functions()?;
         let mut launch = s.launch_builder(&functions.merge);
         launch
@@ -232,7 +287,9 @@ impl Gpu {
             .arg(&d)
             .arg(&a.out)
             .arg(&a.out_lse);
-        launch.launch(cfg).map_err(cuda_err("launching merge_partials"))?;
+        launch
+            .launch(cfg)
+            .map_err(cuda_err("launching merge_partials"))?;
         Ok(())
     }
 }
@@ -244,31 +301,44 @@ impl Gpu {
 /// Both must be live streams of the device's primary context.
 pub unsafe fn order_after(ordinal: usize, producer: u64, consumer: u64) -> Result<()> {
     let gpu = Gpu::get(ordinal, None)?;
-    gpu.ctx.bind_to_thread().map_err(cuda_err("binding the CUDA context"))?;
+    gpu.ctx
+        .bind_to_thread()
+        .map_err(cuda_err("binding the CUDA context"))?;
     let mut event: sys::CUevent = std::ptr::null_mut();
     // SAFETY: the context is current; the event is created, recorded, waited on and released
     // here (destroying an event with a wait still queued is allowed: the driver keeps it until
     // the wait completes).
     unsafe {
-        sys::cuEventCreate(&mut event, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
-            .result()
-            .map_err(cuda_err("creating a CUDA event"))?;
+        sys::cuEventCreate(
+            &mut event,
+            sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32,
+        )
+        .result()
+        .map_err(cuda_err("creating a CUDA event"))?;
         let ordered = sys::cuEventRecord(event, producer as sys::CUstream)
             .result()
             .and_then(|_| sys::cuStreamWaitEvent(consumer as sys::CUstream, event, 0).result());
         let _ = sys::cuEventDestroy_v2(event).result();
-        ordered.map_err(cuda_err("ordering the kernels' stream after the tensor producer's"))
+        ordered.map_err(cuda_err(
+            "ordering the kernels' stream after the tensor producer's",
+        ))
     }
 }
 
 /// A module load failure, with the reason a driver refuses PTX when that is what happened.
 fn load_error(e: DriverError, target: Target, arch: &str) -> Error {
-    let mut context = format!("loading the hybrid attention kernels ({}) on {arch}", target.option());
+    let mut context = format!(
+        "loading the hybrid attention kernels ({}) on {arch}",
+        target.option()
+    );
     if let Target::Ptx(_) = target {
         let mut driver: std::ffi::c_int = 0;
         // SAFETY: writes one int; the driver is initialised (a context exists).
         let _ = unsafe { sys::cuDriverGetVersion(&mut driver) };
-        let nvrtc = super::nvrtc::get().and_then(|n| n.version()).map(|(a, b)| format!("{a}.{b}")).unwrap_or_default();
+        let nvrtc = super::nvrtc::get()
+            .and_then(|n| n.version())
+            .map(|(a, b)| format!("{a}.{b}"))
+            .unwrap_or_default();
         context.push_str(&format!(
             ": this GPU is newer than NVRTC {nvrtc}, so the kernels went to the driver as PTX; a driver \
              older than the compiler refuses its PTX (driver CUDA version {}.{}). Update the driver, or use \

@@ -56,14 +56,21 @@ pub fn choose_target(cc: u32, supported: &[u32]) -> Result<Target> {
 
 /// Parses `compute_XY` (PTX) or `sm_XY` (cubin).
 pub fn parse_arch(arch: &str) -> Result<Target> {
-    let number = |digits: &str| digits.parse::<u32>().ok().filter(|n| (10..1000).contains(n));
+    let number = |digits: &str| {
+        digits
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (10..1000).contains(n))
+    };
     if let Some(n) = arch.strip_prefix("compute_").and_then(number) {
         return Ok(Target::Ptx(n));
     }
     if let Some(n) = arch.strip_prefix("sm_").and_then(number) {
         return Ok(Target::Cubin(n));
     }
-    Err(Error::InvalidArgument(format!("arch must look like 'sm_90' (cubin) or 'compute_90' (PTX), got {arch:?}")))
+    Err(Error::InvalidArgument(format!(
+        "arch must look like 'sm_90' (cubin) or 'compute_90' (PTX), got {arch:?}"
+    )))
 }
 
 /// Compiles `SOURCE` for `target` with extra NVRTC `options` (e.g. `-Xptxas -v`), uncached.
@@ -77,10 +84,14 @@ pub fn build(target: Target, options: &[&str]) -> Result<nvrtc::Output> {
 pub fn compile(arch: &str) -> Result<String> {
     let target = parse_arch(arch)?;
     if !matches!(target, Target::Ptx(_)) {
-        return Err(Error::InvalidArgument(format!("compile() returns PTX: pass compute_XY, got {arch:?}")));
+        return Err(Error::InvalidArgument(format!(
+            "compile() returns PTX: pass compute_XY, got {arch:?}"
+        )));
     }
     let out = build(target, &[])?;
-    Ok(String::from_utf8_lossy(&out.code).trim_end_matches('\0').to_string())
+    Ok(String::from_utf8_lossy(&out.code)
+        .trim_end_matches('\0')
+        .to_string())
 }
 
 /// The kernels for a device of compute capability `cc`, compiled at most once per process and,
@@ -96,7 +107,10 @@ pub fn image(cc: u32, cache_dir: Option<&Path>) -> Result<Arc<Image>> {
         Some(dir) => Some(cache_file(dir, target)?),
         None => None,
     };
-    let cached = file.as_ref().and_then(|f| std::fs::read(f).ok()).filter(|c| looks_complete(target, c));
+    let cached = file
+        .as_ref()
+        .and_then(|f| std::fs::read(f).ok())
+        .filter(|c| looks_complete(target, c));
     let code = match cached {
         Some(code) => code,
         None => {
@@ -143,7 +157,9 @@ fn write_atomically(path: &Path, text: &[u8]) -> std::io::Result<()> {
 
 /// A stable 64-bit hash (std's hasher may change between Rust releases).
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -153,7 +169,10 @@ mod tests {
     #[test]
     fn rejects_malformed_architectures() {
         for bad in ["compute_", "compute_x0", "90", "sm_", "sm_9"] {
-            assert!(matches!(parse_arch(bad), Err(Error::InvalidArgument(_))), "{bad}");
+            assert!(
+                matches!(parse_arch(bad), Err(Error::InvalidArgument(_))),
+                "{bad}"
+            );
         }
         assert_eq!(parse_arch("sm_90").unwrap(), Target::Cubin(90));
         assert_eq!(parse_arch("compute_80").unwrap(), Target::Ptx(80));
@@ -165,7 +184,9 @@ mod tests {
         let supported = [75, 80, 86, 89, 90, 100, 120];
         assert_eq!(choose_target(90, &supported).unwrap(), Target::Cubin(90));
         assert_eq!(choose_target(121, &supported).unwrap(), Target::Ptx(120));
-        assert!(matches!(choose_target(70, &supported), Err(Error::Unavailable(m)) if m.contains("sm_70")));
+        assert!(
+            matches!(choose_target(70, &supported), Err(Error::Unavailable(m)) if m.contains("sm_70"))
+        );
     }
 
     #[test]
@@ -186,7 +207,10 @@ mod tests {
         for arch in ["compute_80", "compute_90"] {
             let ptx = compile(arch).unwrap();
             for name in NAMES {
-                assert!(ptx.contains(&format!(".entry {name}")), "{name} missing from the {arch} PTX");
+                assert!(
+                    ptx.contains(&format!(".entry {name}")),
+                    "{name} missing from the {arch} PTX"
+                );
             }
         }
         let dir = std::env::temp_dir().join(format!("hybridgen-kernels-{}", std::process::id()));

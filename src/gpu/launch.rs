@@ -80,7 +80,13 @@ pub fn splits_for(rows: usize, tokens: usize, sm_count: u32, min_tokens: usize) 
 }
 
 /// Slices per row for a `split_attention` launch over `tokens` (device + shipped) tokens.
-pub fn split_count(batch: usize, q_heads: usize, kv_heads: usize, tokens: usize, sm_count: u32) -> usize {
+pub fn split_count(
+    batch: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    tokens: usize,
+    sm_count: u32,
+) -> usize {
     let rows = batch * kv_heads * head_chunks(q_heads, kv_heads);
     splits_for(rows, tokens, sm_count, MIN_SLICE_TOKENS)
 }
@@ -91,31 +97,71 @@ fn dim(what: &str, v: usize, max: usize) -> Result<u32> {
 }
 
 /// The `split_attention` launch for `splits` slices of `tokens` tokens.
-pub fn split_attention(batch: usize, q_heads: usize, kv_heads: usize, head_dim: usize, tokens: usize, splits: usize) -> Result<SplitLaunch> {
-    ensure!((1..=MAX_HEAD_DIM).contains(&head_dim), "head_dim must be in 1..={MAX_HEAD_DIM}, got {head_dim}");
-    ensure!(kv_heads > 0 && q_heads.is_multiple_of(kv_heads), "query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})");
-    ensure!((1..=GRID_YZ_MAX).contains(&splits), "splits must be in 1..={GRID_YZ_MAX}, got {splits}");
-    ensure!(tokens <= i32::MAX as usize, "{tokens} tokens do not fit the kernel's 32-bit token index");
+pub fn split_attention(
+    batch: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    tokens: usize,
+    splits: usize,
+) -> Result<SplitLaunch> {
+    ensure!(
+        (1..=MAX_HEAD_DIM).contains(&head_dim),
+        "head_dim must be in 1..={MAX_HEAD_DIM}, got {head_dim}"
+    );
+    ensure!(
+        kv_heads > 0 && q_heads.is_multiple_of(kv_heads),
+        "query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})"
+    );
+    ensure!(
+        (1..=GRID_YZ_MAX).contains(&splits),
+        "splits must be in 1..={GRID_YZ_MAX}, got {splits}"
+    );
+    ensure!(
+        tokens <= i32::MAX as usize,
+        "{tokens} tokens do not fit the kernel's 32-bit token index"
+    );
     let chunks = head_chunks(q_heads, kv_heads);
     let group = q_heads / kv_heads;
-    let groups = batch.checked_mul(kv_heads).ok_or_else(|| Error::InvalidArgument("batch * kv_heads overflows".into()))?;
-    let grid = (dim("head chunks", chunks, GRID_X_MAX)?, dim("splits", splits, GRID_YZ_MAX)?, dim("batch * kv_heads", groups, GRID_YZ_MAX)?);
+    let groups = batch
+        .checked_mul(kv_heads)
+        .ok_or_else(|| Error::InvalidArgument("batch * kv_heads overflows".into()))?;
+    let grid = (
+        dim("head chunks", chunks, GRID_X_MAX)?,
+        dim("splits", splits, GRID_YZ_MAX)?,
+        dim("batch * kv_heads", groups, GRID_YZ_MAX)?,
+    );
     Ok(SplitLaunch {
-        launch: Launch { grid, block: (SPLIT_THREADS, 1, 1), shared_mem_bytes: 0 },
+        launch: Launch {
+            grid,
+            block: (SPLIT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        },
         splits,
         tokens_per_split: tokens.div_ceil(splits).max(1),
         head_chunks: chunks,
-        heads_per_block: if chunks == 0 { 0 } else { group.div_ceil(chunks) },
+        heads_per_block: if chunks == 0 {
+            0
+        } else {
+            group.div_ceil(chunks)
+        },
     })
 }
 
 /// The `merge_partials` launch for `rows` rows of `splits` partials of `head_dim` floats.
 pub fn merge_partials(rows: usize, head_dim: usize, splits: usize) -> Result<Launch> {
-    ensure!((1..=MERGE_MAX_HEAD_DIM).contains(&head_dim), "head_dim must be in 1..={MERGE_MAX_HEAD_DIM}, got {head_dim}");
+    ensure!(
+        (1..=MERGE_MAX_HEAD_DIM).contains(&head_dim),
+        "head_dim must be in 1..={MERGE_MAX_HEAD_DIM}, got {head_dim}"
+    );
     ensure!(splits >= 1, "at least one partial per row is required");
     let warps = splits.min(MERGE_WARPS) as u32;
     Ok(Launch {
-        grid: (dim("rows", rows, GRID_X_MAX)?, head_dim.div_ceil(32) as u32, 1),
+        grid: (
+            dim("rows", rows, GRID_X_MAX)?,
+            head_dim.div_ceil(32) as u32,
+            1,
+        ),
         block: (32 * warps, 1, 1),
         shared_mem_bytes: 0,
     })
@@ -145,15 +191,40 @@ mod tests {
         let g = split_attention(2, 32, 8, 128, 1000, 3).unwrap();
         assert_eq!(g.launch.grid, (1, 3, 16));
         assert_eq!(g.launch.block, (SPLIT_THREADS, 1, 1));
-        assert_eq!((g.head_chunks, g.heads_per_block, g.tokens_per_split), (1, 4, 334));
+        assert_eq!(
+            (g.head_chunks, g.heads_per_block, g.tokens_per_split),
+            (1, 4, 334)
+        );
         // A group of 12 takes two chunks of 6, of 16 two of 8, MHA one of 1.
-        assert_eq!(split_attention(1, 12, 1, 64, 10, 1).unwrap().heads_per_block, 6);
-        assert_eq!(split_attention(1, 12, 1, 64, 10, 1).unwrap().launch.grid.0, 2);
-        assert_eq!(split_attention(1, 16, 1, 64, 10, 1).unwrap().heads_per_block, 8);
-        assert_eq!(split_attention(1, 4, 4, 64, 10, 1).unwrap().heads_per_block, 1);
+        assert_eq!(
+            split_attention(1, 12, 1, 64, 10, 1)
+                .unwrap()
+                .heads_per_block,
+            6
+        );
+        assert_eq!(
+            split_attention(1, 12, 1, 64, 10, 1).unwrap().launch.grid.0,
+            2
+        );
+        assert_eq!(
+            split_attention(1, 16, 1, 64, 10, 1)
+                .unwrap()
+                .heads_per_block,
+            8
+        );
+        assert_eq!(
+            split_attention(1, 4, 4, 64, 10, 1).unwrap().heads_per_block,
+            1
+        );
         // Slices past the end are empty, never zero-length by construction.
-        assert_eq!(split_attention(1, 1, 1, 1, 0, 4).unwrap().tokens_per_split, 1);
-        assert!(split_attention(0, 4, 4, 64, 10, 1).unwrap().launch.is_empty());
+        assert_eq!(
+            split_attention(1, 1, 1, 1, 0, 4).unwrap().tokens_per_split,
+            1
+        );
+        assert!(split_attention(0, 4, 4, 64, 10, 1)
+            .unwrap()
+            .launch
+            .is_empty());
     }
 
     #[test]
@@ -173,7 +244,10 @@ mod tests {
         let m = merge_partials(64, 80, 3).unwrap();
         assert_eq!(m.grid, (64, 3, 1));
         assert_eq!(m.block, (96, 1, 1));
-        assert_eq!(merge_partials(1, 128, 500).unwrap().block, (32 * MERGE_WARPS as u32, 1, 1));
+        assert_eq!(
+            merge_partials(1, 128, 500).unwrap().block,
+            (32 * MERGE_WARPS as u32, 1, 1)
+        );
         assert!(merge_partials(0, 64, 1).unwrap().is_empty());
         assert!(merge_partials(1, 64, 0).is_err());
         assert!(merge_partials(1, MERGE_MAX_HEAD_DIM + 1, 1).is_err());

@@ -28,5 +28,8 @@ use crate::error::Error;
 
 /// A CUDA driver error as the core's error (kept as its source), with what was being done.
 pub(crate) fn cuda_err(context: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error + '_ {
-    move |source| Error::Cuda { context: context.to_string(), source }
+    move |source| Error::Cuda {
+        context: context.to_string(),
+        source,
+    }
 }

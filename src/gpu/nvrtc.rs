@@ -43,8 +43,14 @@ pub struct Nvrtc {
 // The C signatures of the NVRTC functions used (nvrtc.h, stable since CUDA 11).
 type VersionFn = unsafe extern "C" fn(*mut c_int, *mut c_int) -> Status;
 type ErrorStringFn = unsafe extern "C" fn(Status) -> *const c_char;
-type CreateFn =
-    unsafe extern "C" fn(*mut Program, *const c_char, *const c_char, c_int, *const *const c_char, *const *const c_char) -> Status;
+type CreateFn = unsafe extern "C" fn(
+    *mut Program,
+    *const c_char,
+    *const c_char,
+    c_int,
+    *const *const c_char,
+    *const *const c_char,
+) -> Status;
 type CompileFn = unsafe extern "C" fn(Program, c_int, *const *const c_char) -> Status;
 type DestroyFn = unsafe extern "C" fn(*mut Program) -> Status;
 /// `nvrtcGetProgramLogSize`, `nvrtcGetPTXSize`, `nvrtcGetCUBINSize`.
@@ -101,7 +107,10 @@ pub fn prefer(path: &str) {
 }
 
 fn candidates() -> Vec<String> {
-    if let Some(explicit) = std::env::var("HYBRIDGEN_NVRTC").ok().filter(|p| !p.is_empty()) {
+    if let Some(explicit) = std::env::var("HYBRIDGEN_NVRTC")
+        .ok()
+        .filter(|p| !p.is_empty())
+    {
         return vec![explicit];
     }
     let mut names: Vec<String> = PREFERRED.lock().clone();
@@ -122,9 +131,17 @@ pub fn get() -> Result<&'static Nvrtc> {
         }
     }
     if std::env::var("HYBRIDGEN_NVRTC").is_ok_and(|p| !p.is_empty()) {
-        return Err(Error::Unavailable(format!("HYBRIDGEN_NVRTC={} is not a loadable NVRTC library: {}", tried[0], dl_error())));
+        return Err(Error::Unavailable(format!(
+            "HYBRIDGEN_NVRTC={} is not a loadable NVRTC library: {}",
+            tried[0],
+            dl_error()
+        )));
     }
-    Err(Error::Unavailable(format!("{} (tried: {})", super::probe::NVRTC_MISSING, tried.join(", "))))
+    Err(Error::Unavailable(format!(
+        "{} (tried: {})",
+        super::probe::NVRTC_MISSING,
+        tried.join(", ")
+    )))
 }
 
 /// The dynamic linker's last error message.
@@ -183,20 +200,36 @@ fn load(name: &str) -> Option<Nvrtc> {
 }
 
 impl Nvrtc {
-    fn check(&self, status: Status, context: impl FnOnce() -> String, log: Option<String>) -> Result<()> {
+    fn check(
+        &self,
+        status: Status,
+        context: impl FnOnce() -> String,
+        log: Option<String>,
+    ) -> Result<()> {
         if status == 0 {
             return Ok(());
         }
         // SAFETY: nvrtcGetErrorString returns a static string for any status.
-        let message = unsafe { CStr::from_ptr((self.error_string)(status)) }.to_string_lossy().into_owned();
-        Err(Error::Nvrtc { context: context(), code: status, message, log })
+        let message = unsafe { CStr::from_ptr((self.error_string)(status)) }
+            .to_string_lossy()
+            .into_owned();
+        Err(Error::Nvrtc {
+            context: context(),
+            code: status,
+            message,
+            log,
+        })
     }
 
     /// `(major, minor)`.
     pub fn version(&self) -> Result<(i32, i32)> {
         let (mut major, mut minor) = (0, 0);
         // SAFETY: writes two ints.
-        self.check(unsafe { (self.version)(&mut major, &mut minor) }, || "nvrtcVersion".into(), None)?;
+        self.check(
+            unsafe { (self.version)(&mut major, &mut minor) },
+            || "nvrtcVersion".into(),
+            None,
+        )?;
         Ok((major, minor))
     }
 
@@ -204,31 +237,70 @@ impl Nvrtc {
     pub fn supported_archs(&self) -> Result<Vec<u32>> {
         let mut n: c_int = 0;
         // SAFETY: writes one int.
-        self.check(unsafe { (self.num_archs)(&mut n) }, || "nvrtcGetNumSupportedArchs".into(), None)?;
+        self.check(
+            unsafe { (self.num_archs)(&mut n) },
+            || "nvrtcGetNumSupportedArchs".into(),
+            None,
+        )?;
         let mut archs = vec![0 as c_int; n.max(0) as usize];
         // SAFETY: `archs` has room for the `n` ints NVRTC reported.
-        self.check(unsafe { (self.archs)(archs.as_mut_ptr()) }, || "nvrtcGetSupportedArchs".into(), None)?;
+        self.check(
+            unsafe { (self.archs)(archs.as_mut_ptr()) },
+            || "nvrtcGetSupportedArchs".into(),
+            None,
+        )?;
         Ok(archs.into_iter().map(|a| a as u32).collect())
     }
 
     /// Compiles `source` (named `name` in messages) for `target` with extra `options`.
-    pub fn compile(&self, source: &str, name: &str, target: Target, options: &[&str]) -> Result<Output> {
-        let what = || format!("NVRTC ({}) compiling {name} with {}", self.source, target.option());
-        let src = CString::new(source).map_err(|_| Error::InvalidArgument("kernel source contains NUL".into()))?;
-        let cname = CString::new(name).map_err(|_| Error::InvalidArgument("kernel name contains NUL".into()))?;
+    pub fn compile(
+        &self,
+        source: &str,
+        name: &str,
+        target: Target,
+        options: &[&str],
+    ) -> Result<Output> {
+        let what = || {
+            format!(
+                "NVRTC ({}) compiling {name} with {}",
+                self.source,
+                target.option()
+            )
+        };
+        let src = CString::new(source)
+            .map_err(|_| Error::InvalidArgument("kernel source contains NUL".into()))?;
+        let cname = CString::new(name)
+            .map_err(|_| Error::InvalidArgument("kernel name contains NUL".into()))?;
         let mut opts: Vec<CString> = vec![CString::new(target.option()).unwrap()];
         for o in options {
-            opts.push(CString::new(*o).map_err(|_| Error::InvalidArgument(format!("NVRTC option {o:?} contains NUL")))?);
+            opts.push(
+                CString::new(*o).map_err(|_| {
+                    Error::InvalidArgument(format!("NVRTC option {o:?} contains NUL"))
+                })?,
+            );
         }
         let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
         let mut prog: Program = std::ptr::null_mut();
         // SAFETY: all strings are NUL-terminated and outlive the call; no headers are passed.
-        let created = unsafe { (self.create)(&mut prog, src.as_ptr(), cname.as_ptr(), 0, std::ptr::null(), std::ptr::null()) };
+        let created = unsafe {
+            (self.create)(
+                &mut prog,
+                src.as_ptr(),
+                cname.as_ptr(),
+                0,
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
         self.check(created, what, None)?;
         let result = (|| {
             // SAFETY: `prog` is the live program created above; the option array outlives the call.
-            let compiled = unsafe { (self.compile)(prog, opt_ptrs.len() as c_int, opt_ptrs.as_ptr()) };
-            let log = self.read(prog, self.log_size, self.log).map(|b| text(&b)).unwrap_or_default();
+            let compiled =
+                unsafe { (self.compile)(prog, opt_ptrs.len() as c_int, opt_ptrs.as_ptr()) };
+            let log = self
+                .read(prog, self.log_size, self.log)
+                .map(|b| text(&b))
+                .unwrap_or_default();
             self.check(compiled, what, Some(log.clone()))?;
             let code = match target {
                 Target::Cubin(_) => self.read(prog, self.cubin_size, self.cubin)?,
@@ -249,10 +321,18 @@ impl Nvrtc {
     ) -> Result<Vec<u8>> {
         let mut n = 0usize;
         // SAFETY: `prog` is live; writes one size_t.
-        self.check(unsafe { size(prog, &mut n) }, || "NVRTC output size".into(), None)?;
+        self.check(
+            unsafe { size(prog, &mut n) },
+            || "NVRTC output size".into(),
+            None,
+        )?;
         let mut buf = vec![0u8; n];
         // SAFETY: `buf` has the `n` bytes NVRTC asked for.
-        self.check(unsafe { get(prog, buf.as_mut_ptr().cast()) }, || "NVRTC output".into(), None)?;
+        self.check(
+            unsafe { get(prog, buf.as_mut_ptr().cast()) },
+            || "NVRTC output".into(),
+            None,
+        )?;
         Ok(buf)
     }
 }

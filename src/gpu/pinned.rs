@@ -26,7 +26,9 @@ use crate::mem::{round_up_to_page, HostBuffer};
 /// The range must lie in a live mapping that outlives the registration, and must not overlap
 /// another registration.
 unsafe fn register(gpu: &Gpu, ptr: *mut u8, len: usize) -> Result<()> {
-    gpu.context().bind_to_thread().map_err(cuda_err("binding the CUDA context"))?;
+    gpu.context()
+        .bind_to_thread()
+        .map_err(cuda_err("binding the CUDA context"))?;
     sys::cuMemHostRegister_v2(ptr.cast(), len, sys::CU_MEMHOSTREGISTER_PORTABLE).result().map_err(|source| Error::Cuda {
         context: format!(
             "cuMemHostRegister of {len} bytes (page-locked memory is limited by RAM and `ulimit -l`; \
@@ -95,7 +97,9 @@ fn is_registered(gpu: &Gpu, ptr: *mut u8) -> bool {
     let _ = gpu.context().bind_to_thread();
     let mut flags: std::ffi::c_uint = 0;
     // SAFETY: queries flags of a host pointer; fails (not UB) for unregistered memory.
-    unsafe { sys::cuMemHostGetFlags(&mut flags, ptr.cast()) }.result().is_ok()
+    unsafe { sys::cuMemHostGetFlags(&mut flags, ptr.cast()) }
+        .result()
+        .is_ok()
 }
 
 /// The smallest registration step per strip: small enough not to lock much more than is used,
@@ -110,7 +114,9 @@ pub fn grown_prefix(current: usize, needed: usize, strip_bytes: usize) -> usize 
     if needed <= current {
         return current;
     }
-    let target = round_up_to_page(needed).max(current.saturating_mul(2)).max(MIN_CHUNK_BYTES);
+    let target = round_up_to_page(needed)
+        .max(current.saturating_mul(2))
+        .max(MIN_CHUNK_BYTES);
     target.min(strip_bytes)
 }
 
@@ -134,15 +140,29 @@ unsafe impl Sync for PinnedStrips {}
 
 impl PinnedStrips {
     /// Nothing registered yet: call [`PinnedStrips::grow`].
-    pub fn new(buf: Arc<HostBuffer>, gpu: Arc<Gpu>, strips: usize, strip_bytes: usize) -> Result<Self> {
-        let fits = strips.checked_mul(strip_bytes).is_some_and(|n| n <= buf.len());
+    pub fn new(
+        buf: Arc<HostBuffer>,
+        gpu: Arc<Gpu>,
+        strips: usize,
+        strip_bytes: usize,
+    ) -> Result<Self> {
+        let fits = strips
+            .checked_mul(strip_bytes)
+            .is_some_and(|n| n <= buf.len());
         if !fits || !strip_bytes.is_multiple_of(crate::mem::PAGE_SIZE) {
             return Err(Error::InvalidArgument(format!(
                 "{strips} strips of {strip_bytes} bytes (page-aligned) do not fit a {}-byte buffer",
                 buf.len()
             )));
         }
-        Ok(PinnedStrips { buf, gpu, strips, strip_bytes, prefix: 0, ranges: Vec::new() })
+        Ok(PinnedStrips {
+            buf,
+            gpu,
+            strips,
+            strip_bytes,
+            prefix: 0,
+            ranges: Vec::new(),
+        })
     }
 
     /// Makes sure the first `needed` bytes of every strip are page-locked.
@@ -173,7 +193,13 @@ impl PinnedStrips {
     /// Whether the driver sees the start of every strip as page-locked (trivially true before the
     /// first growth).
     pub fn is_registered(&self) -> bool {
-        self.prefix == 0 || (0..self.strips).all(|s| is_registered(&self.gpu, self.buf.as_ptr().wrapping_add(s * self.strip_bytes)))
+        self.prefix == 0
+            || (0..self.strips).all(|s| {
+                is_registered(
+                    &self.gpu,
+                    self.buf.as_ptr().wrapping_add(s * self.strip_bytes),
+                )
+            })
     }
 }
 
@@ -193,12 +219,21 @@ mod tests {
         let strip = 64 << 20;
         assert_eq!(grown_prefix(0, 0, strip), 0);
         assert_eq!(grown_prefix(0, 1, strip), MIN_CHUNK_BYTES);
-        assert_eq!(grown_prefix(MIN_CHUNK_BYTES, MIN_CHUNK_BYTES, strip), MIN_CHUNK_BYTES);
-        assert_eq!(grown_prefix(MIN_CHUNK_BYTES, MIN_CHUNK_BYTES + 1, strip), 2 * MIN_CHUNK_BYTES);
-        assert_eq!(grown_prefix(MIN_CHUNK_BYTES, 5 * MIN_CHUNK_BYTES + 3, strip), round_up_to_page(5 * MIN_CHUNK_BYTES + 3));
+        assert_eq!(
+            grown_prefix(MIN_CHUNK_BYTES, MIN_CHUNK_BYTES, strip),
+            MIN_CHUNK_BYTES
+        );
+        assert_eq!(
+            grown_prefix(MIN_CHUNK_BYTES, MIN_CHUNK_BYTES + 1, strip),
+            2 * MIN_CHUNK_BYTES
+        );
+        assert_eq!(
+            grown_prefix(MIN_CHUNK_BYTES, 5 * MIN_CHUNK_BYTES + 3, strip),
+            round_up_to_page(5 * MIN_CHUNK_BYTES + 3)
+        );
         assert_eq!(grown_prefix(32 << 20, (32 << 20) + page, strip), strip);
         assert_eq!(grown_prefix(0, 1, 8 * page), 8 * page); // a small strip is locked whole
-        // Growing token by token to the full strip registers O(log) times.
+                                                            // Growing token by token to the full strip registers O(log) times.
         let (mut prefix, mut steps) = (0, 0);
         for needed in (0..=strip).step_by(256 * 1024) {
             let next = grown_prefix(prefix, needed, strip);

@@ -42,9 +42,14 @@ pub fn probe() -> Probe {
     let mut devices = 0;
     let mut reason = None;
     if !driver {
-        reason = Some("the CUDA driver (libcuda.so) is not installed: no NVIDIA GPU driver on this machine".to_string());
+        reason = Some(
+            "the CUDA driver (libcuda.so) is not installed: no NVIDIA GPU driver on this machine"
+                .to_string(),
+        );
     } else {
-        match cudarc::driver::result::init().and_then(|_| cudarc::driver::result::device::get_count()) {
+        match cudarc::driver::result::init()
+            .and_then(|_| cudarc::driver::result::device::get_count())
+        {
             Ok(n) => devices = n.max(0) as usize,
             Err(e) => reason = Some(format!("the CUDA driver failed to initialise: {e:?}")),
         }
@@ -60,7 +65,12 @@ pub fn probe() -> Probe {
             Ok(_) => NVRTC_MISSING.to_string(),
         });
     }
-    Probe { driver, nvrtc, devices, reason }
+    Probe {
+        driver,
+        nvrtc,
+        devices,
+        reason,
+    }
 }
 
 pub(crate) const NVRTC_MISSING: &str = "NVRTC (libnvrtc.so.13) is not loadable: `import hybridgen.cuda` \

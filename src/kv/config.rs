@@ -60,16 +60,34 @@ impl StoreConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        ensure!(self.layers > 0 && self.layers <= MAX_LAYERS, "layers must be in 1..={MAX_LAYERS}, got {}", self.layers);
-        ensure!(self.batch > 0 && self.batch <= MAX_BATCH, "batch must be in 1..={MAX_BATCH}, got {}", self.batch);
-        ensure!(self.kv_heads > 0 && self.kv_heads <= MAX_KV_HEADS, "kv_heads must be in 1..={MAX_KV_HEADS}, got {}", self.kv_heads);
+        ensure!(
+            self.layers > 0 && self.layers <= MAX_LAYERS,
+            "layers must be in 1..={MAX_LAYERS}, got {}",
+            self.layers
+        );
+        ensure!(
+            self.batch > 0 && self.batch <= MAX_BATCH,
+            "batch must be in 1..={MAX_BATCH}, got {}",
+            self.batch
+        );
+        ensure!(
+            self.kv_heads > 0 && self.kv_heads <= MAX_KV_HEADS,
+            "kv_heads must be in 1..={MAX_KV_HEADS}, got {}",
+            self.kv_heads
+        );
         ensure!(
             self.head_dim > 0 && self.head_dim <= 1024,
             "head_dim must be in 1..=1024, got {}",
             self.head_dim
         );
-        ensure!(self.near.capacity_bytes > 0, "near tier capacity must be positive (bytes), got 0");
-        ensure!(self.far.capacity_bytes > 0, "far tier capacity must be positive (bytes), got 0");
+        ensure!(
+            self.near.capacity_bytes > 0,
+            "near tier capacity must be positive (bytes), got 0"
+        );
+        ensure!(
+            self.far.capacity_bytes > 0,
+            "far tier capacity must be positive (bytes), got 0"
+        );
         ensure!(
             self.far.capacity_bytes >= self.token_bytes(),
             "far tier capacity ({} bytes) cannot hold the values of a single token ({} bytes)",
@@ -79,7 +97,11 @@ impl StoreConfig {
         if let Some(max) = self.max_host_tokens {
             ensure!(max > 0, "max_host_tokens must be positive, got 0");
         }
-        ensure!(self.sinks <= MAX_TOKENS, "sinks must be at most {MAX_TOKENS}, got {}", self.sinks);
+        ensure!(
+            self.sinks <= MAX_TOKENS,
+            "sinks must be at most {MAX_TOKENS}, got {}",
+            self.sinks
+        );
         // The virtual reservation (2 buffers per layer of batch × kv_heads strips) must be
         // addressable; the limits above keep every product here far from overflowing.
         let reserved = self
@@ -101,6 +123,8 @@ impl StoreConfig {
     /// Host tokens one layer can ever hold: the strip length reserved per head.
     pub fn strip_tokens(&self) -> usize {
         let by_capacity = self.far.capacity_bytes / self.token_bytes();
-        self.max_host_tokens.map_or(by_capacity, |m| m.min(by_capacity)).min(MAX_TOKENS)
+        self.max_host_tokens
+            .map_or(by_capacity, |m| m.min(by_capacity))
+            .min(MAX_TOKENS)
     }
 }

@@ -6,5 +6,7 @@ mod slots;
 mod spill;
 mod store;
 
-pub use config::{StoreConfig, TierConfig, MAX_BATCH, MAX_KV_HEADS, MAX_LAYERS, MAX_RESERVED_BYTES, MAX_TOKENS};
+pub use config::{
+    StoreConfig, TierConfig, MAX_BATCH, MAX_KV_HEADS, MAX_LAYERS, MAX_RESERVED_BYTES, MAX_TOKENS,
+};
 pub use store::{Kind, KvStore, Tier, TierStats};

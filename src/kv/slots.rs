@@ -16,7 +16,9 @@ pub(super) struct SlotPool {
 impl SlotPool {
     /// `capacity` slots, all in use.
     pub(super) fn full(capacity: usize) -> SlotPool {
-        SlotPool { active: vec![true; capacity] }
+        SlotPool {
+            active: vec![true; capacity],
+        }
     }
 
     pub(super) fn capacity(&self) -> usize {

@@ -21,7 +21,12 @@ pub(super) struct Move {
 /// same position the first layer, one token at a time (so layers take turns); within a layer
 /// every slot whose oldest near key is at that position moves together, so the sequences of a
 /// lockstep batch keep one length. A plan may move up to (slots − 1) tokens more than `want`.
-pub(super) fn plan(host: &[usize], far_keys: &mut [usize], batch: usize, want: usize) -> (Vec<Move>, usize) {
+pub(super) fn plan(
+    host: &[usize],
+    far_keys: &mut [usize],
+    batch: usize,
+    want: usize,
+) -> (Vec<Move>, usize) {
     let mut moves = Vec::new();
     let mut moved = 0;
     while moved < want {
@@ -32,15 +37,24 @@ pub(super) fn plan(host: &[usize], far_keys: &mut [usize], batch: usize, want: u
             .min();
         let Some((pos, layer)) = best else { break }; // no near keys left: nothing more to move
         let in_group = |i: usize| i / batch == layer && far_keys[i] == pos && host[i] > far_keys[i];
-        let group: Vec<usize> = (layer * batch..(layer + 1) * batch).filter(|&i| in_group(i)).collect();
+        let group: Vec<usize> = (layer * batch..(layer + 1) * batch)
+            .filter(|&i| in_group(i))
+            .collect();
         // Move the group no further than the next oldest near key elsewhere (at least one).
         let runner_up = (0..host.len())
             .filter(|&i| host[i] > far_keys[i] && !in_group(i))
             .map(|i| far_keys[i])
             .min()
             .unwrap_or(usize::MAX);
-        let shortest = group.iter().map(|&i| host[i] - far_keys[i]).min().unwrap_or(0);
-        let count = (want - moved).div_ceil(group.len()).min(shortest).min(runner_up.saturating_sub(pos).max(1));
+        let shortest = group
+            .iter()
+            .map(|&i| host[i] - far_keys[i])
+            .min()
+            .unwrap_or(0);
+        let count = (want - moved)
+            .div_ceil(group.len())
+            .min(shortest)
+            .min(runner_up.saturating_sub(pos).max(1));
         for &seq in &group {
             far_keys[seq] += count;
             moves.push(Move { seq, count });
@@ -61,7 +75,11 @@ mod tests {
         let mut far = [0; 4];
         let (moves, moved) = plan(&host, &mut far, 2, 4);
         assert_eq!(moved, 4);
-        assert_eq!(far, [1, 1, 1, 1], "both layers lose their oldest position, both slots alike");
+        assert_eq!(
+            far,
+            [1, 1, 1, 1],
+            "both layers lose their oldest position, both slots alike"
+        );
         assert_eq!(moves.len(), 4);
     }
 
@@ -72,7 +90,11 @@ mod tests {
         let mut far = [2, 0];
         let (_, moved) = plan(&host, &mut far, 2, 3);
         assert_eq!(moved, 4, "a group may overshoot by less than its size");
-        assert_eq!(far, [3, 3], "slot 1 catches up to position 2, then both move together");
+        assert_eq!(
+            far,
+            [3, 3],
+            "slot 1 catches up to position 2, then both move together"
+        );
         let (_, moved) = plan(&host, &mut [5, 4], 2, 1);
         assert_eq!(moved, 0, "no near keys: nothing to plan");
     }

@@ -71,7 +71,6 @@ pub struct TierStats {
     pub value_slot_tokens: usize,
 }
 
-
 /// One layer's keys or values: `batch × kv_heads` page-aligned strips.
 struct Region {
     buf: Arc<HostBuffer>,
@@ -146,7 +145,10 @@ impl KvStore {
             // Bind before first touch so pages are born on the right node. Refusal (no NUMA
             // support in a container) leaves the default policy: placement is best effort.
             let _ = buf.bind(0, buf.len(), node);
-            Ok(Region { buf: Arc::new(buf), strip_bytes })
+            Ok(Region {
+                buf: Arc::new(buf),
+                strip_bytes,
+            })
         };
         let mut keys = Vec::with_capacity(cfg.layers);
         let mut values = Vec::with_capacity(cfg.layers);
@@ -246,7 +248,9 @@ impl KvStore {
                 region.buf.release(slot * span, span);
             }
             if s.migrated_bytes > 0 {
-                let _ = self.keys[layer].buf.bind(slot * span, span, self.near.placement.node);
+                let _ = self.keys[layer]
+                    .buf
+                    .bind(slot * span, span, self.near.placement.node);
             }
             *self.seq_mut(layer, slot) = SeqState::default();
         }
@@ -260,7 +264,11 @@ impl KvStore {
             }
             let seqs = &mut self.seqs[layer * self.cfg.batch..(layer + 1) * self.cfg.batch];
             if seqs.iter().any(|s| s.migrated_bytes > 0) {
-                let _ = self.keys[layer].buf.bind(0, self.keys[layer].buf.len(), self.near.placement.node);
+                let _ = self.keys[layer].buf.bind(
+                    0,
+                    self.keys[layer].buf.len(),
+                    self.near.placement.node,
+                );
             }
             seqs.fill(SeqState::default());
         }
@@ -302,7 +310,14 @@ impl KvStore {
 
     /// Moves the `m` oldest non-sink device tokens of `slot` in `layer` to the host: `keys` /
     /// `values` are their rows `[kv_heads, m, head_dim]`, contiguous, as bytes. As `evict`.
-    pub fn evict_slot(&mut self, layer: usize, slot: usize, m: usize, keys: &[u8], values: &[u8]) -> Result<()> {
+    pub fn evict_slot(
+        &mut self,
+        layer: usize,
+        slot: usize,
+        m: usize,
+        keys: &[u8],
+        values: &[u8],
+    ) -> Result<()> {
         self.check_seq(layer, slot)?;
         self.evict_from(layer, &[slot], m, keys, values)
     }
@@ -325,7 +340,15 @@ impl KvStore {
     }
 
     /// Copies host tokens `[start, start+len)` of `slot` in `layer` out as `[kv_heads, len, d]`.
-    pub fn read_slot(&self, layer: usize, slot: usize, start: usize, len: usize, keys: &mut [u8], values: &mut [u8]) -> Result<()> {
+    pub fn read_slot(
+        &self,
+        layer: usize,
+        slot: usize,
+        start: usize,
+        len: usize,
+        keys: &mut [u8],
+        values: &mut [u8],
+    ) -> Result<()> {
         self.check_seq(layer, slot)?;
         self.read_from(layer, &[slot], start, len, keys, values)
     }
@@ -334,7 +357,8 @@ impl KvStore {
     /// attention operations; they borrow the store as `strips` does.
     pub fn slot_strips(&self, layer: usize, slot: usize) -> Result<Strips<'_>> {
         self.check_seq(layer, slot)?;
-        self.all_strips(layer, self.strip_tokens).sequences(slot, 1, self.seq(layer, slot).host)
+        self.all_strips(layer, self.strip_tokens)
+            .sequences(slot, 1, self.seq(layer, slot).host)
     }
 
     // --- the lockstep batch: every active slot, one length -----------------------------------
@@ -394,7 +418,13 @@ impl KvStore {
     /// The most host tokens any active slot holds in `layer` (how far the strips are filled).
     pub fn max_host_len(&self, layer: usize) -> Result<usize> {
         self.check_layer(layer)?;
-        Ok(self.slots.active().iter().map(|&slot| self.seq(layer, slot).host).max().unwrap_or(0))
+        Ok(self
+            .slots
+            .active()
+            .iter()
+            .map(|&slot| self.seq(layer, slot).host)
+            .max()
+            .unwrap_or(0))
     }
 
     /// Logical position of host token 0 (the sinks stay on the device before it).
@@ -456,7 +486,14 @@ impl KvStore {
     }
 
     /// Copies host tokens `[start, start+len)` of `layer` out as `[active slots, kv_heads, len, d]`.
-    pub fn read(&self, layer: usize, start: usize, len: usize, keys: &mut [u8], values: &mut [u8]) -> Result<()> {
+    pub fn read(
+        &self,
+        layer: usize,
+        start: usize,
+        len: usize,
+        keys: &mut [u8],
+        values: &mut [u8],
+    ) -> Result<()> {
         let slots = self.lockstep(layer)?;
         self.read_from(layer, &slots, start, len, keys, values)
     }
@@ -467,7 +504,8 @@ impl KvStore {
     pub fn strips(&self, layer: usize) -> Result<Strips<'_>> {
         let host = self.host_len(layer)?;
         let range = self.lockstep_slots()?;
-        self.all_strips(layer, self.strip_tokens).sequences(range.start, range.len(), host)
+        self.all_strips(layer, self.strip_tokens)
+            .sequences(range.start, range.len(), host)
     }
 
     // --- the one implementation of each change, over a list of slots ----------------------
@@ -488,7 +526,14 @@ impl KvStore {
     }
 
     /// `keys`/`values`: `[slots, kv_heads, m, d]` rows, one block per listed slot.
-    fn evict_from(&mut self, layer: usize, slots: &[usize], m: usize, keys: &[u8], values: &[u8]) -> Result<()> {
+    fn evict_from(
+        &mut self,
+        layer: usize,
+        slots: &[usize],
+        m: usize,
+        keys: &[u8],
+        values: &[u8],
+    ) -> Result<()> {
         let st = self.slot_token_bytes();
         let need = slots.len() * m * st;
         ensure!(
@@ -519,11 +564,15 @@ impl KvStore {
         let added = slots.len() * m;
         let host: Vec<usize> = {
             let mut h: Vec<usize> = self.seqs.iter().map(|s| s.host).collect();
-            slots.iter().for_each(|&slot| h[layer * self.cfg.batch + slot] += m);
+            slots
+                .iter()
+                .for_each(|&slot| h[layer * self.cfg.batch + slot] += m);
             h
         };
         let mut far_keys: Vec<usize> = self.seqs.iter().map(|s| s.far_keys).collect();
-        let excess = (self.near.used + added * st).saturating_sub(self.near.capacity).div_ceil(st);
+        let excess = (self.near.used + added * st)
+            .saturating_sub(self.near.capacity)
+            .div_ceil(st);
         let (moves, spilled) = spill::plan(&host, &mut far_keys, self.cfg.batch, excess);
         let far_needed = (added + spilled) * st;
         if far_needed > self.far.free() {
@@ -538,7 +587,14 @@ impl KvStore {
         for (i, &slot) in slots.iter().enumerate() {
             let run = m * st;
             let start = self.seq(layer, slot).host;
-            self.write_rows(layer, slot, start, m, &keys[i * run..(i + 1) * run], &values[i * run..(i + 1) * run]);
+            self.write_rows(
+                layer,
+                slot,
+                start,
+                m,
+                &keys[i * run..(i + 1) * run],
+                &values[i * run..(i + 1) * run],
+            );
             self.seq_mut(layer, slot).host += m;
         }
         self.near.used += added * st;
@@ -572,7 +628,15 @@ impl KvStore {
     }
 
     /// Copies out `[slots, kv_heads, len, d]`.
-    fn read_from(&self, layer: usize, slots: &[usize], start: usize, len: usize, keys: &mut [u8], values: &mut [u8]) -> Result<()> {
+    fn read_from(
+        &self,
+        layer: usize,
+        slots: &[usize],
+        start: usize,
+        len: usize,
+        keys: &mut [u8],
+        values: &mut [u8],
+    ) -> Result<()> {
         for &slot in slots {
             let host = self.seq(layer, slot).host;
             ensure!(
@@ -692,14 +756,28 @@ impl KvStore {
     }
 
     /// Writes rows `[kv_heads, m, d]` of `slot` at host token `start` of `layer`.
-    fn write_rows(&mut self, layer: usize, slot: usize, start: usize, m: usize, keys: &[u8], values: &[u8]) {
+    fn write_rows(
+        &mut self,
+        layer: usize,
+        slot: usize,
+        start: usize,
+        m: usize,
+        keys: &[u8],
+        values: &[u8],
+    ) {
         let (row, run) = (self.cfg.row_bytes(), m * self.cfg.row_bytes());
         for head in 0..self.cfg.kv_heads {
             for (kind, src) in [(Kind::Keys, keys), (Kind::Values, values)] {
                 let dst = self.strip_ptr(layer, kind, slot, head) as *mut u8;
                 // SAFETY: start + m <= strip_tokens was checked by the caller; the source run
                 // has exactly `run` bytes; store writes are serialised by `&mut self`.
-                unsafe { std::ptr::copy_nonoverlapping(src[head * run..].as_ptr(), dst.add(start * row), run) };
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        src[head * run..].as_ptr(),
+                        dst.add(start * row),
+                        run,
+                    )
+                };
             }
         }
     }
@@ -725,7 +803,11 @@ impl KvStore {
         let region = &self.keys[layer];
         for head in 0..self.cfg.kv_heads {
             let strip = slot * self.cfg.kv_heads + head;
-            let _ = region.buf.bind(strip * region.strip_bytes + s.migrated_bytes, covered - s.migrated_bytes, self.far.placement.node);
+            let _ = region.buf.bind(
+                strip * region.strip_bytes + s.migrated_bytes,
+                covered - s.migrated_bytes,
+                self.far.placement.node,
+            );
         }
         self.seq_mut(layer, slot).migrated_bytes = covered;
     }

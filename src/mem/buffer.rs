@@ -37,7 +37,10 @@ impl HostBuffer {
                 source: std::io::Error::last_os_error(),
             });
         }
-        Ok(HostBuffer { ptr: ptr as *mut u8, len })
+        Ok(HostBuffer {
+            ptr: ptr as *mut u8,
+            len,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -66,13 +69,23 @@ impl HostBuffer {
         if end > start {
             // SAFETY: whole pages inside this mapping; MADV_DONTNEED on private anonymous memory
             // just drops the pages. Failure only means the memory stays committed.
-            unsafe { libc::madvise(self.ptr.add(start) as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+            unsafe {
+                libc::madvise(
+                    self.ptr.add(start) as *mut libc::c_void,
+                    end - start,
+                    libc::MADV_DONTNEED,
+                )
+            };
         }
     }
 
     /// The node that holds the byte at `offset` (the page is faulted in if untouched).
     pub fn node_at(&self, offset: usize) -> std::io::Result<u32> {
-        assert!(offset < self.len, "offset {offset} outside a {}-byte buffer", self.len);
+        assert!(
+            offset < self.len,
+            "offset {offset} outside a {}-byte buffer",
+            self.len
+        );
         // SAFETY: offset is inside the mapping.
         unsafe { numa::node_of(self.ptr.add(offset)) }
     }

@@ -70,12 +70,22 @@ impl NodePlacement {
     pub fn resolve(requested: Option<u32>) -> Self {
         let online = online_nodes();
         let local = local_node();
-        let local = if online.contains(&local) { local } else { online[0] };
+        let local = if online.contains(&local) {
+            local
+        } else {
+            online[0]
+        };
         match requested {
-            None => NodePlacement { requested, node: local, fallback_reason: None },
-            Some(n) if online.contains(&n) => {
-                NodePlacement { requested, node: n, fallback_reason: None }
-            }
+            None => NodePlacement {
+                requested,
+                node: local,
+                fallback_reason: None,
+            },
+            Some(n) if online.contains(&n) => NodePlacement {
+                requested,
+                node: n,
+                fallback_reason: None,
+            },
             Some(n) => NodePlacement {
                 requested,
                 node: local,

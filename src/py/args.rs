@@ -28,8 +28,12 @@ impl Int {
     pub(crate) fn get(&self, name: &str) -> PyResult<i64> {
         match &self.0 {
             Ok(v) => Ok(*v),
-            Err(BadInt::Type(t)) => Err(PyTypeError::new_err(format!("{name} must be an integer, got {t}"))),
-            Err(BadInt::Overflow(v)) => Err(PyOverflowError::new_err(format!("{name} = {v} is out of range (|{name}| < 2**63)"))),
+            Err(BadInt::Type(t)) => Err(PyTypeError::new_err(format!(
+                "{name} must be an integer, got {t}"
+            ))),
+            Err(BadInt::Overflow(v)) => Err(PyOverflowError::new_err(format!(
+                "{name} = {v} is out of range (|{name}| < 2**63)"
+            ))),
         }
     }
 }
@@ -38,21 +42,29 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Int {
     type Error = PyErr;
 
     fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
-        let type_name = || obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
+        let type_name = || {
+            obj.get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_else(|_| "?".into())
+        };
         if obj.is_instance_of::<PyBool>() {
             return Ok(Int(Err(BadInt::Type("a bool".into()))));
         }
         let Ok(index) = obj.call_method0("__index__") else {
             return Ok(Int(Err(BadInt::Type(type_name()))));
         };
-        Ok(Int(index.extract::<i64>().map_err(|_| BadInt::Overflow(index.to_string()))))
+        Ok(Int(index
+            .extract::<i64>()
+            .map_err(|_| BadInt::Overflow(index.to_string()))))
     }
 }
 
 /// `value` as a count or index; negative values are a ValueError naming the argument.
 pub(crate) fn non_negative(name: &str, value: Int) -> PyResult<usize> {
     let value = value.get(name)?;
-    usize::try_from(value).map_err(|_| PyValueError::new_err(format!("{name} must be >= 0, got {value}")))
+    usize::try_from(value)
+        .map_err(|_| PyValueError::new_err(format!("{name} must be >= 0, got {value}")))
 }
 
 /// `value` as a positive count.
@@ -65,12 +77,18 @@ pub(crate) fn positive(name: &str, value: Int) -> PyResult<usize> {
 
 /// The instruction set to run (`None`: the best this CPU has).
 pub(crate) fn isa(name: Option<&str>) -> PyResult<Isa> {
-    let Some(name) = name else { return Ok(crate::cpu::isa()) };
+    let Some(name) = name else {
+        return Ok(crate::cpu::isa());
+    };
     let isa = Isa::parse(name).ok_or_else(|| {
-        PyValueError::new_err(format!("unknown isa {name:?}: expected 'scalar', 'avx2', 'avx512' or 'neon'"))
+        PyValueError::new_err(format!(
+            "unknown isa {name:?}: expected 'scalar', 'avx2', 'avx512' or 'neon'"
+        ))
     })?;
     if !isa.supported() {
-        return Err(PyValueError::new_err(format!("isa {name:?} is not supported by this CPU")));
+        return Err(PyValueError::new_err(format!(
+            "isa {name:?} is not supported by this CPU"
+        )));
     }
     Ok(isa)
 }

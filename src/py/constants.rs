@@ -14,7 +14,10 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_HEAD_DIM", crate::gpu::device::MAX_HEAD_DIM)?;
     m.add("DTYPES", PyTuple::new(py, DType::ALL.map(DType::name))?)?;
     m.add("MERGES", PyTuple::new(py, Merge::NAMES)?)?;
-    m.add("STRATEGIES", PyTuple::new(py, Strategy::ALL.map(Strategy::name))?)?;
+    m.add(
+        "STRATEGIES",
+        PyTuple::new(py, Strategy::ALL.map(Strategy::name))?,
+    )?;
     // Names of the values of `HostKVStore.token_map` (index = value).
     m.add("TIERS", PyTuple::new(py, Tier::ALL.map(Tier::name))?)?;
     Ok(())

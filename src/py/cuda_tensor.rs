@@ -24,7 +24,11 @@ unsafe impl DlpackStream for ConsumerStream {
         Ok(stream::cuda(self.0 as usize as *mut std::ffi::c_void))
     }
 
-    unsafe fn wait_for_producer(&self, device: DLDevice, producer: *mut std::ffi::c_void) -> PyResult<bool> {
+    unsafe fn wait_for_producer(
+        &self,
+        device: DLDevice,
+        producer: *mut std::ffi::c_void,
+    ) -> PyResult<bool> {
         if producer as usize as u64 == self.0 {
             return Ok(true); // one stream: already in order
         }
@@ -32,7 +36,9 @@ unsafe impl DlpackStream for ConsumerStream {
             return Ok(false);
         }
         // SAFETY: `producer` is the producer's live stream (dlpark's contract), `self.0` ours.
-        unsafe { crate::gpu::device::order_after(device.device_id as usize, producer as u64, self.0) }?;
+        unsafe {
+            crate::gpu::device::order_after(device.device_id as usize, producer as u64, self.0)
+        }?;
         Ok(true)
     }
 }
@@ -72,17 +78,35 @@ impl CudaTensor {
             )));
         }
         let owner = from_dlpack(obj.as_borrowed(), Some(on), Some(false))?;
-        let view = owner.validate().map_err(|e| PyValueError::new_err(format!("{name}: invalid DLPack tensor: {e}")))?;
+        let view = owner
+            .validate()
+            .map_err(|e| PyValueError::new_err(format!("{name}: invalid DLPack tensor: {e}")))?;
         if view.dtype() != elem.dl() {
-            return Err(PyTypeError::new_err(format!("{name} must have dtype {}", elem.name())));
+            return Err(PyTypeError::new_err(format!(
+                "{name} must have dtype {}",
+                elem.name()
+            )));
         }
         let dims: Vec<usize> = view.shape().iter().map(|&d| d as usize).collect();
-        if dims.len() != shape.len() || dims.iter().zip(shape).any(|(&g, w)| w.is_some_and(|w| w != g)) {
-            return Err(PyValueError::new_err(format!("{name} has shape {dims:?}, expected {shape:?} (None = any)")));
+        if dims.len() != shape.len()
+            || dims
+                .iter()
+                .zip(shape)
+                .any(|(&g, w)| w.is_some_and(|w| w != g))
+        {
+            return Err(PyValueError::new_err(format!(
+                "{name} has shape {dims:?}, expected {shape:?} (None = any)"
+            )));
         }
         let mut strides: Vec<usize> = match view.strides() {
-            Some(st) if st.iter().zip(&dims).all(|(&s, &d)| s >= 0 || d <= 1) => st.iter().map(|&s| s.max(0) as usize).collect(),
-            Some(st) => return Err(PyValueError::new_err(format!("{name} has negative strides {st:?}"))),
+            Some(st) if st.iter().zip(&dims).all(|(&s, &d)| s >= 0 || d <= 1) => {
+                st.iter().map(|&s| s.max(0) as usize).collect()
+            }
+            Some(st) => {
+                return Err(PyValueError::new_err(format!(
+                    "{name} has negative strides {st:?}"
+                )))
+            }
             None => compact_strides(&dims),
         };
         // The stride of a dimension of size 1 is never used to address anything, and producers
@@ -94,13 +118,23 @@ impl CudaTensor {
             }
         }
         let ptr = view.data_ptr() as u64 + view.byte_offset();
-        Ok(CudaTensor { _owner: owner, ptr, shape: dims, strides, device: device.device_id as usize })
+        Ok(CudaTensor {
+            _owner: owner,
+            ptr,
+            shape: dims,
+            strides,
+            device: device.device_id as usize,
+        })
     }
 
     /// Fails unless the tensor is compact row-major (ignoring dimensions of size 1).
     pub(crate) fn require_contiguous(&self, name: &str) -> PyResult<()> {
         let want = compact_strides(&self.shape);
-        let ok = self.shape.iter().zip(self.strides.iter().zip(&want)).all(|(&d, (&s, &w))| d <= 1 || s == w);
+        let ok = self
+            .shape
+            .iter()
+            .zip(self.strides.iter().zip(&want))
+            .all(|(&d, (&s, &w))| d <= 1 || s == w);
         if !ok {
             return Err(PyValueError::new_err(format!(
                 "{name} must be contiguous (shape {:?}, strides {:?}); call .contiguous()",
@@ -123,7 +157,10 @@ fn compact_strides(dims: &[usize]) -> Vec<usize> {
 pub(crate) fn same_device(device: usize, tensors: &[(&str, &CudaTensor)]) -> PyResult<()> {
     for (name, t) in tensors {
         if t.device != device {
-            return Err(PyValueError::new_err(format!("{name} is on cuda:{}, expected cuda:{device}", t.device)));
+            return Err(PyValueError::new_err(format!(
+                "{name} is on cuda:{}, expected cuda:{device}",
+                t.device
+            )));
         }
     }
     Ok(())

@@ -26,7 +26,9 @@ impl From<Error> for PyErr {
             Error::Capacity(msg) => CapacityError::new_err(msg),
             err @ Error::Os { .. } => PyOSError::new_err(err.to_string()),
             err @ Error::Unavailable(_) => CudaUnavailableError::new_err(err.to_string()),
-            err @ (Error::Cuda { .. } | Error::Nvrtc { .. }) => PyRuntimeError::new_err(err.to_string()),
+            err @ (Error::Cuda { .. } | Error::Nvrtc { .. }) => {
+                PyRuntimeError::new_err(err.to_string())
+            }
         }
     }
 }
@@ -35,7 +37,10 @@ impl From<Error> for PyErr {
 /// exception; a panic — a bug, since every argument a caller can get wrong is checked before the
 /// core runs — becomes a `RuntimeError` saying so, with the panic's message, instead of PyO3's
 /// `PanicException` (a `BaseException` that `except Exception` does not catch).
-pub(crate) fn run_core<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<T> + Send) -> PyResult<T> {
+pub(crate) fn run_core<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> crate::Result<T> + Send,
+) -> PyResult<T> {
     match py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))) {
         Ok(result) => result.map_err(PyErr::from),
         Err(payload) => {
@@ -44,7 +49,9 @@ pub(crate) fn run_core<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Resul
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "(no message)".to_string());
-            Err(PyRuntimeError::new_err(format!("internal error in hybridgen's core (a bug: please report it): {message}")))
+            Err(PyRuntimeError::new_err(format!(
+                "internal error in hybridgen's core (a bug: please report it): {message}"
+            )))
         }
     }
 }
@@ -53,11 +60,16 @@ pub(crate) fn run_core<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Resul
 /// `RuntimeError` (see `run_core`). Not part of the API.
 #[pyfunction]
 fn _raise_internal_error(py: Python<'_>) -> PyResult<()> {
-    run_core(py, || -> crate::Result<()> { panic!("deliberate panic for the boundary test") })
+    run_core(py, || -> crate::Result<()> {
+        panic!("deliberate panic for the boundary test")
+    })
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_raise_internal_error, m)?)?;
     m.add("CapacityError", m.py().get_type::<CapacityError>())?;
-    m.add("CudaUnavailableError", m.py().get_type::<CudaUnavailableError>())
+    m.add(
+        "CudaUnavailableError",
+        m.py().get_type::<CudaUnavailableError>(),
+    )
 }

@@ -33,7 +33,9 @@ unsafe fn capsule<const N: usize>(
     let mut init = Fixed::new(shape, strides)
         .initialize(owner)
         .map_err(|e| PyValueError::new_err(format!("cannot describe the array: {e}")))?;
-    init.set_data(data.cast()).set_dtype(elem.dl()).set_device(device);
+    init.set_data(data.cast())
+        .set_dtype(elem.dl())
+        .set_device(device);
     // SAFETY: data, shape and strides describe memory kept alive by the installed owner (the
     // caller's contract).
     let managed: versioned::Dlpack = unsafe { init.finish() };
@@ -93,7 +95,11 @@ impl Owned {
     }
 
     /// Hands the array to Python as a `shape` capsule (which must not exceed the storage).
-    pub(crate) fn export<const N: usize>(mut self, py: Python<'_>, shape: [usize; N]) -> PyResult<Py<PyAny>> {
+    pub(crate) fn export<const N: usize>(
+        mut self,
+        py: Python<'_>,
+        shape: [usize; N],
+    ) -> PyResult<Py<PyAny>> {
         let (elem, size) = match &self {
             Owned::F32(_) => (Elem::F32, 4),
             Owned::I64(_) => (Elem::I64, 8),
@@ -101,11 +107,25 @@ impl Owned {
         };
         let bytes = shape.iter().product::<usize>() * size;
         let data = self.bytes_mut();
-        assert!(bytes <= data.len(), "export of {bytes} bytes from a {}-byte array", data.len());
+        assert!(
+            bytes <= data.len(),
+            "export of {bytes} bytes from a {}-byte array",
+            data.len()
+        );
         let data = data.as_mut_ptr();
         // SAFETY: the vector's heap storage does not move when the vector is boxed; the box is
         // the owner, and the storage holds `bytes` initialised bytes (zeroed at allocation).
-        unsafe { capsule(py, Box::new(self), data, shape, compact_strides(shape), elem, DLDevice::CPU) }
+        unsafe {
+            capsule(
+                py,
+                Box::new(self),
+                data,
+                shape,
+                compact_strides(shape),
+                elem,
+                DLDevice::CPU,
+            )
+        }
     }
 }
 
@@ -126,7 +146,10 @@ pub(crate) fn export_prefix<const N: usize>(
 ) -> PyResult<Py<PyAny>> {
     let need: usize = shape.iter().product();
     if need > buffer.numel() {
-        return Err(PyValueError::new_err(format!("a buffer of {} elements cannot hold {shape:?}", buffer.numel())));
+        return Err(PyValueError::new_err(format!(
+            "a buffer of {} elements cannot hold {shape:?}",
+            buffer.numel()
+        )));
     }
     // SAFETY: the first `need` elements lie inside the caller's tensor (checked above), which
     // `obj` keeps alive as long as the capsule holds it; they were written by the call.

@@ -39,10 +39,19 @@ fn kernel_source() -> &'static str {
 /// Needs NVRTC only, not a GPU.
 #[pyfunction]
 #[pyo3(signature = (arch, options=None))]
-fn compile_kernels<'py>(py: Python<'py>, arch: &str, options: Option<Vec<String>>) -> PyResult<Bound<'py, PyDict>> {
+fn compile_kernels<'py>(
+    py: Python<'py>,
+    arch: &str,
+    options: Option<Vec<String>>,
+) -> PyResult<Bound<'py, PyDict>> {
     let target = gpu::kernels::parse_arch(arch)?;
     let options = options.unwrap_or_default();
-    let out = run_core(py, || gpu::kernels::build(target, &options.iter().map(String::as_str).collect::<Vec<_>>()))?;
+    let out = run_core(py, || {
+        gpu::kernels::build(
+            target,
+            &options.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    })?;
     let d = PyDict::new(py);
     d.set_item("code", pyo3::types::PyBytes::new(py, &out.code))?;
     d.set_item("log", out.log)?;
@@ -54,7 +63,11 @@ fn compile_kernels<'py>(py: Python<'py>, arch: &str, options: Option<Vec<String>
 /// "compute_XY", "code": bytes}``.
 #[pyfunction]
 #[pyo3(signature = (cc, cache_dir=None))]
-fn kernel_image<'py>(py: Python<'py>, cc: u32, cache_dir: Option<PathBuf>) -> PyResult<Bound<'py, PyDict>> {
+fn kernel_image<'py>(
+    py: Python<'py>,
+    cc: u32,
+    cache_dir: Option<PathBuf>,
+) -> PyResult<Bound<'py, PyDict>> {
     let image = run_core(py, || gpu::kernels::image(cc, cache_dir.as_deref()))?;
     let d = PyDict::new(py);
     d.set_item("target", image.target.name())?;
@@ -86,7 +99,11 @@ fn nvrtc_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 /// Opens device ``device`` (its context; no compilation); returns ``{"arch", "sm_count"}``.
 #[pyfunction]
 #[pyo3(signature = (device, cache_dir=None))]
-fn cuda_device_info(py: Python<'_>, device: usize, cache_dir: Option<PathBuf>) -> PyResult<Bound<'_, PyDict>> {
+fn cuda_device_info(
+    py: Python<'_>,
+    device: usize,
+    cache_dir: Option<PathBuf>,
+) -> PyResult<Bound<'_, PyDict>> {
     let g = run_core(py, || Gpu::get(device, cache_dir.as_deref()))?;
     let d = PyDict::new(py);
     d.set_item("arch", g.arch.clone())?;
@@ -140,48 +157,93 @@ fn split_attention(
     let (b, hq, d) = (q.shape[0], q.shape[1], q.shape[2]);
     let k = CudaTensor::import(dev_k, "dev_k", elem, &[Some(b), None, None, Some(d)], &on)?;
     let (hkv, n_dev) = (k.shape[1], k.shape[2]);
-    let v = CudaTensor::import(dev_v, "dev_v", elem, &[Some(b), Some(hkv), Some(n_dev), Some(d)], &on)?;
+    let v = CudaTensor::import(
+        dev_v,
+        "dev_v",
+        elem,
+        &[Some(b), Some(hkv), Some(n_dev), Some(d)],
+        &on,
+    )?;
     if hkv == 0 || hq % hkv != 0 {
-        return Err(PyValueError::new_err(format!("query heads ({hq}) must be a multiple of KV heads ({hkv})")));
+        return Err(PyValueError::new_err(format!(
+            "query heads ({hq}) must be a multiple of KV heads ({hkv})"
+        )));
     }
-    let rows_ok = |t: &CudaTensor| (d <= 1 || t.strides[3] == 1) && (n_dev <= 1 || t.strides[2] == d);
+    let rows_ok =
+        |t: &CudaTensor| (d <= 1 || t.strides[3] == 1) && (n_dev <= 1 || t.strides[2] == d);
     if !rows_ok(&k) || !rows_ok(&v) || k.strides[..2] != v.strides[..2] {
         return Err(PyValueError::new_err(format!(
             "dev_k/dev_v must have contiguous rows and the same strides (got {:?} and {:?})",
             k.strides, v.strides
         )));
     }
-    let mask = dev_mask.map(|m| CudaTensor::import(m, "dev_mask", Elem::U8, &[Some(b), Some(n_dev)], &on)).transpose()?;
+    let mask = dev_mask
+        .map(|m| CudaTensor::import(m, "dev_mask", Elem::U8, &[Some(b), Some(n_dev)], &on))
+        .transpose()?;
     if let Some(m) = &mask {
         m.require_contiguous("dev_mask")?;
     }
     let (logits, hv, m, grouped) = match (host_logits, host_v) {
         (Some(l), Some(hv)) => {
-            let l = CudaTensor::import(l, "host_logits", Elem::F32, &[Some(b), Some(hq), None], &on)?;
+            let l =
+                CudaTensor::import(l, "host_logits", Elem::F32, &[Some(b), Some(hq), None], &on)?;
             l.require_contiguous("host_logits")?;
             let m = l.shape[2];
-            let hv = CudaTensor::import(hv, "host_v", elem, &[Some(b), None, Some(m), Some(d)], &on)?;
+            let hv =
+                CudaTensor::import(hv, "host_v", elem, &[Some(b), None, Some(m), Some(d)], &on)?;
             hv.require_contiguous("host_v")?;
             let grouped = match hv.shape[1] {
                 h if h == hkv => true,
                 h if h == hq => false,
-                h => return Err(PyValueError::new_err(format!("host_v has {h} heads; expected {hkv} (KV) or {hq} (query)"))),
+                h => {
+                    return Err(PyValueError::new_err(format!(
+                        "host_v has {h} heads; expected {hkv} (KV) or {hq} (query)"
+                    )))
+                }
             };
             (Some(l), Some(hv), m, grouped)
         }
         (None, None) => (None, None, 0, false),
-        _ => return Err(PyValueError::new_err("host_logits and host_v go together: pass both or neither")),
+        _ => {
+            return Err(PyValueError::new_err(
+                "host_logits and host_v go together: pass both or neither",
+            ))
+        }
     };
     if sinks > n_dev {
-        return Err(PyValueError::new_err(format!("sinks ({sinks}) exceed the device tokens ({n_dev})")));
+        return Err(PyValueError::new_err(format!(
+            "sinks ({sinks}) exceed the device tokens ({n_dev})"
+        )));
     }
-    let po = CudaTensor::import(part_o, "part_o", Elem::F32, &[Some(b * hq), None, Some(d)], &on)?;
+    let po = CudaTensor::import(
+        part_o,
+        "part_o",
+        Elem::F32,
+        &[Some(b * hq), None, Some(d)],
+        &on,
+    )?;
     po.require_contiguous("part_o")?;
     let splits = po.shape[1];
-    let pl = CudaTensor::import(part_lse, "part_lse", Elem::F32, &[Some(b * hq), Some(splits)], &on)?;
+    let pl = CudaTensor::import(
+        part_lse,
+        "part_lse",
+        Elem::F32,
+        &[Some(b * hq), Some(splits)],
+        &on,
+    )?;
     pl.require_contiguous("part_lse")?;
-    let mut all = vec![("q", &q), ("dev_k", &k), ("dev_v", &v), ("part_o", &po), ("part_lse", &pl)];
-    for (name, t) in [("dev_mask", &mask), ("host_logits", &logits), ("host_v", &hv)] {
+    let mut all = vec![
+        ("q", &q),
+        ("dev_k", &k),
+        ("dev_v", &v),
+        ("part_o", &po),
+        ("part_lse", &pl),
+    ];
+    for (name, t) in [
+        ("dev_mask", &mask),
+        ("host_logits", &logits),
+        ("host_v", &hv),
+    ] {
         if let Some(t) = t {
             all.push((name, t));
         }
@@ -241,7 +303,13 @@ fn merge_partials(
     let on = ConsumerStream(stream);
     let po = CudaTensor::import(part_o, "part_o", Elem::F32, &[None, None, None], &on)?;
     let (rows, splits, d) = (po.shape[0], po.shape[1], po.shape[2]);
-    let pl = CudaTensor::import(part_lse, "part_lse", Elem::F32, &[Some(rows), Some(splits)], &on)?;
+    let pl = CudaTensor::import(
+        part_lse,
+        "part_lse",
+        Elem::F32,
+        &[Some(rows), Some(splits)],
+        &on,
+    )?;
     let o = CudaTensor::import(out, "out", Elem::F32, &[Some(rows), Some(d)], &on)?;
     let mut all = vec![("part_o", &po), ("part_lse", &pl), ("out", &o)];
     let host = match (host_o, host_lse) {
@@ -250,9 +318,15 @@ fn merge_partials(
             CudaTensor::import(hl, "host_lse", Elem::F32, &[Some(rows)], &on)?,
         )),
         (None, None) => None,
-        _ => return Err(PyValueError::new_err("host_o and host_lse go together: pass both or neither")),
+        _ => {
+            return Err(PyValueError::new_err(
+                "host_o and host_lse go together: pass both or neither",
+            ))
+        }
     };
-    let ol = out_lse.map(|t| CudaTensor::import(t, "out_lse", Elem::F32, &[Some(rows)], &on)).transpose()?;
+    let ol = out_lse
+        .map(|t| CudaTensor::import(t, "out_lse", Elem::F32, &[Some(rows)], &on))
+        .transpose()?;
     if let Some((ho, hl)) = &host {
         all.push(("host_o", ho));
         all.push(("host_lse", hl));
@@ -302,7 +376,13 @@ pub(crate) struct PyPinnedHostBuffer {
 impl PyPinnedHostBuffer {
     #[new]
     #[pyo3(signature = (nbytes, device, *, node=None, cache_dir=None))]
-    fn new(py: Python<'_>, nbytes: usize, device: usize, node: Option<u32>, cache_dir: Option<PathBuf>) -> PyResult<Self> {
+    fn new(
+        py: Python<'_>,
+        nbytes: usize,
+        device: usize,
+        node: Option<u32>,
+        cache_dir: Option<PathBuf>,
+    ) -> PyResult<Self> {
         if nbytes == 0 {
             return Err(PyValueError::new_err("nbytes must be > 0"));
         }
@@ -326,7 +406,13 @@ impl PyPinnedHostBuffer {
     /// A zero-copy CPU tensor (DLPack capsule) of ``count`` elements of ``dtype`` at ``offset``
     /// bytes; it keeps the memory alive (but not its registration) while it exists.
     #[pyo3(signature = (dtype, count, offset=0))]
-    fn view(&self, py: Python<'_>, dtype: &str, count: usize, offset: usize) -> PyResult<Py<PyAny>> {
+    fn view(
+        &self,
+        py: Python<'_>,
+        dtype: &str,
+        count: usize,
+        offset: usize,
+    ) -> PyResult<Py<PyAny>> {
         let dt = DType::parse(dtype).map_err(PyErr::from)?;
         let end = offset + count * dt.size();
         if end > self.inner.buffer().len() || !offset.is_multiple_of(dt.size()) {
@@ -335,7 +421,14 @@ impl PyPinnedHostBuffer {
                 self.inner.buffer().len()
             )));
         }
-        export_strips(py, Arc::clone(self.inner.buffer()), offset, [1, 1, 1, count], count * dt.size(), dt)
+        export_strips(
+            py,
+            Arc::clone(self.inner.buffer()),
+            offset,
+            [1, 1, 1, count],
+            count * dt.size(),
+            dt,
+        )
     }
 }
 

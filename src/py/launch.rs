@@ -11,7 +11,13 @@ use crate::gpu::launch;
 /// Slices per row for a ``split_attention`` launch over ``tokens`` (device + shipped) tokens
 /// on a device with ``sm_count`` SMs (``part_o [batch * q_heads, splits, d]``).
 #[pyfunction]
-fn split_count(batch: usize, q_heads: usize, kv_heads: usize, tokens: usize, sm_count: u32) -> usize {
+fn split_count(
+    batch: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    tokens: usize,
+    sm_count: u32,
+) -> usize {
     launch::split_count(batch, q_heads, kv_heads, tokens, sm_count)
 }
 
@@ -48,7 +54,11 @@ fn launch_geometry<'py>(
             s.launch
         }
         "merge_partials" => launch::merge_partials(batch * q_heads, head_dim, splits)?,
-        other => return Err(PyValueError::new_err(format!("kind must be split_attention or merge_partials, not {other:?}"))),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "kind must be split_attention or merge_partials, not {other:?}"
+            )))
+        }
     };
     d.set_item("grid", geo.grid)?;
     d.set_item("block", geo.block)?;

@@ -2,8 +2,8 @@
 //! Nothing here computes; every submodule exposes a `register(m)`.
 
 mod args;
-mod cuda_tensor;
 mod constants;
+mod cuda_tensor;
 mod errors;
 mod export;
 mod gpu;

@@ -11,21 +11,37 @@ use crate::cpu::{self, Isa};
 /// The `k` largest logits of every row of `logits [..., n]` into `out_indices [..., k]` (int64,
 /// ascending token order) and `out_values [..., k]` (float32).
 #[pyfunction]
-fn topk(py: Python<'_>, logits: &Bound<'_, PyAny>, k: Int, out_indices: &Bound<'_, PyAny>, out_values: &Bound<'_, PyAny>) -> PyResult<()> {
+fn topk(
+    py: Python<'_>,
+    logits: &Bound<'_, PyAny>,
+    k: Int,
+    out_indices: &Bound<'_, PyAny>,
+    out_values: &Bound<'_, PyAny>,
+) -> PyResult<()> {
     let k = positive("k", k)?;
     let x = Tensor::import(logits, "logits", Elem::F32, &[None, None, None])?;
     let n = x.shape()[2];
     if n > crate::kv::MAX_TOKENS {
-        return Err(PyValueError::new_err(format!("logits rows hold {n} tokens; at most {} are supported", crate::kv::MAX_TOKENS)));
+        return Err(PyValueError::new_err(format!(
+            "logits rows hold {n} tokens; at most {} are supported",
+            crate::kv::MAX_TOKENS
+        )));
     }
     if k > n {
-        return Err(PyValueError::new_err(format!("k = {k} is larger than the number of tokens ({n})")));
+        return Err(PyValueError::new_err(format!(
+            "k = {k} is larger than the number of tokens ({n})"
+        )));
     }
     let rows = [Some(x.shape()[0]), Some(x.shape()[1]), Some(k)];
-    let idx = Tensor::import(out_indices, "out_indices", Elem::I64, &rows)?.writable("out_indices")?;
+    let idx =
+        Tensor::import(out_indices, "out_indices", Elem::I64, &rows)?.writable("out_indices")?;
     let val = Tensor::import(out_values, "out_values", Elem::F32, &rows)?.writable("out_values")?;
     distinct(&[("logits", &x), ("out_indices", &idx), ("out_values", &val)])?;
-    let (xs, is, vs) = (x.slice::<f32>(), idx.slice_mut::<i64>(), val.slice_mut::<f32>());
+    let (xs, is, vs) = (
+        x.slice::<f32>(),
+        idx.slice_mut::<i64>(),
+        val.slice_mut::<f32>(),
+    );
     run_core(py, || cpu::topk(xs, n, k, is, vs))?;
     Ok(())
 }
@@ -55,18 +71,35 @@ fn attend(
         Ok(name) => crate::dtype::DType::parse(&name)?,
         Err(_) => crate::dtype::DType::F32,
     };
-    let (k, k_stride) = Tensor::import_strips(keys, "keys", Elem::of(dtype), &[Some(b), None, None, Some(d)])?;
+    let (k, k_stride) = Tensor::import_strips(
+        keys,
+        "keys",
+        Elem::of(dtype),
+        &[Some(b), None, None, Some(d)],
+    )?;
     let (hkv, n) = (k.shape()[1], k.shape()[2]);
     if hkv == 0 || hq % hkv != 0 {
-        return Err(PyValueError::new_err(format!("q's heads ({hq}) must be a positive multiple of the KV heads ({hkv})")));
+        return Err(PyValueError::new_err(format!(
+            "q's heads ({hq}) must be a positive multiple of the KV heads ({hkv})"
+        )));
     }
-    let (v, v_stride) = Tensor::import_strips(values, "values", Elem::of(dtype), &[Some(b), Some(hkv), Some(n), Some(d)])?;
+    let (v, v_stride) = Tensor::import_strips(
+        values,
+        "values",
+        Elem::of(dtype),
+        &[Some(b), Some(hkv), Some(n), Some(d)],
+    )?;
     if k_stride != v_stride {
-        return Err(PyValueError::new_err("keys and values must have the same layout"));
+        return Err(PyValueError::new_err(
+            "keys and values must have the same layout",
+        ));
     }
-    let out = Tensor::import(out, "out", Elem::F32, &[Some(b), Some(hq), Some(d)])?.writable("out")?;
+    let out =
+        Tensor::import(out, "out", Elem::F32, &[Some(b), Some(hq), Some(d)])?.writable("out")?;
     let lse = Tensor::import(lse, "lse", Elem::F32, &[Some(b), Some(hq)])?.writable("lse")?;
-    let mask = mask.map(|m| Tensor::import_one_of(m, "mask", &[Elem::Bool, Elem::U8], &[Some(b), Some(n)])).transpose()?;
+    let mask = mask
+        .map(|m| Tensor::import_one_of(m, "mask", &[Elem::Bool, Elem::U8], &[Some(b), Some(n)]))
+        .transpose()?;
     let mut inputs = vec![("q", &q), ("keys", &k), ("values", &v)];
     inputs.extend(mask.as_ref().map(|m| ("mask", m)));
     outputs_apart(&[("out", &out), ("lse", &lse)], &inputs)?;
@@ -76,8 +109,23 @@ fn attend(
     // keep them alive until this function returns. This call's outputs (out, lse) were just
     // checked not to overlap them; other Python threads writing arguments of a call that is in
     // progress break the contract of every GIL-releasing binding, as in numpy or torch.
-    let strips = unsafe { cpu::Strips::from_raw(k.ptr(), v.ptr(), k_stride * dtype.size(), b, hkv, d, dtype, n) };
-    let (qs, os, ls) = (q.slice::<f32>(), out.slice_mut::<f32>(), lse.slice_mut::<f32>());
+    let strips = unsafe {
+        cpu::Strips::from_raw(
+            k.ptr(),
+            v.ptr(),
+            k_stride * dtype.size(),
+            b,
+            hkv,
+            d,
+            dtype,
+            n,
+        )
+    };
+    let (qs, os, ls) = (
+        q.slice::<f32>(),
+        out.slice_mut::<f32>(),
+        lse.slice_mut::<f32>(),
+    );
     let ms = mask.as_ref().map(|m| m.slice::<u8>());
     run_core(py, || cpu::attend(isa, &strips, qs, hq, scale, ms, os, ls))?;
     Ok(())

@@ -16,7 +16,14 @@ pub(crate) struct PyScheduler {
 impl PyScheduler {
     #[new]
     #[pyo3(signature = (k_min, k_max, *, grow=1.25, shrink=0.8, slack=0.5, patience=8))]
-    fn new(k_min: Int, k_max: Int, grow: f64, shrink: f64, slack: f64, patience: u32) -> PyResult<Self> {
+    fn new(
+        k_min: Int,
+        k_max: Int,
+        grow: f64,
+        shrink: f64,
+        slack: f64,
+        patience: u32,
+    ) -> PyResult<Self> {
         let cfg = SchedulerConfig {
             k_min: positive("k_min", k_min)?,
             k_max: positive("k_max", k_max)?,
@@ -25,12 +32,18 @@ impl PyScheduler {
             slack,
             patience,
         };
-        Ok(PyScheduler { inner: Mutex::new(Scheduler::new(cfg)?) })
+        Ok(PyScheduler {
+            inner: Mutex::new(Scheduler::new(cfg)?),
+        })
     }
 
     /// Feeds one step's times (seconds); returns `(k, strategy)` for the next step.
     fn observe(&self, t_gpu: f64, t_cpu: f64, t_tx: f64) -> PyResult<(usize, &'static str)> {
-        let (k, s) = self.inner.lock().observe(StepTimes { gpu: t_gpu, cpu: t_cpu, tx: t_tx })?;
+        let (k, s) = self.inner.lock().observe(StepTimes {
+            gpu: t_gpu,
+            cpu: t_cpu,
+            tx: t_tx,
+        })?;
         Ok((k, s.name()))
     }
 

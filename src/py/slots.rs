@@ -44,7 +44,11 @@ struct Done {
     values: Option<Owned>,
 }
 
-pub(super) fn cpu_stage_slots<'py>(st: &PyHostKvStore, py: Python<'py>, call: SlotsCall<'_, 'py>) -> PyResult<Bound<'py, PyDict>> {
+pub(super) fn cpu_stage_slots<'py>(
+    st: &PyHostKvStore,
+    py: Python<'py>,
+    call: SlotsCall<'_, 'py>,
+) -> PyResult<Bound<'py, PyDict>> {
     let (d, dtype) = (st.head_dim, st.dtype);
     let slots = Tensor::import(call.slots, "slots", Elem::I64, &[None])?;
     let r = slots.shape()[0];
@@ -56,17 +60,29 @@ pub(super) fn cpu_stage_slots<'py>(st: &PyHostKvStore, py: Python<'py>, call: Sl
         .iter()
         .enumerate()
         .map(|(i, &s)| {
-            usize::try_from(s).ok().filter(|&s| s < st.batch).ok_or_else(|| {
-                PyValueError::new_err(format!("slots[{i}] = {s} out of range: the store has {} slots (its batch)", st.batch))
-            })
+            usize::try_from(s)
+                .ok()
+                .filter(|&s| s < st.batch)
+                .ok_or_else(|| {
+                    PyValueError::new_err(format!(
+                        "slots[{i}] = {s} out of range: the store has {} slots (its batch)",
+                        st.batch
+                    ))
+                })
         })
         .collect::<PyResult<Vec<usize>>>()?;
-    let positions = call.positions.map(|p| Tensor::import_any_shape(p, "positions", &[Elem::I64])).transpose()?;
+    let positions = call
+        .positions
+        .map(|p| Tensor::import_any_shape(p, "positions", &[Elem::I64]))
+        .transpose()?;
     let row_positions = match &positions {
         None => None,
         Some(p) => match *p.shape() {
             [_] => Some(RowPositions::Shared(p.slice::<i64>())),
-            [rows, m] if rows == r => Some(RowPositions::PerRow { list: p.slice::<i64>(), m }),
+            [rows, m] if rows == r => Some(RowPositions::PerRow {
+                list: p.slice::<i64>(),
+                m,
+            }),
             ref shape => {
                 return Err(PyValueError::new_err(format!(
                     "positions must be [m] (every row) or [rows, m] = [{r}, m], got shape {shape:?}"
@@ -96,7 +112,9 @@ pub(super) fn cpu_stage_slots<'py>(st: &PyHostKvStore, py: Python<'py>, call: Sl
             .enumerate()
             .map(|(i, &slot)| {
                 store.slot_strips(layer, slot).map_err(|e| match e {
-                    crate::Error::InvalidArgument(msg) => crate::Error::InvalidArgument(format!("slots[{i}]: {msg}")),
+                    crate::Error::InvalidArgument(msg) => {
+                        crate::Error::InvalidArgument(format!("slots[{i}]: {msg}"))
+                    }
                     other => other,
                 })
             })
@@ -124,7 +142,10 @@ pub(super) fn cpu_stage_slots<'py>(st: &PyHostKvStore, py: Python<'py>, call: Sl
                 dst.logits = done.logits.insert(vec![0.0; n]);
                 dst.indices = done.indices.insert(vec![0; n]);
                 let bytes = n * d * dtype.size();
-                dst.values = &mut done.values.insert(Owned::words(bytes, Elem::of(dtype))).bytes_mut()[..bytes];
+                dst.values = &mut done
+                    .values
+                    .insert(Owned::words(bytes, Elem::of(dtype)))
+                    .bytes_mut()[..bytes];
             }
         }
         cpu::ragged_stage(isa, &strips, &args, width, dst)?;
@@ -148,7 +169,17 @@ pub(super) fn cpu_stage_slots<'py>(st: &PyHostKvStore, py: Python<'py>, call: Sl
     dict.set_item("out", export_f32(done.out, &[r, hq, d])?)?;
     dict.set_item("lse", export_f32(done.lse, &[r, hq])?)?;
     dict.set_item("logits", export_f32(done.logits, &[r, hq, w])?)?;
-    dict.set_item("indices", done.indices.map(|v| Owned::I64(v).export(py, [r, hq, w])).transpose()?)?;
-    dict.set_item("values", done.values.map(|v| v.export(py, [r, hq, w, d])).transpose()?)?;
+    dict.set_item(
+        "indices",
+        done.indices
+            .map(|v| Owned::I64(v).export(py, [r, hq, w]))
+            .transpose()?,
+    )?;
+    dict.set_item(
+        "values",
+        done.values
+            .map(|v| v.export(py, [r, hq, w, d]))
+            .transpose()?,
+    )?;
     Ok(dict)
 }

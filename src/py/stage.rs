@@ -50,8 +50,18 @@ fn named<'t>(name: &'t str, g: &'t Option<Given<'_, '_>>) -> Option<(&'t str, &'
     g.as_ref().map(|g| (name, &g.t))
 }
 
-fn given<'a, 'py>(obj: Option<&'a Bound<'py, PyAny>>, name: &str, elem: Elem) -> PyResult<Option<Given<'a, 'py>>> {
-    obj.map(|obj| Ok(Given { obj, t: Tensor::import_any_shape(obj, name, &[elem])?.writable(name)? })).transpose()
+fn given<'a, 'py>(
+    obj: Option<&'a Bound<'py, PyAny>>,
+    name: &str,
+    elem: Elem,
+) -> PyResult<Option<Given<'a, 'py>>> {
+    obj.map(|obj| {
+        Ok(Given {
+            obj,
+            t: Tensor::import_any_shape(obj, name, &[elem])?.writable(name)?,
+        })
+    })
+    .transpose()
 }
 
 /// Whether a caller's output of `shape` can take a `want` result: `Some(true)` exactly,
@@ -112,7 +122,10 @@ pub(super) fn cpu_stage<'py>(
     let q = Tensor::import(call.q, "q", Elem::F32, &[Some(b), None, Some(d)])?;
     require_finite("q", &q, false)?;
     let hq = st.q_heads_of(&q, 1)?;
-    let positions = call.positions.map(|p| Tensor::import(p, "positions", Elem::I64, &[None])).transpose()?;
+    let positions = call
+        .positions
+        .map(|p| Tensor::import(p, "positions", Elem::I64, &[None]))
+        .transpose()?;
     let mask = call
         .host_mask
         .map(|m| Tensor::import_one_of(m, "host_mask", &[Elem::Bool, Elem::U8], &[Some(b), None]))
@@ -124,7 +137,10 @@ pub(super) fn cpu_stage<'py>(
         [("out", outs.out), ("lse_out", outs.lse)]
     };
     if let Some((name, _)) = unused.iter().find(|(_, o)| o.is_some()) {
-        return Err(PyValueError::new_err(format!("{name} is not written by the {} merge", call.merge.name())));
+        return Err(PyValueError::new_err(format!(
+            "{name} is not written by the {} merge",
+            call.merge.name()
+        )));
     }
     let logits = given(outs.logits, "logits_out", Elem::F32)?;
     let values = given(outs.values, "values_out", Elem::of(dtype))?;
@@ -142,11 +158,14 @@ pub(super) fn cpu_stage<'py>(
         .into_iter()
         .flatten()
         .collect();
-        let inputs: Vec<(&str, &Tensor)> =
-            [Some(("q", &q)), positions.as_ref().map(|p| ("positions", p)), mask.as_ref().map(|m| ("host_mask", m))]
-                .into_iter()
-                .flatten()
-                .collect();
+        let inputs: Vec<(&str, &Tensor)> = [
+            Some(("q", &q)),
+            positions.as_ref().map(|p| ("positions", p)),
+            mask.as_ref().map(|m| ("host_mask", m)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         outputs_apart(&outputs, &inputs)?;
     }
 
@@ -154,23 +173,36 @@ pub(super) fn cpu_stage<'py>(
     let ps = positions.as_ref().map(|p| p.slice::<i64>());
     let ms = mask.as_ref().map(|m| m.slice::<u8>());
     let shape_of = |g: &Option<Given<'_, '_>>| g.as_ref().map(|g| g.t.shape().to_vec());
-    let (logits_shape, values_shape, indices_shape) = (shape_of(&logits), shape_of(&values), shape_of(&indices));
+    let (logits_shape, values_shape, indices_shape) =
+        (shape_of(&logits), shape_of(&values), shape_of(&indices));
     let (out_shape, lse_shape) = (shape_of(&out), shape_of(&lse));
     let logits_s = logits.as_ref().map(|g| g.t.slice_mut::<f32>());
     let values_s = values.as_ref().map(|g| g.t.bytes_mut());
     let indices_s = indices.as_ref().map(|g| g.t.slice_mut::<i64>());
     let out_s = out.as_ref().map(|g| g.t.slice_mut::<f32>());
     let lse_s = lse.as_ref().map(|g| g.t.slice_mut::<f32>());
-    let (layer, isa, merge, top_k, scale) = (call.layer, call.isa, call.merge, call.top_k, call.scale);
+    let (layer, isa, merge, top_k, scale) =
+        (call.layer, call.isa, call.merge, call.top_k, call.scale);
     let indices_given = indices.is_some();
 
     let done = run_core(py, move || -> crate::Result<Done> {
         let store = st.store.read();
         let strips = store.strips(layer)?;
         if strips.batch() != b {
-            return crate::invalid!("the slots in use changed during the call ({b} → {})", strips.batch());
+            return crate::invalid!(
+                "the slots in use changed during the call ({b} → {})",
+                strips.batch()
+            );
         }
-        let args = StageArgs { q: qs, q_heads: hq, scale, merge, top_k, positions: ps, mask: ms };
+        let args = StageArgs {
+            q: qs,
+            q_heads: hq,
+            scale,
+            merge,
+            top_k,
+            positions: ps,
+            mask: ms,
+        };
         let sel = args.selection(strips.len());
         let k = sel.tokens;
         let (rows3, values4) = ([b, hq, k], [b, hq, k, d]);
@@ -187,11 +219,26 @@ pub(super) fn cpu_stage<'py>(
         let mut dst = StageOutputs::default();
         match merge {
             Merge::Lse => {
-                dst.out = dest("out", out_s.zip(out_shape.as_deref()), &mut done.out, &[b, hq, d])?;
-                dst.lse = dest("lse_out", lse_s.zip(lse_shape.as_deref()), &mut done.lse, &[b, hq])?;
+                dst.out = dest(
+                    "out",
+                    out_s.zip(out_shape.as_deref()),
+                    &mut done.out,
+                    &[b, hq, d],
+                )?;
+                dst.lse = dest(
+                    "lse_out",
+                    lse_s.zip(lse_shape.as_deref()),
+                    &mut done.lse,
+                    &[b, hq],
+                )?;
             }
             Merge::Concat => {
-                dst.logits = dest("logits_out", logits_s.zip(logits_shape.as_deref()), &mut done.logits, &rows3)?;
+                dst.logits = dest(
+                    "logits_out",
+                    logits_s.zip(logits_shape.as_deref()),
+                    &mut done.logits,
+                    &rows3,
+                )?;
             }
         }
         if sel.indexed && (merge == Merge::Concat || indices_given) {
@@ -205,12 +252,19 @@ pub(super) fn cpu_stage<'py>(
                     fits("values_out", shape, &values4)?;
                     &mut full[..bytes]
                 }
-                None => &mut done.values.insert(Owned::words(bytes, Elem::of(dtype))).bytes_mut()[..bytes],
+                None => &mut done
+                    .values
+                    .insert(Owned::words(bytes, Elem::of(dtype)))
+                    .bytes_mut()[..bytes],
             };
         }
         if merge == Merge::Concat && !sel.indexed {
             let first = store.lockstep_slots()?.start * st.kv_heads * store.strip_bytes();
-            done.store_values = Some((store.buffer(layer, Kind::Values), first, store.strip_bytes()));
+            done.store_values = Some((
+                store.buffer(layer, Kind::Values),
+                first,
+                store.strip_bytes(),
+            ));
         }
         let mut scratch_guard = st.scratch.try_lock();
         let mut own_scratch = Scratch::default();
@@ -250,12 +304,23 @@ pub(super) fn cpu_stage<'py>(
         lse_v = None;
         logits_v = result!(logits, done.logits, [b, hq, k], Owned::F32);
         values_v = match done.store_values {
-            Some((buf, first, strip_bytes)) => Some(export_strips(py, buf, first, [b, st.kv_heads, n, d], strip_bytes, dtype)?),
+            Some((buf, first, strip_bytes)) => Some(export_strips(
+                py,
+                buf,
+                first,
+                [b, st.kv_heads, n, d],
+                strip_bytes,
+                dtype,
+            )?),
             None => result!(values, done.values, [b, hq, k, d], std::convert::identity),
         };
     }
     let used_indices = sel.indexed && (merge == Merge::Concat || indices_given);
-    indices_v = if used_indices { result!(indices, done.indices, [b, hq, k], Owned::I64) } else { None };
+    indices_v = if used_indices {
+        result!(indices, done.indices, [b, hq, k], Owned::I64)
+    } else {
+        None
+    };
     d3.set_item("out", out_v)?;
     d3.set_item("lse", lse_v)?;
     d3.set_item("logits", logits_v)?;

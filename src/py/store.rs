@@ -38,14 +38,18 @@ fn kind(name: &str) -> PyResult<Kind> {
     match name {
         "keys" | "k" => Ok(Kind::Keys),
         "values" | "v" => Ok(Kind::Values),
-        other => Err(PyValueError::new_err(format!("kind must be 'keys' or 'values', got {other:?}"))),
+        other => Err(PyValueError::new_err(format!(
+            "kind must be 'keys' or 'values', got {other:?}"
+        ))),
     }
 }
 
 fn node(name: &str, node: Option<Int>) -> PyResult<Option<u32>> {
     node.map(|n| {
         let n = n.get(name)?;
-        u32::try_from(n).map_err(|_| PyValueError::new_err(format!("{name} must be a NUMA node number >= 0, got {n}")))
+        u32::try_from(n).map_err(|_| {
+            PyValueError::new_err(format!("{name} must be a NUMA node number >= 0, got {n}"))
+        })
     })
     .transpose()
 }
@@ -68,7 +72,10 @@ impl Pins {
         }
         for strips in self.layers[layer].iter_mut() {
             if let Err(e) = strips.grow(bytes) {
-                let msg = format!("page-locking the host store stopped at {} bytes: {e}", self.bytes());
+                let msg = format!(
+                    "page-locking the host store stopped at {} bytes: {e}",
+                    self.bytes()
+                );
                 self.failed = Some(msg.clone());
                 return Some(msg);
             }
@@ -77,7 +84,11 @@ impl Pins {
     }
 
     fn bytes(&self) -> usize {
-        self.layers.iter().flatten().map(PinnedStrips::pinned_bytes).sum()
+        self.layers
+            .iter()
+            .flatten()
+            .map(PinnedStrips::pinned_bytes)
+            .sum()
     }
 }
 
@@ -124,7 +135,9 @@ impl PyHostKvStore {
         let rows = [Some(self.kv_heads), None, Some(self.head_dim)];
         let shape: Vec<Option<usize>> = match slot {
             Some(_) => rows.to_vec(),
-            None => std::iter::once(Some(self.lockstep_batch())).chain(rows).collect(),
+            None => std::iter::once(Some(self.lockstep_batch()))
+                .chain(rows)
+                .collect(),
         };
         let k = Tensor::import(keys, "keys", Elem::of(self.dtype), &shape)?;
         let v = Tensor::import(values, "values", Elem::of(self.dtype), &shape)?;
@@ -147,7 +160,11 @@ impl PyHostKvStore {
                 None => store.max_host_len(layer)?,
             };
             let rows = (held + m).min(store.strip_tokens());
-            let failed = self.pinned.lock().as_mut().and_then(|p| p.grow(layer, rows * store.config().row_bytes()));
+            let failed = self
+                .pinned
+                .lock()
+                .as_mut()
+                .and_then(|p| p.grow(layer, rows * store.config().row_bytes()));
             match slot {
                 Some(slot) => store.evict_slot(layer, slot, m, kb, vb)?,
                 None => store.evict(layer, m, kb, vb)?,
@@ -155,7 +172,12 @@ impl PyHostKvStore {
             Ok(failed)
         })?;
         if let Some(msg) = failed {
-            PyErr::warn(py, &py.get_type::<pyo3::exceptions::PyResourceWarning>(), &std::ffi::CString::new(msg).unwrap_or_default(), 1)?;
+            PyErr::warn(
+                py,
+                &py.get_type::<pyo3::exceptions::PyResourceWarning>(),
+                &std::ffi::CString::new(msg).unwrap_or_default(),
+                1,
+            )?;
         }
         Ok(())
     }
@@ -220,9 +242,12 @@ impl PyHostKvStore {
                 node: node("far_node", far_node)?,
                 capacity_bytes: positive("far_capacity_bytes", far_capacity_bytes)?,
             },
-            max_host_tokens: max_host_tokens.map(|m| positive("max_host_tokens", m)).transpose()?,
+            max_host_tokens: max_host_tokens
+                .map(|m| positive("max_host_tokens", m))
+                .transpose()?,
         };
-        let (layers, batch, kv_heads, head_dim, dtype) = (cfg.layers, cfg.batch, cfg.kv_heads, cfg.head_dim, cfg.dtype);
+        let (layers, batch, kv_heads, head_dim, dtype) =
+            (cfg.layers, cfg.batch, cfg.kv_heads, cfg.head_dim, cfg.dtype);
         Ok(PyHostKvStore {
             store: RwLock::new(KvStore::new(cfg)?),
             dtype,
@@ -239,7 +264,12 @@ impl PyHostKvStore {
     /// asynchronous): the rows held now, then more as `evict` adds them, in chunks that double
     /// per strip. Idempotent.
     #[pyo3(signature = (device, cache_dir=None))]
-    fn pin(&self, py: Python<'_>, device: usize, cache_dir: Option<std::path::PathBuf>) -> PyResult<()> {
+    fn pin(
+        &self,
+        py: Python<'_>,
+        device: usize,
+        cache_dir: Option<std::path::PathBuf>,
+    ) -> PyResult<()> {
         run_core(py, || -> crate::Result<()> {
             let store = self.store.write(); // lock order: store, then pins (as in `evict`)
             let mut pinned = self.pinned.lock();
@@ -248,9 +278,14 @@ impl PyHostKvStore {
             }
             let gpu = crate::gpu::Gpu::get(device, cache_dir.as_deref())?;
             let (strips, strip_bytes) = (self.batch * self.kv_heads, store.strip_bytes());
-            let mut pins = Pins { layers: Vec::with_capacity(self.layers), failed: None };
+            let mut pins = Pins {
+                layers: Vec::with_capacity(self.layers),
+                failed: None,
+            };
             for l in 0..self.layers {
-                let make = |kind| PinnedStrips::new(store.buffer(l, kind), gpu.clone(), strips, strip_bytes);
+                let make = |kind| {
+                    PinnedStrips::new(store.buffer(l, kind), gpu.clone(), strips, strip_bytes)
+                };
                 pins.layers.push([make(Kind::Keys)?, make(Kind::Values)?]);
                 for strips in pins.layers[l].iter_mut() {
                     strips.grow(store.max_host_len(l)? * store.config().row_bytes())?;
@@ -270,7 +305,12 @@ impl PyHostKvStore {
 
     #[getter]
     fn pinned(&self, py: Python<'_>) -> bool {
-        py.detach(|| self.pinned.lock().as_ref().is_some_and(|p| p.layers.iter().flatten().all(PinnedStrips::is_registered)))
+        py.detach(|| {
+            self.pinned
+                .lock()
+                .as_ref()
+                .is_some_and(|p| p.layers.iter().flatten().all(PinnedStrips::is_registered))
+        })
     }
 
     /// Bytes of the store page-locked now (0 when not pinned).
@@ -282,7 +322,11 @@ impl PyHostKvStore {
     /// Bytes of layer ``layer`` (keys and values) page-locked now.
     fn layer_pinned_bytes(&self, py: Python<'_>, layer: Int) -> PyResult<usize> {
         let layer = self.layer(layer)?;
-        Ok(py.detach(|| self.pinned.lock().as_ref().map_or(0, |p| p.layers[layer].iter().map(PinnedStrips::pinned_bytes).sum())))
+        Ok(py.detach(|| {
+            self.pinned.lock().as_ref().map_or(0, |p| {
+                p.layers[layer].iter().map(PinnedStrips::pinned_bytes).sum()
+            })
+        }))
     }
 
     /// Why page-locking stopped growing, if it did (``None`` otherwise).
@@ -342,7 +386,13 @@ impl PyHostKvStore {
         Ok(self.store.write().append(layer, n)?)
     }
 
-    fn evict(&self, py: Python<'_>, layer: Int, keys: &Bound<'_, PyAny>, values: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn evict(
+        &self,
+        py: Python<'_>,
+        layer: Int,
+        keys: &Bound<'_, PyAny>,
+        values: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let layer = self.layer(layer)?;
         self.evict_rows(py, layer, None, keys, values)
     }
@@ -356,16 +406,27 @@ impl PyHostKvStore {
         self.store.write().reset()
     }
 
-    fn read(&self, py: Python<'_>, layer: Int, start: Int, keys_out: &Bound<'_, PyAny>, values_out: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn read(
+        &self,
+        py: Python<'_>,
+        layer: Int,
+        start: Int,
+        keys_out: &Bound<'_, PyAny>,
+        values_out: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let (layer, start) = (self.layer(layer)?, non_negative("start", start)?);
         let nb = self.lockstep_batch();
         let shape = [Some(nb), Some(self.kv_heads), None, Some(self.head_dim)];
-        let k = Tensor::import(keys_out, "keys_out", Elem::of(self.dtype), &shape)?.writable("keys_out")?;
-        let v = Tensor::import(values_out, "values_out", Elem::of(self.dtype), &shape)?.writable("values_out")?;
+        let k = Tensor::import(keys_out, "keys_out", Elem::of(self.dtype), &shape)?
+            .writable("keys_out")?;
+        let v = Tensor::import(values_out, "values_out", Elem::of(self.dtype), &shape)?
+            .writable("values_out")?;
         distinct(&[("keys_out", &k), ("values_out", &v)])?;
         let len = k.shape()[2];
         if v.shape()[2] != len {
-            return Err(PyValueError::new_err("keys_out and values_out must have the same shape"));
+            return Err(PyValueError::new_err(
+                "keys_out and values_out must have the same shape",
+            ));
         }
         let (kb, vb) = (k.bytes_mut(), v.bytes_mut());
         run_core(py, || self.store.read().read(layer, start, len, kb, vb))?;
@@ -373,24 +434,44 @@ impl PyHostKvStore {
     }
 
     /// Zero-copy DLPack capsule of host tokens `[start, stop)` of `kind`.
-    fn view(&self, py: Python<'_>, layer: Int, kind_name: &str, start: Int, stop: Int) -> PyResult<Py<PyAny>> {
+    fn view(
+        &self,
+        py: Python<'_>,
+        layer: Int,
+        kind_name: &str,
+        start: Int,
+        stop: Int,
+    ) -> PyResult<Py<PyAny>> {
         let (layer, kind) = (self.layer(layer)?, kind(kind_name)?);
         let (start, stop) = (non_negative("start", start)?, non_negative("stop", stop)?);
         if stop < start {
-            return Err(PyValueError::new_err(format!("stop ({stop}) < start ({start})")));
+            return Err(PyValueError::new_err(format!(
+                "stop ({stop}) < start ({start})"
+            )));
         }
         let store = self.store.read();
         store.check_host_range(layer, start, stop - start)?;
         let slots = store.lockstep_slots()?;
         let dims = [slots.len(), self.kv_heads, stop - start, self.head_dim];
-        let offset = slots.start * self.kv_heads * store.strip_bytes() + start * self.head_dim * self.dtype.size();
-        export_strips(py, store.buffer(layer, kind), offset, dims, store.strip_bytes(), self.dtype)
+        let offset = slots.start * self.kv_heads * store.strip_bytes()
+            + start * self.head_dim * self.dtype.size();
+        export_strips(
+            py,
+            store.buffer(layer, kind),
+            offset,
+            dims,
+            store.strip_bytes(),
+            self.dtype,
+        )
     }
 
     fn token_map<'py>(&self, py: Python<'py>, layer: Int) -> PyResult<Bound<'py, PyArray2<u8>>> {
         let (map, nb) = {
             let store = self.store.read();
-            (store.token_map(self.layer(layer)?)?, store.active_slots().len())
+            (
+                store.token_map(self.layer(layer)?)?,
+                store.active_slots().len(),
+            )
         };
         let row: Vec<u8> = map.iter().map(|&t| t as u8).collect();
         let total = row.len();
@@ -408,7 +489,11 @@ impl PyHostKvStore {
 
     /// NUMA node holding host token `index` of `kind` in `layer` (None if the kernel won't say).
     fn node_of(&self, layer: Int, kind_name: &str, index: Int) -> PyResult<Option<u32>> {
-        let (layer, kind, index) = (self.layer(layer)?, kind(kind_name)?, non_negative("index", index)?);
+        let (layer, kind, index) = (
+            self.layer(layer)?,
+            kind(kind_name)?,
+            non_negative("index", index)?,
+        );
         Ok(self.store.read().node_of(layer, kind, index)?)
     }
 
@@ -429,35 +514,61 @@ impl PyHostKvStore {
         require_finite("q", &q, false)?;
         let hq = self.q_heads_of(&q, 1)?;
         let idx = indices
-            .map(|i| Tensor::import(i, "indices", Elem::I64, &[Some(nb), Some(self.kv_heads), None]))
+            .map(|i| {
+                Tensor::import(
+                    i,
+                    "indices",
+                    Elem::I64,
+                    &[Some(nb), Some(self.kv_heads), None],
+                )
+            })
             .transpose()?;
         // Without indices the output covers every host token: its length is checked under the
         // same lock the logits are computed under (an eviction in between would change it).
         let n_out = idx.as_ref().map(|i| i.shape()[2]);
-        let out = Tensor::import(out, "out", Elem::F32, &[Some(nb), Some(hq), n_out])?.writable("out")?;
+        let out =
+            Tensor::import(out, "out", Elem::F32, &[Some(nb), Some(hq), n_out])?.writable("out")?;
         let mut inputs = vec![("q", &q)];
         inputs.extend(idx.as_ref().map(|i| ("indices", i)));
         outputs_apart(&[("out", &out)], &inputs)?;
-        let (qs, os, is) = (q.slice::<f32>(), out.slice_mut::<f32>(), idx.as_ref().map(|i| i.slice::<i64>()));
+        let (qs, os, is) = (
+            q.slice::<f32>(),
+            out.slice_mut::<f32>(),
+            idx.as_ref().map(|i| i.slice::<i64>()),
+        );
         let out_len = out.shape()[2];
         run_core(py, || {
             let store = self.store.read();
             let strips = store.strips(layer)?;
             if is.is_none() && out_len != strips.len() {
-                return crate::invalid!("out holds {out_len} logits per head, but layer {layer} has {} host tokens", strips.len());
+                return crate::invalid!(
+                    "out holds {out_len} logits per head, but layer {layer} has {} host tokens",
+                    strips.len()
+                );
             }
             cpu::logits(isa, &strips, qs, hq, scale, is, os)
         })?;
         Ok(())
     }
 
-    fn gather_values(&self, py: Python<'_>, layer: Int, indices: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn gather_values(
+        &self,
+        py: Python<'_>,
+        layer: Int,
+        indices: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let (layer, nb) = (self.layer(layer)?, self.lockstep_batch());
         let idx = Tensor::import(indices, "indices", Elem::I64, &[Some(nb), None, None])?;
         let hq = self.q_heads_of(&idx, 1)?;
         let k = idx.shape()[2];
-        let out = Tensor::import(out, "out", Elem::of(self.dtype), &[Some(nb), Some(hq), Some(k), Some(self.head_dim)])?
-            .writable("out")?;
+        let out = Tensor::import(
+            out,
+            "out",
+            Elem::of(self.dtype),
+            &[Some(nb), Some(hq), Some(k), Some(self.head_dim)],
+        )?
+        .writable("out")?;
         outputs_apart(&[("out", &out)], &[("indices", &idx)])?;
         let (is, os) = (idx.slice::<i64>(), out.bytes_mut());
         run_core(py, || {
@@ -487,12 +598,22 @@ impl PyHostKvStore {
         let idx = indices
             .map(|i| Tensor::import(i, "indices", Elem::I64, &[Some(nb), Some(hq), Some(m)]))
             .transpose()?;
-        let out = Tensor::import(out, "out", Elem::F32, &[Some(nb), Some(hq), Some(self.head_dim)])?.writable("out")?;
+        let out = Tensor::import(
+            out,
+            "out",
+            Elem::F32,
+            &[Some(nb), Some(hq), Some(self.head_dim)],
+        )?
+        .writable("out")?;
         let lse = Tensor::import(lse, "lse", Elem::F32, &[Some(nb), Some(hq)])?.writable("lse")?;
         let mut inputs = vec![("logits", &x)];
         inputs.extend(idx.as_ref().map(|i| ("indices", i)));
         outputs_apart(&[("out", &out), ("lse", &lse)], &inputs)?;
-        let (xs, os, ls) = (x.slice::<f32>(), out.slice_mut::<f32>(), lse.slice_mut::<f32>());
+        let (xs, os, ls) = (
+            x.slice::<f32>(),
+            out.slice_mut::<f32>(),
+            lse.slice_mut::<f32>(),
+        );
         let is = idx.as_ref().map(|i| i.slice::<i64>());
         run_core(py, || {
             let store = self.store.read();
@@ -526,16 +647,28 @@ impl PyHostKvStore {
     }
 
     fn slot_total_len(&self, layer: Int, slot: Int) -> PyResult<usize> {
-        Ok(self.store.read().slot_total_len(self.layer(layer)?, self.slot(slot)?)?)
+        Ok(self
+            .store
+            .read()
+            .slot_total_len(self.layer(layer)?, self.slot(slot)?)?)
     }
     fn slot_host_len(&self, layer: Int, slot: Int) -> PyResult<usize> {
-        Ok(self.store.read().slot_host_len(self.layer(layer)?, self.slot(slot)?)?)
+        Ok(self
+            .store
+            .read()
+            .slot_host_len(self.layer(layer)?, self.slot(slot)?)?)
     }
     fn slot_far_key_len(&self, layer: Int, slot: Int) -> PyResult<usize> {
-        Ok(self.store.read().slot_far_key_len(self.layer(layer)?, self.slot(slot)?)?)
+        Ok(self
+            .store
+            .read()
+            .slot_far_key_len(self.layer(layer)?, self.slot(slot)?)?)
     }
     fn slot_evictable(&self, layer: Int, slot: Int) -> PyResult<usize> {
-        Ok(self.store.read().slot_evictable(self.layer(layer)?, self.slot(slot)?)?)
+        Ok(self
+            .store
+            .read()
+            .slot_evictable(self.layer(layer)?, self.slot(slot)?)?)
     }
 
     fn append_slot(&self, layer: Int, slot: Int, n: Int) -> PyResult<()> {
@@ -544,7 +677,14 @@ impl PyHostKvStore {
     }
 
     /// Moves the `m` oldest non-sink device tokens of `slot`: rows `[kv_heads, m, d]`.
-    fn evict_slot(&self, py: Python<'_>, layer: Int, slot: Int, keys: &Bound<'_, PyAny>, values: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn evict_slot(
+        &self,
+        py: Python<'_>,
+        layer: Int,
+        slot: Int,
+        keys: &Bound<'_, PyAny>,
+        values: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let (layer, slot) = (self.layer(layer)?, self.slot(slot)?);
         self.evict_rows(py, layer, Some(slot), keys, values)
     }
@@ -565,24 +705,45 @@ impl PyHostKvStore {
         keys_out: &Bound<'_, PyAny>,
         values_out: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let (layer, slot, start) = (self.layer(layer)?, self.slot(slot)?, non_negative("start", start)?);
+        let (layer, slot, start) = (
+            self.layer(layer)?,
+            self.slot(slot)?,
+            non_negative("start", start)?,
+        );
         let shape = [Some(self.kv_heads), None, Some(self.head_dim)];
-        let k = Tensor::import(keys_out, "keys_out", Elem::of(self.dtype), &shape)?.writable("keys_out")?;
-        let v = Tensor::import(values_out, "values_out", Elem::of(self.dtype), &shape)?.writable("values_out")?;
+        let k = Tensor::import(keys_out, "keys_out", Elem::of(self.dtype), &shape)?
+            .writable("keys_out")?;
+        let v = Tensor::import(values_out, "values_out", Elem::of(self.dtype), &shape)?
+            .writable("values_out")?;
         distinct(&[("keys_out", &k), ("values_out", &v)])?;
         let len = k.shape()[1];
         if v.shape()[1] != len {
-            return Err(PyValueError::new_err("keys_out and values_out must have the same shape"));
+            return Err(PyValueError::new_err(
+                "keys_out and values_out must have the same shape",
+            ));
         }
         let (kb, vb) = (k.bytes_mut(), v.bytes_mut());
-        run_core(py, || self.store.read().read_slot(layer, slot, start, len, kb, vb))?;
+        run_core(py, || {
+            self.store.read().read_slot(layer, slot, start, len, kb, vb)
+        })?;
         Ok(())
     }
 
     /// `uint8 [total]`: the tier of every logical position's key of `slot` in `layer`.
-    fn slot_token_map<'py>(&self, py: Python<'py>, layer: Int, slot: Int) -> PyResult<Bound<'py, numpy::PyArray1<u8>>> {
-        let map = self.store.read().slot_token_map(self.layer(layer)?, self.slot(slot)?)?;
-        Ok(numpy::PyArray1::from_vec(py, map.iter().map(|&t| t as u8).collect()))
+    fn slot_token_map<'py>(
+        &self,
+        py: Python<'py>,
+        layer: Int,
+        slot: Int,
+    ) -> PyResult<Bound<'py, numpy::PyArray1<u8>>> {
+        let map = self
+            .store
+            .read()
+            .slot_token_map(self.layer(layer)?, self.slot(slot)?)?;
+        Ok(numpy::PyArray1::from_vec(
+            py,
+            map.iter().map(|&t| t as u8).collect(),
+        ))
     }
 
     /// The CPU stage over a ragged batch of query rows, each over its own slot's host tokens, in
@@ -648,7 +809,13 @@ impl PyHostKvStore {
             positions,
             host_mask,
         };
-        let outs = OutputArgs { logits: logits_out, values: values_out, indices: indices_out, out, lse: lse_out };
+        let outs = OutputArgs {
+            logits: logits_out,
+            values: values_out,
+            indices: indices_out,
+            out,
+            lse: lse_out,
+        };
         super::stage::cpu_stage(self, py, call, outs)
     }
 }

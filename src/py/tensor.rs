@@ -54,12 +54,22 @@ impl Elem {
 }
 
 fn dl_name(dt: DLDataType) -> String {
-    for e in [Elem::F16, Elem::BF16, Elem::F32, Elem::I64, Elem::U8, Elem::Bool] {
+    for e in [
+        Elem::F16,
+        Elem::BF16,
+        Elem::F32,
+        Elem::I64,
+        Elem::U8,
+        Elem::Bool,
+    ] {
         if e.dl() == dt {
             return e.name().to_string();
         }
     }
-    format!("dlpack(code={}, bits={}, lanes={})", dt.code.0, dt.bits, dt.lanes)
+    format!(
+        "dlpack(code={}, bits={}, lanes={})",
+        dt.code.0, dt.bits, dt.lanes
+    )
 }
 
 /// A CPU tensor borrowed from Python for the duration of one call.
@@ -75,7 +85,11 @@ pub(crate) struct Tensor {
 
 /// The DLPack import every binding starts with: a tensor-like object on a CPU-accessible device,
 /// zero-copy, with one of the `accept`ed dtypes (the one found is returned).
-fn open(obj: &Bound<'_, PyAny>, name: &str, accept: &[Elem]) -> PyResult<(ImportedDlpack, Elem, DLDevice)> {
+fn open(
+    obj: &Bound<'_, PyAny>,
+    name: &str,
+    accept: &[Elem],
+) -> PyResult<(ImportedDlpack, Elem, DLDevice)> {
     if !obj.hasattr("__dlpack__")? {
         return Err(PyTypeError::new_err(format!(
             "{name} must be a tensor (torch or any DLPack array), got {}",
@@ -103,12 +117,22 @@ fn open(obj: &Bound<'_, PyAny>, name: &str, accept: &[Elem]) -> PyResult<(Import
 impl Tensor {
     /// Imports `obj` (a torch tensor or any DLPack producer) as argument `name`, requiring
     /// dtype `elem` and, where given, the dimensions of `shape` (`None` = any size).
-    pub(crate) fn import(obj: &Bound<'_, PyAny>, name: &str, elem: Elem, shape: &[Option<usize>]) -> PyResult<Tensor> {
+    pub(crate) fn import(
+        obj: &Bound<'_, PyAny>,
+        name: &str,
+        elem: Elem,
+        shape: &[Option<usize>],
+    ) -> PyResult<Tensor> {
         Self::import_one_of(obj, name, &[elem], shape)
     }
 
     /// As [`Tensor::import`], accepting any of the dtypes `elems` (see [`Tensor::elem`]).
-    pub(crate) fn import_one_of(obj: &Bound<'_, PyAny>, name: &str, elems: &[Elem], shape: &[Option<usize>]) -> PyResult<Tensor> {
+    pub(crate) fn import_one_of(
+        obj: &Bound<'_, PyAny>,
+        name: &str,
+        elems: &[Elem],
+        shape: &[Option<usize>],
+    ) -> PyResult<Tensor> {
         let t = Self::import_any_shape(obj, name, elems)?;
         if t.shape.len() != shape.len() {
             return Err(PyValueError::new_err(format!(
@@ -131,9 +155,15 @@ impl Tensor {
     }
 
     /// A contiguous tensor of any rank and shape with one of the dtypes `elems`.
-    pub(crate) fn import_any_shape(obj: &Bound<'_, PyAny>, name: &str, elems: &[Elem]) -> PyResult<Tensor> {
+    pub(crate) fn import_any_shape(
+        obj: &Bound<'_, PyAny>,
+        name: &str,
+        elems: &[Elem],
+    ) -> PyResult<Tensor> {
         let (owner, elem, device) = open(obj, name, elems)?;
-        let view = owner.validate().map_err(|e| PyValueError::new_err(format!("{name}: {e}")))?;
+        let view = owner
+            .validate()
+            .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))?;
         let dims: Vec<usize> = view.shape().iter().map(|&d| d as usize).collect();
         // Row-major, ignoring the strides of dimensions of size 1 (torch leaves any there,
         // e.g. on a slice `x[:, i]`, and still calls the tensor contiguous) and of empty tensors.
@@ -159,18 +189,39 @@ impl Tensor {
         let ptr = unsafe { (view.data_ptr() as *mut u8).add(view.byte_offset() as usize) };
         aligned(name, ptr, elem)?;
         let extent = dims.iter().product::<usize>() * elem.dl().element_size();
-        Ok(Tensor { _owner: owner, ptr, shape: dims, elem, extent, device })
+        Ok(Tensor {
+            _owner: owner,
+            ptr,
+            shape: dims,
+            elem,
+            extent,
+            device,
+        })
     }
 
     /// Imports a `[batch, heads, n, d]` tensor whose rows are contiguous and whose sequences are
     /// `heads` head-strides apart (e.g. a prefix view of a larger cache buffer); returns it with
     /// its head stride in elements.
-    pub(crate) fn import_strips(obj: &Bound<'_, PyAny>, name: &str, elem: Elem, shape: &[Option<usize>; 4]) -> PyResult<(Tensor, usize)> {
+    pub(crate) fn import_strips(
+        obj: &Bound<'_, PyAny>,
+        name: &str,
+        elem: Elem,
+        shape: &[Option<usize>; 4],
+    ) -> PyResult<(Tensor, usize)> {
         let (owner, elem, device) = open(obj, name, &[elem])?;
-        let view = owner.validate().map_err(|e| PyValueError::new_err(format!("{name}: {e}")))?;
+        let view = owner
+            .validate()
+            .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))?;
         let dims: Vec<usize> = view.shape().iter().map(|&d| d as usize).collect();
-        if dims.len() != 4 || dims.iter().zip(shape).any(|(&g, w)| w.is_some_and(|w| w != g)) {
-            return Err(PyValueError::new_err(format!("{name} has shape {dims:?}, expected {shape:?} (None = any)")));
+        if dims.len() != 4
+            || dims
+                .iter()
+                .zip(shape)
+                .any(|(&g, w)| w.is_some_and(|w| w != g))
+        {
+            return Err(PyValueError::new_err(format!(
+                "{name} has shape {dims:?}, expected {shape:?} (None = any)"
+            )));
         }
         let strides: Vec<usize> = match view.strides() {
             Some(st) => st.iter().map(|&x| x as usize).collect(),
@@ -191,16 +242,32 @@ impl Tensor {
         aligned(name, ptr, elem)?;
         let head_stride = strides[1];
         let numel: usize = dims.iter().product();
-        let last = if numel == 0 { 0 } else { (dims[0] * heads - 1) * head_stride + rows * d };
+        let last = if numel == 0 {
+            0
+        } else {
+            (dims[0] * heads - 1) * head_stride + rows * d
+        };
         let extent = last * elem.dl().element_size();
-        Ok((Tensor { _owner: owner, ptr, shape: dims, elem, extent, device }, head_stride))
+        Ok((
+            Tensor {
+                _owner: owner,
+                ptr,
+                shape: dims,
+                elem,
+                extent,
+                device,
+            },
+            head_stride,
+        ))
     }
 
     /// `self`, if it may be written: an output must not be a read-only array (a read-only
     /// `np.memmap`, an array over `bytes`), which DLPack marks with its `READ_ONLY` flag.
     pub(crate) fn writable(self, name: &str) -> PyResult<Tensor> {
         if self._owner.flags().contains(dlpark::DlpackFlags::READ_ONLY) {
-            return Err(PyValueError::new_err(format!("{name} is read-only, but it is an output: pass a writable tensor")));
+            return Err(PyValueError::new_err(format!(
+                "{name} is read-only, but it is an output: pass a writable tensor"
+            )));
         }
         Ok(self)
     }
@@ -288,9 +355,18 @@ impl Tensor {
 /// such input instead. `-inf` is allowed where it means "masked" (logits).
 pub(crate) fn require_finite(name: &str, t: &Tensor, allow_masked: bool) -> PyResult<()> {
     let bad = match t.elem {
-        Elem::F32 => t.slice::<u32>().iter().position(|&x| (x & 0x7f80_0000) == 0x7f80_0000 && !(allow_masked && x == 0xff80_0000)),
-        Elem::F16 => t.slice::<u16>().iter().position(|&x| (x & 0x7c00) == 0x7c00),
-        Elem::BF16 => t.slice::<u16>().iter().position(|&x| (x & 0x7f80) == 0x7f80),
+        Elem::F32 => t
+            .slice::<u32>()
+            .iter()
+            .position(|&x| (x & 0x7f80_0000) == 0x7f80_0000 && !(allow_masked && x == 0xff80_0000)),
+        Elem::F16 => t
+            .slice::<u16>()
+            .iter()
+            .position(|&x| (x & 0x7c00) == 0x7c00),
+        Elem::BF16 => t
+            .slice::<u16>()
+            .iter()
+            .position(|&x| (x & 0x7f80) == 0x7f80),
         _ => None,
     };
     match bad {
@@ -308,7 +384,9 @@ pub(crate) fn distinct(tensors: &[(&str, &Tensor)]) -> PyResult<()> {
     for (i, (a_name, a)) in tensors.iter().enumerate() {
         for (b_name, b) in &tensors[i + 1..] {
             if a.overlaps(b) {
-                return Err(PyValueError::new_err(format!("{a_name} and {b_name} must not share memory")));
+                return Err(PyValueError::new_err(format!(
+                    "{a_name} and {b_name} must not share memory"
+                )));
             }
         }
     }
@@ -317,11 +395,16 @@ pub(crate) fn distinct(tensors: &[(&str, &Tensor)]) -> PyResult<()> {
 
 /// Fails if an output shares memory with another output or with any input (inputs may share
 /// memory with each other: they are only read).
-pub(crate) fn outputs_apart(outputs: &[(&str, &Tensor)], inputs: &[(&str, &Tensor)]) -> PyResult<()> {
+pub(crate) fn outputs_apart(
+    outputs: &[(&str, &Tensor)],
+    inputs: &[(&str, &Tensor)],
+) -> PyResult<()> {
     distinct(outputs)?;
     for (o_name, o) in outputs {
         if let Some((i_name, _)) = inputs.iter().find(|(_, i)| o.overlaps(i)) {
-            return Err(PyValueError::new_err(format!("{o_name} must not share memory with {i_name}")));
+            return Err(PyValueError::new_err(format!(
+                "{o_name} must not share memory with {i_name}"
+            )));
         }
     }
     Ok(())
@@ -330,7 +413,10 @@ pub(crate) fn outputs_apart(outputs: &[(&str, &Tensor)], inputs: &[(&str, &Tenso
 /// The kernels read elements through typed pointers: the data must be aligned for its dtype.
 fn aligned(name: &str, ptr: *const u8, elem: Elem) -> PyResult<()> {
     if !(ptr as usize).is_multiple_of(elem.dl().element_size()) {
-        return Err(PyValueError::new_err(format!("{name} is not aligned for {}", elem.name())));
+        return Err(PyValueError::new_err(format!(
+            "{name} is not aligned for {}",
+            elem.name()
+        )));
     }
     Ok(())
 }

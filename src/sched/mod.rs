@@ -49,15 +49,39 @@ pub struct SchedulerConfig {
 
 impl SchedulerConfig {
     pub fn new(k_min: usize, k_max: usize) -> Self {
-        SchedulerConfig { k_min, k_max, grow: 1.25, shrink: 0.8, slack: 0.5, patience: 8 }
+        SchedulerConfig {
+            k_min,
+            k_max,
+            grow: 1.25,
+            shrink: 0.8,
+            slack: 0.5,
+            patience: 8,
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
         ensure!(self.k_min >= 1, "k_min must be >= 1, got {}", self.k_min);
-        ensure!(self.k_min <= self.k_max, "k_min ({}) must not exceed k_max ({})", self.k_min, self.k_max);
-        ensure!(self.grow.is_finite() && self.grow > 1.0, "grow must be > 1, got {}", self.grow);
-        ensure!(self.shrink > 0.0 && self.shrink < 1.0, "shrink must be in (0, 1), got {}", self.shrink);
-        ensure!(self.slack > 0.0 && self.slack <= 1.0, "slack must be in (0, 1], got {}", self.slack);
+        ensure!(
+            self.k_min <= self.k_max,
+            "k_min ({}) must not exceed k_max ({})",
+            self.k_min,
+            self.k_max
+        );
+        ensure!(
+            self.grow.is_finite() && self.grow > 1.0,
+            "grow must be > 1, got {}",
+            self.grow
+        );
+        ensure!(
+            self.shrink > 0.0 && self.shrink < 1.0,
+            "shrink must be in (0, 1), got {}",
+            self.shrink
+        );
+        ensure!(
+            self.slack > 0.0 && self.slack <= 1.0,
+            "slack must be in (0, 1], got {}",
+            self.slack
+        );
         Ok(())
     }
 }
@@ -85,7 +109,13 @@ pub struct Scheduler {
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Result<Self> {
         cfg.validate()?;
-        Ok(Scheduler { k: cfg.k_min, cfg, strategy: Strategy::PostQkt, slack_streak: 0, steps: 0 })
+        Ok(Scheduler {
+            k: cfg.k_min,
+            cfg,
+            strategy: Strategy::PostQkt,
+            slack_streak: 0,
+            steps: 0,
+        })
     }
 
     pub fn k(&self) -> usize {
@@ -107,7 +137,10 @@ impl Scheduler {
     /// Feeds one step's times; returns the K and strategy for the next step.
     pub fn observe(&mut self, t: StepTimes) -> Result<(usize, Strategy)> {
         for (name, v) in [("gpu", t.gpu), ("cpu", t.cpu), ("tx", t.tx)] {
-            ensure!(v.is_finite() && v >= 0.0, "time {name} must be finite and >= 0, got {v}");
+            ensure!(
+                v.is_finite() && v >= 0.0,
+                "time {name} must be finite and >= 0, got {v}"
+            );
         }
         self.steps += 1;
         let cpu_side = t.cpu + t.tx;
@@ -124,7 +157,11 @@ impl Scheduler {
                 }
             }
             Strategy::PreQkt => {
-                self.slack_streak = if cpu_side <= self.cfg.slack * t.gpu { self.slack_streak + 1 } else { 0 };
+                self.slack_streak = if cpu_side <= self.cfg.slack * t.gpu {
+                    self.slack_streak + 1
+                } else {
+                    0
+                };
                 if self.slack_streak >= self.cfg.patience {
                     self.strategy = Strategy::PostQkt;
                     self.k = self.cfg.k_min;

@@ -55,18 +55,38 @@ pub fn case(b: usize, kvh: usize, d: usize, n: usize, dtype: DType, seed: u64) -
         head_dim: d,
         dtype,
         sinks: 0,
-        near: TierConfig { node: None, capacity_bytes: 1 << 26 },
-        far: TierConfig { node: None, capacity_bytes: 1 << 26 },
+        near: TierConfig {
+            node: None,
+            capacity_bytes: 1 << 26,
+        },
+        far: TierConfig {
+            node: None,
+            capacity_bytes: 1 << 26,
+        },
         max_host_tokens: Some(n.max(1)),
     })
     .unwrap();
-    let raw_k: Vec<f32> = (0..b * kvh * n * d).map(|_| rng.random_range(-2.0..2.0)).collect();
-    let raw_v: Vec<f32> = (0..b * kvh * n * d).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let raw_k: Vec<f32> = (0..b * kvh * n * d)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    let raw_v: Vec<f32> = (0..b * kvh * n * d)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
     let (kb, keys) = encode(&raw_k, dtype);
     let (vb, values) = encode(&raw_v, dtype);
     store.append(0, n).unwrap();
     store.evict(0, n, &kb, &vb).unwrap();
-    Case { store, keys, values, value_bytes: vb, b, kvh, d, n, dtype }
+    Case {
+        store,
+        keys,
+        values,
+        value_bytes: vb,
+        b,
+        kvh,
+        d,
+        n,
+        dtype,
+    }
 }
 
 /// Reports, visibly, that `test` could not exercise its subject here and why. libtest captures

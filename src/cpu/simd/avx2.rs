@@ -72,7 +72,10 @@ unsafe impl Simd for Avx2 {
         // SAFETY: registers only; AVX2 + FMA are enabled (trait contract).
         unsafe {
             let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(c::LO));
-            let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(c::LO)), _mm256_set1_ps(c::HI));
+            let x = _mm256_min_ps(
+                _mm256_max_ps(x, _mm256_set1_ps(c::LO)),
+                _mm256_set1_ps(c::HI),
+            );
             let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
                 _mm256_mul_ps(x, _mm256_set1_ps(c::LOG2E)),
             );
@@ -82,9 +85,16 @@ unsafe impl Simd for Avx2 {
             for k in &c::P[1..] {
                 p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*k));
             }
-            let p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+            let p = _mm256_fmadd_ps(
+                _mm256_mul_ps(p, r),
+                r,
+                _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+            );
             // 2^n: n + 127 in the exponent field (n ≥ -126 after the clamp).
-            let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+            let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+                _mm256_cvtps_epi32(n),
+                _mm256_set1_epi32(127),
+            ));
             _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(pow2)), keep)
         }
     }
@@ -116,7 +126,10 @@ unsafe impl Simd for Avx2 {
             let ab = _mm256_hadd_ps(v[0], v[1]);
             let cd = _mm256_hadd_ps(v[2], v[3]);
             let abcd = _mm256_hadd_ps(ab, cd);
-            let s = _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps::<1>(abcd));
+            let s = _mm_add_ps(
+                _mm256_castps256_ps128(abcd),
+                _mm256_extractf128_ps::<1>(abcd),
+            );
             let mut out = [0.0f32; 4];
             _mm_storeu_ps(out.as_mut_ptr(), s);
             out

@@ -73,7 +73,10 @@ unsafe impl Simd for Avx512 {
         // SAFETY: registers only; AVX-512 is enabled (trait contract).
         unsafe {
             let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(c::LO));
-            let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(c::LO)), _mm512_set1_ps(c::HI));
+            let x = _mm512_min_ps(
+                _mm512_max_ps(x, _mm512_set1_ps(c::LO)),
+                _mm512_set1_ps(c::HI),
+            );
             let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
                 _mm512_mul_ps(x, _mm512_set1_ps(c::LOG2E)),
             );
@@ -83,9 +86,16 @@ unsafe impl Simd for Avx512 {
             for k in &c::P[1..] {
                 p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*k));
             }
-            let p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+            let p = _mm512_fmadd_ps(
+                _mm512_mul_ps(p, r),
+                r,
+                _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+            );
             // 2^n: n + 127 in the exponent field (n ≥ -126 after the clamp).
-            let pow2 = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)));
+            let pow2 = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+                _mm512_cvtps_epi32(n),
+                _mm512_set1_epi32(127),
+            ));
             _mm512_maskz_mov_ps(keep, _mm512_mul_ps(p, _mm512_castsi512_ps(pow2)))
         }
     }
@@ -119,7 +129,10 @@ unsafe impl Simd for Avx512 {
             // Sum within each quarter, then collect element 0 of every quarter.
             let s = _mm512_add_ps(s, _mm512_permute_ps::<0x4E>(s));
             let s = _mm512_add_ps(s, _mm512_permute_ps::<0xB1>(s));
-            let picked = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), s);
+            let picked = _mm512_permutexvar_ps(
+                _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+                s,
+            );
             let mut out = [0.0f32; 4];
             _mm_storeu_ps(out.as_mut_ptr(), _mm512_castps512_ps128(picked));
             out

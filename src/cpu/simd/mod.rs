@@ -201,7 +201,14 @@ pub(crate) mod exp_consts {
     /// ln 2 split in a part exact in f32 and the rest, so `x - n·ln2` loses nothing.
     pub const LN2_HI: f32 = 0.693_359_4;
     pub const LN2_LO: f32 = -2.121_944_4e-4;
-    pub const P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5];
+    pub const P: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ];
 }
 
 /// A stored element type: how to widen `LANES` of them (or one) to f32. (Implementations'

@@ -10,7 +10,11 @@ const N: usize = 8;
 /// Every f16 bit pattern widened to f32: a table lookup beats software conversion ~10×.
 fn f16_table() -> &'static [f32] {
     static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
-    TABLE.get_or_init(|| (0..=u16::MAX).map(|b| half::f16::from_bits(b).to_f32()).collect())
+    TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|b| half::f16::from_bits(b).to_f32())
+            .collect()
+    })
 }
 
 // SAFETY: plain Rust, valid on every target; pointers are read/written for N elements.
@@ -71,7 +75,13 @@ unsafe impl Simd for Scalar {
     #[inline(always)]
     unsafe fn exp(x: Self::F) -> Self::F {
         // libm's expf: exact to an ulp; below the normal range it already rounds to 0.
-        x.map(|v| if v < super::exp_consts::LO { 0.0 } else { v.exp() })
+        x.map(|v| {
+            if v < super::exp_consts::LO {
+                0.0
+            } else {
+                v.exp()
+            }
+        })
     }
     #[inline(always)]
     unsafe fn reduce_max(v: Self::F) -> f32 {

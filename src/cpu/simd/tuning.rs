@@ -34,8 +34,13 @@ pub fn cpu_vendor() -> &'static str {
             // compilers call the intrinsic safe, older ones need the block).
             #[allow(unused_unsafe)]
             let r = unsafe { std::arch::x86_64::__cpuid(0) };
-            let bytes: Vec<u8> = [r.ebx, r.edx, r.ecx].iter().flat_map(|w| w.to_le_bytes()).collect();
-            String::from_utf8_lossy(&bytes).trim_end_matches('\0').to_string()
+            let bytes: Vec<u8> = [r.ebx, r.edx, r.ecx]
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .collect();
+            String::from_utf8_lossy(&bytes)
+                .trim_end_matches('\0')
+                .to_string()
         }
         #[cfg(target_arch = "aarch64")]
         {
@@ -52,12 +57,21 @@ pub fn cpu_vendor() -> &'static str {
 pub fn tuning() -> Tuning {
     static TUNING: OnceLock<Tuning> = OnceLock::new();
     *TUNING.get_or_init(|| {
-        let x86 = matches!(cpu_vendor(), "GenuineIntel" | "AuthenticAMD" | "HygonGenuine");
-        let mut t = Tuning { prefetch_ahead: if x86 { 2048 } else { 0 }, prefetch_nta: false };
+        let x86 = matches!(
+            cpu_vendor(),
+            "GenuineIntel" | "AuthenticAMD" | "HygonGenuine"
+        );
+        let mut t = Tuning {
+            prefetch_ahead: if x86 { 2048 } else { 0 },
+            prefetch_nta: false,
+        };
         if let Ok(v) = std::env::var("HYBRIDGEN_PREFETCH_NTA") {
             t.prefetch_nta = v.trim() == "1";
         }
-        if let Some(bytes) = std::env::var("HYBRIDGEN_PREFETCH").ok().and_then(|v| v.trim().parse().ok()) {
+        if let Some(bytes) = std::env::var("HYBRIDGEN_PREFETCH")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+        {
             t.prefetch_ahead = bytes;
         }
         t
