@@ -562,18 +562,19 @@ impl KvStore {
         // Plan the spill over the state as it would be after the write, so the far tier's
         // room is checked against exactly what will move before anything changes.
         let added = slots.len() * m;
-        let host: Vec<usize> = {
-            let mut h: Vec<usize> = self.seqs.iter().map(|s| s.host).collect();
-            slots
-                .iter()
-                .for_each(|&slot| h[layer * self.cfg.batch + slot] += m);
-            h
-        };
-        let mut far_keys: Vec<usize> = self.seqs.iter().map(|s| s.far_keys).collect();
         let excess = (self.near.used + added * st)
             .saturating_sub(self.near.capacity)
             .div_ceil(st);
-        let (moves, spilled) = spill::plan(&host, &mut far_keys, self.cfg.batch, excess);
+        let (moves, spilled) = if excess == 0 {
+            (Vec::new(), 0) // the near tier has room: no need to copy the counters
+        } else {
+            let mut host: Vec<usize> = self.seqs.iter().map(|s| s.host).collect();
+            for &slot in slots {
+                host[layer * self.cfg.batch + slot] += m;
+            }
+            let mut far_keys: Vec<usize> = self.seqs.iter().map(|s| s.far_keys).collect();
+            spill::plan(&host, &mut far_keys, self.cfg.batch, excess)
+        };
         let far_needed = (added + spilled) * st;
         if far_needed > self.far.free() {
             return Err(Error::Capacity(format!(

@@ -219,3 +219,133 @@ pub fn kernels(data: &[u8]) {
         }
     }
 }
+
+/// The bits stored for (sequence, layer, kind, position): unique per sequence, so a reused
+/// slot that showed an earlier sequence's rows would be caught.
+fn slot_datum(seq: usize, layer: usize, kind: usize, pos: usize) -> u32 {
+    ((((seq * 4 + layer) * 2 + kind) as u32) << 16) ^ pos as u32
+}
+
+/// Random sequences of add / release / reset of request slots, per-slot append / evict / spill
+/// and the ragged CPU stage over the active slots; after each, every active slot holds each of
+/// its tokens exactly once, its host rows are the ones written for it, in order, and the tiers'
+/// bytes add up. Calls on a free or nonexistent slot must be refused.
+pub fn slot_ops(data: &[u8]) {
+    let mut b = Bytes(data);
+    let (layers, sinks) = (1 + b.below(3), b.below(3));
+    let (near, far) = (1 + b.below(30), 1 + b.below(200));
+    let (batch, kv_heads, head_dim) = (1 + b.below(4), 1 + b.below(2), 1 + b.below(4));
+    let Some(mut s) = store(layers, batch, kv_heads, head_dim, sinks, near, far) else { return };
+    let mut seq_of: Vec<Option<usize>> = (0..batch).map(Some).collect();
+    let mut next_seq = batch;
+    while !b.is_empty() {
+        let layer = b.below(layers);
+        let slot = b.below(batch + 1); // one past the end: must be refused
+        let active = seq_of.get(slot).copied().flatten();
+        match b.below(9) {
+            0 => match s.add_slot() {
+                Ok(id) => {
+                    assert!(seq_of[id].is_none() && seq_of[..id].iter().all(Option::is_some), "lowest free id");
+                    seq_of[id] = Some(next_seq);
+                    next_seq += 1;
+                }
+                Err(_) => assert!(seq_of.iter().all(Option::is_some), "a free slot was refused"),
+            },
+            1 => {
+                assert_eq!(s.release_slot(slot).is_ok(), active.is_some(), "release of slot {slot}");
+                if active.is_some() {
+                    seq_of[slot] = None;
+                }
+            }
+            2 => {
+                assert_eq!(s.reset_slot(slot).is_ok(), active.is_some(), "reset of slot {slot}");
+                if active.is_some() {
+                    seq_of[slot] = Some(next_seq);
+                    next_seq += 1;
+                }
+            }
+            3 | 4 => {
+                let ok = s.append_slot(layer, slot, b.below(8)).is_ok();
+                assert_eq!(ok, active.is_some(), "append to slot {slot}");
+            }
+            5 | 6 => {
+                let m = b.below(8);
+                let Some(seq) = active else {
+                    assert!(s.evict_slot(layer, slot, 0, &[], &[]).is_err());
+                    continue;
+                };
+                let evictable = s.slot_evictable(layer, slot).unwrap();
+                let first = sinks.min(s.slot_total_len(layer, slot).unwrap()) + s.slot_host_len(layer, slot).unwrap();
+                let rows = |kind| -> Vec<u8> {
+                    let mut out = Vec::with_capacity(kv_heads * m * head_dim * 4);
+                    for _ in 0..kv_heads {
+                        for t in 0..m {
+                            for _ in 0..head_dim {
+                                out.extend_from_slice(&slot_datum(seq, layer, kind, first + t).to_le_bytes());
+                            }
+                        }
+                    }
+                    out
+                };
+                let result = s.evict_slot(layer, slot, m, &rows(0), &rows(1));
+                if m > evictable {
+                    assert!(result.is_err(), "evicting {m} of {evictable} evictable tokens must fail");
+                }
+            }
+            7 => {
+                let _ = s.spill_slot_keys(layer, slot, b.below(6)); // refusals are fine; panics are not
+            }
+            _ => ragged_stage(&s, layer, &seq_of, kv_heads, head_dim),
+        }
+        check_slots(&s, &seq_of, layers, sinks, kv_heads, head_dim);
+    }
+}
+
+/// The LSE stage over one query row per active slot: accepted, and a row over no host tokens
+/// gives `-inf`.
+fn ragged_stage(s: &KvStore, layer: usize, seq_of: &[Option<usize>], kv_heads: usize, head_dim: usize) {
+    let slots: Vec<usize> = (0..seq_of.len()).filter(|&i| seq_of[i].is_some()).collect();
+    let strips: Vec<_> = slots.iter().map(|&slot| s.slot_strips(layer, slot).unwrap()).collect();
+    let (r, hq) = (slots.len(), kv_heads);
+    let q = vec![0.25f32; r * hq * head_dim];
+    let args = cpu::RaggedArgs { q: &q, q_heads: hq, scale: 1.0, merge: cpu::Merge::Lse, top_k: None, positions: None, mask: None };
+    let (mut out, mut lse) = (vec![0f32; r * hq * head_dim], vec![0f32; r * hq]);
+    let outs = cpu::RaggedOutputs { out: &mut out, lse: &mut lse, ..Default::default() };
+    cpu::ragged_stage(Isa::Scalar, &strips, &args, 0, outs).unwrap();
+    for (i, st) in strips.iter().enumerate() {
+        assert_eq!(st.is_empty(), lse[i * hq] == f32::NEG_INFINITY, "row {i}: lse over {} tokens", st.len());
+    }
+}
+
+fn check_slots(s: &KvStore, seq_of: &[Option<usize>], layers: usize, sinks: usize, kv_heads: usize, head_dim: usize) {
+    let st = kv_heads * head_dim * 4;
+    let (mut near_keys, mut far_keys, mut host_all) = (0, 0, 0);
+    assert_eq!(s.active_slots(), (0..seq_of.len()).filter(|&i| seq_of[i].is_some()).collect::<Vec<_>>());
+    for (slot, seq) in seq_of.iter().enumerate() {
+        let Some(seq) = *seq else {
+            assert!(s.slot_host_len(0, slot).is_err(), "a free slot has no length");
+            continue;
+        };
+        for layer in 0..layers {
+            let (total, host) = (s.slot_total_len(layer, slot).unwrap(), s.slot_host_len(layer, slot).unwrap());
+            let device = s.slot_evictable(layer, slot).unwrap() + sinks.min(total);
+            assert_eq!(device + host, total, "slot {slot} layer {layer}: tokens lost or duplicated");
+            assert_eq!(s.slot_token_map(layer, slot).unwrap().len(), total);
+            let far = s.slot_far_key_len(layer, slot).unwrap();
+            (near_keys, far_keys, host_all) = (near_keys + host - far, far_keys + far, host_all + host);
+            let rb = head_dim * 4;
+            let (mut k, mut v) = (vec![0u8; kv_heads * host * rb], vec![0u8; kv_heads * host * rb]);
+            s.read_slot(layer, slot, 0, host, &mut k, &mut v).unwrap();
+            for (kind, buf) in [(0, &k), (1, &v)] {
+                for t in 0..host {
+                    let got = u32::from_le_bytes(buf[t * rb..t * rb + 4].try_into().unwrap());
+                    let want = slot_datum(seq, layer, kind, sinks.min(total) + t);
+                    assert_eq!(got, want, "slot {slot} layer {layer} kind {kind} host row {t}");
+                }
+            }
+        }
+    }
+    let (near, far) = s.tier_stats();
+    assert_eq!(near.used_bytes, near_keys * st, "near tier bytes");
+    assert_eq!(far.used_bytes, (far_keys + host_all) * st, "far tier bytes");
+}

@@ -33,6 +33,11 @@ fn store_ops_corpus() {
 }
 
 #[test]
+fn slot_ops_corpus() {
+    replay("slot_ops", hybridgen_fuzz::slot_ops);
+}
+
+#[test]
 fn kernels_corpus() {
     replay("kernels", hybridgen_fuzz::kernels);
 }
