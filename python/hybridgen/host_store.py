@@ -283,6 +283,10 @@ class HostKVStore:
         ``values`` ``[r, hq, K, d]`` in the store's dtype, row ``i`` filling its first
         ``tokens[i]`` entries per head and padded with ``-inf`` logits, index ``-1`` and zero
         values. Entries a merge does not produce are ``None``.
+
+        Cost: unlike :meth:`cpu_stage`, a concat over every host token copies each row's value
+        rows once per query head (rows of different slots cannot share one zero-copy view of the
+        store): use ``top_k``/``positions`` or the LSE merge on the hot path.
         """
         if isinstance(slots, (list, tuple)):
             slots = torch.tensor([operator.index(s) for s in slots], dtype=torch.int64)

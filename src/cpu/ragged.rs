@@ -11,7 +11,9 @@
 //!   [r, q_heads, K, d]` in the store's dtype, row `i` filling its first `tokens_i` entries per
 //!   head, in scored order, and padded with `-inf` logits, index `-1` and zero values. Unlike
 //!   the batch stage, a selection of every host token is listed by index too and its value
-//!   rows copied (the rows of different sequences cannot share one strided view).
+//!   rows copied, once per query head (the rows of different sequences cannot share one
+//!   strided view): ~35x the batch stage's time for 8 rows × 4096 tokens × 32 heads, f16 —
+//!   the oracle's path, not the hot one (top-K or the LSE merge).
 
 use rayon::prelude::*;
 
