@@ -158,17 +158,18 @@ pub(super) fn cpu_stage_slots<'py>(
     dict.set_item("tokens", &done.tokens)?;
     dict.set_item("host_len", &done.host_len)?;
     dict.set_item("width", w)?;
-    let export_f32 = |v: Option<Vec<f32>>, shape: &[usize]| -> PyResult<Option<Py<PyAny>>> {
-        v.map(|v| match *shape {
-            [a, b] => Owned::F32(v).export(py, [a, b]),
-            [a, b, c] => Owned::F32(v).export(py, [a, b, c]),
-            _ => unreachable!("results have rank 2 or 3"),
-        })
-        .transpose()
+    let rows3 = |v: Option<Vec<f32>>, last: usize| {
+        v.map(|v| Owned::F32(v).export(py, [r, hq, last]))
+            .transpose()
     };
-    dict.set_item("out", export_f32(done.out, &[r, hq, d])?)?;
-    dict.set_item("lse", export_f32(done.lse, &[r, hq])?)?;
-    dict.set_item("logits", export_f32(done.logits, &[r, hq, w])?)?;
+    dict.set_item("out", rows3(done.out, d)?)?;
+    dict.set_item(
+        "lse",
+        done.lse
+            .map(|v| Owned::F32(v).export(py, [r, hq]))
+            .transpose()?,
+    )?;
+    dict.set_item("logits", rows3(done.logits, w)?)?;
     dict.set_item(
         "indices",
         done.indices
