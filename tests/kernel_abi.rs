@@ -66,11 +66,12 @@ fn launch_args(launcher: &str, strukt: &str) -> Vec<(String, usize)> {
             let size = if let Some(field) = arg.strip_prefix("a.") {
                 size_of_rust(field_type(strukt, field))
             } else {
+                // Whole statements, not lines: rustfmt may spread a `let` over several.
                 let stmt = body
-                    .lines()
-                    .find(|l| {
-                        l.trim_start().starts_with("let")
-                            && l.split('=').next().unwrap().contains(&arg)
+                    .split(';')
+                    .map(str::trim)
+                    .find(|st| {
+                        st.starts_with("let") && st.split('=').next().unwrap().contains(&arg)
                     })
                     .unwrap_or_else(|| panic!("{launcher}: where is {arg} defined?"));
                 assert!(
