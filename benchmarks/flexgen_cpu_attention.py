@@ -47,8 +47,8 @@ def flexgen_cpu_attention(q, k_cache, v_cache, k_new, v_new, mask, b, src_s, n_h
     # shape: (s, b * n_head, head_dim)
     k = k_cache[:src_s]
     v = v_cache[:src_s]
-    k[src_s - 1:src_s] = k_new
-    v[src_s - 1:src_s] = v_new
+    k[src_s - 1 : src_s] = k_new
+    v[src_s - 1 : src_s] = v_new
     # shape: (b * n_head, head_dim, s)
     k = k.permute(1, 2, 0).reshape(b * n_head, head_dim, src_s)
     # shape: (b * n_head, s, head_dim)
@@ -79,21 +79,33 @@ def bench(tokens: int, batch: int, n_head: int, head_dim: int, repeats: int, isa
 
     # The same tokens in hybridgen's host store: [b, n_head, s, d].
     store = hybridgen.HostKVStore(
-        1, batch, n_head, head_dim, torch.float16,
-        near_capacity_bytes=2 * k_cache.numel(), far_capacity_bytes=2 * v_cache.numel(),
+        1,
+        batch,
+        n_head,
+        head_dim,
+        torch.float16,
+        near_capacity_bytes=2 * k_cache.numel(),
+        far_capacity_bytes=2 * v_cache.numel(),
         max_host_tokens=tokens,
     )
     store.append(0, tokens)
-    store.evict(0, k_cache.view(tokens, batch, n_head, head_dim).permute(1, 2, 0, 3).contiguous(),
-                v_cache.view(tokens, batch, n_head, head_dim).permute(1, 2, 0, 3).contiguous())
+    store.evict(
+        0,
+        k_cache.view(tokens, batch, n_head, head_dim).permute(1, 2, 0, 3).contiguous(),
+        v_cache.view(tokens, batch, n_head, head_dim).permute(1, 2, 0, 3).contiguous(),
+    )
     q_h = q.float().view(batch, n_head, head_dim)
     out, lse = torch.empty((batch, n_head, head_dim)), torch.empty((batch, n_head))
 
-    fns = {"flexgen": lambda: flexgen_cpu_attention(q, k_cache, v_cache, k_new, v_new, mask, batch, tokens, n_head,
-                                                    head_dim)}
+    fns = {
+        "flexgen": lambda: flexgen_cpu_attention(
+            q, k_cache, v_cache, k_new, v_new, mask, batch, tokens, n_head, head_dim
+        )
+    }
     for isa in isas:
-        fns[f"hybridgen/{isa}"] = lambda isa=isa: store.cpu_stage(0, q_h, 1.0, "lse", out=out, lse_out=lse,
-                                                                  isa_name=isa)
+        fns[f"hybridgen/{isa}"] = lambda isa=isa: store.cpu_stage(
+            0, q_h, 1.0, "lse", out=out, lse_out=lse, isa_name=isa
+        )
     t = interleaved(fns, repeats, f"{tokens} tokens")
 
     want = flexgen_cpu_attention(q, k_cache, v_cache, k_new, v_new, mask, batch, tokens, n_head, head_dim)
@@ -129,23 +141,36 @@ def main():
     isas = args.isas.split(",") if args.isas else [i for i in hybridgen.available_isas() if i != "scalar"]
     cpu = cpu_model()
     load_before = os.getloadavg()[0]
-    print(f"{cpu['model']} | {hybridgen.num_threads()} threads (torch {torch.get_num_threads()}) | "
-          f"OPT-13B shape {args.heads} x {args.head_dim}, batch {args.batch} | load {load_before:.2f}", flush=True)
+    print(
+        f"{cpu['model']} | {hybridgen.num_threads()} threads (torch {torch.get_num_threads()}) | "
+        f"OPT-13B shape {args.heads} x {args.head_dim}, batch {args.batch} | load {load_before:.2f}",
+        flush=True,
+    )
     rows = []
     for n in tqdm([int(x) for x in args.tokens.split(",")], desc="contexts"):
         r = bench(n, args.batch, args.heads, args.head_dim, args.repeats, isas)
         rows.append(r)
-        tqdm.write(f"{n:>6} tokens: FlexGen {r['flexgen_ms']:7.2f} ms ({r['flexgen_gbps_of_kv']:.1f} GB/s of K+V) | "
-                   + " | ".join(f"hybridgen {isa} {h['ms']:6.2f} ms ({h['gbps_of_kv']:.1f} GB/s, {h['speedup']:.1f}x)"
-                                for isa, h in r["hybridgen"].items())
-                   + f" | max |diff| {r['max_abs_diff']:.1e}")
+        tqdm.write(
+            f"{n:>6} tokens: FlexGen {r['flexgen_ms']:7.2f} ms ({r['flexgen_gbps_of_kv']:.1f} GB/s of K+V) | "
+            + " | ".join(
+                f"hybridgen {isa} {h['ms']:6.2f} ms ({h['gbps_of_kv']:.1f} GB/s, {h['speedup']:.1f}x)"
+                for isa, h in r["hybridgen"].items()
+            )
+            + f" | max |diff| {r['max_abs_diff']:.1e}"
+        )
     record = {
-        "command": "python benchmarks/flexgen_cpu_attention.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None),
+        "command": "python benchmarks/flexgen_cpu_attention.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None),
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": {"cpu": cpu, "threads": hybridgen.num_threads(), "torch_threads": torch.get_num_threads(),
-                    "isa": hybridgen.isa(), "torch": torch.__version__,
-                    "load_average_before": load_before, "load_average_after": os.getloadavg()[0]},
+        "machine": {
+            "cpu": cpu,
+            "threads": hybridgen.num_threads(),
+            "torch_threads": torch.get_num_threads(),
+            "isa": hybridgen.isa(),
+            "torch": torch.__version__,
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg()[0],
+        },
         "shape": {"heads": args.heads, "head_dim": args.head_dim, "batch": args.batch, "dtype": "float16"},
         "results": rows,
     }

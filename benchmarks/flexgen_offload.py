@@ -41,7 +41,9 @@ VARIANTS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="facebook/opt-1.3b", help="an OPT name FlexGen knows (shape only: _DUMMY_ weights)")
+    p.add_argument(
+        "--model", default="facebook/opt-1.3b", help="an OPT name FlexGen knows (shape only: _DUMMY_ weights)"
+    )
     p.add_argument("--prompt-len", type=int, default=2048)
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--gpu-batch-size", type=int, default=4)
@@ -55,8 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--merge", default="lse", choices=("lse", "concat"))
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--offload-dir", default=None, help="FlexGen's offload directory (default: a temporary one)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON record (default benchmarks/results/flexgen_offload_<model>_p<prompt>_g<gen>.json)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON record (default benchmarks/results/flexgen_offload_<model>_p<prompt>_g<gen>.json)",
+    )
     args = p.parse_args(argv)
     for name in ("prompt_len", "gen_len", "gpu_batch_size", "num_gpu_batches", "gpu_budget"):
         if getattr(args, name) < 1:
@@ -70,13 +76,44 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def variant_argv(args: argparse.Namespace, name: str, workdir: str) -> list[str]:
     """``python -m hybridgen.flexgen`` arguments of one run."""
-    argv = ["--model", args.model, "--path", "_DUMMY_", "--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len),
-            "--gpu-batch-size", str(args.gpu_batch_size), "--num-gpu-batches", str(args.num_gpu_batches),
-            "--offload-dir", args.offload_dir or os.path.join(workdir, "offload"),
-            "--log-file", os.path.join(workdir, f"{name}.log"), "--verbose", "1", *VARIANTS[name]]
+    argv = [
+        "--model",
+        args.model,
+        "--path",
+        "_DUMMY_",
+        "--prompt-len",
+        str(args.prompt_len),
+        "--gen-len",
+        str(args.gen_len),
+        "--gpu-batch-size",
+        str(args.gpu_batch_size),
+        "--num-gpu-batches",
+        str(args.num_gpu_batches),
+        "--offload-dir",
+        args.offload_dir or os.path.join(workdir, "offload"),
+        "--log-file",
+        os.path.join(workdir, f"{name}.log"),
+        "--verbose",
+        "1",
+        *VARIANTS[name],
+    ]
     if name == "hybrid":
-        argv += ["--gpu-budget", str(args.gpu_budget), "--sinks", str(args.sinks), "--policy", args.policy,
-                 "--k", str(args.k), "--k-min", str(args.k_min), "--k-max", str(args.k_max), "--merge", args.merge]
+        argv += [
+            "--gpu-budget",
+            str(args.gpu_budget),
+            "--sinks",
+            str(args.sinks),
+            "--policy",
+            args.policy,
+            "--k",
+            str(args.k),
+            "--k-min",
+            str(args.k_min),
+            "--k-max",
+            str(args.k_max),
+            "--merge",
+            args.merge,
+        ]
     return argv
 
 
@@ -96,8 +133,10 @@ def build_record(command: str, machine: dict, settings: dict, runs: list[dict]) 
 
 
 def format_table(record: dict) -> str:
-    lines = [f"{'run':<22}{'prefill s':>11}{'decode s':>11}{'decode tok/s':>14}{'total tok/s':>13}{'GPU peak GiB':>14}"
-             "  hybrid decode speed-up"]
+    lines = [
+        f"{'run':<22}{'prefill s':>11}{'decode s':>11}{'decode tok/s':>14}{'total tok/s':>13}{'GPU peak GiB':>14}"
+        "  hybrid decode speed-up"
+    ]
     for r in record["runs"]:
         ratio = record["ratios"].get(f"hybrid/{r['name']}")
         lines.append(

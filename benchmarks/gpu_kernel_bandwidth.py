@@ -99,22 +99,47 @@ def main(argv=None) -> int:
         ms_copy = timed_ms(lambda: dst.copy_(src), args.repeats)
         ms_torch = timed_ms(lambda: torch_attention(q, k, v, scale), max(3, args.repeats // 4))
         kernel_gbs, copy_gbs = nbytes / ms_kernel / 1e6, 2 * nbytes / ms_copy / 1e6
-        rows.append(dict(tokens=n, batch=b, kv_bytes=nbytes, kernel_ms=ms_kernel, kernel_gbs=kernel_gbs,
-                         copy_gbs=copy_gbs, share_of_copy=kernel_gbs / copy_gbs, torch_ms=ms_torch,
-                         torch_gbs=nbytes / ms_torch / 1e6, speedup_over_torch=ms_torch / ms_kernel, rel_error=err))
+        rows.append(
+            dict(
+                tokens=n,
+                batch=b,
+                kv_bytes=nbytes,
+                kernel_ms=ms_kernel,
+                kernel_gbs=kernel_gbs,
+                copy_gbs=copy_gbs,
+                share_of_copy=kernel_gbs / copy_gbs,
+                torch_ms=ms_torch,
+                torch_gbs=nbytes / ms_torch / 1e6,
+                speedup_over_torch=ms_torch / ms_kernel,
+                rel_error=err,
+            )
+        )
         del q, k, v, src, dst, out
         torch.cuda.empty_cache()
 
     print(f"device partial on {torch.cuda.get_device_name()} ({target}), Llama-8B layer shape, bfloat16")
-    print(f"{'tokens':>7} {'batch':>5} {'kernel GB/s':>12} {'copy GB/s':>10} {'share':>6} {'torch GB/s':>11} {'x torch':>8}")
+    print(
+        f"{'tokens':>7} {'batch':>5} {'kernel GB/s':>12} {'copy GB/s':>10} {'share':>6} {'torch GB/s':>11} {'x torch':>8}"
+    )
     for r in rows:
-        print(f"{r['tokens']:>7} {r['batch']:>5} {r['kernel_gbs']:>12.0f} {r['copy_gbs']:>10.0f} "
-              f"{r['share_of_copy']:>6.0%} {r['torch_gbs']:>11.0f} {r['speedup_over_torch']:>8.1f}")
+        print(
+            f"{r['tokens']:>7} {r['batch']:>5} {r['kernel_gbs']:>12.0f} {r['copy_gbs']:>10.0f} "
+            f"{r['share_of_copy']:>6.0%} {r['torch_gbs']:>11.0f} {r['speedup_over_torch']:>8.1f}"
+        )
     worst = min(r["share_of_copy"] for r in rows)
-    record = dict(command=" ".join(["python", "benchmarks/gpu_kernel_bandwidth.py", *(argv or sys.argv[1:])]),
-                  gpu=torch.cuda.get_device_name(), loaded=target, torch=torch.__version__, hybridgen=hybridgen.__version__
-                  if hasattr(hybridgen, "__version__") else None, host=platform.processor() or platform.machine(),
-                  bar=BAR, worst_share=worst, meets_bar=worst >= BAR, rows=rows, failures=failures)
+    record = dict(
+        command=" ".join(["python", "benchmarks/gpu_kernel_bandwidth.py", *(argv or sys.argv[1:])]),
+        gpu=torch.cuda.get_device_name(),
+        loaded=target,
+        torch=torch.__version__,
+        hybridgen=hybridgen.__version__ if hasattr(hybridgen, "__version__") else None,
+        host=platform.processor() or platform.machine(),
+        bar=BAR,
+        worst_share=worst,
+        meets_bar=worst >= BAR,
+        rows=rows,
+        failures=failures,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_kernel_bandwidth.json").write_text(json.dumps(record, indent=2))
     print(f"worst share of the copy bandwidth: {worst:.0%} (bar {BAR:.0%}: {'met' if worst >= BAR else 'NOT met'})")

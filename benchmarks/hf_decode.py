@@ -96,25 +96,41 @@ def main():
             ran = cache.decode_steps
             t_base, t, base_token, token = paired_decode(base, base_cache, base_token, hyb, cache, token, args.steps)
             if cache.decode_steps - ran != args.steps or cache.config.policy != overrides["policy"]:
-                raise SystemExit(f"hf_decode: {name} ran {cache.decode_steps - ran} of {args.steps} steps through "
-                                 f"policy {cache.config.policy!r}: its row would not measure hybrid attention")
+                raise SystemExit(
+                    f"hf_decode: {name} ran {cache.decode_steps - ran} of {args.steps} steps through "
+                    f"policy {cache.config.policy!r}: its row would not measure hybrid attention"
+                )
             s = cache.telemetry.summary()
-            rows.append({
-                "context": n, "variant": name, "ms_per_token": 1e3 * t, "unpatched_ms_per_token": 1e3 * t_base,
-                "ratio_to_unpatched": t / t_base, "speedup_vs_unpatched": t_base / t, "k_last": s.get("k_last"),
-                "strategy_share": s.get("strategy_share"), "cpu_ms_per_step": s.get("t_cpu_per_step_ms"),
-                "device_ms_per_step": s.get("t_gpu_per_step_ms"), "host_tokens": s.get("host_tokens_last"),
-                "cpu_hidden_share": s.get("cpu_hidden_share"),
-            })
-            print(f"{n:>6} tokens | {name:<36} {1e3 * t:7.1f} ms/token vs unpatched {1e3 * t_base:7.1f} "
-                  f"-> {t / t_base:.2f}x  (K {s.get('k_last')}, CPU hidden {s.get('cpu_hidden_share', 0):.0%})", flush=True)
+            rows.append(
+                {
+                    "context": n,
+                    "variant": name,
+                    "ms_per_token": 1e3 * t,
+                    "unpatched_ms_per_token": 1e3 * t_base,
+                    "ratio_to_unpatched": t / t_base,
+                    "speedup_vs_unpatched": t_base / t,
+                    "k_last": s.get("k_last"),
+                    "strategy_share": s.get("strategy_share"),
+                    "cpu_ms_per_step": s.get("t_cpu_per_step_ms"),
+                    "device_ms_per_step": s.get("t_gpu_per_step_ms"),
+                    "host_tokens": s.get("host_tokens_last"),
+                    "cpu_hidden_share": s.get("cpu_hidden_share"),
+                }
+            )
+            print(
+                f"{n:>6} tokens | {name:<36} {1e3 * t:7.1f} ms/token vs unpatched {1e3 * t_base:7.1f} "
+                f"-> {t / t_base:.2f}x  (K {s.get('k_last')}, CPU hidden {s.get('cpu_hidden_share', 0):.0%})",
+                flush=True,
+            )
         unpatch(hyb)
         del cache, base_cache
 
     record = {
-        "command": "python benchmarks/hf_decode.py " + " ".join(
+        "command": "python benchmarks/hf_decode.py "
+        + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if k != "out" and v is not None
+            for k, v in vars(args).items()
+            if k != "out" and v is not None
         ),
         "model": str(args.model or "SmolLM2-135M-Instruct"),
         "machine": machine_info(torch.device("cpu")),
@@ -139,16 +155,20 @@ def plot(record, path):
     for ax, c in zip(axes[0], contexts):
         sel = [r for r in rows if r["context"] == c]
         x = range(len(sel))
-        ax.bar([i - 0.2 for i in x], [r["unpatched_ms_per_token"] for r in sel], 0.4, label="unpatched (sdpa), paired run")
+        ax.bar(
+            [i - 0.2 for i in x], [r["unpatched_ms_per_token"] for r in sel], 0.4, label="unpatched (sdpa), paired run"
+        )
         bars = ax.bar([i + 0.2 for i in x], [r["ms_per_token"] for r in sel], 0.4, label="hybridgen")
         ax.bar_label(bars, labels=[f"{r['ratio_to_unpatched']:.2f}x" for r in sel], fontsize=7)
         ax.set_xticks(list(x), [r["variant"].replace("hybrid ", "") for r in sel], rotation=25, ha="right", fontsize=7)
         ax.set_title(f"{c} tokens", fontsize=9)
         ax.set_ylabel("decode ms/token")
     axes[0][0].legend(fontsize=7)
-    m = record['machine']
-    fig.suptitle(f"{record['model']} on {m['cpu']} ({m['native_threads']} threads, {m['isa']}), device budget {record['gpu_budget']}",
-                 fontsize=9)
+    m = record["machine"]
+    fig.suptitle(
+        f"{record['model']} on {m['cpu']} ({m['native_threads']} threads, {m['isa']}), device budget {record['gpu_budget']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

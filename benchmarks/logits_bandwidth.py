@@ -71,8 +71,13 @@ _AMD_ZEN = [
     (0x19, range(0xA0, 0xB0), "Zen 4"),
     (0x1A, range(0x00, 0x100), "Zen 5"),
 ]
-_ARM_PARTS = {"0xd40": "Neoverse V1", "0xd4f": "Neoverse V2", "0xd0c": "Neoverse N1", "0xd49": "Neoverse N2",
-              "0xd84": "Neoverse V3"}
+_ARM_PARTS = {
+    "0xd40": "Neoverse V1",
+    "0xd4f": "Neoverse V2",
+    "0xd0c": "Neoverse N1",
+    "0xd49": "Neoverse N2",
+    "0xd84": "Neoverse V3",
+}
 
 
 def cpu_model() -> dict:
@@ -93,8 +98,16 @@ def cpu_model() -> dict:
         if name == platform.machine():
             name = uarch
     label = name if uarch is None or uarch in name else f"{name} ({uarch})"
-    return {"model": label, "model_name": name, "vendor": vendor, "family": family, "model_number": model,
-            "microarchitecture": uarch, "arch": platform.machine(), "cores": os.cpu_count()}
+    return {
+        "model": label,
+        "model_name": name,
+        "vendor": vendor,
+        "family": family,
+        "model_number": model,
+        "microarchitecture": uarch,
+        "arch": platform.machine(),
+        "cores": os.cpu_count(),
+    }
 
 
 def thp_mode() -> str | None:
@@ -140,7 +153,11 @@ def interleaved(fns: dict, repeats: int, desc: str) -> dict:
 def fill_store(dtype: torch.dtype, batch: int, tokens: int, kv_heads: int, head_dim: int) -> hybridgen.HostKVStore:
     token_bytes = batch * kv_heads * head_dim * torch.finfo(dtype).bits // 8
     store = hybridgen.HostKVStore(
-        1, batch, kv_heads, head_dim, dtype,
+        1,
+        batch,
+        kv_heads,
+        head_dim,
+        dtype,
         near_capacity_bytes=tokens * token_bytes,
         far_capacity_bytes=tokens * token_bytes,
         max_host_tokens=tokens,
@@ -193,8 +210,16 @@ def bench_case(dtype, batch, tokens, kv_heads, group, head_dim, repeats, topk_k,
         fns[f"logits/{isa}"] = lambda isa=isa: store.logits(0, q, scale, out=logits_out, isa=isa)
         fns[f"lse_all/{isa}"] = lambda isa=isa: store.cpu_stage(0, q, scale, "lse", out=out, lse_out=lse, isa_name=isa)
         fns[f"concat_topk/{isa}"] = lambda isa=isa: store.cpu_stage(
-            0, q, scale, "concat", top_k=topk_k, logits_out=sel_logits, indices_out=sel_idx, values_out=sel_values,
-            isa_name=isa)
+            0,
+            q,
+            scale,
+            "concat",
+            top_k=topk_k,
+            logits_out=sel_logits,
+            indices_out=sel_idx,
+            values_out=sel_values,
+            isa_name=isa,
+        )
     fns["topk"] = lambda: _native.topk(logits_out, topk_k, top_idx, top_val)
     fns["gather"] = lambda: store._native.gather_values(0, top_idx, sel_values)
     if with_torch:
@@ -260,14 +285,30 @@ def thread_probe(args) -> dict:
     out = {"threads": hybridgen.num_threads(), "isa": hybridgen.isa(), "results": []}
     for dtype in (torch.float16, torch.bfloat16):
         tokens = tokens_for(args, dtype, 1)
-        r = bench_case(dtype, 1, tokens, args.kv_heads, args.group, args.head_dim, args.repeats, args.topk,
-                       [hybridgen.isa()], with_torch=False)
+        r = bench_case(
+            dtype,
+            1,
+            tokens,
+            args.kv_heads,
+            args.group,
+            args.head_dim,
+            args.repeats,
+            args.topk,
+            [hybridgen.isa()],
+            with_torch=False,
+        )
         i = r["isas"][hybridgen.isa()]
-        out["results"].append({
-            "dtype": r["dtype"], "read_k_gbps": r["read_k_gbps"], "read_kv_gbps": r["read_kv_gbps"],
-            "logits_gbps": i["logits_gbps"], "logits_share_of_read": i["logits_share_of_read"],
-            "lse_all_gbps_of_kv": i["lse_all_gbps_of_kv"], "lse_all_share_of_kv_read": i["lse_all_share_of_kv_read"],
-        })
+        out["results"].append(
+            {
+                "dtype": r["dtype"],
+                "read_k_gbps": r["read_k_gbps"],
+                "read_kv_gbps": r["read_kv_gbps"],
+                "logits_gbps": i["logits_gbps"],
+                "logits_share_of_read": i["logits_share_of_read"],
+                "lse_all_gbps_of_kv": i["lse_all_gbps_of_kv"],
+                "lse_all_share_of_kv_read": i["lse_all_share_of_kv_read"],
+            }
+        )
     return out
 
 
@@ -275,15 +316,35 @@ def thread_sweep(args, counts) -> list:
     rows = []
     for n in counts:
         env = dict(os.environ, HYBRIDGEN_THREADS=str(n), RAYON_NUM_THREADS=str(n))
-        cmd = [sys.executable, __file__, "--thread-probe", "--gib", str(args.gib), "--kv-heads", str(args.kv_heads),
-               "--group", str(args.group), "--head-dim", str(args.head_dim), "--repeats", str(args.repeats),
-               "--topk", str(args.topk)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--thread-probe",
+            "--gib",
+            str(args.gib),
+            "--kv-heads",
+            str(args.kv_heads),
+            "--group",
+            str(args.group),
+            "--head-dim",
+            str(args.head_dim),
+            "--repeats",
+            str(args.repeats),
+            "--topk",
+            str(args.topk),
+        ]
         done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"  {n} thread(s): " + "; ".join(
-            f"{x['dtype']} read {x['read_k_gbps']:.1f} GB/s, logits {x['logits_gbps']:.1f} GB/s "
-            f"({100 * x['logits_share_of_read']:.0f} %), partial {x['lse_all_gbps_of_kv']:.1f} GB/s of K+V "
-            f"({100 * x['lse_all_share_of_kv_read']:.0f} %)" for x in rows[-1]["results"]), flush=True)
+        print(
+            f"  {n} thread(s): "
+            + "; ".join(
+                f"{x['dtype']} read {x['read_k_gbps']:.1f} GB/s, logits {x['logits_gbps']:.1f} GB/s "
+                f"({100 * x['logits_share_of_read']:.0f} %), partial {x['lse_all_gbps_of_kv']:.1f} GB/s of K+V "
+                f"({100 * x['lse_all_share_of_kv_read']:.0f} %)"
+                for x in rows[-1]["results"]
+            ),
+            flush=True,
+        )
     return rows
 
 
@@ -307,10 +368,13 @@ def plot(record: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     labels = [f"{r['dtype']}\nb{r['batch']}" for r in rows]
     width = 0.8 / (len(isas) + 1)
-    for ax, (key, read_key, title) in zip(axes, [
-        ("logits_gbps", "read_k_gbps", "logits: GB/s of K"),
-        ("lse_all_gbps_of_kv", "read_kv_gbps", "partial attention (all tokens): GB/s of K+V"),
-    ]):
+    for ax, (key, read_key, title) in zip(
+        axes,
+        [
+            ("logits_gbps", "read_k_gbps", "logits: GB/s of K"),
+            ("lse_all_gbps_of_kv", "read_kv_gbps", "partial attention (all tokens): GB/s of K+V"),
+        ],
+    ):
         series = {"streaming read": [r[read_key] for r in rows]}
         for isa in isas:
             series[isa] = [r["isas"][isa][key] for r in rows]
@@ -321,8 +385,11 @@ def plot(record: dict, path: Path) -> None:
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
     m = record["machine"]
-    fig.suptitle(f"{m['cpu']['model']}, {m['threads']} threads, GQA {record['shape']['group']}, "
-                 f"d={record['shape']['head_dim']}, {rows[0]['k_bytes'] / 2**30:.1f} GiB of K", fontsize=9)
+    fig.suptitle(
+        f"{m['cpu']['model']}, {m['threads']} threads, GQA {record['shape']['group']}, "
+        f"d={record['shape']['head_dim']}, {rows[0]['k_bytes'] / 2**30:.1f} GiB of K",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -346,12 +413,16 @@ def table(paths) -> str:
             isas = [i for i in r["isas"] if i != "scalar"]
             both = lambda f: " / ".join(f(x) for x in rs)
             cell = lambda key, share: "<br>".join(
-                f"{i} " + both(lambda x: f"{x['isas'][i][key]:.1f} ({100 * x['isas'][i][share]:.0f} %)") for i in isas)
+                f"{i} " + both(lambda x: f"{x['isas'][i][key]:.1f} ({100 * x['isas'][i][share]:.0f} %)") for i in isas
+            )
             sel = "<br>".join(
-                f"{i} " + both(lambda x: f"{100 * x['isas'][i]['select_gather_over_logits']:.0f} %") for i in isas)
-            lines.append(f"| {name} | {r['dtype']}, {r['batch']} | {both(lambda x: format(x['read_k_gbps'], '.1f'))} GB/s | "
-                         f"{cell('logits_gbps', 'logits_share_of_read')} | "
-                         f"{cell('lse_all_gbps_of_kv', 'lse_all_share_of_kv_read')} | {sel} |")
+                f"{i} " + both(lambda x: f"{100 * x['isas'][i]['select_gather_over_logits']:.0f} %") for i in isas
+            )
+            lines.append(
+                f"| {name} | {r['dtype']}, {r['batch']} | {both(lambda x: format(x['read_k_gbps'], '.1f'))} GB/s | "
+                f"{cell('logits_gbps', 'logits_share_of_read')} | "
+                f"{cell('lse_all_gbps_of_kv', 'lse_all_share_of_kv_read')} | {sel} |"
+            )
             name = ""
     return "\n".join(lines)
 
@@ -365,11 +436,17 @@ def main():
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--topk", type=int, default=2048)
     p.add_argument("--isas", default=None, help="comma-separated; default: every one this CPU runs")
-    p.add_argument("--threads", default=None,
-                   help="comma-separated thread counts for the sweep (default: 1 and all cores; 'none' skips)")
+    p.add_argument(
+        "--threads",
+        default=None,
+        help="comma-separated thread counts for the sweep (default: 1 and all cores; 'none' skips)",
+    )
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/cpu_<model>.json")
-    p.add_argument("--table", action="store_true",
-                   help="print the README's markdown table from every benchmarks/results/cpu_*.json and exit")
+    p.add_argument(
+        "--table",
+        action="store_true",
+        help="print the README's markdown table from every benchmarks/results/cpu_*.json and exit",
+    )
     p.add_argument("--thread-probe", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.table:
@@ -388,26 +465,44 @@ def main():
     for dtype in (torch.float16, torch.bfloat16):
         for batch in BATCHES:
             tokens = tokens_for(args, dtype, batch)
-            r = bench_case(dtype, batch, tokens, args.kv_heads, args.group, args.head_dim, args.repeats, args.topk,
-                           isas, with_torch=batch == 1)
+            r = bench_case(
+                dtype,
+                batch,
+                tokens,
+                args.kv_heads,
+                args.group,
+                args.head_dim,
+                args.repeats,
+                args.topk,
+                isas,
+                with_torch=batch == 1,
+            )
             results.append(r)
-            print(f"{r['dtype']:>8} b{batch}: read {r['read_k_gbps']:.1f} GB/s (prefetching "
-                  f"{r['read_k_prefetch_gbps']:.1f}), K+V {r['read_kv_gbps']:.1f} GB/s"
-                  + (f" | torch {r['torch_best_gbps']:.1f} GB/s" if "torch_best_gbps" in r else "")
-                  + f" | top-{args.topk} {1e3 * r['topk_s']:.1f} ms, gather {1e3 * r['gather_s']:.2f} ms"
-                  + f" | on huge pages: {r['anon_huge_pages_mib']} MiB", flush=True)
+            print(
+                f"{r['dtype']:>8} b{batch}: read {r['read_k_gbps']:.1f} GB/s (prefetching "
+                f"{r['read_k_prefetch_gbps']:.1f}), K+V {r['read_kv_gbps']:.1f} GB/s"
+                + (f" | torch {r['torch_best_gbps']:.1f} GB/s" if "torch_best_gbps" in r else "")
+                + f" | top-{args.topk} {1e3 * r['topk_s']:.1f} ms, gather {1e3 * r['gather_s']:.2f} ms"
+                + f" | on huge pages: {r['anon_huge_pages_mib']} MiB",
+                flush=True,
+            )
             for isa, i in r["isas"].items():
-                print(f"    {isa:>7}: logits {i['logits_gbps']:5.1f} GB/s ({100 * i['logits_share_of_read']:3.0f} %) | "
-                      f"partial {i['lse_all_gbps_of_kv']:5.1f} GB/s of K+V ({100 * i['lse_all_share_of_kv_read']:3.0f} %) | "
-                      f"top-k + gather {100 * i['select_gather_over_logits']:.0f} % of the logits time", flush=True)
+                print(
+                    f"    {isa:>7}: logits {i['logits_gbps']:5.1f} GB/s ({100 * i['logits_share_of_read']:3.0f} %) | "
+                    f"partial {i['lse_all_gbps_of_kv']:5.1f} GB/s of K+V ({100 * i['lse_all_share_of_kv_read']:3.0f} %) | "
+                    f"top-k + gather {100 * i['select_gather_over_logits']:.0f} % of the logits time",
+                    flush=True,
+                )
     counts = []
     if args.threads != "none":
         counts = [int(c) for c in args.threads.split(",")] if args.threads else sorted({1, os.cpu_count() or 1})
     sweep = thread_sweep(args, counts) if counts else []
     load_after = os.getloadavg()
     command = "python benchmarks/logits_bandwidth.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if k not in ("out", "thread_probe", "table") and v is not None)
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in vars(args).items()
+        if k not in ("out", "thread_probe", "table") and v is not None
+    )
     record = {
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -58,13 +58,19 @@ def lowest(extras: list[str]) -> str:
 
 
 def lock() -> None:
-    frozen = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude", "hybridgen", "--exclude-editable"],
-                            check=True, capture_output=True, text=True).stdout
+    frozen = subprocess.run(
+        [sys.executable, "-m", "pip", "freeze", "--exclude", "hybridgen", "--exclude-editable"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     lines = sorted(line for line in frozen.splitlines() if line and not line.startswith(("-e ", "#")))
     import platform
 
-    header = ("# Exact versions the test suite last passed with (python/lock.sh regenerates this file from a\n"
-              f"# fresh install of the newest allowed versions; Python {platform.python_version()}, {platform.machine()}).\n")
+    header = (
+        "# Exact versions the test suite last passed with (python/lock.sh regenerates this file from a\n"
+        f"# fresh install of the newest allowed versions; Python {platform.python_version()}, {platform.machine()}).\n"
+    )
     CONSTRAINTS.write_text(header + "\n".join(lines) + "\n")
     print(f"deps.py: wrote {CONSTRAINTS.relative_to(ROOT)} ({len(lines)} packages)")
 

@@ -21,7 +21,7 @@ if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
         exit 0
     fi
 fi
-for target in store_ops kernels; do
+for target in store_ops slot_ops kernels; do
     echo "== cargo fuzz run $target (${seconds}s)"
     # A private copy of the corpus: new inputs found in a short CI run are not committed.
     work="$(mktemp -d)"

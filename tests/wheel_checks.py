@@ -27,8 +27,16 @@ POLICY = "manylinux_2_17"
 GLIBC_MAX = (2, 17)
 #: What a manylinux wheel may link against from the system (PEP 599's list, the part a Rust
 #: extension can use); anything else would have to be bundled into the wheel.
-ALLOWED_LIBS = {"libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0", "librt.so.1", "libgcc_s.so.1",
-                "ld-linux-x86-64.so.2", "ld-linux-aarch64.so.1"}
+ALLOWED_LIBS = {
+    "libc.so.6",
+    "libm.so.6",
+    "libdl.so.2",
+    "libpthread.so.0",
+    "librt.so.1",
+    "libgcc_s.so.1",
+    "ld-linux-x86-64.so.2",
+    "ld-linux-aarch64.so.1",
+}
 MACHINES = {"x86_64": "EM_X86_64", "aarch64": "EM_AARCH64"}
 MODULE = "hybridgen/_native.abi3.so"
 
@@ -48,7 +56,9 @@ def static(wheel: Path, arch: str) -> None:
 
     version = cargo_version()
     tag = f"cp310-abi3-{POLICY}_{arch}"
-    if not re.fullmatch(rf"hybridgen-{re.escape(version)}-cp310-abi3-(manylinux2014_{arch}\.)?{POLICY}_{arch}\.whl", wheel.name):
+    if not re.fullmatch(
+        rf"hybridgen-{re.escape(version)}-cp310-abi3-(manylinux2014_{arch}\.)?{POLICY}_{arch}\.whl", wheel.name
+    ):
         fail(f"{wheel.name}: expected version {version} and tag {tag}")
 
     with zipfile.ZipFile(wheel) as z:
@@ -66,8 +76,11 @@ def static(wheel: Path, arch: str) -> None:
     if any("__pycache__" in n or n.endswith(".pyc") for n in names):
         fail("compiled bytecode in the wheel")
     sources = ROOT / "python"
-    wanted = {str(p.relative_to(sources)) for p in (sources / "hybridgen").rglob("*")
-              if p.is_file() and p.suffix in (".py", ".pyi", ".jsonl", ".yaml", ".typed") and "__pycache__" not in p.parts}
+    wanted = {
+        str(p.relative_to(sources))
+        for p in (sources / "hybridgen").rglob("*")
+        if p.is_file() and p.suffix in (".py", ".pyi", ".jsonl", ".yaml", ".typed") and "__pycache__" not in p.parts
+    }
     missing = sorted(wanted - set(names))
     if missing:
         fail(f"package files missing from the wheel: {missing}")
@@ -77,8 +90,13 @@ def static(wheel: Path, arch: str) -> None:
     elf = ELFFile(io.BytesIO(so))
     if elf["e_machine"] != MACHINES[arch]:
         fail(f"{MODULE} is {elf['e_machine']}, not {MACHINES[arch]}")
-    needed = sorted(t.needed for s in elf.iter_sections() if isinstance(s, DynamicSection)
-                    for t in s.iter_tags() if t.entry.d_tag == "DT_NEEDED")
+    needed = sorted(
+        t.needed
+        for s in elf.iter_sections()
+        if isinstance(s, DynamicSection)
+        for t in s.iter_tags()
+        if t.entry.d_tag == "DT_NEEDED"
+    )
     if not set(needed) <= ALLOWED_LIBS:
         fail(f"{MODULE} needs libraries outside the manylinux set: {sorted(set(needed) - ALLOWED_LIBS)}")
     dynsym = elf.get_section_by_name(".dynsym")
@@ -109,8 +127,10 @@ def static(wheel: Path, arch: str) -> None:
         fail(f'auditwheel: the wheel is consistent with "{verdict["overall_tag"]}", not "{POLICY}_{arch}"')
     if verdict["external_libs"] or verdict["unsupported_isa"] or verdict["pure"]:
         fail(f"auditwheel: external libraries {verdict['external_libs']}, unsupported ISA {verdict['unsupported_isa']}")
-    print(f"static: {wheel.name}: {elf['e_machine']}, exports PyInit__native, needs {', '.join(needed)}, "
-          f"glibc <= {newest[0]}.{newest[1]}, {len(names)} files, {wheel.stat().st_size / 2**20:.2f} MiB; auditwheel: {POLICY}_{arch}")
+    print(
+        f"static: {wheel.name}: {elf['e_machine']}, exports PyInit__native, needs {', '.join(needed)}, "
+        f"glibc <= {newest[0]}.{newest[1]}, {len(names)} files, {wheel.stat().st_size / 2**20:.2f} MiB; auditwheel: {POLICY}_{arch}"
+    )
 
 
 def native(path: Path, expect_isa: str) -> None:
@@ -124,8 +144,10 @@ def native(path: Path, expect_isa: str) -> None:
     m = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(m)
     isas = m.available_isas()
-    print(f"native: {path.name} loaded by Python {platform.python_version()} on {platform.machine()}: "
-          f"version {m.__version__}, isa {m.isa()} of {isas}, {m.num_threads()} threads")
+    print(
+        f"native: {path.name} loaded by Python {platform.python_version()} on {platform.machine()}: "
+        f"version {m.__version__}, isa {m.isa()} of {isas}, {m.num_threads()} threads"
+    )
     if m.__version__ != cargo_version():
         fail(f"the native module says version {m.__version__}, Cargo.toml {cargo_version()}")
     if m.isa() != expect_isa or expect_isa not in isas or "scalar" not in isas:
@@ -146,16 +168,27 @@ def native(path: Path, expect_isa: str) -> None:
         _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
 
     class DLTensor(ctypes.Structure):
-        _fields_ = [("data", ctypes.c_void_p), ("device", Device), ("ndim", ctypes.c_int32), ("dtype", DType),
-                    ("shape", ctypes.POINTER(ctypes.c_int64)), ("strides", ctypes.POINTER(ctypes.c_int64)),
-                    ("byte_offset", ctypes.c_uint64)]
+        _fields_ = [
+            ("data", ctypes.c_void_p),
+            ("device", Device),
+            ("ndim", ctypes.c_int32),
+            ("dtype", DType),
+            ("shape", ctypes.POINTER(ctypes.c_int64)),
+            ("strides", ctypes.POINTER(ctypes.c_int64)),
+            ("byte_offset", ctypes.c_uint64),
+        ]
 
     class Managed(ctypes.Structure):
         pass
 
     deleter_t = ctypes.CFUNCTYPE(None, ctypes.POINTER(Managed))
-    Managed._fields_ = [("version", Version), ("manager_ctx", ctypes.c_void_p), ("deleter", deleter_t),
-                        ("flags", ctypes.c_uint64), ("dl_tensor", DLTensor)]
+    Managed._fields_ = [
+        ("version", Version),
+        ("manager_ctx", ctypes.c_void_p),
+        ("deleter", deleter_t),
+        ("flags", ctypes.c_uint64),
+        ("dl_tensor", DLTensor),
+    ]
     noop = deleter_t(lambda _: None)
     keep = []  # every array and struct handed out stays alive until the process ends
     capsule_new = ctypes.pythonapi.PyCapsule_New
@@ -175,9 +208,21 @@ def native(path: Path, expect_isa: str) -> None:
             a = self.a
             shape = (ctypes.c_int64 * a.ndim)(*a.shape)
             strides = (ctypes.c_int64 * a.ndim)(*(s // a.itemsize for s in a.strides))
-            t = Managed(Version(1, 0), None, noop, 0,
-                        DLTensor(a.ctypes.data, Device(1, 0), a.ndim, DType(codes[a.dtype.kind], a.itemsize * 8, 1),
-                                 shape, strides, 0))
+            t = Managed(
+                Version(1, 0),
+                None,
+                noop,
+                0,
+                DLTensor(
+                    a.ctypes.data,
+                    Device(1, 0),
+                    a.ndim,
+                    DType(codes[a.dtype.kind], a.itemsize * 8, 1),
+                    shape,
+                    strides,
+                    0,
+                ),
+            )
             keep.extend([a, shape, strides, t])
             return capsule_new(ctypes.addressof(t), b"dltensor_versioned", None)
 
@@ -206,12 +251,16 @@ def native(path: Path, expect_isa: str) -> None:
             for isa in isas:
                 out = np.zeros((b, hq, d), np.float32)
                 lse = np.zeros((b, hq), np.float32)
-                m.attend(Array(q), Array(k), Array(v), scale, Array(out), Array(lse), Array(mask) if masked else None, isa)
+                m.attend(
+                    Array(q), Array(k), Array(v), scale, Array(out), Array(lse), Array(mask) if masked else None, isa
+                )
                 err = np.abs(out - want).max() / np.abs(want).max()
                 lse_err = np.abs(lse - want_lse).max()
                 if not (err < tol and lse_err < tol * 10):
-                    fail(f"attend on {isa}, {np.dtype(dtype).name} [{b},{hq}/{hkv},{n},{d}]: "
-                         f"relative error {err:.2e}, lse error {lse_err:.2e}")
+                    fail(
+                        f"attend on {isa}, {np.dtype(dtype).name} [{b},{hq}/{hkv},{n},{d}]: "
+                        f"relative error {err:.2e}, lse error {lse_err:.2e}"
+                    )
                 checks += 1
     # Top-K: the k largest logits of each row, in ascending token order.
     for n, k in ((1000, 37), (64, 64), (5000, 1)):

@@ -21,6 +21,7 @@ def __getattr__(name):
         return getattr(hf, name)
     raise AttributeError(f"module 'hybridgen' has no attribute {name!r}")
 
+
 # Cargo.toml's version, compiled into the core; the wheel's metadata carries the same one.
 __version__ = _native.__version__
 

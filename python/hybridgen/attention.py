@@ -26,8 +26,17 @@ from .config import MERGES
 from .host_store import HostKVStore
 from .ops import attend, merge_partials
 
-__all__ = ["HostPartial", "cpu_stage", "device_combine", "device_partial", "grouped_logits", "hybrid_attention",
-           "pre_qkt_positions", "softmax_rows", "weighted_values"]
+__all__ = [
+    "HostPartial",
+    "cpu_stage",
+    "device_combine",
+    "device_partial",
+    "grouped_logits",
+    "hybrid_attention",
+    "pre_qkt_positions",
+    "softmax_rows",
+    "weighted_values",
+]
 
 
 @dataclass
@@ -72,7 +81,9 @@ class HostPartial:
 
     def nbytes(self) -> int:
         """Bytes that cross to the device."""
-        return sum(t.numel() * t.element_size() for t in (self.out, self.lse, self.logits, self.values) if t is not None)
+        return sum(
+            t.numel() * t.element_size() for t in (self.out, self.lse, self.logits, self.values) if t is not None
+        )
 
 
 # --- attention in torch: the one implementation every device-side fallback and policy uses ------
@@ -106,7 +117,11 @@ def pre_qkt_positions(n_host: int, k: int) -> torch.Tensor:
     head, recent = max(k // 8, 1), k // 2
     middle = k - head - recent
     lo, hi = head, n_host - recent
-    strided = torch.linspace(lo, hi - 1, middle).round().long() if middle > 0 and hi > lo else torch.empty(0, dtype=torch.long)
+    strided = (
+        torch.linspace(lo, hi - 1, middle).round().long()
+        if middle > 0 and hi > lo
+        else torch.empty(0, dtype=torch.long)
+    )
     picked = torch.cat([torch.arange(head), strided, torch.arange(hi, n_host)]).unique()
     if picked.numel() < k:  # rounding collisions: top up from the unused middle
         unused = torch.ones(n_host, dtype=torch.bool)
@@ -179,8 +194,13 @@ def _kernels(q: torch.Tensor, keys: torch.Tensor, kernels: Optional[bool]) -> bo
 
 
 def device_partial(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, mask: Optional[torch.Tensor] = None,
-    *, kernels: Optional[bool] = None,
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    kernels: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the device tokens only, with its log-sum-exp (float32).
 
@@ -227,7 +247,9 @@ def device_combine(
 
         return combine(q, dev_k, dev_v, host, scale=scale, sinks=sinks, dev_mask=dev_mask)
     if host.merge == "lse":
-        o_dev, lse_dev = dev_part if dev_part is not None else device_partial(q, dev_k, dev_v, scale, dev_mask, kernels=kernels)
+        o_dev, lse_dev = (
+            dev_part if dev_part is not None else device_partial(q, dev_k, dev_v, scale, dev_mask, kernels=kernels)
+        )
         out, _ = merge_partials(o_dev, lse_dev, host.out.to(device), host.lse.to(device))
         return out
 

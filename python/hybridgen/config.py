@@ -9,7 +9,19 @@ from typing import Optional
 from . import _native
 
 #: hybridgen's own policies, then the baselines (see :mod:`hybridgen.policies`).
-POLICIES = ("all", "post_qkt", "pre_qkt", "scheduler", "full", "aog", "aoc", "h2o", "keyformer", "streaming", "infinigen")
+POLICIES = (
+    "all",
+    "post_qkt",
+    "pre_qkt",
+    "scheduler",
+    "full",
+    "aog",
+    "aoc",
+    "h2o",
+    "keyformer",
+    "streaming",
+    "infinigen",
+)
 MERGES = _native.MERGES
 #: Where the device half runs on a CUDA device: the project's kernels, torch ops, or kernels if usable.
 KERNELS = ("auto", "cuda", "torch")

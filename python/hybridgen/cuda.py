@@ -21,8 +21,18 @@ import torch
 from . import _native
 from .timing import between, mark
 
-__all__ = ["CudaUnavailableError", "probe", "require", "attention_partial",
-           "combine", "ship", "to_host", "copy_to_device", "side_stream", "KERNEL_DTYPES"]
+__all__ = [
+    "CudaUnavailableError",
+    "probe",
+    "require",
+    "attention_partial",
+    "combine",
+    "ship",
+    "to_host",
+    "copy_to_device",
+    "side_stream",
+    "KERNEL_DTYPES",
+]
 
 CudaUnavailableError = _native.CudaUnavailableError
 #: dtypes the kernels take (keys, values, query).
@@ -90,8 +100,12 @@ def _device_info(index: int) -> dict:
 def usable(q: torch.Tensor, keys: torch.Tensor) -> bool:
     """Whether the kernels serve this query and device tier."""
     return (
-        q.is_cuda and keys.is_cuda and keys.dtype in KERNEL_DTYPES and q.shape[-1] <= MAX_HEAD_DIM
-        and keys.stride(-1) == 1 and (keys.shape[2] <= 1 or keys.stride(2) == keys.shape[3])
+        q.is_cuda
+        and keys.is_cuda
+        and keys.dtype in KERNEL_DTYPES
+        and q.shape[-1] <= MAX_HEAD_DIM
+        and keys.stride(-1) == 1
+        and (keys.shape[2] <= 1 or keys.stride(2) == keys.shape[3])
     )
 
 
@@ -130,8 +144,20 @@ def attention_partial(
     if host_logits is not None:
         host_logits = host_logits.float().contiguous()
         host_values = host_values.to(keys.dtype).contiguous()
-    _native.split_attention(q.to(keys.dtype).contiguous(), keys, values, mask_u8, sinks, host_logits, host_values,
-                            float(scale), part_o, part_lse, stream, cache)
+    _native.split_attention(
+        q.to(keys.dtype).contiguous(),
+        keys,
+        values,
+        mask_u8,
+        sinks,
+        host_logits,
+        host_values,
+        float(scale),
+        part_o,
+        part_lse,
+        stream,
+        cache,
+    )
     out = torch.empty((rows, d), dtype=torch.float32, device=dev)
     lse = torch.empty((rows,), dtype=torch.float32, device=dev)
     if host_out is not None:
@@ -152,8 +178,9 @@ def combine(q, dev_k, dev_v, host, *, scale: float, sinks: int, dev_mask=None) -
     split-attention launch and one merge launch."""
     if host.merge == "lse":
         return attention_partial(q, dev_k, dev_v, scale, dev_mask, host_out=host.out, host_lse=host.lse)[0]
-    return attention_partial(q, dev_k, dev_v, scale, dev_mask, sinks=sinks,
-                             host_logits=host.logits, host_values=host.values)[0]
+    return attention_partial(
+        q, dev_k, dev_v, scale, dev_mask, sinks=sinks, host_logits=host.logits, host_values=host.values
+    )[0]
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,8 +19,14 @@ class HybridPathError(RuntimeError):
     """A step that should have run hybrid attention did not."""
 
 
-def require_hybrid_run(cache, *, what: str, decode_steps: Optional[int] = None,
-                       context_tokens: Optional[int] = None, policy: Optional[str] = None) -> None:
+def require_hybrid_run(
+    cache,
+    *,
+    what: str,
+    decode_steps: Optional[int] = None,
+    context_tokens: Optional[int] = None,
+    policy: Optional[str] = None,
+) -> None:
     """Raises :class:`HybridPathError` unless ``cache`` (a :class:`~hybridgen.HybridCache`, or
     ``None`` when the run made none) ran its policy as expected.
 
@@ -45,7 +51,9 @@ def require_hybrid_run(cache, *, what: str, decode_steps: Optional[int] = None,
         )
     per_layer = cache.policy_calls()
     if any(n != ran for n in per_layer):
-        raise HybridPathError(f"{what}: decode steps per layer differ ({per_layer}); every layer must run the policy each step")
+        raise HybridPathError(
+            f"{what}: decode steps per layer differ ({per_layer}); every layer must run the policy each step"
+        )
     placement = cache.placement
     if context_tokens is not None and placement.recent is not None:
         on_device = placement.sinks + placement.recent + placement.evict_chunk

@@ -1,7 +1,7 @@
 """Selection and merging around the CPU partial results.
 
-``topk`` runs in the native core; ``merge_partials`` is the device-side LSE merge (torch, so it
-runs wherever its inputs live).
+``topk`` runs in the native core; ``merge_partials`` is the LSE merge: the core's for CPU tensors,
+the same formula in torch on another device (the CUDA kernels merge on their own).
 """
 
 from __future__ import annotations
@@ -48,8 +48,23 @@ def merge_partials(
     if out_a.shape != out_b.shape or out_a.dim() < 1:
         raise ValueError(f"out_a {tuple(out_a.shape)} and out_b {tuple(out_b.shape)} must have one shape [..., d]")
     if lse_a.shape != out_a.shape[:-1] or lse_b.shape != out_a.shape[:-1]:
-        raise ValueError(f"lse_a {tuple(lse_a.shape)} and lse_b {tuple(lse_b.shape)} must be the outputs' shape "
-                         f"without the last dimension, {tuple(out_a.shape[:-1])}")
+        raise ValueError(
+            f"lse_a {tuple(lse_a.shape)} and lse_b {tuple(lse_b.shape)} must be the outputs' shape "
+            f"without the last dimension, {tuple(out_a.shape[:-1])}"
+        )
+    if all(t.device.type == "cpu" for t in (out_a, lse_a, out_b, lse_b)):
+        # On the CPU: the core's merge (the one CPU implementation; same semantics).
+        d = out_a.shape[-1]
+        out = out_a.detach().to(torch.float32, copy=True).contiguous()
+        lse = lse_a.detach().to(torch.float32, copy=True).contiguous()
+        _native.merge_into(
+            out.view(-1, d),
+            lse.view(-1),
+            out_b.detach().float().contiguous().view(-1, d),
+            lse_b.detach().float().contiguous().view(-1),
+        )
+        return out, lse
+    # Elsewhere (a CUDA device where the kernels do not apply): the same formula in torch.
     lse_a, lse_b = lse_a.float(), lse_b.float()
     lse = torch.logaddexp(lse_a, lse_b)
     # Both empty: lse is -inf and both weights would be NaN; define them as 0.
@@ -62,7 +77,9 @@ def merge_partials(
     return o_a + o_b, lse
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+def attend(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, mask=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q [b, hq, d]`` over every token of CPU ``keys``/``values [b, hkv, n, d]``
     (rows contiguous, any head stride) in one native call, with its log-sum-exp.
 

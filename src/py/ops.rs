@@ -159,7 +159,34 @@ fn num_threads() -> usize {
     cpu::threads()
 }
 
+/// Merges the partial attention `(out_b [rows, d], lse_b [rows])` into `(out [rows, d],
+/// lse [rows])` in place (float32, contiguous): the CPU's one LSE merge (`cpu::merge_partials`).
+#[pyfunction]
+fn merge_into(
+    py: Python<'_>,
+    out: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    out_b: &Bound<'_, PyAny>,
+    lse_b: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let o = Tensor::import(out, "out", Elem::F32, &[None, None])?.writable("out")?;
+    let (rows, d) = (o.shape()[0], o.shape()[1]);
+    let l = Tensor::import(lse, "lse", Elem::F32, &[Some(rows)])?.writable("lse")?;
+    let ob = Tensor::import(out_b, "out_b", Elem::F32, &[Some(rows), Some(d)])?;
+    let lb = Tensor::import(lse_b, "lse_b", Elem::F32, &[Some(rows)])?;
+    distinct(&[("out", &o), ("lse", &l), ("out_b", &ob), ("lse_b", &lb)])?;
+    let (os, ls, obs, lbs) = (
+        o.slice_mut::<f32>(),
+        l.slice_mut::<f32>(),
+        ob.slice::<f32>(),
+        lb.slice::<f32>(),
+    );
+    run_core(py, || cpu::merge_partials(os, ls, obs, lbs, d))?;
+    Ok(())
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(merge_into, m)?)?;
     m.add_function(wrap_pyfunction!(topk, m)?)?;
     m.add_function(wrap_pyfunction!(stream_read, m)?)?;
     m.add_function(wrap_pyfunction!(attend, m)?)?;

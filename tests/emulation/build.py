@@ -31,7 +31,10 @@ def compiler() -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("HYBRIDGEN_EMULATION_CACHE") or Path(tempfile.gettempdir()) / f"hybridgen-emulation-{os.getuid()}"
+    root = (
+        os.environ.get("HYBRIDGEN_EMULATION_CACHE")
+        or Path(tempfile.gettempdir()) / f"hybridgen-emulation-{os.getuid()}"
+    )
     Path(root).mkdir(parents=True, exist_ok=True)
     return Path(root)
 
@@ -49,8 +52,21 @@ def build(source: str | Path = KERNEL_SOURCE, flags: list[str] = SANITIZE) -> Pa
         return out
     tmp = out.with_suffix(f".tmp{os.getpid()}")
     # -Wno-unknown-pragmas: the kernel's `#pragma unroll` means nothing to a C++ compiler.
-    cmd = [cxx, "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas", *flags,
-           f'-DHYBRIDGEN_KERNEL_SOURCE="{source}"', f"-I{HERE}", *map(str, RUNTIME), "-o", str(tmp)]
+    cmd = [
+        cxx,
+        "-std=c++17",
+        "-shared",
+        "-fPIC",
+        "-Wall",
+        "-Wno-unused-function",
+        "-Wno-unknown-pragmas",
+        *flags,
+        f'-DHYBRIDGEN_KERNEL_SOURCE="{source}"',
+        f"-I{HERE}",
+        *map(str, RUNTIME),
+        "-o",
+        str(tmp),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"emulation build failed:\n{' '.join(cmd)}\n{res.stderr}")

@@ -24,8 +24,11 @@ class Emulator:
         self.lib.emu_max_threads.argtypes = [ctypes.c_char_p]
         self.lib.emu_last_error.restype = ctypes.c_char_p
         self.lib.emu_launch.restype = ctypes.c_int
-        self.lib.emu_launch.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [
-            ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int, ctypes.c_uint]
+        self.lib.emu_launch.argtypes = (
+            [ctypes.c_char_p]
+            + [ctypes.c_uint] * 6
+            + [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int, ctypes.c_uint]
+        )
 
     def signature(self, name: str) -> str:
         sig = self.lib.emu_signature(name.encode())

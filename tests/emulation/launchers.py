@@ -10,7 +10,6 @@ runs the launch (which does not import hybridgen, or torch with it)."""
 from __future__ import annotations
 
 import numpy as np
-
 from emulator import EmulationError
 
 KERNEL = {"f16": "split_attention_f16", "bf16": "split_attention_bf16", "f32": "split_attention_f32"}
@@ -36,18 +35,65 @@ def _launch(emu, name, geometry, args, schedule, seed):
     emu.launch(name, geometry["grid"], geometry["block"], args, schedule=schedule, seed=seed)
 
 
-def split_attention(emu, dtype, *, geometry, q, dev_k, dev_v, dev_batch_stride, dev_head_stride, dev_mask, n_dev,
-                    sinks, host_logits, host_v, m, host_grouped, hq, hkv, d, scale, part_o, part_lse,
-                    schedule=0, seed=0):
+def split_attention(
+    emu,
+    dtype,
+    *,
+    geometry,
+    q,
+    dev_k,
+    dev_v,
+    dev_batch_stride,
+    dev_head_stride,
+    dev_mask,
+    n_dev,
+    sinks,
+    host_logits,
+    host_v,
+    m,
+    host_grouped,
+    hq,
+    hkv,
+    d,
+    scale,
+    part_o,
+    part_lse,
+    schedule=0,
+    seed=0,
+):
     assert part_o.shape[1] == geometry["splits"], "part_o was sized for another split count"
-    _launch(emu, KERNEL[dtype], geometry,
-            [q, dev_k, dev_v, int(dev_batch_stride), int(dev_head_stride), dev_mask, n_dev, sinks, host_logits,
-             host_v, m, int(host_grouped), hq, hkv, d, np.float32(scale).item(), geometry["tokens_per_split"],
-             part_o, part_lse],
-            schedule, seed)
+    _launch(
+        emu,
+        KERNEL[dtype],
+        geometry,
+        [
+            q,
+            dev_k,
+            dev_v,
+            int(dev_batch_stride),
+            int(dev_head_stride),
+            dev_mask,
+            n_dev,
+            sinks,
+            host_logits,
+            host_v,
+            m,
+            int(host_grouped),
+            hq,
+            hkv,
+            d,
+            np.float32(scale).item(),
+            geometry["tokens_per_split"],
+            part_o,
+            part_lse,
+        ],
+        schedule,
+        seed,
+    )
 
 
 def merge_partials(emu, *, geometry, part_o, part_lse, host_o, host_lse, out, out_lse, schedule=0, seed=0):
     rows, splits, d = part_o.shape
-    _launch(emu, "merge_partials", geometry, [part_o, part_lse, splits, host_o, host_lse, d, out, out_lse],
-            schedule, seed)
+    _launch(
+        emu, "merge_partials", geometry, [part_o, part_lse, splits, host_o, host_lse, d, out, out_lse], schedule, seed
+    )

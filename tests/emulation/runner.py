@@ -34,8 +34,13 @@ def run_jobs(jobs: list, source=build.KERNEL_SOURCE, timeout: float = 600, worke
             jobs_path, out_path = Path(tmp, f"jobs{w}.pkl"), Path(tmp, f"out{w}.pkl")
             with open(jobs_path, "wb") as f:
                 pickle.dump(jobs[w::workers], f)
-            proc = subprocess.Popen([sys.executable, str(HERE / "worker.py"), str(lib), str(jobs_path), str(out_path)],
-                                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(
+                [sys.executable, str(HERE / "worker.py"), str(lib), str(jobs_path), str(out_path)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             procs.append((proc, out_path))
         results = [None] * len(jobs)
         failure = None

@@ -23,7 +23,7 @@ def placed(a, offset: int = 0):
         return None
     raw = np.empty(a.nbytes + 64 + offset * a.itemsize, np.uint8)
     start = (-raw.ctypes.data) % 64 + offset * a.itemsize
-    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out = raw[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
     out[...] = a
     return out
 

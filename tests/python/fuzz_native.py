@@ -85,16 +85,23 @@ def run(name, fn, check=None):
 
 
 def store_of(layers, batch, kv_heads, head_dim, dtype="float32", **kw):
-    return _native.HostKVStore(layers, batch, kv_heads, head_dim, dtype, near_capacity_bytes=kw.pop("near", 1 << 20),
-                               far_capacity_bytes=kw.pop("far", 1 << 21), **kw)
+    return _native.HostKVStore(
+        layers,
+        batch,
+        kv_heads,
+        head_dim,
+        dtype,
+        near_capacity_bytes=kw.pop("near", 1 << 20),
+        far_capacity_bytes=kw.pop("far", 1 << 21),
+        **kw,
+    )
 
 
 # --- cases --------------------------------------------------------------------------------------
 @st.composite
 def constructor_case(draw):
     args = [draw(ints) for _ in range(4)]
-    kw = dict(sinks=draw(ints), max_host_tokens=draw(st.one_of(st.none(), ints)),
-              near=draw(ints), far=draw(ints))
+    kw = dict(sinks=draw(ints), max_host_tokens=draw(st.one_of(st.none(), ints)), near=draw(ints), far=draw(ints))
     return args, kw
 
 
@@ -102,8 +109,13 @@ def constructor_case(draw):
 def store_ops_case(draw):
     ops = []
     for _ in range(draw(st.integers(1, 12))):
-        ops.append((draw(st.sampled_from(["append", "evict", "spill", "reset", "token_map", "view", "read"])),
-                    draw(ints), draw(ints)))
+        ops.append(
+            (
+                draw(st.sampled_from(["append", "evict", "spill", "reset", "token_map", "view", "read"])),
+                draw(ints),
+                draw(ints),
+            )
+        )
     return ops
 
 
@@ -112,7 +124,11 @@ def valid_store(batch=1, kv_heads=2, head_dim=8, n=0, seed=0):
     if n:
         g = torch.Generator().manual_seed(seed)
         s.append(0, n)
-        s.evict(0, torch.randn(batch, kv_heads, n, head_dim, generator=g), torch.randn(batch, kv_heads, n, head_dim, generator=g))
+        s.evict(
+            0,
+            torch.randn(batch, kv_heads, n, head_dim, generator=g),
+            torch.randn(batch, kv_heads, n, head_dim, generator=g),
+        )
     return s
 
 
@@ -136,8 +152,9 @@ def logits_case(draw):
 
 def fuzz(seed: int, examples: int, deadline_s: float) -> None:
     start = time.monotonic()
-    cfg = settings(max_examples=examples, derandomize=True, database=None, deadline=None,
-                   suppress_health_check=list(HealthCheck))
+    cfg = settings(
+        max_examples=examples, derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck)
+    )
     torch.manual_seed(seed)
 
     def budget_left():
@@ -174,8 +191,9 @@ def fuzz(seed: int, examples: int, deadline_s: float) -> None:
                 run(f"read({a}, {b})", lambda: s.read(a, b, torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8)))
         # The invariant every sequence must keep: host + device == total, per layer.
         for layer in range(2):
-            run(f"invariant layer {layer}", lambda: s.host_len(layer) <= s.total_len(layer),
-                check=lambda ok: ok is True)
+            run(
+                f"invariant layer {layer}", lambda: s.host_len(layer) <= s.total_len(layer), check=lambda ok: ok is True
+            )
 
     @cfg
     @given(logits_case())
@@ -189,7 +207,12 @@ def fuzz(seed: int, examples: int, deadline_s: float) -> None:
         out = torch.empty(b, hq, width)
         if alias == "q" and isinstance(q, torch.Tensor) and q.numel() >= out.numel() and q.dtype == torch.float32:
             out = q.reshape(-1)[: out.numel()].view(out.shape)
-        elif alias == "idx" and isinstance(idx, torch.Tensor) and idx.dtype == torch.int64 and idx.numel() * 2 >= out.numel():
+        elif (
+            alias == "idx"
+            and isinstance(idx, torch.Tensor)
+            and idx.dtype == torch.int64
+            and idx.numel() * 2 >= out.numel()
+        ):
             out = idx.view(torch.float32).reshape(-1)[: out.numel()].view(out.shape)
 
         def check(_):
@@ -199,18 +222,30 @@ def fuzz(seed: int, examples: int, deadline_s: float) -> None:
             if keys is None:
                 return out.numel() == 0
             g = hq // hkv
-            want = torch.einsum("bhgd,bhnd->bhgn", q.double().view(b, hkv, g, d), keys.double()).reshape(b, hq, -1) * 0.5
+            want = (
+                torch.einsum("bhgd,bhnd->bhgn", q.double().view(b, hkv, g, d), keys.double()).reshape(b, hq, -1) * 0.5
+            )
             if idx is not None:
                 sel = torch.as_tensor(idx).long().repeat_interleave(g, 1)
                 want = want.gather(2, sel)
             return torch.allclose(out.double(), want, rtol=1e-4, atol=1e-4)
 
-        run(f"logits(b={b}, hkv={hkv}, d={d}, n={n}, q={tuple(getattr(q, 'shape', ()))}, idx={None if idx is None else tuple(idx.shape)}, alias={alias}, isa={isa})",
-            lambda: s.logits(0, q, 0.5, out, idx, isa), check)
+        run(
+            f"logits(b={b}, hkv={hkv}, d={d}, n={n}, q={tuple(getattr(q, 'shape', ()))}, idx={None if idx is None else tuple(idx.shape)}, alias={alias}, isa={isa})",
+            lambda: s.logits(0, q, 0.5, out, idx, isa),
+            check,
+        )
 
     @cfg
-    @given(st.integers(1, 2), st.integers(0, 3), st.integers(1, 4), st.integers(0, 40), st.sampled_from([1, 16, 33]),
-           st.sampled_from([None, "out=q", "lse=q", "readonly"]), st.booleans())
+    @given(
+        st.integers(1, 2),
+        st.integers(0, 3),
+        st.integers(1, 4),
+        st.integers(0, 40),
+        st.sampled_from([1, 16, 33]),
+        st.sampled_from([None, "out=q", "lse=q", "readonly"]),
+        st.booleans(),
+    )
     def attend(b, hkv, g, n, d, alias, masked):
         if not budget_left():
             return
@@ -239,11 +274,20 @@ def fuzz(seed: int, examples: int, deadline_s: float) -> None:
             got_o = torch.as_tensor(out).double()
             return torch.allclose(got_o, want, atol=1e-4) and torch.allclose(lse.double(), want_lse, atol=1e-4)
 
-        run(f"attend(b={b}, hkv={hkv}, g={g}, n={n}, d={d}, alias={alias}, masked={masked})",
-            lambda: _native.attend(q, k, v, 0.25, out, lse, None if mask is None else mask.to(torch.uint8)), check)
+        run(
+            f"attend(b={b}, hkv={hkv}, g={g}, n={n}, d={d}, alias={alias}, masked={masked})",
+            lambda: _native.attend(q, k, v, 0.25, out, lse, None if mask is None else mask.to(torch.uint8)),
+            check,
+        )
 
     @cfg
-    @given(st.integers(0, 2), st.integers(0, 3), st.integers(0, 12), ints, st.sampled_from([None, "values=logits", "idx=logits"]))
+    @given(
+        st.integers(0, 2),
+        st.integers(0, 3),
+        st.integers(0, 12),
+        ints,
+        st.sampled_from([None, "values=logits", "idx=logits"]),
+    )
     def topk(rows, heads, n, k, alias):
         if not budget_left():
             return
@@ -259,19 +303,31 @@ def fuzz(seed: int, examples: int, deadline_s: float) -> None:
             want = torch.topk(x, int(kk), dim=-1).values.sort(-1).values
             return torch.equal(val.sort(-1).values, want) and torch.equal(x.gather(-1, idx), val)
 
-        run(f"topk(rows={rows}, heads={heads}, n={n}, k={k!r}, alias={alias})", lambda: _native.topk(x, k, idx, val), check)
+        run(
+            f"topk(rows={rows}, heads={heads}, n={n}, k={k!r}, alias={alias})",
+            lambda: _native.topk(x, k, idx, val),
+            check,
+        )
 
     @cfg
-    @given(st.integers(1, 2), st.integers(1, 3), st.integers(0, 20), st.sampled_from(["lse", "concat", "bogus"]),
-           st.one_of(st.none(), ints), st.booleans())
+    @given(
+        st.integers(1, 2),
+        st.integers(1, 3),
+        st.integers(0, 20),
+        st.sampled_from(["lse", "concat", "bogus"]),
+        st.one_of(st.none(), ints),
+        st.booleans(),
+    )
     def cpu_stage(b, hkv, n, merge, top_k, masked):
         if not budget_left():
             return
         s = valid_store(b, hkv, 8, n)
         q = torch.randn(b, 2 * hkv, 8)
         mask = (torch.rand(b, n) < 0.5) if masked else None
-        run(f"cpu_stage(b={b}, hkv={hkv}, n={n}, merge={merge}, top_k={top_k!r}, masked={masked})",
-            lambda: s.cpu_stage(0, q, 0.3, merge, top_k=top_k, host_mask=mask))
+        run(
+            f"cpu_stage(b={b}, hkv={hkv}, n={n}, merge={merge}, top_k={top_k!r}, masked={masked})",
+            lambda: s.cpu_stage(0, q, 0.3, merge, top_k=top_k, host_mask=mask),
+        )
 
     for test in (constructors, store_ops, logits, attend, topk, cpu_stage):
         test()

@@ -24,7 +24,11 @@ def attention(x: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torc
 def make_store(hybridgen, b, hkv, d, n, dtype, gen, **kw):
     """A one-layer store holding ``n`` random host tokens; returns it with the stored K and V."""
     store = hybridgen.HostKVStore(
-        1, b, hkv, d, dtype,
+        1,
+        b,
+        hkv,
+        d,
+        dtype,
         near_capacity_bytes=kw.pop("near", 1 << 26),
         far_capacity_bytes=kw.pop("far", 1 << 27),
         **kw,

@@ -47,8 +47,15 @@ CONSTRUCTOR_CASES = {
 @pytest.mark.parametrize("case", CONSTRUCTOR_CASES, ids=str)
 def test_constructor_rejects(case):
     kw, exc = CONSTRUCTOR_CASES[case]
-    args = dict(layers=2, batch=1, kv_heads=2, head_dim=8, dtype=torch.float16,
-                near_capacity_bytes=1 << 16, far_capacity_bytes=1 << 16)
+    args = dict(
+        layers=2,
+        batch=1,
+        kv_heads=2,
+        head_dim=8,
+        dtype=torch.float16,
+        near_capacity_bytes=1 << 16,
+        far_capacity_bytes=1 << 16,
+    )
     args.update(kw)
     pos = [args.pop(k) for k in ("layers", "batch", "kv_heads", "head_dim", "dtype")]
     with pytest.raises(exc):
@@ -59,10 +66,26 @@ def test_constructor_rejects(case):
 CALL_CASES = {
     "evict wrong dtype": (lambda s: s.evict(0, kv(dtype=torch.float32), kv(dtype=torch.float32)), TypeError, "float16"),
     "evict wrong rank": (lambda s: s.evict(0, kv()[0], kv()[0]), ValueError, "dimensions"),
-    "evict wrong head count": (lambda s: s.evict(0, torch.zeros(B, 3, 1, D).half(), torch.zeros(B, 3, 1, D).half()), ValueError, "dimension 1"),
-    "evict wrong head_dim": (lambda s: s.evict(0, torch.zeros(B, KVH, 1, 4).half(), torch.zeros(B, KVH, 1, 4).half()), ValueError, "dimension 3"),
-    "evict wrong batch": (lambda s: s.evict(0, torch.zeros(1, KVH, 1, D).half(), torch.zeros(1, KVH, 1, D).half()), ValueError, "dimension 0"),
-    "evict non-contiguous": (lambda s: s.evict(0, torch.zeros(B, KVH, D, 2).half().transpose(2, 3)[:, :, :1], kv()), ValueError, "contiguous"),
+    "evict wrong head count": (
+        lambda s: s.evict(0, torch.zeros(B, 3, 1, D).half(), torch.zeros(B, 3, 1, D).half()),
+        ValueError,
+        "dimension 1",
+    ),
+    "evict wrong head_dim": (
+        lambda s: s.evict(0, torch.zeros(B, KVH, 1, 4).half(), torch.zeros(B, KVH, 1, 4).half()),
+        ValueError,
+        "dimension 3",
+    ),
+    "evict wrong batch": (
+        lambda s: s.evict(0, torch.zeros(1, KVH, 1, D).half(), torch.zeros(1, KVH, 1, D).half()),
+        ValueError,
+        "dimension 0",
+    ),
+    "evict non-contiguous": (
+        lambda s: s.evict(0, torch.zeros(B, KVH, D, 2).half().transpose(2, 3)[:, :, :1], kv()),
+        ValueError,
+        "contiguous",
+    ),
     "evict keys/values differ": (lambda s: s.evict(0, kv(1), kv(2)), ValueError, "same shape"),
     "evict more than on device": (lambda s: s.evict(0, kv(5), kv(5)), ValueError, "non-sink device tokens"),
     "evict a list": (lambda s: s.evict(0, [[1.0]], kv()), TypeError, "tensor"),
@@ -80,17 +103,49 @@ CALL_CASES = {
     "q integer dtype": (lambda s: s.logits(0, torch.zeros(B, 4, D, dtype=torch.int64), 1.0), TypeError, "floating"),
     "q wrong rank": (lambda s: s.logits(0, torch.zeros(4, D), 1.0), ValueError, "dimensions"),
     "q not a tensor": (lambda s: s.logits(0, "q", 1.0), TypeError, "Tensor"),
-    "indices out of range": (lambda s: s.logits(0, q(), 1.0, torch.tensor([[[0, 4]] * KVH] * B)), ValueError, "out of range"),
+    "indices out of range": (
+        lambda s: s.logits(0, q(), 1.0, torch.tensor([[[0, 4]] * KVH] * B)),
+        ValueError,
+        "out of range",
+    ),
     "negative index": (lambda s: s.logits(0, q(), 1.0, torch.tensor([[[-1]] * KVH] * B)), ValueError, "out of range"),
-    "indices wrong dtype": (lambda s: s.logits(0, q(), 1.0, torch.zeros(B, KVH, 1, dtype=torch.int32)), TypeError, "int64"),
-    "logits out wrong shape": (lambda s: s.logits(0, q(), 1.0, out=torch.zeros(B, 4, 3)), ValueError, "out holds 3 logits per head"),
-    "logits out wrong dtype": (lambda s: s.logits(0, q(), 1.0, out=torch.zeros(B, 4, 4, dtype=torch.float64)), TypeError, "float32"),
+    "indices wrong dtype": (
+        lambda s: s.logits(0, q(), 1.0, torch.zeros(B, KVH, 1, dtype=torch.int32)),
+        TypeError,
+        "int64",
+    ),
+    "logits out wrong shape": (
+        lambda s: s.logits(0, q(), 1.0, out=torch.zeros(B, 4, 3)),
+        ValueError,
+        "out holds 3 logits per head",
+    ),
+    "logits out wrong dtype": (
+        lambda s: s.logits(0, q(), 1.0, out=torch.zeros(B, 4, 4, dtype=torch.float64)),
+        TypeError,
+        "float32",
+    ),
     "unknown isa": (lambda s: s.logits(0, q(), 1.0, isa="neon"), ValueError, "isa"),
     "gather index past end": (lambda s: s.gather_values(0, torch.full((B, 4, 2), 7)), ValueError, "out of range"),
-    "gather out wrong dtype": (lambda s: s.gather_values(0, torch.zeros(B, 4, 2, dtype=torch.int64), out=torch.zeros(B, 4, 2, D)), TypeError, "float16"),
-    "partial logits not covering host": (lambda s: s.partial_attention(0, torch.zeros(B, 4, 3)), ValueError, "host tokens"),
-    "partial indices shape mismatch": (lambda s: s.partial_attention(0, torch.zeros(B, 4, 2), torch.zeros(B, 4, 3, dtype=torch.int64)), ValueError, "dimension 2"),
-    "partial logits float16": (lambda s: s.partial_attention(0, torch.zeros(B, 4, 4, dtype=torch.float16)), TypeError, "float32"),
+    "gather out wrong dtype": (
+        lambda s: s.gather_values(0, torch.zeros(B, 4, 2, dtype=torch.int64), out=torch.zeros(B, 4, 2, D)),
+        TypeError,
+        "float16",
+    ),
+    "partial logits not covering host": (
+        lambda s: s.partial_attention(0, torch.zeros(B, 4, 3)),
+        ValueError,
+        "host tokens",
+    ),
+    "partial indices shape mismatch": (
+        lambda s: s.partial_attention(0, torch.zeros(B, 4, 2), torch.zeros(B, 4, 3, dtype=torch.int64)),
+        ValueError,
+        "dimension 2",
+    ),
+    "partial logits float16": (
+        lambda s: s.partial_attention(0, torch.zeros(B, 4, 4, dtype=torch.float16)),
+        TypeError,
+        "float32",
+    ),
 }
 
 

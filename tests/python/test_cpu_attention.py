@@ -89,7 +89,9 @@ def test_topk_ties_and_nan_are_deterministic():
 def test_gather_values(b, hkv, g, d, n, dtype, rng):
     store, _, v32 = store_from_f32(b, hkv, d, n, dtype, rng)
     k = min(n, 6)
-    idx = torch.stack([torch.randperm(n, generator=rng)[:k].sort().values for _ in range(b * hkv * g)]).view(b, hkv * g, k)
+    idx = torch.stack([torch.randperm(n, generator=rng)[:k].sort().values for _ in range(b * hkv * g)]).view(
+        b, hkv * g, k
+    )
     got = store.gather_values(0, idx)
     stored = ref.expand_kv(v32.to(dtype), g)
     want = torch.gather(stored, 2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
@@ -149,3 +151,25 @@ def test_fully_masked_partial_is_neutral(rng):
     other = torch.randn((1, 2, 64), generator=rng)
     merged, merged_lse = hybridgen.merge_partials(other, torch.zeros(1, 2), out, lse)
     assert torch.allclose(merged, other) and torch.equal(merged_lse, torch.zeros(1, 2))
+
+
+def test_merge_of_cpu_tensors_runs_in_the_core_and_equals_float64(monkeypatch):
+    """merge_partials of CPU tensors is the core's merge (one CPU implementation), exact against
+    the formula in float64, with empty parts and broadcast leading dimensions."""
+    from hybridgen import _native, ops
+
+    calls = []
+    real = _native.merge_into
+    monkeypatch.setattr(_native, "merge_into", lambda *a: (calls.append(1), real(*a))[1])
+    g = torch.Generator().manual_seed(3)
+    o_a, o_b = torch.randn(2, 3, 5, 16, generator=g), torch.randn(2, 3, 5, 16, generator=g).half()
+    l_a, l_b = torch.randn(2, 3, 5, generator=g) * 4, torch.randn(2, 3, 5, generator=g) * 4
+    l_b[0, 0, :2] = float("-inf")
+    out, lse = ops.merge_partials(o_a, l_a, o_b, l_b)
+    assert calls, "the core's merge ran"
+    la, lb = l_a.double(), l_b.double()
+    want_lse = torch.logaddexp(la, lb)
+    want = torch.exp(la - want_lse)[..., None] * o_a.double() + torch.exp(lb - want_lse)[..., None] * o_b.double()
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    assert out.dtype == torch.float32 and out.shape == o_a.shape

@@ -113,7 +113,9 @@ def test_cuda_only_options_fail_clearly_without_cuda():
         with pytest.raises(cuda.CudaUnavailableError, match="needs CUDA"):
             hybridgen.patch(model, cfg)
         assert not is_patched(model)
-    store = HostKVStore(1, 1, 1, 8, torch.float16, near_capacity_bytes=1 << 20, far_capacity_bytes=1 << 20, max_host_tokens=16)
+    store = HostKVStore(
+        1, 1, 1, 8, torch.float16, near_capacity_bytes=1 << 20, far_capacity_bytes=1 << 20, max_host_tokens=16
+    )
     with pytest.raises(cuda.CudaUnavailableError):
         store.pin(0)
     assert not store.pinned
@@ -136,7 +138,9 @@ def test_torch_kernels_option_keeps_cpu_exact():
     ids, mask = prompts(1, 40, 0)
     model.set_attn_implementation("eager")
     want, _ = greedy(model, ids, mask, 12)
-    hybridgen.patch(model, HybridConfig(gpu_budget=8, sinks=2, evict_chunk=4, policy="all", kernels="torch", pin_host=False))
+    hybridgen.patch(
+        model, HybridConfig(gpu_budget=8, sinks=2, evict_chunk=4, policy="all", kernels="torch", pin_host=False)
+    )
     got, _ = greedy(model, ids, mask, 12)
     assert torch.equal(got, want)
 

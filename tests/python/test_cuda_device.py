@@ -57,7 +57,11 @@ def reference(q, dev_k, dev_v, scale, dev_mask=None, sinks=0, host_logits=None, 
     v = dev_v.double().unsqueeze(2).expand(b, hkv, g, n, d)
     if host_logits is not None:
         hv = host_v.double()
-        hv = hv.unsqueeze(2).expand(b, hkv, g, *hv.shape[2:]) if hv.shape[1] == hkv else hv.view(b, hkv, g, *hv.shape[2:])
+        hv = (
+            hv.unsqueeze(2).expand(b, hkv, g, *hv.shape[2:])
+            if hv.shape[1] == hkv
+            else hv.view(b, hkv, g, *hv.shape[2:])
+        )
         x = torch.cat([x[..., :sinks], host_logits.double().view(b, hkv, g, -1), x[..., sinks:]], -1)
         v = torch.cat([v[..., :sinks, :], hv, v[..., sinks:, :]], -2)
     lse = torch.logsumexp(x, -1)
@@ -152,8 +156,9 @@ def test_the_device_loads_its_own_cubin():
 # --- policies on CUDA vs the CPU path -------------------------------------------------------------
 def _store_with_host_tokens(n_host, b=2, hkv=2, d=64, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    store = HostKVStore(1, b, hkv, d, torch.float32, near_capacity_bytes=1 << 26, far_capacity_bytes=1 << 27,
-                        max_host_tokens=n_host)
+    store = HostKVStore(
+        1, b, hkv, d, torch.float32, near_capacity_bytes=1 << 26, far_capacity_bytes=1 << 27, max_host_tokens=n_host
+    )
     keys, values = (torch.randn(b, hkv, n_host, d, generator=gen) for _ in range(2))
     store.append(0, n_host + 8)  # + device tokens
     store.evict(0, keys, values)
@@ -278,8 +283,9 @@ def test_pinned_buffers_round_trip():
 def test_page_locking_grows_with_the_store():
     b, hkv, d, chunk = 1, 2, 64, 512
     room = 1 << 16  # tokens reserved per strip: 8 MiB per strip, far more than is locked
-    store = HostKVStore(2, b, hkv, d, torch.float16, near_capacity_bytes=1 << 30, far_capacity_bytes=1 << 30,
-                        max_host_tokens=room)
+    store = HostKVStore(
+        2, b, hkv, d, torch.float16, near_capacity_bytes=1 << 30, far_capacity_bytes=1 << 30, max_host_tokens=room
+    )
     store.pin(0)
     assert store.pinned and store.pinned_bytes == 0
     row = d * 2
@@ -290,7 +296,10 @@ def test_page_locking_grows_with_the_store():
         store.evict(0, keys, keys + 1)
         held += chunk
         need = held * row * b * hkv * 2  # keys and values
-        assert need <= store.layer_pinned_bytes(0) <= max(2 * need, 2 * b * hkv * (1 << 20)), (held, store.layer_pinned_bytes(0))
+        assert need <= store.layer_pinned_bytes(0) <= max(2 * need, 2 * b * hkv * (1 << 20)), (
+            held,
+            store.layer_pinned_bytes(0),
+        )
     assert store.layer_pinned_bytes(1) == 0 and store.pin_error is None
     assert store.pinned_bytes < 2 * b * hkv * room * row  # not the whole reservation
     got = cuda.copy_to_device(store.view(0, "values", 0, held), torch.device("cuda"))
@@ -351,11 +360,21 @@ def test_exact_mode_on_a_smollm2_shaped_model_in_bfloat16():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                         rope_theta=100000.0, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
-    ids = torch.randint(0, config.vocab_size, (2, 2048), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    ids = torch.randint(
+        0, config.vocab_size, (2, 2048), device="cuda", generator=torch.Generator("cuda").manual_seed(0)
+    )
     model.set_attn_implementation("eager")
     want = model.generate(ids, max_new_tokens=16, do_sample=False, output_logits=True, return_dict_in_generate=True)
     hybridgen.patch(model, HybridConfig(gpu_budget=128, sinks=4, policy="all", kernels="cuda"))
@@ -377,8 +396,19 @@ def _rss_mib() -> float:
 def test_ten_thousand_steps_do_not_leak():
     model = tiny("llama").cuda().half()
     model.config.max_position_embeddings = 12000
-    hybridgen.patch(model, HybridConfig(gpu_budget=64, sinks=4, evict_chunk=32, policy="scheduler", k_min=16,
-                                        k_max=256, max_context=12000, kernels="cuda"))
+    hybridgen.patch(
+        model,
+        HybridConfig(
+            gpu_budget=64,
+            sinks=4,
+            evict_chunk=32,
+            policy="scheduler",
+            k_min=16,
+            k_max=256,
+            max_context=12000,
+            kernels="cuda",
+        ),
+    )
     cache = hybridgen.HybridCache(model)
     ids = torch.randint(3, 96, (1, 32), device="cuda")
     with torch.no_grad():

@@ -28,6 +28,10 @@ def test_every_relative_link_of_the_docs_resolves():
 
 
 def test_docs_have_no_line_too_wide_to_read():
-    wide = [f"{doc}:{i}" for doc in DOCS
-            for i, line in enumerate((ROOT / doc).read_text().splitlines(), 1) if len(line) > 200]
+    wide = [
+        f"{doc}:{i}"
+        for doc in DOCS
+        for i, line in enumerate((ROOT / doc).read_text().splitlines(), 1)
+        if len(line) > 200
+    ]
     assert not wide, wide

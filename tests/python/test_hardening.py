@@ -21,8 +21,14 @@ HERE = Path(__file__).parent
 
 
 def child(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
-                          env=dict(os.environ, RUST_BACKTRACE="0"), timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        env=dict(os.environ, RUST_BACKTRACE="0"),
+        timeout=300,
+    )
 
 
 # The calls a fuzzing campaign found crashing (SIGSEGV/SIGABRT) or panicking, with the exception
@@ -30,17 +36,45 @@ def child(code: str) -> subprocess.CompletedProcess:
 KNOWN = {
     "HostKVStore(layers=2**31)": ("ValueError", "layers", "S(layers=2**31)"),
     "batch whose token size overflows": ("ValueError", "batch", "S(batch=2**61 + 1, far=2**62)"),
-    "append 2**40 then token_map": ("ValueError", "tokens a layer may hold", "s = S(); s.append(0, 2**40); s.token_map(0)"),
-    "appends that wrap the total": ("ValueError", "tokens a layer may hold", "s = S(); [s.append(0, 2**62) for _ in range(4)]"),
-    "attend with zero KV heads": ("ValueError", "KV heads", "_native.attend(z(1,2,8), z(1,0,4,8), z(1,0,4,8), 1.0, z(1,2,8), z(1,2))"),
-    "logits out aliasing indices": ("ValueError", "share memory", "s = filled(); buf = torch.zeros(64, dtype=torch.long); "
-                                    "s.logits(0, z(1,2,8), 1.0, buf.view(torch.float32)[:8].view(1,2,4), buf[:8].view(1,2,4))"),
-    "gather_values out aliasing indices": ("ValueError", "share memory", "s = filled(); buf = torch.zeros(64, dtype=torch.long); "
-                                           "s.gather_values(0, buf[:8].view(1,2,4), buf.view(torch.float32)[:64].view(1,2,4,8))"),
-    "read-only np.memmap output": ("ValueError", "read-only", "a = np.zeros((1,2,8), np.float32); a.setflags(write=False); "
-                                   "_native.attend(z(1,2,8), z(1,1,4,8), z(1,1,4,8), 1.0, a, z(1,2))"),
-    "bytes-backed output": ("ValueError", "read-only", "a = np.frombuffer(bytes(64), np.float32).reshape(1,2,8); "
-                            "_native.attend(z(1,2,8), z(1,1,4,8), z(1,1,4,8), 1.0, a, z(1,2))"),
+    "append 2**40 then token_map": (
+        "ValueError",
+        "tokens a layer may hold",
+        "s = S(); s.append(0, 2**40); s.token_map(0)",
+    ),
+    "appends that wrap the total": (
+        "ValueError",
+        "tokens a layer may hold",
+        "s = S(); [s.append(0, 2**62) for _ in range(4)]",
+    ),
+    "attend with zero KV heads": (
+        "ValueError",
+        "KV heads",
+        "_native.attend(z(1,2,8), z(1,0,4,8), z(1,0,4,8), 1.0, z(1,2,8), z(1,2))",
+    ),
+    "logits out aliasing indices": (
+        "ValueError",
+        "share memory",
+        "s = filled(); buf = torch.zeros(64, dtype=torch.long); "
+        "s.logits(0, z(1,2,8), 1.0, buf.view(torch.float32)[:8].view(1,2,4), buf[:8].view(1,2,4))",
+    ),
+    "gather_values out aliasing indices": (
+        "ValueError",
+        "share memory",
+        "s = filled(); buf = torch.zeros(64, dtype=torch.long); "
+        "s.gather_values(0, buf[:8].view(1,2,4), buf.view(torch.float32)[:64].view(1,2,4,8))",
+    ),
+    "read-only np.memmap output": (
+        "ValueError",
+        "read-only",
+        "a = np.zeros((1,2,8), np.float32); a.setflags(write=False); "
+        "_native.attend(z(1,2,8), z(1,1,4,8), z(1,1,4,8), 1.0, a, z(1,2))",
+    ),
+    "bytes-backed output": (
+        "ValueError",
+        "read-only",
+        "a = np.frombuffer(bytes(64), np.float32).reshape(1,2,8); "
+        "_native.attend(z(1,2,8), z(1,1,4,8), z(1,1,4,8), 1.0, a, z(1,2))",
+    ),
     "huge int names its argument": ("OverflowError", "layer", "S().host_len(2**70)"),
     "bool as a layer": ("TypeError", "layer", "S().host_len(True)"),
     "bool as a node": ("TypeError", "near_node", "S(near_node=True)"),
@@ -59,14 +93,17 @@ def filled():
 @pytest.mark.parametrize("case", list(KNOWN))
 def test_known_crash_and_panic_paths_raise_clear_errors(case):
     kind, words, code = KNOWN[case]
-    run = child(PRELUDE + f"""
+    run = child(
+        PRELUDE
+        + f"""
 try:
     {code}
 except BaseException as e:
     print(type(e).__name__, "|", e)
 else:
     print("no error")
-""")
+"""
+    )
     assert run.returncode == 0, f"{case}: the process died ({run.returncode}): {run.stderr[-400:]}"
     got = run.stdout.strip()
     assert got.startswith(kind + " |") and words in got, f"{case}: {got}"
@@ -80,9 +117,24 @@ def test_a_panic_in_the_core_is_a_runtime_error_not_a_panic_exception():
 @pytest.mark.slow
 def test_the_fuzzer_finds_no_crash_wrong_exception_or_garbage(tmp_path):
     out = tmp_path / "counts.json"
-    run = subprocess.run([sys.executable, str(HERE / "fuzz_native.py"), "--seed", "0", "--examples", "60",
-                          "--deadline", "90", "--out", str(out)], capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, RUST_BACKTRACE="0"))
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "fuzz_native.py"),
+            "--seed",
+            "0",
+            "--examples",
+            "60",
+            "--deadline",
+            "90",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, RUST_BACKTRACE="0"),
+    )
     last_case = [line for line in run.stdout.splitlines() if line.startswith("case ")][-1:]
     assert run.returncode == 0, f"crash (exit {run.returncode}) at {last_case}: {run.stderr[-600:]}"
     counts = json.loads(out.read_text())
@@ -112,9 +164,19 @@ def test_bools_are_refused_where_integers_are_expected_and_numpy_integers_accept
 
 
 def test_every_config_field_is_type_checked_by_name():
-    for field, value in [("pipeline", "no"), ("speculative", 1), ("gpu_budget", True), ("k", 2.0), ("policy", 3),
-                         ("merge", None), ("kernels", b"cuda"), ("pin_host", "yes"), ("near_node", False),
-                         ("max_context", "4096"), ("sinks", 1.5)]:
+    for field, value in [
+        ("pipeline", "no"),
+        ("speculative", 1),
+        ("gpu_budget", True),
+        ("k", 2.0),
+        ("policy", 3),
+        ("merge", None),
+        ("kernels", b"cuda"),
+        ("pin_host", "yes"),
+        ("near_node", False),
+        ("max_context", "4096"),
+        ("sinks", 1.5),
+    ]:
         with pytest.raises(TypeError, match=field):
             HybridConfig(**{field: value})
     cfg = HybridConfig(k=np.int64(8), k_min=np.int32(4), gpu_budget=np.uint16(64), near_node=np.int64(0))
@@ -122,12 +184,23 @@ def test_every_config_field_is_type_checked_by_name():
 
 
 def test_documented_store_limits_name_the_argument():
-    for kw, word in [(dict(layers=5000), "layers"), (dict(batch=1 << 17), "batch"), (dict(kv_heads=1 << 13), "kv_heads")]:
+    for kw, word in [
+        (dict(layers=5000), "layers"),
+        (dict(batch=1 << 17), "batch"),
+        (dict(kv_heads=1 << 13), "kv_heads"),
+    ]:
         args = dict(layers=2, batch=1, kv_heads=2)
         args.update(kw)
         with pytest.raises(ValueError, match=word):
-            HostKVStore(args["layers"], args["batch"], args["kv_heads"], 8, torch.float16,
-                        near_capacity_bytes=1 << 20, far_capacity_bytes=1 << 40)
+            HostKVStore(
+                args["layers"],
+                args["batch"],
+                args["kv_heads"],
+                8,
+                torch.float16,
+                near_capacity_bytes=1 << 20,
+                far_capacity_bytes=1 << 40,
+            )
 
 
 # --- outputs ----------------------------------------------------------------------------------------
@@ -148,7 +221,9 @@ def test_outputs_may_not_overlap_any_input():
         s._native.partial_attention(0, buf[:20].view(1, 2, 10), buf[16:32].view(1, 2, 8), torch.empty(1, 2))
     idx = torch.zeros(1, 2, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="lse must not share memory with indices"):
-        s._native.partial_attention(0, torch.zeros(1, 2, 4), torch.empty(1, 2, 8), idx.view(torch.float32).view(-1)[:2].view(1, 2), idx)
+        s._native.partial_attention(
+            0, torch.zeros(1, 2, 4), torch.empty(1, 2, 8), idx.view(torch.float32).view(-1)[:2].view(1, 2), idx
+        )
     with pytest.raises(ValueError, match="share memory"):
         _native.topk(buf[:8].view(1, 1, 8), 2, torch.zeros(1, 1, 2, dtype=torch.long), buf[2:4].view(1, 1, 2))
     q = torch.randn(1, 2, 8)
@@ -183,7 +258,9 @@ def test_merge_partials_follows_torch_on_empty_nan_and_inf_parts():
     d = 4
     ones = torch.ones(1, d)
     # An empty part (lse -inf) contributes nothing, even if its output holds NaN.
-    out, lse = merge_partials(torch.full((1, d), float("nan")), torch.tensor([float("-inf")]), ones, torch.tensor([0.0]))
+    out, lse = merge_partials(
+        torch.full((1, d), float("nan")), torch.tensor([float("-inf")]), ones, torch.tensor([0.0])
+    )
     assert torch.equal(out, ones) and lse.item() == 0.0
     # NaN in an attended part propagates; a +inf logit part dominates the LSE, as in torch.
     out, _ = merge_partials(torch.full((1, d), float("nan")), torch.tensor([0.0]), ones, torch.tensor([0.0]))
@@ -226,8 +303,20 @@ def test_telemetry_memory_is_bounded_and_summaries_cover_every_step():
     t = Telemetry(max_records=20)
     for step in range(1000):
         for layer in range(2):
-            t.add(StepRecord(step, layer, k=step % 7, strategy="post_qkt", host_tokens=step, device_tokens=8,
-                             t_cpu=0.001, t_gpu=0.002, t_tx=0.0, tx_bytes=10))
+            t.add(
+                StepRecord(
+                    step,
+                    layer,
+                    k=step % 7,
+                    strategy="post_qkt",
+                    host_tokens=step,
+                    device_tokens=8,
+                    t_cpu=0.001,
+                    t_gpu=0.002,
+                    t_tx=0.0,
+                    tx_bytes=10,
+                )
+            )
     assert len(t.records) == 20 and t.records[-1].step == 999 and len(t.records[:3]) == 3
     s = t.summary()
     assert s["steps"] == 1000 and abs(s["t_cpu_per_step_ms"] - 2.0) < 1e-9 and s["tx_bytes_per_step"] == 20

@@ -44,7 +44,11 @@ class StoreMachine(RuleBasedStateMachine):
         self.tb = B * KVH * D * 4
         self.layers, self.sinks = layers, sinks
         self.store = hybridgen.HostKVStore(
-            layers, B, KVH, D, torch.float32,
+            layers,
+            B,
+            KVH,
+            D,
+            torch.float32,
             near_capacity_bytes=near_tokens * self.tb,
             far_capacity_bytes=far_tokens * self.tb,
             sinks=sinks,

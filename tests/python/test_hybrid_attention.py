@@ -12,8 +12,9 @@ from hybridgen.attention import hybrid_attention
 def setup(b, hkv, g, d, n, sinks, budget, dtype, gen):
     keys = torch.randn((b, hkv, n, d), generator=gen).to(dtype)
     values = torch.randn((b, hkv, n, d), generator=gen).to(dtype)
-    store = hybridgen.HostKVStore(1, b, hkv, d, dtype, sinks=sinks,
-                                  near_capacity_bytes=1 << 24, far_capacity_bytes=1 << 25)
+    store = hybridgen.HostKVStore(
+        1, b, hkv, d, dtype, sinks=sinks, near_capacity_bytes=1 << 24, far_capacity_bytes=1 << 25
+    )
     store.append(0, n)
     store.evict(0, keys[:, :, sinks : n - budget].contiguous(), values[:, :, sinks : n - budget].contiguous())
     dev = torch.cat([torch.arange(sinks), torch.arange(n - budget, n)])
@@ -23,7 +24,9 @@ def setup(b, hkv, g, d, n, sinks, budget, dtype, gen):
 
 @pytest.mark.parametrize("merge", ["lse", "concat"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("b,hkv,g,d,n,sinks,budget", [(1, 2, 4, 64, 300, 4, 32), (3, 1, 7, 80, 99, 0, 10), (2, 2, 1, 128, 65, 2, 1)])
+@pytest.mark.parametrize(
+    "b,hkv,g,d,n,sinks,budget", [(1, 2, 4, 64, 300, 4, 32), (3, 1, 7, 80, 99, 0, 10), (2, 2, 1, 128, 65, 2, 1)]
+)
 def test_exact_mode_equals_full_attention(merge, dtype, b, hkv, g, d, n, sinks, budget, rng):
     store, keys, values, dk, dv, q = setup(b, hkv, g, d, n, sinks, budget, dtype, rng)
     scale = d**-0.5
@@ -41,8 +44,18 @@ def test_left_padding_masks(merge, rng):
     scale = d**-0.5
     x = ref.logits(q, keys, scale).masked_fill(mask.view(b, 1, n), float("-inf"))
     want, _ = ref.attention(x, ref.expand_kv(values, g))
-    got = hybrid_attention(q, dk, dv, store, 0, scale=scale, sinks=sinks, merge=merge,
-                           host_mask=mask[:, sinks : n - budget], dev_mask=mask[:, n - budget :])
+    got = hybrid_attention(
+        q,
+        dk,
+        dv,
+        store,
+        0,
+        scale=scale,
+        sinks=sinks,
+        merge=merge,
+        host_mask=mask[:, sinks : n - budget],
+        dev_mask=mask[:, n - budget :],
+    )
     assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
 
 
@@ -75,7 +88,9 @@ def test_empty_host_tier_is_plain_attention(rng):
 def test_unknown_merge_mode(rng):
     store = hybridgen.HostKVStore(1, 1, 1, 8, torch.float32, near_capacity_bytes=1 << 12, far_capacity_bytes=1 << 12)
     with pytest.raises(ValueError, match="merge"):
-        hybrid_attention(torch.zeros(1, 1, 8), torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 1, 8), store, 0, scale=1.0, merge="sum")
+        hybrid_attention(
+            torch.zeros(1, 1, 8), torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 1, 8), store, 0, scale=1.0, merge="sum"
+        )
 
 
 @pytest.mark.gpu

@@ -79,8 +79,13 @@ def _stream_text(cell) -> str:
 
 
 def _images(nb) -> list:
-    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-            if o.get("output_type") in ("display_data", "execute_result") and "image/png" in o.get("data", {})]
+    return [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.get("output_type") in ("display_data", "execute_result") and "image/png" in o.get("data", {})
+    ]
 
 
 def _kernel_manager(tmp_path: Path) -> KernelManager:
@@ -88,11 +93,15 @@ def _kernel_manager(tmp_path: Path) -> KernelManager:
     user-wide ``python3`` spec nor PATH can pick another interpreter."""
     spec_dir = tmp_path / "kernels" / "hybridgen-test"
     spec_dir.mkdir(parents=True)
-    (spec_dir / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "hybridgen test kernel",
-        "language": "python",
-    }))
+    (spec_dir / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "hybridgen test kernel",
+                "language": "python",
+            }
+        )
+    )
     specs = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")], ensure_native_kernel=False)
     return KernelManager(kernel_name="hybridgen-test", kernel_spec_manager=specs)
 
@@ -122,8 +131,9 @@ def test_notebook_runs_small(tmp_path):
     work.mkdir()
     nbformat.write(nb, work / NOTEBOOK.name)  # a copy to run from: notebooks/ stays untouched
 
-    client = nbclient.NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=300,
-                                     resources={"metadata": {"path": str(work)}})
+    client = nbclient.NotebookClient(
+        nb, km=_kernel_manager(tmp_path), timeout=300, resources={"metadata": {"path": str(work)}}
+    )
     # One intra-op thread unless asked otherwise: on a shared 2-core machine, oversubscribed OpenMP
     # threads make single-token decode steps several times slower than one thread does.
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -134,7 +144,7 @@ def test_notebook_runs_small(tmp_path):
     assert any("full answer:" in t for t in texts)
     assert len(_images(nb)) >= 3, "the K, timing and budget plots each render an image"
     line = next(l for t in texts for l in t.splitlines() if l.startswith("REPORT "))
-    report = json.loads(line[len("REPORT "):])
+    report = json.loads(line[len("REPORT ") :])
 
     # The prompt was spilled to the host tier and the scheduler ran every decode step in every layer.
     assert report["prompt_tokens"] > SMALL["SINKS"] + SMALL["GPU_BUDGET"]
@@ -149,7 +159,8 @@ def test_notebook_runs_small(tmp_path):
     # One row per policy and budget; post_qkt spends what the device window leaves on host tokens.
     rows = report["rows"]
     assert sorted((r["policy"], r["budget"]) for r in rows) == sorted(
-        (p, b) for p in ("post_qkt", "streaming") for b in SMALL["BUDGETS"])
+        (p, b) for p in ("post_qkt", "streaming") for b in SMALL["BUDGETS"]
+    )
     for r in rows:
         assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1
         assert r["delta_pct"] == pytest.approx(100 * (r["perplexity"] / report["full_perplexity"] - 1))

@@ -71,7 +71,9 @@ def test_selection_stays_close_and_a_window_does_not(smollm2, essay_tokens):
     selective, cache = agreement(model, ids, prompt, HybridConfig(gpu_budget=256, sinks=4, policy="post_qkt", k=256))
     assert all(r.k == 256 and r.strategy == "post_qkt" for r in cache.telemetry.records)
     window, _ = agreement(model, ids, prompt, HybridConfig(gpu_budget=256 + 256, sinks=4, policy="streaming"))
-    print(f"\nnext-token agreement with full attention over 128 tokens of real text after 3000: "
-          f"post_qkt k=256 (+256 on the device): {selective:.1%}; streaming window of 516 tokens: {window:.1%}")
+    print(
+        f"\nnext-token agreement with full attention over 128 tokens of real text after 3000: "
+        f"post_qkt k=256 (+256 on the device): {selective:.1%}; streaming window of 516 tokens: {window:.1%}"
+    )
     assert selective >= 0.95
     assert window < selective

@@ -8,7 +8,9 @@ VOCAB = 96
 
 def tiny(model_type: str):
     torch.manual_seed(0)
-    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512)
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512
+    )
     if model_type == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, intermediate_size=128, num_key_value_heads=2))
     elif model_type == "qwen2":
@@ -30,8 +32,14 @@ def prompts(batch: int, length: int, pad: int):
 
 def greedy(model, ids, mask, steps):
     out = model.generate(
-        ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-        output_logits=True, return_dict_in_generate=True, pad_token_id=1,
+        ids,
+        attention_mask=mask,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=1,
     )
     return out.sequences, torch.stack(out.logits, 1)
 

@@ -44,7 +44,9 @@ def provenance() -> str:
     if p["available"]:
         lines.append(f"cuda: available, {p['devices']} device(s)")
     else:
-        lines.append(f"cuda: unavailable (driver {'found' if p['driver'] else 'not found'}, {p['devices']} device(s)): {p['reason']}")
+        lines.append(
+            f"cuda: unavailable (driver {'found' if p['driver'] else 'not found'}, {p['devices']} device(s)): {p['reason']}"
+        )
     try:
         n = _native.nvrtc_info()
         lines.append(f"nvrtc: {n['version']} at {n['path']}")
@@ -55,7 +57,9 @@ def provenance() -> str:
 
 class _Version(argparse.Action):
     def __init__(self, option_strings, dest, **kwargs):
-        super().__init__(option_strings, dest, nargs=0, help="print the version, the CPU kernels chosen and the CUDA status")
+        super().__init__(
+            option_strings, dest, nargs=0, help="print the version, the CPU kernels chosen and the CUDA status"
+        )
 
     def __call__(self, parser, namespace, values, option_string=None):
         print(provenance())

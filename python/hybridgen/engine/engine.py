@@ -103,8 +103,16 @@ class Engine:
     def planned(self) -> bool:
         return self.store is not None
 
-    def plan(self, *, batch: int, dtype: torch.dtype, device, max_tokens: Optional[int] = None,
-             layers: Optional[int] = None, labels: Optional[Sequence[int]] = None) -> None:
+    def plan(
+        self,
+        *,
+        batch: int,
+        dtype: torch.dtype,
+        device,
+        max_tokens: Optional[int] = None,
+        layers: Optional[int] = None,
+        labels: Optional[Sequence[int]] = None,
+    ) -> None:
         """Sets up what every step reuses: the host store (``layers`` layers, default the model's,
         of ``batch`` sequences of up to ``max_tokens`` tokens, default ``config.max_context`` or
         the model's maximum), one device tier per layer, and the CPU stage's output buffers.
@@ -121,9 +129,16 @@ class Engine:
             return
         c, info = self.config, self.info
         self.store = make_store(
-            c, layers=layers, batch=batch, kv_heads=info.kv_heads, head_dim=info.head_dim, dtype=dtype,
-            max_tokens=max_tokens or c.max_context or info.max_positions, sinks=self.placement.sinks,
-            device=device, to_host=self.placement.recent is not None,
+            c,
+            layers=layers,
+            batch=batch,
+            kv_heads=info.kv_heads,
+            head_dim=info.head_dim,
+            dtype=dtype,
+            max_tokens=max_tokens or c.max_context or info.max_positions,
+            sinks=self.placement.sinks,
+            device=device,
+            to_host=self.placement.recent is not None,
         )
         self.device = device
         self.labels = list(range(layers)) if labels is None else list(labels)
@@ -132,8 +147,10 @@ class Engine:
             # The LSE merge's host partial, written in place every step (on CUDA the host result is
             # copied to the device asynchronously: reusing its memory would need a fence).
             for tier in self.tiers:
-                tier.buffers = {"out": torch.empty((batch, info.q_heads, info.head_dim), dtype=torch.float32),
-                                "lse_out": torch.empty((batch, info.q_heads), dtype=torch.float32)}
+                tier.buffers = {
+                    "out": torch.empty((batch, info.q_heads, info.head_dim), dtype=torch.float32),
+                    "lse_out": torch.empty((batch, info.q_heads), dtype=torch.float32),
+                }
 
     def tier(self, layer: int) -> DeviceTier:
         if not self.tiers:
@@ -153,8 +170,15 @@ class Engine:
         ``force``d, else in chunks of ``evict_chunk``). :meth:`step` does it after each decode."""
         self.tier(layer).evict_overflow(force)
 
-    def prefill(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                keep: Optional[torch.Tensor], scale: float) -> None:
+    def prefill(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        keep: Optional[torch.Tensor],
+        scale: float,
+    ) -> None:
         """Shows the policy a multi-token step: ``query [b, hq, n, d]`` and every token's
         ``keys``/``values [b, hkv, total, d]`` in logical order (the step's own last), ``keep``
         bool ``[b, total]`` (True = a real token; causal order is implied)."""
@@ -162,8 +186,9 @@ class Engine:
             self.on_prefill(layer, query, keys, values, keep, scale)
         self.policy.prefill(self.tier(layer), query, keys, values, keep, scale)
 
-    def place_prompt(self, layer: int, keys: torch.Tensor, values: torch.Tensor, query=None, keep=None,
-                     scale: Optional[float] = None) -> None:
+    def place_prompt(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor, query=None, keep=None, scale: Optional[float] = None
+    ) -> None:
         """Places a prompt recorded elsewhere (``keys``/``values [b, hkv, n, d]``) as the engine's
         own prefill would, and shows the policy ``query`` if given (one prefill replayed into many
         engines: the speed harness, the accuracy evaluations)."""
@@ -184,8 +209,9 @@ class Engine:
         tier.settle()
         self.policy.speculate(tier, q_estimate, keep, scale)
 
-    def step(self, layer: int, q: torch.Tensor, keep: Optional[torch.Tensor] = None, scale: float = 1.0,
-             span=None) -> torch.Tensor:
+    def step(
+        self, layer: int, q: torch.Tensor, keep: Optional[torch.Tensor] = None, scale: float = 1.0, span=None
+    ) -> torch.Tensor:
         """One decode query ``q [b, hq, d]`` of ``layer`` over its tokens (the step's own token
         placed first): the attention output ``[b, hq, d]`` (float32). ``keep`` bool ``[b, total]``;
         ``span``: the whole layer's time, if the front end measures it. Afterwards the oldest
@@ -237,8 +263,7 @@ class Engine:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"Engine(policy={c.policy!r}, gpu_budget={c.gpu_budget}, sinks={c.sinks}, merge={c.merge!r}, "
-                f"layers={len(self.tiers) or self.info.layers}, planned={self.planned}, steps={self.steps})")
-
-
-
+        return (
+            f"Engine(policy={c.policy!r}, gpu_budget={c.gpu_budget}, sinks={c.sinks}, merge={c.merge!r}, "
+            f"layers={len(self.tiers) or self.info.layers}, planned={self.planned}, steps={self.steps})"
+        )

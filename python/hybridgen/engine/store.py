@@ -12,8 +12,19 @@ from ..host_store import HostKVStore
 __all__ = ["make_store"]
 
 
-def make_store(config: HybridConfig, *, layers: int, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-               max_tokens: int, sinks: int, device: torch.device, to_host: bool) -> HostKVStore:
+def make_store(
+    config: HybridConfig,
+    *,
+    layers: int,
+    batch: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    max_tokens: int,
+    sinks: int,
+    device: torch.device,
+    to_host: bool,
+) -> HostKVStore:
     """A :class:`HostKVStore` for ``layers`` layers of ``max_tokens`` tokens per sequence.
 
     Tier capacities default to room for every token in each tier. The store is pinned
@@ -24,10 +35,17 @@ def make_store(config: HybridConfig, *, layers: int, batch: int, kv_heads: int, 
     token_bytes = batch * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
     room = layers * max_tokens * token_bytes
     store = HostKVStore(
-        layers, batch, kv_heads, head_dim, dtype, sinks=sinks,
+        layers,
+        batch,
+        kv_heads,
+        head_dim,
+        dtype,
+        sinks=sinks,
         near_capacity_bytes=config.near_capacity_bytes or room,
         far_capacity_bytes=config.far_capacity_bytes or 2 * room,
-        near_node=config.near_node, far_node=config.far_node, max_host_tokens=max_tokens,
+        near_node=config.near_node,
+        far_node=config.far_node,
+        max_host_tokens=max_tokens,
     )
     if config.pin_host or (config.pin_host is None and device.type == "cuda" and to_host):
         from ..cuda import kernel_cache_dir, require

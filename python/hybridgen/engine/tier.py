@@ -91,8 +91,10 @@ class DeviceTier:
         if keep is None:
             return None, None
         if keep.shape[-1] != self.total:
-            raise RuntimeError(f"layer {self.layer_idx}: the attention mask covers {keep.shape[-1]} tokens, "
-                               f"the cache holds {self.total}")
+            raise RuntimeError(
+                f"layer {self.layer_idx}: the attention mask covers {keep.shape[-1]} tokens, "
+                f"the cache holds {self.total}"
+            )
         s, n_host = self.sinks_on_device, self.host_tokens
         dev_keep = torch.cat([keep[:, :s], keep[:, s + n_host :]], dim=1)  # no index tensor: no host sync
         return ~dev_keep, ~keep[:, s : s + n_host]
@@ -225,5 +227,7 @@ class DeviceTier:
 
     def __repr__(self) -> str:
         p = self.placement
-        return (f"DeviceTier(layer={self.layer_idx}, total={self.total}, device={self.device_tokens()}, "
-                f"host={self.host_tokens}, in_flight={self.in_flight}, sinks={p.sinks}, recent={p.recent})")
+        return (
+            f"DeviceTier(layer={self.layer_idx}, total={self.total}, device={self.device_tokens()}, "
+            f"host={self.host_tokens}, in_flight={self.in_flight}, sinks={p.sinks}, recent={p.recent})"
+        )

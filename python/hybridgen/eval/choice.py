@@ -162,7 +162,9 @@ def split_continuation(tokenizer, context: str, continuation: str) -> tuple[list
     if n == len(whole):
         raise ValueError(f"continuation {continuation!r} adds no tokens after the context")
     if n == 0:
-        raise ValueError(f"context {context[:40]!r} shares no first token with context + continuation: nothing to prefill")
+        raise ValueError(
+            f"context {context[:40]!r} shares no first token with context + continuation: nothing to prefill"
+        )
     return whole[:n], whole[n:]
 
 
@@ -251,13 +253,15 @@ def _continuation_loglik(model, ids: list[int], n_context: int, make_cache) -> f
     from ..hf import HybridCache
 
     if isinstance(cache, HybridCache) and len(ids) - n_context > 0:
-        require_hybrid_run(cache, what=f"multiple choice with policy {cache.config.policy}",
-                           decode_steps=len(ids) - n_context)
+        require_hybrid_run(
+            cache, what=f"multiple choice with policy {cache.config.policy}", decode_steps=len(ids) - n_context
+        )
     return total
 
 
-def score_items(model, tokenizer, items: Sequence[ChoiceItem], config: Optional[HybridConfig] = None,
-                progress: bool = False) -> ChoiceResult:
+def score_items(
+    model, tokenizer, items: Sequence[ChoiceItem], config: Optional[HybridConfig] = None, progress: bool = False
+) -> ChoiceResult:
     """Scores every choice of every item through the decode path (see the module docstring).
 
     With ``config`` the model is patched for the run and unpatched afterwards (it must not be
@@ -276,7 +280,9 @@ def score_items(model, tokenizer, items: Sequence[ChoiceItem], config: Optional[
     if config is not None and not isinstance(config, HybridConfig):
         raise TypeError(f"config must be a HybridConfig or None, got {type(config).__name__}")
     if config is None and is_patched(model):
-        raise ValueError("config=None scores the model's own attention, but the model is patched: call hybridgen.unpatch(model) first")
+        raise ValueError(
+            "config=None scores the model's own attention, but the model is patched: call hybridgen.unpatch(model) first"
+        )
     # Tokenise before patching: a tokenizer problem should not leave work half done.
     encoded = [[split_continuation(tokenizer, item.context, " " + c) for c in item.choices] for item in items]
 
@@ -287,12 +293,20 @@ def score_items(model, tokenizer, items: Sequence[ChoiceItem], config: Optional[
         make_cache = (lambda: HybridCache(model)) if config is not None else DynamicCache
         scores = []
         with torch.inference_mode():
-            for item, pairs in tqdm(list(zip(items, encoded)), desc=f"choices ({policy})", leave=False, disable=not progress):
+            for item, pairs in tqdm(
+                list(zip(items, encoded)), desc=f"choices ({policy})", leave=False, disable=not progress
+            ):
                 logliks = tuple(_continuation_loglik(model, ctx + cont, len(ctx), make_cache) for ctx, cont in pairs)
-                scores.append(ItemScore(
-                    id=item.id, kind=item.kind, label=item.label, logliks=logliks,
-                    tokens=tuple(len(cont) for _, cont in pairs), chars=tuple(len(c) for c in item.choices),
-                ))
+                scores.append(
+                    ItemScore(
+                        id=item.id,
+                        kind=item.kind,
+                        label=item.label,
+                        logliks=logliks,
+                        tokens=tuple(len(cont) for _, cont in pairs),
+                        chars=tuple(len(c) for c in item.choices),
+                    )
+                )
     finally:
         if config is not None:
             unpatch(model)

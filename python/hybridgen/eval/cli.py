@@ -24,8 +24,14 @@ def _common(p, context_default=4096):
 
 
 def _policies(p, default):
-    p.add_argument("--policies", nargs="+", default=default, choices=POLICIES, metavar="POLICY",
-                   help=f"any of {', '.join(POLICIES)} (default: {' '.join(default)})")
+    p.add_argument(
+        "--policies",
+        nargs="+",
+        default=default,
+        choices=POLICIES,
+        metavar="POLICY",
+        help=f"any of {', '.join(POLICIES)} (default: {' '.join(default)})",
+    )
 
 
 def _texts(p):
@@ -105,8 +111,11 @@ def _save(args, record: dict, table: str = "") -> None:
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        record = {"command": args.command_line,
-                  "args": {k: str(v) for k, v in vars(args).items() if k != "func"}, **record}
+        record = {
+            "command": args.command_line,
+            "args": {k: str(v) for k, v in vars(args).items() if k != "func"},
+            **record,
+        }
         args.out.write_text(json.dumps(record, indent=2) + "\n")
         if table:
             args.out.with_suffix(".md").write_text(f"`{record['command']}`\n\n{table}\n")
@@ -125,13 +134,20 @@ def run_perplexity(args) -> int:
             recorded = record_windows(model, wins, n - args.score)
             full = None
             for policy in ["full", *[p for p in args.policies if p != "full"]]:
-                config = policy_config(policy, gpu_budget=args.gpu_budget, k=args.k, sinks=args.sinks, context=n, k_min=k_min)
+                config = policy_config(
+                    policy, gpu_budget=args.gpu_budget, k=args.k, sinks=args.sinks, context=n, k_min=k_min
+                )
                 ppl = math.exp(mean_nll(model, wins, n - args.score, config, True, recorded))
                 full = full or ppl
-                rows.append({"text": text, "context": n, "policy": policy, "perplexity": ppl, "delta_vs_full": ppl / full - 1})
+                rows.append(
+                    {"text": text, "context": n, "policy": policy, "perplexity": ppl, "delta_vs_full": ppl / full - 1}
+                )
                 print(f"{text:>8} {n:>6} {policy:<10} {ppl:9.3f}  {100 * (ppl / full - 1):+7.2f} %", flush=True)
     lines = ["| text | context | policy | perplexity | Δ vs full |", "|---|---|---|---|---|"]
-    lines += [f"| {r['text']} | {r['context']} | `{r['policy']}` | {r['perplexity']:.3f} | {100 * r['delta_vs_full']:+.2f} % |" for r in rows]
+    lines += [
+        f"| {r['text']} | {r['context']} | `{r['policy']}` | {r['perplexity']:.3f} | {100 * r['delta_vs_full']:+.2f} % |"
+        for r in rows
+    ]
     _save(args, {"results": rows}, "\n".join(lines))
     return 0
 
@@ -144,8 +160,14 @@ def run_needle(args) -> int:
     for n in args.contexts:
         check_context(model, n)
     k_min = _k_min(args)
-    configs = {p: (lambda n, p=p: policy_config(p, gpu_budget=args.gpu_budget, k=args.k, sinks=args.sinks,
-                                                context=n, k_min=k_min)) for p in args.policies}
+    configs = {
+        p: (
+            lambda n, p=p: policy_config(
+                p, gpu_budget=args.gpu_budget, k=args.k, sinks=args.sinks, context=n, k_min=k_min
+            )
+        )
+        for p in args.policies
+    }
     trials = needle_trials(model, tokenizer, configs, args.contexts, depths=depths, progress=True)
     lines = ["| policy | " + " | ".join(map(str, args.contexts)) + " |", "|---|" + "---|" * len(args.contexts)]
     for policy in args.policies:
@@ -163,7 +185,9 @@ def run_choice(args) -> int:
     k_min, results = _k_min(args), {}
     context = max(len(tokenizer(i.context)["input_ids"]) for i in items) + 16
     for policy in ["full", *[p for p in args.policies if p != "full"]]:
-        config = policy_config(policy, gpu_budget=args.gpu_budget, k=args.k, sinks=args.sinks, context=context, k_min=k_min)
+        config = policy_config(
+            policy, gpu_budget=args.gpu_budget, k=args.k, sinks=args.sinks, context=context, k_min=k_min
+        )
         result = score_items(model, tokenizer, items, config, progress=True)
         results[policy] = result.metrics()
         print(result.format(), flush=True)
@@ -177,9 +201,19 @@ def run_compare(args) -> int:
     model, tokenizer = load_model(args.model)
     texts = {t: _windows(model, tokenizer, t, args.context, args.windows, args.score) for t in args.text}
     names = [Path(t).stem for t in texts]
-    result = compare_policies(model, tokenizer, args.policies, dict(zip(names, texts.values())), context=args.context,
-                              score=args.score, gpu_budget=args.gpu_budget, k=args.k, sinks=args.sinks,
-                              k_min=_k_min(args), progress=True)
+    result = compare_policies(
+        model,
+        tokenizer,
+        args.policies,
+        dict(zip(names, texts.values())),
+        context=args.context,
+        score=args.score,
+        gpu_budget=args.gpu_budget,
+        k=args.k,
+        sinks=args.sinks,
+        k_min=_k_min(args),
+        progress=True,
+    )
     _save(args, result, markdown_table(result["rows"], names))
     return 0
 
@@ -190,13 +224,25 @@ def run_profile(args) -> int:
     model, tokenizer = load_model(args.model)
     wins = _windows(model, tokenizer, args.text, args.context, args.windows, args.score)
     name = args.model or "SmolLM2-135M-Instruct"
-    profile = profile_kmin(model, wins, score=args.score, gpu_budget=args.gpu_budget, sinks=args.sinks,
-                           tolerance=args.tolerance, model_name=Path(name).name, progress=True)
+    profile = profile_kmin(
+        model,
+        wins,
+        score=args.score,
+        gpu_budget=args.gpu_budget,
+        sinks=args.sinks,
+        tolerance=args.tolerance,
+        model_name=Path(name).name,
+        progress=True,
+    )
     profile.command = args.command_line
     for point in profile.curve:
-        print(f"K {point['k']:>5} ({point['share']:.3f} of host tokens): perplexity {point['perplexity']:.3f} "
-              f"({100 * point['delta']:+.2f} %)")
+        print(
+            f"K {point['k']:>5} ({point['share']:.3f} of host tokens): perplexity {point['perplexity']:.3f} "
+            f"({100 * point['delta']:+.2f} %)"
+        )
     path = profile.save(args.out or default_profile_path(name))
-    print(f"K_min = {profile.k_min} (perplexity within {100 * args.tolerance:.1f} % of full {profile.full_perplexity:.3f}); "
-          f"saved {path} — load it with HybridConfig.from_profile(path)")
+    print(
+        f"K_min = {profile.k_min} (perplexity within {100 * args.tolerance:.1f} % of full {profile.full_perplexity:.3f}); "
+        f"saved {path} — load it with HybridConfig.from_profile(path)"
+    )
     return 0

@@ -36,20 +36,24 @@ def load_text(name: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def policy_config(policy: str, *, gpu_budget: int, k: int, sinks: int = 4, context: int,
-                  k_min: Optional[int] = None) -> HybridConfig:
+def policy_config(
+    policy: str, *, gpu_budget: int, k: int, sinks: int = 4, context: int, k_min: Optional[int] = None
+) -> HybridConfig:
     """The configuration of ``policy`` under the shared token budget."""
     if gpu_budget + sinks >= context:
-        raise ValueError(f"the device budget ({sinks} sinks + {gpu_budget}) must be smaller than the context "
-                         f"({context} tokens), or nothing would reach the host")
+        raise ValueError(
+            f"the device budget ({sinks} sinks + {gpu_budget}) must be smaller than the context "
+            f"({context} tokens), or nothing would reach the host"
+        )
     extra = {}
     if policy == "streaming":
         extra["gpu_budget"] = gpu_budget + k
     if policy == "scheduler":
         extra["k_min"] = k_min or k
         extra["k_max"] = max(2048, extra["k_min"])
-    return HybridConfig(**{"gpu_budget": gpu_budget, "sinks": sinks, "policy": policy, "k": k,
-                           "max_context": context + 64, **extra})
+    return HybridConfig(
+        **{"gpu_budget": gpu_budget, "sinks": sinks, "policy": policy, "k": k, "max_context": context + 64, **extra}
+    )
 
 
 def load_model(path: Optional[str], device: Optional[str] = None):
@@ -72,5 +76,7 @@ def check_context(model, context: int) -> None:
     """ValueError unless ``context`` tokens fit the model's position range."""
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and context > limit:
-        raise ValueError(f"a context of {context} tokens exceeds the model's {limit} positions "
-                         f"(max_position_embeddings); choose a shorter context")
+        raise ValueError(
+            f"a context of {context} tokens exceeds the model's {limit} positions "
+            f"(max_position_embeddings); choose a shorter context"
+        )

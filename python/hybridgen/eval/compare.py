@@ -11,9 +11,21 @@ from .kmin import mean_nll, record_windows
 from .needle import DEPTHS, needle_trials, retrieval
 
 
-def compare_policies(model, tokenizer, policies: Sequence[str], texts: dict, *, context: int, score: int,
-                     gpu_budget: int, k: int, sinks: int = 4, k_min: Optional[int] = None,
-                     depths: Sequence[float] = DEPTHS, progress: bool = False) -> dict:
+def compare_policies(
+    model,
+    tokenizer,
+    policies: Sequence[str],
+    texts: dict,
+    *,
+    context: int,
+    score: int,
+    gpu_budget: int,
+    k: int,
+    sinks: int = 4,
+    k_min: Optional[int] = None,
+    depths: Sequence[float] = DEPTHS,
+    progress: bool = False,
+) -> dict:
     """``texts``: name -> list of ``[1, context]`` windows. Returns ``{"rows": [...], "needle": [...]}``;
     each row has the perplexity per text, its change against ``full`` and the needle retrieval."""
     if "full" not in policies:
@@ -28,8 +40,14 @@ def compare_policies(model, tokenizer, policies: Sequence[str], texts: dict, *, 
         for policy, row in rows.items():
             row[f"ppl_{name}"] = math.exp(mean_nll(model, wins, context - score, config(policy), progress, recorded))
         del recorded
-    needles = needle_trials(model, tokenizer, {p: (lambda n, p=p: config(p, n)) for p in policies}, [context],
-                            depths=depths, progress=progress)
+    needles = needle_trials(
+        model,
+        tokenizer,
+        {p: (lambda n, p=p: config(p, n)) for p in policies},
+        [context],
+        depths=depths,
+        progress=progress,
+    )
     for policy, row in rows.items():
         trials = [t for t in needles if t.policy == policy]
         row.update(needle=retrieval(trials), needle_found=sum(t.found for t in trials), needle_trials=len(trials))

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 HYBRID_ARGS = tuple(f.name for f in fields(HybridConfig))
 #: model_args lm-eval's ``hf`` model accepts by name.
 HF_ARGS = tuple(
-    name for name, p in inspect.signature(HFLM.__init__).parameters.items()
+    name
+    for name, p in inspect.signature(HFLM.__init__).parameters.items()
     if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
 )
 assert not set(HYBRID_ARGS) & set(HF_ARGS), "a HybridConfig field shadows an lm-eval hf argument"
@@ -147,7 +148,7 @@ class HybridLM(HFLM):
             raise ValueError("context and continuation must each have at least one token")
         if len(continuation) > self.max_length:
             raise ValueError(f"continuation of {len(continuation)} tokens exceeds max_length {self.max_length}")
-        context = context[-(self.max_length + 1 - len(continuation)):]
+        context = context[-(self.max_length + 1 - len(continuation)) :]
         model, device = self._model, self.device
         dtype = self.softmax_dtype or torch.float32
         cache = self.last_cache = HybridCache(model)
@@ -171,8 +172,12 @@ class HybridLM(HFLM):
                 greedy = greedy and int(logprobs.argmax()) == target
                 feed = target
         # Every scored token came from a one-token step (a one-token context is one too).
-        require_hybrid_run(cache, what=f"lm-eval scoring with policy {self.hybrid_config.policy}",
-                           decode_steps=len(continuation), context_tokens=len(context) - 1)
+        require_hybrid_run(
+            cache,
+            what=f"lm-eval scoring with policy {self.hybrid_config.policy}",
+            decode_steps=len(continuation),
+            context_tokens=len(context) - 1,
+        )
         return total, greedy
 
     def get_model_info(self) -> dict:

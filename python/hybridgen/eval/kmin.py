@@ -61,8 +61,9 @@ def windows(ids: torch.Tensor, context: int, count: int) -> list[torch.Tensor]:
 def mean_nll(model, wins: Sequence[torch.Tensor], prefix: int, config, progress: bool, recorded=None) -> float:
     """Mean NLL over windows; ``recorded``: their prefixes' recorded prefills (one per window)."""
     recorded = recorded or [None] * len(wins)
-    return sum(decode_perplexity(model, w, prefix, config, progress=progress, recorded=r).nll
-               for w, r in zip(wins, recorded)) / len(wins)
+    return sum(
+        decode_perplexity(model, w, prefix, config, progress=progress, recorded=r).nll for w, r in zip(wins, recorded)
+    ) / len(wins)
 
 
 def record_windows(model, wins: Sequence[torch.Tensor], prefix: int) -> list:
@@ -82,9 +83,18 @@ def choose_k_min(curve: Sequence[dict], tolerance: float) -> int:
     return k_min
 
 
-def profile_kmin(model, wins: Sequence[torch.Tensor], *, score: int, gpu_budget: int, sinks: int = 4,
-                 shares: Sequence[float] = SHARES, tolerance: float = 0.01, model_name: str = "",
-                 progress: bool = False) -> KminProfile:
+def profile_kmin(
+    model,
+    wins: Sequence[torch.Tensor],
+    *,
+    score: int,
+    gpu_budget: int,
+    sinks: int = 4,
+    shares: Sequence[float] = SHARES,
+    tolerance: float = 0.01,
+    model_name: str = "",
+    progress: bool = False,
+) -> KminProfile:
     """Sweeps K over ``shares`` of the host tokens and returns the profile (see the module doc)."""
     if not 0 < tolerance < 1:
         raise ValueError(f"tolerance must be a fraction in (0, 1), got {tolerance}")
@@ -101,5 +111,13 @@ def profile_kmin(model, wins: Sequence[torch.Tensor], *, score: int, gpu_budget:
         config = policy_config("post_qkt", gpu_budget=gpu_budget, k=k, sinks=sinks, context=context)
         ppl = math.exp(mean_nll(model, wins, prefix, config, progress, recorded))
         curve.append({"k": k, "share": share, "perplexity": ppl, "delta": ppl / full - 1})
-    return KminProfile(model=model_name, k_min=choose_k_min(curve, tolerance), tolerance=tolerance, context=context, gpu_budget=gpu_budget,
-                       sinks=sinks, full_perplexity=full, curve=curve)
+    return KminProfile(
+        model=model_name,
+        k_min=choose_k_min(curve, tolerance),
+        tolerance=tolerance,
+        context=context,
+        gpu_budget=gpu_budget,
+        sinks=sinks,
+        full_perplexity=full,
+        curve=curve,
+    )

@@ -58,17 +58,24 @@ def _answer(model, tokenizer, recorded, config, hay, max_new_tokens: int) -> str
                 logits = model(step, **cache_arg(cache), use_cache=True).logits[0, -1]
                 steps += 1
         if config is not None and steps:
-            require_hybrid_run(cache, what=f"needle with policy {config.policy}", decode_steps=steps,
-                               context_tokens=recorded.length)
+            require_hybrid_run(
+                cache, what=f"needle with policy {config.policy}", decode_steps=steps, context_tokens=recorded.length
+            )
     finally:
         if config is not None:
             unpatch(model)
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
-def needle_trials(model, tokenizer, policies: Mapping[str, Callable[[int], Optional[HybridConfig]]],
-                  contexts: Sequence[int], depths: Sequence[float] = DEPTHS, max_new_tokens: int = 24,
-                  progress: bool = False) -> list[NeedleTrial]:
+def needle_trials(
+    model,
+    tokenizer,
+    policies: Mapping[str, Callable[[int], Optional[HybridConfig]]],
+    contexts: Sequence[int],
+    depths: Sequence[float] = DEPTHS,
+    max_new_tokens: int = 24,
+    progress: bool = False,
+) -> list[NeedleTrial]:
     """Every policy on every (context, depth) haystack. ``policies`` maps a name to a function
     giving its configuration for a context length (``None``: the model's own attention)."""
     trials = []

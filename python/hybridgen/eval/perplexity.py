@@ -31,8 +31,9 @@ class PerplexityResult:
         return math.exp(self.nll)
 
 
-def decode_perplexity(model, ids: torch.Tensor, prefix: int, config: Optional[HybridConfig] = None,
-                      progress: bool = False, recorded=None) -> PerplexityResult:
+def decode_perplexity(
+    model, ids: torch.Tensor, prefix: int, config: Optional[HybridConfig] = None, progress: bool = False, recorded=None
+) -> PerplexityResult:
     """Perplexity of ``ids [1, n]`` after its first ``prefix`` tokens, one decode step per token.
 
     With ``config``, the model is patched for the measurement (and unpatched after); ``None``
@@ -62,13 +63,19 @@ def decode_perplexity(model, ids: torch.Tensor, prefix: int, config: Optional[Hy
             if recorded is None:
                 logits = model(ids[:, :prefix], **cache_arg(cache), use_cache=True).logits[0, -1]
             steps = range(prefix, n)
-            for t in tqdm(steps, desc=f"perplexity ({config.policy if config else 'full'})", leave=False, disable=not progress):
+            for t in tqdm(
+                steps, desc=f"perplexity ({config.policy if config else 'full'})", leave=False, disable=not progress
+            ):
                 total -= torch.log_softmax(logits.float(), -1)[ids[0, t]].item()
                 if t + 1 < n:
                     logits = model(ids[:, t : t + 1], **cache_arg(cache), use_cache=True).logits[0, -1]
         if config is not None and n - prefix > 1:
-            require_hybrid_run(cache, what=f"perplexity with policy {config.policy}", decode_steps=n - prefix - 1,
-                               context_tokens=prefix)
+            require_hybrid_run(
+                cache,
+                what=f"perplexity with policy {config.policy}",
+                decode_steps=n - prefix - 1,
+                context_tokens=prefix,
+            )
     finally:
         if config is not None:
             unpatch(model)

@@ -43,8 +43,13 @@ class FlexSettings:
     @classmethod
     def from_policy(cls, policy) -> "FlexSettings":
         """From a ``flexgen.flex_opt.Policy``."""
-        return cls(policy.cache_gpu_percent, policy.cache_cpu_percent, policy.cpu_cache_compute,
-                   policy.attn_sparsity, policy.compress_cache)
+        return cls(
+            policy.cache_gpu_percent,
+            policy.cache_cpu_percent,
+            policy.cpu_cache_compute,
+            policy.attn_sparsity,
+            policy.compress_cache,
+        )
 
     @classmethod
     def from_args(cls, args) -> "FlexSettings":
@@ -69,8 +74,10 @@ def check_config(config: HybridConfig) -> HybridConfig:
             "prompt's queries, and FlexGen's own prefill attention does not show them)"
         )
     if config.speculative:
-        raise ValueError("speculative is not available in FlexGen: it starts a layer's CPU stage from the previous "
-                         "layer's input, which FlexGen's layer loop does not show (pipeline=True is available)")
+        raise ValueError(
+            "speculative is not available in FlexGen: it starts a layer's CPU stage from the previous "
+            "layer's input, which FlexGen's layer loop does not show (pipeline=True is available)"
+        )
     if config.max_context is not None:
         raise ValueError("max_context is not used with FlexGen: its task (prompt_len + gen_len) fixes the length")
     return config
@@ -94,7 +101,9 @@ def placement(config: HybridConfig, flex: FlexSettings, *, cache_len: int, budge
             "policy post_qkt with k (tokens per head) instead"
         )
     if flex.compress_cache:
-        raise ValueError("--compress-cache cannot be combined with hybrid attention: the host store keeps float16 keys and values")
+        raise ValueError(
+            "--compress-cache cannot be combined with hybrid attention: the host store keeps float16 keys and values"
+        )
     if flex.cpu_cache_compute:
         raise ValueError(
             "--cpu-cache-compute cannot be combined with hybrid attention, which already computes the old "

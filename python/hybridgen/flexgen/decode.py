@@ -26,8 +26,14 @@ TorchTensor, DeviceType = _backend.TorchTensor, _backend.DeviceType
 __all__ = ["attend", "hybrid_mha_gen"]
 
 
-def attend(cache: FlexGenLayerCache, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keep: torch.Tensor,
-           span: Optional[OpenSpan] = None):
+def attend(
+    cache: FlexGenLayerCache,
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    keep: torch.Tensor,
+    span: Optional[OpenSpan] = None,
+):
     """Hybrid attention of one decode query over ``cache``'s tokens and the new token, through
     the session's policy (the same engine as transformers' HybridCache).
 
@@ -44,8 +50,24 @@ def attend(cache: FlexGenLayerCache, q: torch.Tensor, k_new: torch.Tensor, v_new
     return out, cache.engine.clock.last_record
 
 
-def hybrid_mha_gen(device, inputs, attention_mask, w_q, b_q, w_k, b_k, w_v, b_v, w_out, b_out, w_ln, b_ln,
-                   n_head, state: FlexGenLayerCache, donate):
+def hybrid_mha_gen(
+    device,
+    inputs,
+    attention_mask,
+    w_q,
+    b_q,
+    w_k,
+    b_k,
+    w_v,
+    b_v,
+    w_out,
+    b_out,
+    w_ln,
+    b_ln,
+    n_head,
+    state: FlexGenLayerCache,
+    donate,
+):
     """``TorchDevice.mha_gen`` (decode phase, ``tgt_s == 1``) with ``state`` as the cache.
 
     ``inputs`` ``(b, 1, h)`` float16 and ``attention_mask`` ``(b, src_s)`` bool are FlexGen
@@ -80,5 +102,8 @@ def hybrid_mha_gen(device, inputs, attention_mask, w_q, b_q, w_k, b_k, w_v, b_v,
     span.close(value.device)
     k_new = k.reshape(1, b * n_head, head_dim)
     v_new = v.reshape(1, b * n_head, head_dim)
-    return (TorchTensor.create_from_torch(value, device), TorchTensor.create_from_torch(k_new, device),
-            TorchTensor.create_from_torch(v_new, device))
+    return (
+        TorchTensor.create_from_torch(value, device),
+        TorchTensor.create_from_torch(k_new, device),
+        TorchTensor.create_from_torch(v_new, device),
+    )

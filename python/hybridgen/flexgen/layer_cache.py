@@ -42,16 +42,36 @@ class FlexGenLayerCache:
         device: where FlexGen computes (the store is pinned for a CUDA device).
     """
 
-    def __init__(self, session, layer_id: int, *, batch: int, n_head: int, head_dim: int, max_tokens: int,
-                 sinks: int, gpu_budget: int, layers: int = 1, gpu_batches: int = 1, device=None,
-                 dtype: torch.dtype = torch.float16):
+    def __init__(
+        self,
+        session,
+        layer_id: int,
+        *,
+        batch: int,
+        n_head: int,
+        head_dim: int,
+        max_tokens: int,
+        sinks: int,
+        gpu_budget: int,
+        layers: int = 1,
+        gpu_batches: int = 1,
+        device=None,
+        dtype: torch.dtype = torch.float16,
+    ):
         self.session = session
         self.layer_id = layer_id
         self.batch, self.n_head, self.head_dim = batch, n_head, head_dim
         info = ModelInfo("opt", layers, n_head, n_head, head_dim, max_tokens)
         self.engine, self.index = session.tier_for(
-            layer_id, info=info, sinks=sinks, gpu_budget=gpu_budget, gpu_batches=gpu_batches, batch=batch,
-            max_tokens=max_tokens, device=device, dtype=dtype,
+            layer_id,
+            info=info,
+            sinks=sinks,
+            gpu_budget=gpu_budget,
+            gpu_batches=gpu_batches,
+            batch=batch,
+            max_tokens=max_tokens,
+            device=device,
+            dtype=dtype,
         )
         self.tier = self.engine.tiers[self.index]
 
@@ -90,8 +110,12 @@ class FlexGenLayerCache:
         """Places the prompt's keys/values ``(s, b*n_head, d)`` (FlexGen's prefill output): the
         sinks and the most recent tokens on the device, the rest on the host."""
         if self.tier.total:
-            raise RuntimeError(f"layer {self.layer_id}: the prompt was already placed (a new generate() makes new caches)")
-        self.engine.place(self.index, _heads(k, self.batch, self.n_head), _heads(v, self.batch, self.n_head), prompt=True)
+            raise RuntimeError(
+                f"layer {self.layer_id}: the prompt was already placed (a new generate() makes new caches)"
+            )
+        self.engine.place(
+            self.index, _heads(k, self.batch, self.n_head), _heads(v, self.batch, self.n_head), prompt=True
+        )
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Commits a decode step's keys/values ``[b, n_head, m, d]`` (the engine's step moves the
@@ -125,6 +149,8 @@ class FlexGenLayerCache:
 
     def __repr__(self) -> str:
         p = self.tier.placement
-        return (f"FlexGenLayerCache(layer={self.layer_id}, batch={self.batch}, n_head={self.n_head}, "
-                f"head_dim={self.head_dim}, total={self.total}, device={self.n_dev}, host={self.host_len}, "
-                f"sinks={p.sinks}, gpu_budget={p.recent})")
+        return (
+            f"FlexGenLayerCache(layer={self.layer_id}, batch={self.batch}, n_head={self.n_head}, "
+            f"head_dim={self.head_dim}, total={self.total}, device={self.n_dev}, host={self.host_len}, "
+            f"sinks={p.sinks}, gpu_budget={p.recent})"
+        )

@@ -115,14 +115,22 @@ def _replacements(session: Session, originals: dict, hybrid_mha_gen) -> dict:
     def init_cache_one_gpu_batch(self, cache_home):
         policy, task, config = self.policy, self.task, self.config
         cache_len = task.prompt_len + task.gen_len - 1  # what FlexGen allocates per sequence
-        sinks, gpu_budget = placement(cfg, FlexSettings.from_policy(policy), cache_len=cache_len,
-                                      budget_given=session.budget_given)
+        sinks, gpu_budget = placement(
+            cfg, FlexSettings.from_policy(policy), cache_len=cache_len, budget_given=session.budget_given
+        )
         session.finish_step()  # a new generate(): its first step is a new step even at the same length
         cache = FlexGenLayerCache(
-            session, self.layer_id, batch=policy.gpu_batch_size, n_head=config.n_head,
-            head_dim=config.input_dim // config.n_head, max_tokens=task.prompt_len + task.gen_len,
-            sinks=sinks, gpu_budget=gpu_budget, layers=config.num_hidden_layers,
-            gpu_batches=policy.num_gpu_batches, device=getattr(self.compute, "dev", None),
+            session,
+            self.layer_id,
+            batch=policy.gpu_batch_size,
+            n_head=config.n_head,
+            head_dim=config.input_dim // config.n_head,
+            max_tokens=task.prompt_len + task.gen_len,
+            sinks=sinks,
+            gpu_budget=gpu_budget,
+            layers=config.num_hidden_layers,
+            gpu_batches=policy.num_gpu_batches,
+            device=getattr(self.compute, "dev", None),
         )
         cache_home.store((cache,))
 
@@ -145,13 +153,69 @@ def _replacements(session: Session, originals: dict, hybrid_mha_gen) -> dict:
         # A decode step's token was committed when its attention ran (hybrid_mha_gen).
 
     @functools.wraps(mha_gen)
-    def mha_gen_(self, inputs, attention_mask, w_q, b_q, w_k, b_k, w_v, b_v, w_out, b_out, w_ln, b_ln,
-                 n_head, k_cache, v_cache, donate, attn_sparsity, compress_cache, comp_config):
+    def mha_gen_(
+        self,
+        inputs,
+        attention_mask,
+        w_q,
+        b_q,
+        w_k,
+        b_k,
+        w_v,
+        b_v,
+        w_out,
+        b_out,
+        w_ln,
+        b_ln,
+        n_head,
+        k_cache,
+        v_cache,
+        donate,
+        attn_sparsity,
+        compress_cache,
+        comp_config,
+    ):
         if isinstance(k_cache, FlexGenLayerCache):
-            return hybrid_mha_gen(self, inputs, attention_mask, w_q, b_q, w_k, b_k, w_v, b_v, w_out, b_out,
-                                  w_ln, b_ln, n_head, k_cache, donate)
-        return mha_gen(self, inputs, attention_mask, w_q, b_q, w_k, b_k, w_v, b_v, w_out, b_out, w_ln, b_ln,
-                       n_head, k_cache, v_cache, donate, attn_sparsity, compress_cache, comp_config)
+            return hybrid_mha_gen(
+                self,
+                inputs,
+                attention_mask,
+                w_q,
+                b_q,
+                w_k,
+                b_k,
+                w_v,
+                b_v,
+                w_out,
+                b_out,
+                w_ln,
+                b_ln,
+                n_head,
+                k_cache,
+                donate,
+            )
+        return mha_gen(
+            self,
+            inputs,
+            attention_mask,
+            w_q,
+            b_q,
+            w_k,
+            b_k,
+            w_v,
+            b_v,
+            w_out,
+            b_out,
+            w_ln,
+            b_ln,
+            n_head,
+            k_cache,
+            v_cache,
+            donate,
+            attn_sparsity,
+            compress_cache,
+            comp_config,
+        )
 
     return {
         ("SelfAttention", "init_cache_one_gpu_batch"): init_cache_one_gpu_batch,

@@ -44,8 +44,19 @@ class Session:
         self._shape: Optional[tuple] = None
         self._made: dict[int, int] = {}  # caches made per FlexGen layer in this generation
 
-    def tier_for(self, layer_id: int, *, info: ModelInfo, sinks: int, gpu_budget: int, gpu_batches: int, batch: int,
-                 max_tokens: int, device, dtype: torch.dtype) -> tuple[Engine, int]:
+    def tier_for(
+        self,
+        layer_id: int,
+        *,
+        info: ModelInfo,
+        sinks: int,
+        gpu_budget: int,
+        gpu_batches: int,
+        batch: int,
+        max_tokens: int,
+        device,
+        dtype: torch.dtype,
+    ) -> tuple[Engine, int]:
         """The engine and tier index of the next cache of FlexGen layer ``layer_id``: a cache of a
         layer that already has one per GPU batch starts a new generation (every tier emptied)."""
         device = torch.device(device or "cpu")
@@ -54,9 +65,14 @@ class Session:
             self.finish_step()
             config = dataclasses.replace(self.config, sinks=sinks, gpu_budget=gpu_budget)
             self.engine = Engine(config, info, clock=self.clock)
-            self.engine.plan(batch=batch, dtype=dtype, device=device, max_tokens=max_tokens,
-                             layers=info.layers * gpu_batches,
-                             labels=[layer for layer in range(info.layers) for _ in range(gpu_batches)])
+            self.engine.plan(
+                batch=batch,
+                dtype=dtype,
+                device=device,
+                max_tokens=max_tokens,
+                layers=info.layers * gpu_batches,
+                labels=[layer for layer in range(info.layers) for _ in range(gpu_batches)],
+            )
             self._shape, self._made = shape, {}
         elif self._made.get(layer_id, 0) >= gpu_batches:  # a new generate()
             self.engine.reset()
@@ -93,5 +109,7 @@ class Session:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"Session(policy={c.policy!r}, gpu_budget={c.gpu_budget}, sinks={c.sinks}, merge={c.merge!r}, "
-                f"steps={self.step})")
+        return (
+            f"Session(policy={c.policy!r}, gpu_budget={c.gpu_budget}, sinks={c.sinks}, merge={c.merge!r}, "
+            f"steps={self.step})"
+        )

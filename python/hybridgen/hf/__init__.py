@@ -5,7 +5,16 @@ from .cache import HybridCache, HybridLayer
 from .models import SUPPORTED_MODEL_TYPES, describe, supports
 from .patch import is_patched, patch, unpatch
 
-__all__ = ["HybridCache", "HybridLayer", "SUPPORTED_MODEL_TYPES", "describe", "is_patched", "patch", "supports", "unpatch"]
+__all__ = [
+    "HybridCache",
+    "HybridLayer",
+    "SUPPORTED_MODEL_TYPES",
+    "describe",
+    "is_patched",
+    "patch",
+    "supports",
+    "unpatch",
+]
 
 # Importing hybridgen.hf makes attn_implementation="hybridgen" available to from_pretrained.
 _attention.register()

@@ -54,7 +54,9 @@ def hybridgen_attention(module, query, key, value, attention_mask, dropout=0.0, 
             layer.cache.engine.prefill(module.layer_idx, query, key, value, keep_mask(attention_mask), scale)
         elif query.shape[2] == 1:
             _decode_without_hybrid_cache(module, state)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     # Patched: the layer hooks time the whole layer (its span). Through attn_implementation=
     # "hybridgen" without patch() there are no hooks: device time is the attention's own.
     span = layer.span if state is not None else None
@@ -71,8 +73,11 @@ def _decode_without_hybrid_cache(module, state) -> None:
         # attn_implementation="hybridgen" without patch(): the caller manages the cache.
         if not _warned_unpatched:
             _warned_unpatched = True
-            warnings.warn("attn_implementation='hybridgen' ran a decode step without a HybridCache: the model's own "
-                          "attention served it (pass cache=HybridCache(model, config))", stacklevel=4)
+            warnings.warn(
+                "attn_implementation='hybridgen' ran a decode step without a HybridCache: the model's own "
+                "attention served it (pass cache=HybridCache(model, config))",
+                stacklevel=4,
+            )
         return
     if call is not None and call[0] is state:
         foreign = call[1]

@@ -43,7 +43,9 @@ def _in_cache_terms():
     except ValueError as e:
         if "make a new one" not in str(e):
             raise
-        raise ValueError(str(e).replace("this engine", "this HybridCache").replace("make a new one", "use a new HybridCache")) from None
+        raise ValueError(
+            str(e).replace("this engine", "this HybridCache").replace("make a new one", "use a new HybridCache")
+        ) from None
 
 
 class HybridLayer(DynamicLayer):
@@ -215,8 +217,15 @@ class HybridCache(Cache):
             self.engine.close_step()
         return out
 
-    def place_prompt(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, query=None, keep=None,
-                     scale: Optional[float] = None) -> None:
+    def place_prompt(
+        self,
+        layer_idx: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        query=None,
+        keep=None,
+        scale: Optional[float] = None,
+    ) -> None:
         """Places a prompt recorded elsewhere (``keys``/``values [b, hkv, n, d]`` in logical order)
         as this cache's own prefill would; a policy that looks at prompts sees ``query`` (see
         :class:`hybridgen.engine.PromptRecorder`)."""

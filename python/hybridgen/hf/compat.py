@@ -41,8 +41,10 @@ def version_problem() -> Optional[str]:
     if found is None:
         return f"transformers is not installed (hybridgen needs transformers{TRANSFORMERS_RANGE}: pip install 'hybridgen[hf]')"
     if Version(found) not in SpecifierSet(TRANSFORMERS_RANGE, prereleases=True):
-        return (f"transformers {found} is outside the range hybridgen supports "
-                f"(transformers{TRANSFORMERS_RANGE}): pip install 'transformers{TRANSFORMERS_RANGE}'")
+        return (
+            f"transformers {found} is outside the range hybridgen supports "
+            f"(transformers{TRANSFORMERS_RANGE}): pip install 'transformers{TRANSFORMERS_RANGE}'"
+        )
     return None
 
 

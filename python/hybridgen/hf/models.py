@@ -14,7 +14,9 @@ def supports(model) -> list[str]:
     list: it can). Names every reason ``patch()`` would refuse the model for."""
     reasons = _attention_reasons(model)
     if not callable(getattr(model, "generate", None)) or not callable(getattr(model, "set_attn_implementation", None)):
-        reasons.append(f"{type(model).__name__} has no generate()/set_attn_implementation(): pass the *ForCausalLM model")
+        reasons.append(
+            f"{type(model).__name__} has no generate()/set_attn_implementation(): pass the *ForCausalLM model"
+        )
     return reasons
 
 

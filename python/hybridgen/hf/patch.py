@@ -164,14 +164,22 @@ def _layer_start(idx, decoder_layers):
             return
         hidden = args[0] if args else kwargs.get("hidden_states")
         engine = layer.cache.engine
-        if (idx + 1 < len(decoder_layers) and hidden is not None and hidden.shape[1] == 1  # a decode step
-                and engine.wants_query_estimate(idx + 1)):
+        if (
+            idx + 1 < len(decoder_layers)
+            and hidden is not None
+            and hidden.shape[1] == 1  # a decode step
+            and engine.wants_query_estimate(idx + 1)
+        ):
             following = decoder_layers[idx + 1]
             info = layer.cache.info
             with torch.no_grad():
                 q_est = speculative_query(following, hidden, kwargs.get("position_embeddings"))
-            engine.speculate(idx + 1, q_est, keep_mask(kwargs.get("attention_mask")),
-                             attention_scale(following, info.model_type, info.head_dim))
+            engine.speculate(
+                idx + 1,
+                q_est,
+                keep_mask(kwargs.get("attention_mask")),
+                attention_scale(following, info.model_type, info.head_dim),
+            )
         layer.span = OpenSpan(layer.tier.keys.device)
 
     return hook

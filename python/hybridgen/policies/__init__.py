@@ -19,8 +19,16 @@ from .streaming import StreamingPolicy
 
 __all__ = ["Placement", "Policy", "make_policy", "policy_class", "table"]
 
-_CLASSES = (HybridPolicy, FullPolicy, AllOnGpuPolicy, AllOnCpuPolicy, HeavyHitterPolicy, KeyformerPolicy,
-            StreamingPolicy, InfiniGenPolicy)
+_CLASSES = (
+    HybridPolicy,
+    FullPolicy,
+    AllOnGpuPolicy,
+    AllOnCpuPolicy,
+    HeavyHitterPolicy,
+    KeyformerPolicy,
+    StreamingPolicy,
+    InfiniGenPolicy,
+)
 _BY_NAME = {name: cls for cls in _CLASSES for name in cls.names}
 assert set(_BY_NAME) == set(POLICIES), "every configurable policy has exactly one implementation"
 

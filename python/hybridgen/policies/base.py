@@ -31,8 +31,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..engine.model_info import ModelInfo
     from ..engine.tier import DeviceTier
 
-__all__ = ["Placement", "Policy", "device_only", "fetch_rows", "grouped_logits", "softmax_rows", "weighted_values",
-           "with_chosen"]
+__all__ = [
+    "Placement",
+    "Policy",
+    "device_only",
+    "fetch_rows",
+    "grouped_logits",
+    "softmax_rows",
+    "weighted_values",
+    "with_chosen",
+]
 
 
 class Policy:
@@ -91,19 +99,28 @@ class Policy:
         """Whether :meth:`speculate` does anything (front ends skip computing the estimate)."""
         return False
 
-    def prefill(self, tier: "DeviceTier", query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                keep: Optional[torch.Tensor], scale: float) -> None:
+    def prefill(
+        self,
+        tier: "DeviceTier",
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        keep: Optional[torch.Tensor],
+        scale: float,
+    ) -> None:
         """Sees a multi-token step: ``query [b, hq, n, d]``, every token's ``keys``/``values
         [b, hkv, total, d]`` in logical order (the step's tokens last) and ``keep`` bool
         ``[b, total]`` (True = a real token; causal order implied). Default: nothing."""
 
-    def speculate(self, tier: "DeviceTier", q_estimate: torch.Tensor, keep: Optional[torch.Tensor],
-                  scale: float) -> None:
+    def speculate(
+        self, tier: "DeviceTier", q_estimate: torch.Tensor, keep: Optional[torch.Tensor], scale: float
+    ) -> None:
         """An estimate ``[b, hq, d]`` of the coming query of ``tier``'s layer, made before the layer
         runs; ``keep`` bool ``[b, tier.total + 1]`` is the coming step's mask. Default: nothing."""
 
-    def decode(self, tier: "DeviceTier", q: torch.Tensor, keep: Optional[torch.Tensor], scale: float,
-               step: int) -> tuple[torch.Tensor, StepRecord]:
+    def decode(
+        self, tier: "DeviceTier", q: torch.Tensor, keep: Optional[torch.Tensor], scale: float, step: int
+    ) -> tuple[torch.Tensor, StepRecord]:
         """One decode query ``q [b, hq, d]`` over the layer's tokens: ``tier.keys``/``tier.values``
         ``[b, hkv, n_dev, d]`` (sinks first, this step's token included) and the host tokens.
         ``keep``: bool ``[b, tier.total]`` (True = attend) or ``None``. Returns the attention output
@@ -146,5 +163,7 @@ def fetch_rows(store, layer_idx: int, chosen: torch.Tensor, device) -> tuple[tor
     copied to ``device``."""
     n = int(chosen.max()) + 1 if chosen.numel() else 0
     rows = chosen.unsqueeze(-1).expand(-1, -1, -1, store.head_dim)
-    return (store.view(layer_idx, "keys", 0, n).gather(2, rows).to(device),
-            store.view(layer_idx, "values", 0, n).gather(2, rows).to(device))
+    return (
+        store.view(layer_idx, "keys", 0, n).gather(2, rows).to(device),
+        store.view(layer_idx, "values", 0, n).gather(2, rows).to(device),
+    )

@@ -77,8 +77,15 @@ class AllOnGpuPolicy(_AllOnHost, Policy):
 
         out, t_dev = timed(attend, q.device)
         return out, StepRecord(
-            step=step, layer=idx, k=n_host, strategy="all", host_tokens=n_host,
-            device_tokens=dev_k.shape[-2], t_cpu=0.0, t_gpu=t_dev, t_tx=t_tx,
+            step=step,
+            layer=idx,
+            k=n_host,
+            strategy="all",
+            host_tokens=n_host,
+            device_tokens=dev_k.shape[-2],
+            t_cpu=0.0,
+            t_gpu=t_dev,
+            t_tx=t_tx,
             tx_bytes=(hk.numel() + hv.numel()) * hk.element_size(),
         )
 

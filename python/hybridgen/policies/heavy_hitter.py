@@ -62,8 +62,12 @@ class HeavyHitterPolicy(Policy):
         b, hkv, d = tier.store.batch, self.info.kv_heads, self.info.head_dim
         if st is None:
             empty = torch.empty((b, hkv, 0, d), dtype=dtype, device=device)
-            st = _HeavyHitters(torch.zeros((b, hkv, 0), device=device), torch.empty((b, hkv, 0), dtype=torch.long),
-                             empty, empty.clone())
+            st = _HeavyHitters(
+                torch.zeros((b, hkv, 0), device=device),
+                torch.empty((b, hkv, 0), dtype=torch.long),
+                empty,
+                empty.clone(),
+            )
             tier.policy_state = st
         if st.acc.shape[-1] < tier.total:
             pad = torch.zeros((b, hkv, tier.total - st.acc.shape[-1]), device=st.acc.device)
@@ -120,8 +124,15 @@ class HeavyHitterPolicy(Policy):
 
         out, t_dev = timed(attend, q.device)
         return out, StepRecord(
-            step=step, layer=tier.layer_idx, k=st.heavy.shape[-1], strategy=self.name, host_tokens=n_host,
-            device_tokens=tier.keys.shape[-2], t_cpu=0.0, t_gpu=t_dev, t_tx=t_tx,
+            step=step,
+            layer=tier.layer_idx,
+            k=st.heavy.shape[-1],
+            strategy=self.name,
+            host_tokens=n_host,
+            device_tokens=tier.keys.shape[-2],
+            t_cpu=0.0,
+            t_gpu=t_dev,
+            t_tx=t_tx,
         )
 
 

@@ -80,14 +80,24 @@ class HybridPolicy(Policy):
         moved, t_tx = host.ship(q.device)
         s = tier.sinks_on_device
         out, t_dev = timed(
-            lambda: device_combine(q, dev_k, dev_v, moved, scale=scale, sinks=s, dev_mask=dev_mask, dev_part=dev_part,
-                                   kernels=kernels),
+            lambda: device_combine(
+                q, dev_k, dev_v, moved, scale=scale, sinks=s, dev_mask=dev_mask, dev_part=dev_part, kernels=kernels
+            ),
             q.device,
         )
         return out, StepRecord(
-            step=step, layer=idx, k=host.tokens, strategy=strategy, host_tokens=n_host,
-            device_tokens=dev_k.shape[-2], t_cpu=host.seconds, t_gpu=t_dev + t_dev_part, t_tx=t_tx,
-            t_hidden=hidden, tx_bytes=host.nbytes(), speculative=speculated is not None,
+            step=step,
+            layer=idx,
+            k=host.tokens,
+            strategy=strategy,
+            host_tokens=n_host,
+            device_tokens=dev_k.shape[-2],
+            t_cpu=host.seconds,
+            t_gpu=t_dev + t_dev_part,
+            t_tx=t_tx,
+            t_hidden=hidden,
+            tx_bytes=host.nbytes(),
+            speculative=speculated is not None,
         )
 
     def _stage(self, tier, q, scale, strategy, k, host_mask):
@@ -101,10 +111,17 @@ class HybridPolicy(Policy):
 
             (q, host_mask), ready = to_host(q, host_mask)
         return partial(
-            cpu_stage, tier.store, tier.layer_idx, q, scale=scale, merge=self.config.merge,
+            cpu_stage,
+            tier.store,
+            tier.layer_idx,
+            q,
+            scale=scale,
+            merge=self.config.merge,
             top_k=k if strategy == "post_qkt" else None,
             positions=pre_qkt_positions(tier.host_tokens, k) if strategy == "pre_qkt" else None,
-            host_mask=host_mask, pinned=on_cuda, ready=ready,
+            host_mask=host_mask,
+            pinned=on_cuda,
+            ready=ready,
             buffers=tier.buffers if self.config.merge == "lse" else None,
         )
 
@@ -118,7 +135,9 @@ class HybridPolicy(Policy):
         if keep is not None:
             s = min(tier.placement.sinks, tier.total + 1)  # the layer has not taken this step's token yet
             host_mask = ~keep[:, s : s + tier.host_tokens]
-        self.speculated[tier.layer_idx] = self.worker.submit(self._stage(tier, q_estimate, scale, strategy, k, host_mask))
+        self.speculated[tier.layer_idx] = self.worker.submit(
+            self._stage(tier, q_estimate, scale, strategy, k, host_mask)
+        )
 
 
 def _wait(future) -> tuple:

@@ -114,7 +114,15 @@ class InfiniGenPolicy(Policy):
 
         out, t_dev = timed(attend, q.device)
         return out, StepRecord(
-            step=step, layer=idx, k=chosen.shape[-1], strategy="infinigen", host_tokens=n_host,
-            device_tokens=dev_k.shape[-2], t_cpu=0.0, t_gpu=t_dev, t_tx=t_tx,
-            tx_bytes=(hk.numel() + hv.numel()) * hk.element_size(), speculative=q_est is not None,
+            step=step,
+            layer=idx,
+            k=chosen.shape[-1],
+            strategy="infinigen",
+            host_tokens=n_host,
+            device_tokens=dev_k.shape[-2],
+            t_cpu=0.0,
+            t_gpu=t_dev,
+            t_tx=t_tx,
+            tx_bytes=(hk.numel() + hv.numel()) * hk.element_size(),
+            speculative=q_est is not None,
         )

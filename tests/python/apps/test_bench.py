@@ -38,8 +38,24 @@ def png_size(path: Path) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "tiny.json"
-    argv = [*TINY, "--contexts", "128", "64", "--batch", "1", "2", "--policies", "post_qkt", "h2o",
-            "--steps", "2", "--warmup", "1", "--out", str(out)]
+    argv = [
+        *TINY,
+        "--contexts",
+        "128",
+        "64",
+        "--batch",
+        "1",
+        "2",
+        "--policies",
+        "post_qkt",
+        "h2o",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--out",
+        str(out),
+    ]
     record = bench.main(argv)
     return argv, out, record
 
@@ -66,7 +82,9 @@ def test_latency_throughput_and_ratios_agree(sweep):
         assert r["round_ms"] == pytest.approx(r["step_ms"])
         assert r["ms_per_token"] == pytest.approx(statistics.median(r["round_ms"]))
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1000 / r["ms_per_token"])
-        full = next(f for f in rows if f["policy"] == "full" and f["context"] == r["context"] and f["batch"] == r["batch"])
+        full = next(
+            f for f in rows if f["policy"] == "full" and f["context"] == r["context"] and f["batch"] == r["batch"]
+        )
         assert r["ratio_to_full"] == pytest.approx(r["ms_per_token"] / full["ms_per_token"])
         assert r["speedup_vs_full"] == pytest.approx(1 / r["ratio_to_full"])
         assert r["prefill_s"] > 0 and r["placement_s"] >= 0
@@ -102,8 +120,25 @@ def test_configurations_that_do_not_fit_are_skipped_with_a_reason(tmp_path):
     # With 1 MiB, context 64 fits (full ~64 KiB, the others ~75 KiB each); 4096 does not
     # (full alone ~4 MiB, the prompt with older tokens on the host ~2.5 MiB).
     out = tmp_path / "skip.json"
-    record = bench.main([*TINY, "--contexts", "64", "4096", "--policies", "aoc", "streaming", "--steps", "2",
-                         "--warmup", "0", "--max-memory", str(1 / 1024), "--out", str(out)])
+    record = bench.main(
+        [
+            *TINY,
+            "--contexts",
+            "64",
+            "4096",
+            "--policies",
+            "aoc",
+            "streaming",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--max-memory",
+            str(1 / 1024),
+            "--out",
+            str(out),
+        ]
+    )
     rows = {(r["policy"], r["context"]): r for r in record["rows"]}
     assert len(rows) == 6
     for p in ("full", "aoc", "streaming"):
@@ -131,16 +166,19 @@ def test_plan_skips_in_order_once_memory_runs_out():
     assert "device memory" in reasons["full"]
 
 
-@pytest.mark.parametrize("argv, error, fragment", [
-    (["--policies", "full", "nope"], ValueError, "unknown policy 'nope'"),
-    (["--contexts", "64", "20"], ValueError, "must exceed"),
-    (["--batch", "1", "0"], ValueError, "batch sizes"),
-    (["--model", "gpt-9"], ValueError, "unknown model 'gpt-9'"),
-    (["--model", "./no/such/model"], FileNotFoundError, "no such model directory"),
-    (["--steps", "1", "--rounds", "2"], ValueError, "--steps"),
-    (["--threads", "many"], ValueError, "--threads"),
-    (["--k", "0"], ValueError, "--k"),
-])
+@pytest.mark.parametrize(
+    "argv, error, fragment",
+    [
+        (["--policies", "full", "nope"], ValueError, "unknown policy 'nope'"),
+        (["--contexts", "64", "20"], ValueError, "must exceed"),
+        (["--batch", "1", "0"], ValueError, "batch sizes"),
+        (["--model", "gpt-9"], ValueError, "unknown model 'gpt-9'"),
+        (["--model", "./no/such/model"], FileNotFoundError, "no such model directory"),
+        (["--steps", "1", "--rounds", "2"], ValueError, "--steps"),
+        (["--threads", "many"], ValueError, "--threads"),
+        (["--k", "0"], ValueError, "--k"),
+    ],
+)
 def test_bad_options_fail_before_any_work(tmp_path, argv, error, fragment):
     out = tmp_path / "never.json"
     base = [*TINY, "--contexts", "64", "--out", str(out)]
@@ -166,8 +204,14 @@ def test_bars_and_largest_fit_summarise_rows():
     def row(policy, n, b, ms, status="ok"):
         return {"policy": policy, "context": n, "batch": b, "status": status, "ms_per_token": ms, "k_last": 64}
 
-    rows = [row("aog", 1024, 1, 30.0), row("streaming", 1024, 1, 12.0), row("h2o", 1024, 1, 15.0),
-            row("scheduler", 1024, 1, 10.0), row("full", 2048, 4, 5.0, status="skipped"), row("full", 1024, 4, 4.0)]
+    rows = [
+        row("aog", 1024, 1, 30.0),
+        row("streaming", 1024, 1, 12.0),
+        row("h2o", 1024, 1, 15.0),
+        row("scheduler", 1024, 1, 10.0),
+        row("full", 2048, 4, 5.0, status="skipped"),
+        row("full", 1024, 4, 4.0),
+    ]
     (b,) = bars(rows)
     assert b["speedup_vs_aog"] == 3.0 and b["best_selective"] == "streaming"
     assert abs(b["speedup_vs_best_selective"] - 1.2) < 1e-12

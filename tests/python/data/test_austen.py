@@ -212,7 +212,15 @@ def test_lazy_load_database(tmp_path, method):
     (tmp_path / "db.rdb").write_bytes(blobs)
 
     def named(items, names):
-        return flags(19, attr=True) + i32(len(items)) + b"".join(items) + flags(2, tag=True) + symbol("names") + strsxp(*names) + NIL
+        return (
+            flags(19, attr=True)
+            + i32(len(items))
+            + b"".join(items)
+            + flags(2, tag=True)
+            + symbol("names")
+            + strsxp(*names)
+            + NIL
+        )
 
     variables = named([flags(13) + i32(2, off, n) for _, off, n in index], [name for name, _, _ in index])
     compressed = flags(10) + i32(1, 1) if method == 1 else flags(13) + i32(1, 3)

@@ -64,19 +64,26 @@ class Case:
     def vector_loads(self) -> bool:
         """Whether the kernel can use 16-byte loads (else it reads one element at a time)."""
         v = VEC[self.dtype]
-        return (self.d % v == 0 and self.dev_batch_stride % v == 0 and self.dev_head_stride % v == 0
-                and not any(self.offsets.values()))
+        return (
+            self.d % v == 0
+            and self.dev_batch_stride % v == 0
+            and self.dev_head_stride % v == 0
+            and not any(self.offsets.values())
+        )
 
     def name(self) -> str:
         kind = "mha" if self.hq == self.hkv else f"gqa{self.hq // self.hkv}"
         host = f"m{self.m}{'g' if self.grouped else 'h'}" if self.m else "m0"
         loads = "vec" if self.vector_loads else "scalar"
-        return (f"s{self.seed}-{self.dtype}-b{self.b}-{kind}-d{self.d}-n{self.n_dev}-sink{self.sinks}-{host}"
-                f"-split{self.splits}-{loads}-sched{self.schedule}")
+        return (
+            f"s{self.seed}-{self.dtype}-b{self.b}-{kind}-d{self.d}-n{self.n_dev}-sink{self.sinks}-{host}"
+            f"-split{self.splits}-{loads}-sched{self.schedule}"
+        )
 
 
-def make(seed: int, *, dtype=None, g=None, d=None, hkv=None, b=None, m=None, grouped=None, misaligned=None,
-         splits=None) -> Case:
+def make(
+    seed: int, *, dtype=None, g=None, d=None, hkv=None, b=None, m=None, grouped=None, misaligned=None, splits=None
+) -> Case:
     rng = np.random.default_rng(seed)
     dtype = dtype or DTYPES[seed % 3]
     g = g or int(rng.choice(GROUPS))
@@ -136,7 +143,7 @@ def make(seed: int, *, dtype=None, g=None, d=None, hkv=None, b=None, m=None, gro
         for bi in range(b):
             for h in range(hkv):
                 at = bi * c.dev_batch_stride + h * c.dev_head_stride
-                flat[at:at + raw.shape[2] * d] = raw[bi, h].ravel()
+                flat[at : at + raw.shape[2] * d] = raw[bi, h].ravel()
         c.arrays[name], c.exact[name] = flat, exact[:, :, :n_dev]
 
     if m:
@@ -174,18 +181,59 @@ def job(c: Case) -> dict:
     """The launches of one hybrid attention step, as src/gpu/device.rs issues them."""
     a = c.arrays
     ref = lambda k: f"@{k}" if k in a else None  # noqa: E731
-    split = dict(q="@q", dev_k="@dev_k", dev_v="@dev_v", dev_batch_stride=c.dev_batch_stride,
-                 dev_head_stride=c.dev_head_stride, dev_mask=ref("dev_mask"), n_dev=c.n_dev, sinks=c.sinks,
-                 host_logits=ref("host_logits"), host_v=ref("host_v"), m=c.m, host_grouped=c.grouped, hq=c.hq,
-                 hkv=c.hkv, d=c.d, scale=c.scale, part_o="@part_o", part_lse="@part_lse",
-                 geometry=launchers.split_geometry(c.b, c.hq, c.hkv, c.d, c.n_dev + c.m, c.splits),
-                 schedule=c.schedule, seed=c.seed)
+    split = dict(
+        q="@q",
+        dev_k="@dev_k",
+        dev_v="@dev_v",
+        dev_batch_stride=c.dev_batch_stride,
+        dev_head_stride=c.dev_head_stride,
+        dev_mask=ref("dev_mask"),
+        n_dev=c.n_dev,
+        sinks=c.sinks,
+        host_logits=ref("host_logits"),
+        host_v=ref("host_v"),
+        m=c.m,
+        host_grouped=c.grouped,
+        hq=c.hq,
+        hkv=c.hkv,
+        d=c.d,
+        scale=c.scale,
+        part_o="@part_o",
+        part_lse="@part_lse",
+        geometry=launchers.split_geometry(c.b, c.hq, c.hkv, c.d, c.n_dev + c.m, c.splits),
+        schedule=c.schedule,
+        seed=c.seed,
+    )
     merge = launchers.merge_geometry(c.b * c.hq, c.d, c.splits)
-    plain = dict(part_o="@part_o", part_lse="@part_lse", host_o=None, host_lse=None, out="@out_plain",
-                 out_lse="@lse_plain" if c.lse_wanted else None, geometry=merge, schedule=c.schedule, seed=c.seed)
-    hgca = dict(part_o="@part_o", part_lse="@part_lse", host_o="@host_o", host_lse="@host_lse", out="@out_hgca",
-                out_lse="@lse_hgca", geometry=merge, schedule=c.schedule, seed=c.seed)
-    return {"arrays": a, "offsets": dict(c.offsets),
-            "calls": [("split_attention", {**split, "dtype": c.dtype}),
-                      ("merge_partials", plain), ("merge_partials", hgca)],
-            "outputs": ["part_o", "part_lse", "out_plain", "lse_plain", "out_hgca", "lse_hgca"]}
+    plain = dict(
+        part_o="@part_o",
+        part_lse="@part_lse",
+        host_o=None,
+        host_lse=None,
+        out="@out_plain",
+        out_lse="@lse_plain" if c.lse_wanted else None,
+        geometry=merge,
+        schedule=c.schedule,
+        seed=c.seed,
+    )
+    hgca = dict(
+        part_o="@part_o",
+        part_lse="@part_lse",
+        host_o="@host_o",
+        host_lse="@host_lse",
+        out="@out_hgca",
+        out_lse="@lse_hgca",
+        geometry=merge,
+        schedule=c.schedule,
+        seed=c.seed,
+    )
+    return {
+        "arrays": a,
+        "offsets": dict(c.offsets),
+        "calls": [
+            ("split_attention", {**split, "dtype": c.dtype}),
+            ("merge_partials", plain),
+            ("merge_partials", hgca),
+        ],
+        "outputs": ["part_o", "part_lse", "out_plain", "lse_plain", "out_hgca", "lse_hgca"],
+    }

@@ -31,8 +31,10 @@ MUTANTS = {
         "for (int j = 0; j < GL; ++j) if ((threadIdx.x & 31) < 16) x[u][j] += __shfl_xor_sync(FULL_MASK, x[u][j], o);",
     ),
     # A merge thread past head_dim writes one float beyond its row (and the buffer's end).
-    "merge_out_of_bounds": ("if (col < d) out[(long long)row * d + col] = t / total;",
-                            "if (col <= d) out[(long long)row * d + col] = t / total;"),
+    "merge_out_of_bounds": (
+        "if (col < d) out[(long long)row * d + col] = t / total;",
+        "if (col <= d) out[(long long)row * d + col] = t / total;",
+    ),
 }
 
 

@@ -30,17 +30,29 @@ SEEDS = range(48)
 FIXED = [
     (dtype, g, d, misaligned)
     for dtype in emu_cases.DTYPES
-    for g, d, misaligned in [(1, 128, False), (2, 64, False), (4, 128, False), (8, 80, False), (3, 256, False),
-                             (8, 256, False), (12, 96, False), (1, 33, False), (4, 100, False), (8, 255, False),
-                             (4, 64, True), (1, 1, False)]
+    for g, d, misaligned in [
+        (1, 128, False),
+        (2, 64, False),
+        (4, 128, False),
+        (8, 80, False),
+        (3, 256, False),
+        (8, 256, False),
+        (12, 96, False),
+        (1, 33, False),
+        (4, 100, False),
+        (8, 255, False),
+        (4, 64, True),
+        (1, 1, False),
+    ]
 ]
 REL = 1e-5  # inputs are identical and every sum is float32: errors are below 1e-6
 
 
 def fixed_case(i):
     dtype, g, d, misaligned = FIXED[i]
-    return emu_cases.make(1000 + i, dtype=dtype, g=g, d=d, b=2 if g < 8 else 1, hkv=2 if g < 8 else 1, m=None,
-                          misaligned=misaligned)
+    return emu_cases.make(
+        1000 + i, dtype=dtype, g=g, d=d, b=2 if g < 8 else 1, hkv=2 if g < 8 else 1, m=None, misaligned=misaligned
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +77,9 @@ def assert_close(got, want, what):
         # Relative to the largest magnitude of the row: outputs are convex mixes of value rows.
         tol = REL * max(1.0, float(np.abs(w).max()))
         err = np.abs(g - w)
-        assert err.max() <= tol, f"{what}: max error {err.max():.3g} > {tol:.3g} at {np.unravel_index(err.argmax(), g.shape)}"
+        assert err.max() <= tol, (
+            f"{what}: max error {err.max():.3g} > {tol:.3g} at {np.unravel_index(err.argmax(), g.shape)}"
+        )
 
 
 def test_cases_cover_the_corners():
@@ -90,8 +104,9 @@ def test_cases_cover_the_corners():
     assert {(c.dtype, c.vector_loads) for c in fixed} == {(t, v) for t in emu_cases.DTYPES for v in (True, False)}
 
 
-@pytest.mark.parametrize("key", [("seed", s) for s in SEEDS] + [("fixed", i) for i in range(len(FIXED))],
-                         ids=lambda k: f"{k[0]}{k[1]}")
+@pytest.mark.parametrize(
+    "key", [("seed", s) for s in SEEDS] + [("fixed", i) for i in range(len(FIXED))], ids=lambda k: f"{k[0]}{k[1]}"
+)
 def test_kernels_match_float64_reference(results, key):
     case, res = results[key]
     assert "error" not in res, f"{case.name()}: {res.get('error')}"

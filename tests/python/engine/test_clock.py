@@ -5,8 +5,18 @@ from hybridgen.telemetry import StepRecord
 
 
 def record(layer: int, t_cpu=1.0, t_gpu=2.0, t_tx=0.5, hidden=0.25) -> StepRecord:
-    return StepRecord(step=-1, layer=layer, k=4, strategy="post_qkt", host_tokens=10, device_tokens=5,
-                      t_cpu=t_cpu, t_gpu=t_gpu, t_tx=t_tx, t_hidden=hidden)
+    return StepRecord(
+        step=-1,
+        layer=layer,
+        k=4,
+        strategy="post_qkt",
+        host_tokens=10,
+        device_tokens=5,
+        t_cpu=t_cpu,
+        t_gpu=t_gpu,
+        t_tx=t_tx,
+        t_hidden=hidden,
+    )
 
 
 def test_a_step_closes_once_with_summed_times():

@@ -157,9 +157,12 @@ FRAMEWORK = re.compile(r"transformers|flexgen|self_attn|decoder_layer")
 
 @pytest.mark.parametrize("package", ["engine", "policies"])
 def test_engine_and_policies_never_name_a_framework(package):
-    found = [f"{p.relative_to(PACKAGE)}:{i}: {line.strip()}"
-             for p in sorted((PACKAGE / package).rglob("*.py"))
-             for i, line in enumerate(p.read_text().splitlines(), 1) if FRAMEWORK.search(line)]
+    found = [
+        f"{p.relative_to(PACKAGE)}:{i}: {line.strip()}"
+        for p in sorted((PACKAGE / package).rglob("*.py"))
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if FRAMEWORK.search(line)
+    ]
     assert not found, "\n".join(found)
 
 
@@ -184,18 +187,26 @@ def _imports(path: Path) -> set[str]:
 def test_no_import_cycles_between_the_layers():
     """policies import the engine's parts, never the Engine; hf.attention and hf.patch do not
     import each other both ways; nothing under engine/ or policies/ imports a front end."""
-    modules = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
-               for p in PACKAGE.rglob("*.py")}
+    modules = {
+        ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in PACKAGE.rglob("*.py")
+    }
     graph = {m: {i for i in _imports(p) if i in modules} for m, p in modules.items()}
     for m, deps in graph.items():
         if m.startswith(("hybridgen.engine", "hybridgen.policies")):
             assert not {d for d in deps if d.startswith(("hybridgen.hf", "hybridgen.flexgen", "hybridgen.apps"))}, m
         if m.startswith("hybridgen.policies"):
             assert "hybridgen.engine.engine" not in deps and "hybridgen.engine" not in deps, m
-    assert not ("hybridgen.hf.patch" in graph["hybridgen.hf.attention"] and "hybridgen.hf.attention" in graph["hybridgen.hf.patch"])
+    assert not (
+        "hybridgen.hf.patch" in graph["hybridgen.hf.attention"]
+        and "hybridgen.hf.attention" in graph["hybridgen.hf.patch"]
+    )
     # No cycle among modules once package aggregators (__init__) are left out.
-    plain = {m: {d for d in deps if modules[d].name != "__init__.py"} for m, deps in graph.items()
-             if modules[m].name != "__init__.py"}
+    plain = {
+        m: {d for d in deps if modules[d].name != "__init__.py"}
+        for m, deps in graph.items()
+        if modules[m].name != "__init__.py"
+    }
     state: dict = {}
 
     def visit(m, path):

@@ -4,8 +4,19 @@ from hybridgen.telemetry import StepRecord, Telemetry
 
 
 def rec(step, layer, k, strategy="post_qkt", t_cpu=0.002, t_gpu=0.004, t_tx=0.001, hidden=0.0, tx=1024):
-    return StepRecord(step, layer, k, strategy, host_tokens=100 + step, device_tokens=20, t_cpu=t_cpu, t_gpu=t_gpu,
-                      t_tx=t_tx, t_hidden=hidden, tx_bytes=tx)
+    return StepRecord(
+        step,
+        layer,
+        k,
+        strategy,
+        host_tokens=100 + step,
+        device_tokens=20,
+        t_cpu=t_cpu,
+        t_gpu=t_gpu,
+        t_tx=t_tx,
+        t_hidden=hidden,
+        tx_bytes=tx,
+    )
 
 
 def test_empty_telemetry_says_no_steps():
@@ -17,8 +28,15 @@ def test_summary_per_step_figures():
     t = Telemetry()
     for step in range(3):
         for layer in range(2):
-            t.add(rec(step, layer, k=8 * (step + 1), strategy="pre_qkt" if step == 2 else "post_qkt",
-                      hidden=0.001 if layer == 0 else 0.0))
+            t.add(
+                rec(
+                    step,
+                    layer,
+                    k=8 * (step + 1),
+                    strategy="pre_qkt" if step == 2 else "post_qkt",
+                    hidden=0.001 if layer == 0 else 0.0,
+                )
+            )
     s = t.summary()
     assert s["steps"] == 3 and s["k_last"] == 24 and s["k_mean"] == 16
     assert s["strategy_share"] == {"post_qkt": 4 / 6, "pre_qkt": 2 / 6}

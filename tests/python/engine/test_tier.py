@@ -14,8 +14,17 @@ B, H, D = 2, 3, 8
 
 
 def make(placement: Placement, layers: int = 1, max_tokens: int = 4096):
-    store = HostKVStore(layers, B, H, D, torch.float32, sinks=placement.sinks, max_host_tokens=max_tokens,
-                        near_capacity_bytes=1 << 24, far_capacity_bytes=1 << 24)
+    store = HostKVStore(
+        layers,
+        B,
+        H,
+        D,
+        torch.float32,
+        sinks=placement.sinks,
+        max_host_tokens=max_tokens,
+        near_capacity_bytes=1 << 24,
+        far_capacity_bytes=1 << 24,
+    )
     return DeviceTier(store, 0, placement)
 
 

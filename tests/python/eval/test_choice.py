@@ -49,19 +49,22 @@ def write(tmp_path, *rows):
     return path
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"label": None}, "missing key"),
-    ({"label": 2}, "out of range"),
-    ({"label": -1}, "out of range"),
-    ({"label": True}, "integer"),
-    ({"choices": ["only one"]}, "at least 2"),
-    ({"choices": ["a", "a"]}, "repeat"),
-    ({"choices": ["a", ""]}, "non-empty"),
-    ({"kind": "trivia"}, "unknown kind"),
-    ({"context": "Answer: "}, "whitespace"),
-    ({"extra": 1}, "unknown key"),
-    ({"kind": "entailment", "choices": ["maybe", "no"]}, "entailment choices"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"label": None}, "missing key"),
+        ({"label": 2}, "out of range"),
+        ({"label": -1}, "out of range"),
+        ({"label": True}, "integer"),
+        ({"choices": ["only one"]}, "at least 2"),
+        ({"choices": ["a", "a"]}, "repeat"),
+        ({"choices": ["a", ""]}, "non-empty"),
+        ({"kind": "trivia"}, "unknown kind"),
+        ({"context": "Answer: "}, "whitespace"),
+        ({"extra": 1}, "unknown key"),
+        ({"kind": "entailment", "choices": ["maybe", "no"]}, "entailment choices"),
+    ],
+)
 def test_loader_names_the_bad_line(tmp_path, change, message):
     bad = {**GOOD, **change, "id": "x-2"}
     bad = {k: v for k, v in bad.items() if v is not None}
@@ -105,8 +108,15 @@ def test_a_token_merged_across_the_boundary_counts_as_continuation(tokenizer):
 @pytest.fixture(scope="module")
 def model(tokenizer):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -128,12 +138,14 @@ def reference_logliks(model, tokenizer, item):
         ids = torch.tensor([whole])
         with torch.inference_mode():
             logp = torch.log_softmax(model(ids).logits[0].float(), -1)
-        targets = ids[0, len(ctx):]
+        targets = ids[0, len(ctx) :]
         out.append(logp[len(ctx) - 1 : -1].gather(1, targets[:, None]).sum().item())
     return out
 
 
-@pytest.mark.parametrize("config", [None, HybridConfig(policy="all", gpu_budget=4, sinks=2)], ids=["full", "hybrid-all"])
+@pytest.mark.parametrize(
+    "config", [None, HybridConfig(policy="all", gpu_budget=4, sinks=2)], ids=["full", "hybrid-all"]
+)
 def test_scores_equal_one_forward_pass(model, tokenizer, items, config):
     result = score_items(model, tokenizer, items, config)
     assert result.policy == ("full" if config is None else "all")

@@ -31,8 +31,13 @@ def test_load_text_errors():
 
 
 def test_choose_k_min_is_the_inflection_point():
-    curve = [{"k": 8, "delta": 0.2}, {"k": 16, "delta": 0.004}, {"k": 32, "delta": 0.02}, {"k": 64, "delta": 0.008},
-             {"k": 128, "delta": 0.001}]
+    curve = [
+        {"k": 8, "delta": 0.2},
+        {"k": 16, "delta": 0.004},
+        {"k": 32, "delta": 0.02},
+        {"k": 64, "delta": 0.008},
+        {"k": 128, "delta": 0.001},
+    ]
     assert kmin.choose_k_min(curve, 0.01) == 64, "16 is within tolerance but 32 is not: not yet safe"
     assert kmin.choose_k_min(curve, 0.05) == 16
     assert kmin.choose_k_min([{"k": 8, "delta": 0.5}], 0.01) == 8
@@ -42,8 +47,25 @@ def test_profile_kmin_end_to_end_and_loaded_by_hybrid_config(tmp_path, cli):
     model = tiny_model_dir(tmp_path / "m")
     (tmp_path / "t.txt").write_text(" ".join(f"w{(i * 13) % 96}" for i in range(300)))
     out = tmp_path / "profile.json"
-    code, stdout, err = cli("profile-kmin", "--model", model, "--text", tmp_path / "t.txt", "--context", 96, "--score", 16,
-                            "--windows", 2, "--gpu-budget", 8, "--tolerance", 0.05, "--out", out)
+    code, stdout, err = cli(
+        "profile-kmin",
+        "--model",
+        model,
+        "--text",
+        tmp_path / "t.txt",
+        "--context",
+        96,
+        "--score",
+        16,
+        "--windows",
+        2,
+        "--gpu-budget",
+        8,
+        "--tolerance",
+        0.05,
+        "--out",
+        out,
+    )
     assert code == 0, err[-3000:]
     profile = json.loads(out.read_text())
     ks = [p["k"] for p in profile["curve"]]
@@ -91,9 +113,14 @@ def test_needle_trials_exact_policy_answers_like_generate(monkeypatch):
     monkeypatch.setattr(needle.haystack, "essays", lambda: [("e", " ".join(f"word{i % 50}." for i in range(400)))])
     model, tok = tiny("llama"), _Tokenizer()
     depths = (0.0, 0.5, 1.0)
-    trials = needle.needle_trials(model, tok, {"full": lambda n: None,
-                                               "all": lambda n: HybridConfig(policy="all", gpu_budget=8, sinks=2)},
-                                  [120], depths=depths, max_new_tokens=6)
+    trials = needle.needle_trials(
+        model,
+        tok,
+        {"full": lambda n: None, "all": lambda n: HybridConfig(policy="all", gpu_budget=8, sinks=2)},
+        [120],
+        depths=depths,
+        max_new_tokens=6,
+    )
     full = [t for t in trials if t.policy == "full"]
     exact = [t for t in trials if t.policy == "all"]
     assert [t.answer for t in full] == [t.answer for t in exact]
@@ -101,7 +128,7 @@ def test_needle_trials_exact_policy_answers_like_generate(monkeypatch):
     # Independent reference: the model's own generate() on the same haystack.
     hay = needle.haystack.build(tok, 120, 0.5)
     out = model.generate(hay.input_ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    want = tok.decode(out[0, hay.input_ids.shape[1]:].tolist()).strip()
+    want = tok.decode(out[0, hay.input_ids.shape[1] :].tolist()).strip()
     assert want.startswith(full[1].answer) and full[1].answer
 
 
@@ -126,8 +153,9 @@ def test_compare_reports_every_policy_against_full(monkeypatch):
     model, tok = tiny("llama"), _Tokenizer()
     ids = torch.randint(3, 96, (1, 200), generator=torch.Generator().manual_seed(0))
     texts = {"random": kmin.windows(ids, 96, 2)}
-    result = compare.compare_policies(model, tok, ["all", "streaming", "h2o"], texts, context=96, score=16,
-                                      gpu_budget=8, k=8, depths=(0.5,))
+    result = compare.compare_policies(
+        model, tok, ["all", "streaming", "h2o"], texts, context=96, score=16, gpu_budget=8, k=8, depths=(0.5,)
+    )
     rows = {r["policy"]: r for r in result["rows"]}
     assert set(rows) == {"full", "all", "streaming", "h2o"}
     assert rows["full"]["delta_random"] == 0 and abs(rows["all"]["delta_random"]) < 1e-4
@@ -150,8 +178,23 @@ def test_choice_cli_scores_the_packaged_suite_per_policy(tmp_path, cli):
 def test_cli_rejects_contexts_beyond_the_model_and_missing_profiles(tmp_path, cli):
     model = tiny_model_dir(tmp_path / "m")  # 512 positions
     (tmp_path / "t.txt").write_text(" ".join(f"w{i % 96}" for i in range(3000)))
-    for extra, message in ((["--contexts", "1024"], "exceeds the model's 512 positions"),
-                           (["--contexts", "96", "--profile", str(tmp_path / "none.json")], "no K_min profile")):
-        code, _, err = cli("eval", "perplexity", "--model", model, "--text", tmp_path / "t.txt", "--gpu-budget", "8",
-                           "--windows", "1", "--score", "8", *extra)
+    for extra, message in (
+        (["--contexts", "1024"], "exceeds the model's 512 positions"),
+        (["--contexts", "96", "--profile", str(tmp_path / "none.json")], "no K_min profile"),
+    ):
+        code, _, err = cli(
+            "eval",
+            "perplexity",
+            "--model",
+            model,
+            "--text",
+            tmp_path / "t.txt",
+            "--gpu-budget",
+            "8",
+            "--windows",
+            "1",
+            "--score",
+            "8",
+            *extra,
+        )
         assert code == 2 and message in err and "Traceback" not in err

@@ -52,8 +52,29 @@ def test_cli_reports_every_policy_per_context(tmp_path, cli):
     model = tiny_model_dir(tmp_path / "m")
     (tmp_path / "t.txt").write_text(" ".join(f"w{(i * 7) % 96}" for i in range(400)))
     out = tmp_path / "ppl.json"
-    code, stdout, err = cli("eval", "perplexity", "--model", model, "--text", tmp_path / "t.txt", "--contexts", 64, 96,
-                            "--score", 16, "--windows", 2, "--gpu-budget", 8, "--k", 16, "--policies", *POLICIES, "--out", out)
+    code, stdout, err = cli(
+        "eval",
+        "perplexity",
+        "--model",
+        model,
+        "--text",
+        tmp_path / "t.txt",
+        "--contexts",
+        64,
+        96,
+        "--score",
+        16,
+        "--windows",
+        2,
+        "--gpu-budget",
+        8,
+        "--k",
+        16,
+        "--policies",
+        *POLICIES,
+        "--out",
+        out,
+    )
     assert code == 0, err[-3000:]
     record = json.loads(out.read_text())
     assert record["command"].startswith("python -m hybridgen eval perplexity")

@@ -25,10 +25,15 @@ TASKS = ("hybridgen_choice_physical", "hybridgen_choice_cause_effect", "hybridge
 #: (context, continuation) pairs long enough that tokens reach the host tier with the small
 #: budget below; the empty context is scored after lm-eval's prefix token (a one-token context).
 PAIRS = [
-    ("The old lighthouse keeper climbed the narrow stairs every evening to light the lamp, and on"
-     " stormy nights he stayed awake until dawn", " watching the ships pass safely by the rocks."),
-    ("Question: If you leave an ice cube on a warm kitchen table for an hour, what happens to it?\nAnswer:",
-     " It melts into a small puddle of water."),
+    (
+        "The old lighthouse keeper climbed the narrow stairs every evening to light the lamp, and on"
+        " stormy nights he stayed awake until dawn",
+        " watching the ships pass safely by the rocks.",
+    ),
+    (
+        "Question: If you leave an ice cube on a warm kitchen table for an hour, what happens to it?\nAnswer:",
+        " It melts into a small puddle of water.",
+    ),
     ("", " Rain fell."),
 ]
 HYBRID_ARGS = dict(gpu_budget=4, sinks=2, evict_chunk=2)
@@ -52,9 +57,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2())
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-llama")
@@ -76,7 +87,7 @@ def reference(tiny_model_dir):
     def score(context: str, continuation: str) -> tuple[float, bool]:
         if context:
             ctx = tokenizer(context)["input_ids"]
-            cont = tokenizer(context + continuation)["input_ids"][len(ctx):]
+            cont = tokenizer(context + continuation)["input_ids"][len(ctx) :]
         else:
             ctx, cont = [tokenizer.bos_token_id], tokenizer(continuation)["input_ids"]
         ids = torch.tensor([ctx + cont])
@@ -119,7 +130,7 @@ def test_an_approximate_policy_changes_the_scores(tiny_model_dir, reference):
     # Streaming drops every host token: if scoring bypassed the hybrid attention the scores
     # would still equal full attention.
     lm = HybridLM(pretrained=str(tiny_model_dir), policy="streaming", **HYBRID_ARGS)
-    (logprob, _), = lm.loglikelihood(_requests(PAIRS[:1]))
+    ((logprob, _),) = lm.loglikelihood(_requests(PAIRS[:1]))
     assert abs(logprob - reference(*PAIRS[0])[0]) > 1e-3
 
 
@@ -172,10 +183,21 @@ def test_cli_runs_the_packaged_suite(tiny_model_dir, reference, tmp_path, monkey
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # main() replaces it for lm-eval's parser
     monkeypatch.chdir(tmp_path)  # the packaged tasks and data are found from anywhere
     out = tmp_path / "out"
-    main([
-        "--model", "hybridgen", "--model_args", f"pretrained={tiny_model_dir},policy=all,gpu_budget=4,sinks=2",
-        "--tasks", "hybridgen_choice", "--limit", "3", "--output_path", str(out), "--log_samples",
-    ])
+    main(
+        [
+            "--model",
+            "hybridgen",
+            "--model_args",
+            f"pretrained={tiny_model_dir},policy=all,gpu_budget=4,sinks=2",
+            "--tasks",
+            "hybridgen_choice",
+            "--limit",
+            "3",
+            "--output_path",
+            str(out),
+            "--log_samples",
+        ]
+    )
     printed = capsys.readouterr().out
 
     (results_file,) = out.rglob("results_*.json")

@@ -39,10 +39,22 @@ class _NoStream:
 
 def flex_policy(**overrides):
     fields = dict(
-        gpu_batch_size=2, num_gpu_batches=1, w_gpu_percent=100, w_cpu_percent=0, cache_gpu_percent=100,
-        cache_cpu_percent=0, act_gpu_percent=100, act_cpu_percent=0, overlap=False, sep_layer=True,
-        pin_weight=False, cpu_cache_compute=False, attn_sparsity=1.0, compress_weight=False,
-        comp_weight_config=CompressionConfig(4, 64, 0, False), compress_cache=False,
+        gpu_batch_size=2,
+        num_gpu_batches=1,
+        w_gpu_percent=100,
+        w_cpu_percent=0,
+        cache_gpu_percent=100,
+        cache_cpu_percent=0,
+        act_gpu_percent=100,
+        act_cpu_percent=0,
+        overlap=False,
+        sep_layer=True,
+        pin_weight=False,
+        cpu_cache_compute=False,
+        attn_sparsity=1.0,
+        compress_weight=False,
+        comp_weight_config=CompressionConfig(4, 64, 0, False),
+        compress_cache=False,
         comp_cache_config=CompressionConfig(4, 64, 2, False),
     )
     fields.update(overrides)
@@ -63,8 +75,15 @@ def flexgen_attention(device, q, k_all, v_all, mask, n_head):
     s, bn, d = k_all.shape
     b = bn // n_head
     value = device._attention_value(
-        q.reshape(bn, 1, d).float(), k_all.permute(1, 2, 0).float(), v_all.permute(1, 0, 2).float(),
-        mask, b, s, 1, n_head, d,
+        q.reshape(bn, 1, d).float(),
+        k_all.permute(1, 2, 0).float(),
+        v_all.permute(1, 0, 2).float(),
+        mask,
+        b,
+        s,
+        1,
+        n_head,
+        d,
     )
     return value.view(b, n_head, d)
 
@@ -75,8 +94,9 @@ def heads(x, b, n):
 
 
 def new_state(session, *, b, n, d, max_tokens, sinks, gpu_budget):
-    return FlexGenLayerCache(session, 0, batch=b, n_head=n, head_dim=d, max_tokens=max_tokens, sinks=sinks,
-                             gpu_budget=gpu_budget)
+    return FlexGenLayerCache(
+        session, 0, batch=b, n_head=n, head_dim=d, max_tokens=max_tokens, sinks=sinks, gpu_budget=gpu_budget
+    )
 
 
 class AttentionRun:
@@ -86,8 +106,17 @@ class AttentionRun:
         env = ExecutionEnv(gpu=device, cpu=device, disk=None, mixed=None)
         self.device, self.weights = device, weights
         self.layer = fo.SelfAttention(cfg, env, policy, 0)
-        self.layer.set_task(Task(inputs=None, prompt_len=prompt_len, gen_len=gen_len, cut_gen_len=None,
-                                 do_sample=False, temperature=1.0, stop=None))
+        self.layer.set_task(
+            Task(
+                inputs=None,
+                prompt_len=prompt_len,
+                gen_len=gen_len,
+                cut_gen_len=None,
+                do_sample=False,
+                temperature=1.0,
+                stop=None,
+            )
+        )
         self.home, self.read, self.write = ValueHolder(), ValueHolder(), ValueHolder()
         self.layer.init_cache_one_gpu_batch(self.home)
 
@@ -106,8 +135,18 @@ class AttentionRun:
 def attention_weights(h, gen):
     """Random OPT attention weights in FlexGen's order (w_q, b_q, ..., w_ln, b_ln), float16."""
     r = lambda *shape, s=1.0: (torch.randn(*shape, generator=gen) * s).half()  # noqa: E731
-    return (r(h, h, s=h**-0.5 * 2), r(h, s=0.1), r(h, h, s=h**-0.5 * 2), r(h, s=0.1), r(h, h, s=h**-0.5), r(h, s=0.1),
-            r(h, h, s=h**-0.5), r(h, s=0.1), (1 + 0.1 * torch.randn(h, generator=gen)).half(), r(h, s=0.1))
+    return (
+        r(h, h, s=h**-0.5 * 2),
+        r(h, s=0.1),
+        r(h, h, s=h**-0.5 * 2),
+        r(h, s=0.1),
+        r(h, h, s=h**-0.5),
+        r(h, s=0.1),
+        r(h, h, s=h**-0.5),
+        r(h, s=0.1),
+        (1 + 0.1 * torch.randn(h, generator=gen)).half(),
+        r(h, s=0.1),
+    )
 
 
 def decode_scenario(rng, b, h, n_head, prompt_len, gen_len, pads):
@@ -128,8 +167,16 @@ def run_attention(device, weights, policy, cfg, prompt, steps, masks, gen_len):
     return run, outs
 
 
-TINY = dict(name="opt-tiny", num_hidden_layers=2, max_seq_len=128, hidden_size=64, n_head=4, input_dim=64,
-            ffn_embed_dim=256, vocab_size=256)
+TINY = dict(
+    name="opt-tiny",
+    num_hidden_layers=2,
+    max_seq_len=128,
+    hidden_size=64,
+    n_head=4,
+    input_dim=64,
+    ffn_embed_dim=256,
+    vocab_size=256,
+)
 
 
 def write_flexgen_weights(path, cfg, seed=0):
@@ -138,9 +185,16 @@ def write_flexgen_weights(path, cfg, seed=0):
     that greedy decoding does not collapse into one repeated token."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    hf_cfg = OPTConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.input_dim, num_hidden_layers=cfg.num_hidden_layers,
-                       ffn_dim=cfg.ffn_embed_dim, num_attention_heads=cfg.n_head, word_embed_proj_dim=cfg.input_dim,
-                       max_position_embeddings=cfg.max_seq_len, pad_token_id=cfg.pad_token_id)
+    hf_cfg = OPTConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.input_dim,
+        num_hidden_layers=cfg.num_hidden_layers,
+        ffn_dim=cfg.ffn_embed_dim,
+        num_attention_heads=cfg.n_head,
+        word_embed_proj_dim=cfg.input_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        pad_token_id=cfg.pad_token_id,
+    )
     model = OPTForCausalLM(hf_cfg)
     gen = torch.Generator().manual_seed(seed)
     out = Path(path) / f"{cfg.name}-np"

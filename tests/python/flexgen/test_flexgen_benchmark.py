@@ -42,7 +42,9 @@ def test_benchmark_record_from_flexgen_timers(bench, tmp_path):
     from flexgen.timer import timers
 
     parser = cli.build_parser(fo)
-    args = bench.parse_args(["--prompt-len", "64", "--gen-len", "5", "--gpu-batch-size", "2", "--out", str(tmp_path / "r.json")])
+    args = bench.parse_args(
+        ["--prompt-len", "64", "--gen-len", "5", "--gpu-batch-size", "2", "--out", str(tmp_path / "r.json")]
+    )
     runs = []
     for name, step in (("flexgen-cpu-cache", 0.5), ("flexgen-cpu-compute", 0.25), ("hybrid", 0.1)):
         timer = timers("generate")
@@ -53,7 +55,9 @@ def test_benchmark_record_from_flexgen_timers(bench, tmp_path):
     assert runs[0]["decode_s"] == pytest.approx(2.0)
     assert runs[0]["decode_tokens_per_s"] == pytest.approx(2 * 4 / 2.0)
     assert runs[2]["total_tokens_per_s"] == pytest.approx(2 * 5 / 2.4)
-    record = bench.build_record("python benchmarks/flexgen_offload.py --gen-len 5", {"gpu": "test"}, vars(args) | {"out": "r"}, runs)
+    record = bench.build_record(
+        "python benchmarks/flexgen_offload.py --gen-len 5", {"gpu": "test"}, vars(args) | {"out": "r"}, runs
+    )
     assert record["ratios"]["hybrid/flexgen-cpu-cache"]["decode_throughput"] == pytest.approx(5.0)
     assert record["ratios"]["hybrid/flexgen-cpu-compute"]["decode_throughput"] == pytest.approx(2.5)
     assert record["ratios"]["hybrid/flexgen-cpu-cache"]["total_throughput"] == pytest.approx(4.0 / 2.4)
@@ -65,7 +69,11 @@ def test_benchmark_record_from_flexgen_timers(bench, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 def test_benchmark_without_a_gpu_fails_clearly(tmp_path):
-    r = subprocess.run([sys.executable, "benchmarks/flexgen_offload.py", "--out", str(tmp_path / "x.json")],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "benchmarks/flexgen_offload.py", "--out", str(tmp_path / "x.json")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 1 and "needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x.json").exists()

@@ -95,8 +95,9 @@ def test_post_qkt_selects_what_flexgen_sparse_attention_selects(cpu_flexgen, mon
     qf, kf = q.reshape(b * n, 1, d).float(), k_all.permute(1, 2, 0).float()
     v_home = TorchTensor.create_from_torch(v_all.clone(), cpu_flexgen)
     v_buf = TorchTensor.create_from_torch(torch.zeros(src_s, b * n, d), cpu_flexgen)
-    sparse = cpu_flexgen._sparse_attention_value(qf, kf, v_all[old:].float(), (v_home, v_buf), mask, b, src_s, 1, n, d,
-                                                 sparsity).view(b, n, d)
+    sparse = cpu_flexgen._sparse_attention_value(
+        qf, kf, v_all[old:].float(), (v_home, v_buf), mask, b, src_s, 1, n, d, sparsity
+    ).view(b, n, d)
     weights = cpu_flexgen._attention_weights(qf, kf, mask, b, src_s, n)  # (b*n, 1, s), FlexGen's softmax
     kept = weights[:, :, :-1].topk(top, dim=2).values.sum(-1) + weights[:, :, -1]
     torch.testing.assert_close(out * kept.view(b, n, 1), sparse, atol=2e-3, rtol=0)

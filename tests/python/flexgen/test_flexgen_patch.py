@@ -37,7 +37,9 @@ from hybridgen.flexgen import compat
 
 @pytest.mark.parametrize("merge", ["lse", "concat"])
 @pytest.mark.parametrize("sinks,gpu_budget,evict_chunk", [(0, 4, 3), (3, 6, 2)])
-def test_patched_self_attention_matches_flexgen_over_decode_steps(cpu_flexgen, rng, merge, sinks, gpu_budget, evict_chunk):
+def test_patched_self_attention_matches_flexgen_over_decode_steps(
+    cpu_flexgen, rng, merge, sinks, gpu_budget, evict_chunk
+):
     """The whole patched ``mha_gen`` (projections, hybrid attention, output projection, residual,
     returned k/v) through FlexGen's load/forward/store protocol equals FlexGen's own over 14
     decode steps, while tokens move to the host in chunks."""
@@ -82,9 +84,16 @@ def test_replacements_fall_back_to_flexgen_for_caches_they_did_not_make(cpu_flex
     assert isinstance(run.home.val[0], TorchTensor) and not session.telemetry.records
 
 
-@pytest.mark.parametrize("options", [dict(policy="all"), dict(policy="all", merge="concat"),
-                                     dict(policy="post_qkt", k=1000), dict(policy="pre_qkt", k=1000)],
-                         ids=["all-lse", "all-concat", "post_qkt-k-covers-all", "pre_qkt-k-covers-all"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(policy="all"),
+        dict(policy="all", merge="concat"),
+        dict(policy="post_qkt", k=1000),
+        dict(policy="pre_qkt", k=1000),
+    ],
+    ids=["all-lse", "all-concat", "post_qkt-k-covers-all", "pre_qkt-k-covers-all"],
+)
 def test_generate_gives_flexgen_tokens_with_exact_attention(cpu_flexgen, tiny_weights, prompts, options):
     """``OptLM.generate`` patched, with most of each layer's cache on the host, produces FlexGen's
     own greedy tokens whenever every host token is attended to."""
@@ -154,8 +163,12 @@ def _patched_attributes():
 
 def test_unpatch_restores_flexgen_exactly():
     before = {(cls, name): vars(cls)[name] for cls, name in _patched_attributes()}
-    assert {(c.__name__, n) for c, n in before} == {("TorchDevice", "mha_gen"), ("SelfAttention", "init_cache_one_gpu_batch"),
-                                                    ("SelfAttention", "load_cache"), ("SelfAttention", "store_cache")}
+    assert {(c.__name__, n) for c, n in before} == {
+        ("TorchDevice", "mha_gen"),
+        ("SelfAttention", "init_cache_one_gpu_batch"),
+        ("SelfAttention", "load_cache"),
+        ("SelfAttention", "store_cache"),
+    }
     session = hf.patch(policy="post_qkt", k=8)
     assert hf.is_patched() and hf.current_session() is session
     for (cls, name), original in before.items():
@@ -207,22 +220,27 @@ def test_missing_flexgen_is_an_import_error_with_the_install_command(monkeypatch
 def test_other_flexgen_versions_are_refused(monkeypatch):
     real = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.1.7" if name == "flexgen" else real(name))
-    with pytest.raises(ImportError, match=r"FlexGen 0\.1\.8.*FlexGen 0\.1\.7 is installed: pip install flexgen==0\.1\.8"):
+    with pytest.raises(
+        ImportError, match=r"FlexGen 0\.1\.8.*FlexGen 0\.1\.7 is installed: pip install flexgen==0\.1\.8"
+    ):
         hf.patch()
     assert not hf.is_patched()
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(policy="h2o"), ValueError, "not available in FlexGen"),
-    (dict(policy="infinigen"), ValueError, "not available in FlexGen"),
-    (dict(policy="nonsense"), ValueError, "unknown policy"),
-    (dict(pipeline=True, speculative=True), ValueError, "speculative"),
-    (dict(max_context=4096), ValueError, "max_context"),
-    (dict(gpu_budget=0), ValueError, "gpu_budget"),
-    (dict(k_min=64, k_max=8), ValueError, "k_min"),
-    (dict(merge="sum"), ValueError, "merge"),
-    (dict(budget=12), TypeError, "budget"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(policy="h2o"), ValueError, "not available in FlexGen"),
+        (dict(policy="infinigen"), ValueError, "not available in FlexGen"),
+        (dict(policy="nonsense"), ValueError, "unknown policy"),
+        (dict(pipeline=True, speculative=True), ValueError, "speculative"),
+        (dict(max_context=4096), ValueError, "max_context"),
+        (dict(gpu_budget=0), ValueError, "gpu_budget"),
+        (dict(k_min=64, k_max=8), ValueError, "k_min"),
+        (dict(merge="sum"), ValueError, "merge"),
+        (dict(budget=12), TypeError, "budget"),
+    ],
+)
 def test_bad_options_are_refused(kwargs, error, match):
     with pytest.raises(error, match=match):
         hf.patch(**kwargs)
@@ -236,14 +254,17 @@ def test_config_and_options_together_are_refused():
         hf.patch({"policy": "all"})
 
 
-@pytest.mark.parametrize("policy,match", [
-    (dict(cache_gpu_percent=50, cache_cpu_percent=0), "on disk"),
-    (dict(cache_gpu_percent=0, cache_cpu_percent=50), "on disk"),
-    (dict(attn_sparsity=0.5), "post_qkt"),
-    (dict(compress_cache=True), "compress-cache"),
-    (dict(cpu_cache_compute=True, cache_gpu_percent=0, cache_cpu_percent=100), "cpu-cache-compute"),
-    (dict(cache_gpu_percent=0, cache_cpu_percent=100), "give one of them"),
-])
+@pytest.mark.parametrize(
+    "policy,match",
+    [
+        (dict(cache_gpu_percent=50, cache_cpu_percent=0), "on disk"),
+        (dict(cache_gpu_percent=0, cache_cpu_percent=50), "on disk"),
+        (dict(attn_sparsity=0.5), "post_qkt"),
+        (dict(compress_cache=True), "compress-cache"),
+        (dict(cpu_cache_compute=True, cache_gpu_percent=0, cache_cpu_percent=100), "cpu-cache-compute"),
+        (dict(cache_gpu_percent=0, cache_cpu_percent=100), "give one of them"),
+    ],
+)
 def test_flexgen_settings_hybrid_attention_cannot_serve(cpu_flexgen, tiny_weights, prompts, policy, match):
     """Refused when generate() makes its caches, before any work."""
     hf.patch(gpu_budget=16)
@@ -256,7 +277,9 @@ def test_cache_percents_set_the_token_split_when_no_budget_is_given(cpu_flexgen,
     session = hf.patch(policy="all", sinks=2, evict_chunk=2)
     env = ExecutionEnv(gpu=cpu_flexgen, cpu=cpu_flexgen, disk=None, mixed=None)
     model = fo.OptLM(OptConfig(**TINY), env, tiny_weights, flex_policy(cache_gpu_percent=25, cache_cpu_percent=75))
-    model.set_task(Task(inputs=prompts, prompt_len=24, gen_len=12, cut_gen_len=None, do_sample=False, temperature=1.0, stop=None))
+    model.set_task(
+        Task(inputs=prompts, prompt_len=24, gen_len=12, cut_gen_len=None, do_sample=False, temperature=1.0, stop=None)
+    )
     home = ValueHolder()
     model.layers[1].init_cache_one_gpu_batch(home)
     state = home.val[0]

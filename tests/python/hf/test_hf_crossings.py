@@ -21,6 +21,7 @@ class CountingNative:
     def __getattr__(self, name):
         value = getattr(self._inner, name)
         if callable(value):
+
             def counted(*args, **kwargs):
                 self.calls[name] += 1
                 return value(*args, **kwargs)
@@ -30,8 +31,17 @@ class CountingNative:
         return value
 
 
-@pytest.mark.parametrize("policy,merge", [("all", "lse"), ("all", "concat"), ("post_qkt", "lse"),
-                                          ("post_qkt", "concat"), ("pre_qkt", "lse"), ("scheduler", "lse")])
+@pytest.mark.parametrize(
+    "policy,merge",
+    [
+        ("all", "lse"),
+        ("all", "concat"),
+        ("post_qkt", "lse"),
+        ("post_qkt", "concat"),
+        ("pre_qkt", "lse"),
+        ("scheduler", "lse"),
+    ],
+)
 def test_one_native_store_call_per_layer_per_decode_step(policy, merge):
     model = tiny("llama")
     layers = model.config.num_hidden_layers

@@ -73,9 +73,18 @@ def test_attn_implementation_route_without_patch():
     model.set_attn_implementation("eager")
     want_seq, want_logits = greedy(model, ids, mask, 16)
     model.set_attn_implementation("hybridgen")
-    cache = hybridgen.HybridCache(model, HybridConfig(gpu_budget=8, sinks=2, evict_chunk=2, policy="scheduler", k_min=4, k_max=64))
-    out = model.generate(ids, attention_mask=mask, **cache_arg(cache), max_new_tokens=16, min_new_tokens=16,
-                         do_sample=False, pad_token_id=1)
+    cache = hybridgen.HybridCache(
+        model, HybridConfig(gpu_budget=8, sinks=2, evict_chunk=2, policy="scheduler", k_min=4, k_max=64)
+    )
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        **cache_arg(cache),
+        max_new_tokens=16,
+        min_new_tokens=16,
+        do_sample=False,
+        pad_token_id=1,
+    )
     assert out.shape == want_seq.shape
     assert cache.store.host_len(0) > 0
     assert cache.step == 15, "each decode step was recorded and fed to the scheduler"

@@ -26,8 +26,15 @@ ROOT = Path(__file__).resolve().parents[3]
 
 def tiny_llama(kv_heads: int = 2):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=kv_heads, intermediate_size=128, max_position_embeddings=512)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        intermediate_size=128,
+        max_position_embeddings=512,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -104,7 +111,9 @@ def test_attention_that_cannot_find_its_layer_raises(monkeypatch):
     cache = hybridgen.HybridCache(model)
     model(ids(30), **cache_arg(cache))
     update = HybridLayer.update
-    monkeypatch.setattr(HybridLayer, "update", lambda self, k, v, *a, **kw: tuple(t.clone() for t in update(self, k, v, *a, **kw)))
+    monkeypatch.setattr(
+        HybridLayer, "update", lambda self, k, v, *a, **kw: tuple(t.clone() for t in update(self, k, v, *a, **kw))
+    )
     with pytest.raises(HybridPathError, match="layer 0"):
         model(ids(1), **cache_arg(cache))
 
@@ -164,7 +173,12 @@ def test_transformers_outside_the_range_is_named_and_refused(monkeypatch):
     reasons = hybridgen.supports(model)
     assert any("transformers 5.22.2" in r and compat.TRANSFORMERS_RANGE in r for r in reasons), reasons
     impl = model.config._attn_implementation
-    with pytest.raises(ValueError, match=re.escape(f"transformers 5.22.2 is outside the range hybridgen supports (transformers{compat.TRANSFORMERS_RANGE})")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"transformers 5.22.2 is outside the range hybridgen supports (transformers{compat.TRANSFORMERS_RANGE})"
+        ),
+    ):
         hybridgen.patch(model, HybridConfig(**CONFIG))
     assert not hybridgen.hf.is_patched(model) and model.config._attn_implementation == impl
 

@@ -17,8 +17,17 @@ from hybridgen import HybridConfig
 def test_mqa_exact_mode_equals_eager(family, batch, merge):
     cls, config = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config)}[family]
     torch.manual_seed(0)
-    model = cls(config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=1, intermediate_size=128, max_position_embeddings=512)).eval()
+    model = cls(
+        config(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            intermediate_size=128,
+            max_position_embeddings=512,
+        )
+    ).eval()
     ids, mask = prompts(batch, 40, 3)
     model.set_attn_implementation("eager")
     want_seq, want_logits = greedy(model, ids, mask, 8)

@@ -10,12 +10,11 @@ must be identical.
 import threading
 
 import pytest
+import reference as ref
 import torch
 
 import hybridgen
 from hybridgen import _native
-
-import reference as ref
 
 try:
     from hybridgen.attention import cpu_stage as python_stage
@@ -187,8 +186,11 @@ def test_ties_go_to_the_earlier_token_and_indices_stay_in_order(rng):
 
 
 @pytest.mark.parametrize("merge", ["lse", "concat"])
-@pytest.mark.parametrize("kw", [{}, {"top_k": 5}, {"top_k": 0}, {"positions": torch.empty(0, dtype=torch.int64)}],
-                         ids=["all", "top_k", "k0", "no_positions"])
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"top_k": 5}, {"top_k": 0}, {"positions": torch.empty(0, dtype=torch.int64)}],
+    ids=["all", "top_k", "k0", "no_positions"],
+)
 def test_no_host_tokens(merge, kw, rng):
     b, hkv, g, d = 2, 2, 2, 32
     store, _, _ = make_store(b, hkv, d, 0, torch.float16, rng)
@@ -242,9 +244,13 @@ def test_outputs_written_in_place_or_into_buffers(merge, rng):
     store, _, _ = make_store(b, hkv, d, n, torch.bfloat16, rng)
     q = torch.randn((b, hq, d), generator=rng)
     fresh = native(store, q, 0.5, merge, top_k=k, indices_out=torch.empty((b, hq, k), dtype=torch.int64))
-    names = {"lse": {"out": ("out", torch.float32, (b, hq, d)), "lse_out": ("lse", torch.float32, (b, hq))},
-             "concat": {"logits_out": ("logits", torch.float32, (b, hq, k)),
-                        "values_out": ("values", torch.bfloat16, (b, hq, k, d))}}[merge]
+    names = {
+        "lse": {"out": ("out", torch.float32, (b, hq, d)), "lse_out": ("lse", torch.float32, (b, hq))},
+        "concat": {
+            "logits_out": ("logits", torch.float32, (b, hq, k)),
+            "values_out": ("values", torch.bfloat16, (b, hq, k, d)),
+        },
+    }[merge]
     names["indices_out"] = ("indices", torch.int64, (b, hq, k))
     # Exact shapes: written in place and handed back as the same objects.
     exact = {arg: torch.full(shape, 7, dtype=dt) for arg, (_, dt, shape) in names.items()}
@@ -253,12 +259,14 @@ def test_outputs_written_in_place_or_into_buffers(merge, rng):
         assert raw[key] is exact[arg]
         assert torch.equal(exact[arg], fresh[key])
     # 1-D buffers with room to spare (a plan's, allocated once): the result fills their start.
-    spare = {arg: torch.full((2 * torch.Size(shape).numel() + 3,), 7, dtype=dt) for arg, (_, dt, shape) in names.items()}
+    spare = {
+        arg: torch.full((2 * torch.Size(shape).numel() + 3,), 7, dtype=dt) for arg, (_, dt, shape) in names.items()
+    }
     r = native(store, q, 0.5, merge, top_k=k, **spare)
     for arg, (key, _, shape) in names.items():
         assert r[key].shape == shape and r[key].data_ptr() == spare[arg].data_ptr()
         assert torch.equal(r[key], fresh[key])
-        assert (spare[arg][torch.Size(shape).numel():] == 7).all()
+        assert (spare[arg][torch.Size(shape).numel() :] == 7).all()
     del spare  # the returned views keep the buffers alive
     assert torch.equal(r[key], fresh[key])
 
@@ -311,43 +319,73 @@ def small(rng):
     return store._native, torch.randn((2, 4, 16), generator=rng)
 
 
-@pytest.mark.parametrize("args,kw,exc,match", [
-    ((0, "q32", 1.0, "sum"), {}, ValueError, "merge must be one of"),
-    ((0, "q32", 1.0, 3), {}, TypeError, "merge"),
-    ((1, "q32", 1.0, "lse"), {}, ValueError, "layer 1 out of range"),
-    ((-1, "q32", 1.0, "lse"), {}, ValueError, "layer must be >= 0"),
-    ((0, "q16", 1.0, "lse"), {}, TypeError, "q must have dtype float32"),
-    ((0, "q_wide", 1.0, "lse"), {}, ValueError, "q has shape"),
-    ((0, "q_heads", 1.0, "lse"), {}, ValueError, "multiple of kv_heads"),
-    ((0, "q_rank2", 1.0, "lse"), {}, ValueError, "dimensions"),
-    ((0, "q_list", 1.0, "lse"), {}, TypeError, "q must be a tensor"),
-    ((0, "q_cuda", 1.0, "lse"), {}, ValueError, r"CUDA tensor \(cuda:0\)"),
-    ((0, "q_strided", 1.0, "lse"), {}, ValueError, "contiguous"),
-    ((0, "q32", 1.0, "lse"), {"top_k": -1}, ValueError, "top_k must be >= 0"),
-    ((0, "q32", 1.0, "lse"), {"positions": torch.tensor([0, 10])}, ValueError, "out of range"),
-    ((0, "q32", 1.0, "lse"), {"positions": torch.tensor([-1])}, ValueError, "out of range"),
-    ((0, "q32", 1.0, "lse"), {"positions": torch.tensor([0.0])}, TypeError, "positions must have dtype int64"),
-    ((0, "q32", 1.0, "lse"), {"positions": torch.zeros((2, 2), dtype=torch.int64)}, ValueError, "dimensions"),
-    ((0, "q32", 1.0, "lse"), {"host_mask": torch.zeros((2, 9), dtype=torch.bool)}, ValueError, "host_mask must be"),
-    ((0, "q32", 1.0, "lse"), {"host_mask": torch.zeros((3, 10), dtype=torch.bool)}, ValueError, "host_mask has shape"),
-    ((0, "q32", 1.0, "lse"), {"host_mask": torch.zeros((2, 10))}, TypeError, "bool or uint8"),
-    ((0, "q32", 1.0, "lse"), {"out": torch.empty((2, 4, 15))}, ValueError, "out has shape"),
-    ((0, "q32", 1.0, "lse"), {"out": torch.empty(127)}, ValueError, "1-D buffer of at least 128"),
-    ((0, "q32", 1.0, "lse"), {"out": torch.empty((2, 4, 16), dtype=torch.float16)}, TypeError, "out must have dtype float32"),
-    ((0, "q32", 1.0, "lse"), {"lse_out": torch.empty((2, 4, 1))}, ValueError, "lse_out has shape"),
-    ((0, "q32", 1.0, "lse"), {"logits_out": torch.empty((2, 4, 10))}, ValueError, "not written by the lse merge"),
-    ((0, "q32", 1.0, "concat"), {"out": torch.empty((2, 4, 16))}, ValueError, "not written by the concat merge"),
-    ((0, "q32", 1.0, "concat"), {"top_k": 3, "values_out": torch.empty((2, 4, 3, 16))}, TypeError, "float16"),
-    ((0, "q32", 1.0, "concat"), {"top_k": 3, "indices_out": torch.empty((2, 4, 3), dtype=torch.int32)}, TypeError, "int64"),
-    ((0, "q32", 1.0, "concat"), {"top_k": 3, "logits_out": torch.empty((2, 4, 4))}, ValueError, "logits_out has shape"),
-    ((0, "q32", 1.0, "concat"), {"logits_out": torch.empty((4, 10, 2)).transpose(0, 2)}, ValueError, "contiguous"),
-    ((0, "q32", 1.0, "lse"), {"isa_name": "avx1024"}, ValueError, "unknown isa"),
-])
+@pytest.mark.parametrize(
+    "args,kw,exc,match",
+    [
+        ((0, "q32", 1.0, "sum"), {}, ValueError, "merge must be one of"),
+        ((0, "q32", 1.0, 3), {}, TypeError, "merge"),
+        ((1, "q32", 1.0, "lse"), {}, ValueError, "layer 1 out of range"),
+        ((-1, "q32", 1.0, "lse"), {}, ValueError, "layer must be >= 0"),
+        ((0, "q16", 1.0, "lse"), {}, TypeError, "q must have dtype float32"),
+        ((0, "q_wide", 1.0, "lse"), {}, ValueError, "q has shape"),
+        ((0, "q_heads", 1.0, "lse"), {}, ValueError, "multiple of kv_heads"),
+        ((0, "q_rank2", 1.0, "lse"), {}, ValueError, "dimensions"),
+        ((0, "q_list", 1.0, "lse"), {}, TypeError, "q must be a tensor"),
+        ((0, "q_cuda", 1.0, "lse"), {}, ValueError, r"CUDA tensor \(cuda:0\)"),
+        ((0, "q_strided", 1.0, "lse"), {}, ValueError, "contiguous"),
+        ((0, "q32", 1.0, "lse"), {"top_k": -1}, ValueError, "top_k must be >= 0"),
+        ((0, "q32", 1.0, "lse"), {"positions": torch.tensor([0, 10])}, ValueError, "out of range"),
+        ((0, "q32", 1.0, "lse"), {"positions": torch.tensor([-1])}, ValueError, "out of range"),
+        ((0, "q32", 1.0, "lse"), {"positions": torch.tensor([0.0])}, TypeError, "positions must have dtype int64"),
+        ((0, "q32", 1.0, "lse"), {"positions": torch.zeros((2, 2), dtype=torch.int64)}, ValueError, "dimensions"),
+        ((0, "q32", 1.0, "lse"), {"host_mask": torch.zeros((2, 9), dtype=torch.bool)}, ValueError, "host_mask must be"),
+        (
+            (0, "q32", 1.0, "lse"),
+            {"host_mask": torch.zeros((3, 10), dtype=torch.bool)},
+            ValueError,
+            "host_mask has shape",
+        ),
+        ((0, "q32", 1.0, "lse"), {"host_mask": torch.zeros((2, 10))}, TypeError, "bool or uint8"),
+        ((0, "q32", 1.0, "lse"), {"out": torch.empty((2, 4, 15))}, ValueError, "out has shape"),
+        ((0, "q32", 1.0, "lse"), {"out": torch.empty(127)}, ValueError, "1-D buffer of at least 128"),
+        (
+            (0, "q32", 1.0, "lse"),
+            {"out": torch.empty((2, 4, 16), dtype=torch.float16)},
+            TypeError,
+            "out must have dtype float32",
+        ),
+        ((0, "q32", 1.0, "lse"), {"lse_out": torch.empty((2, 4, 1))}, ValueError, "lse_out has shape"),
+        ((0, "q32", 1.0, "lse"), {"logits_out": torch.empty((2, 4, 10))}, ValueError, "not written by the lse merge"),
+        ((0, "q32", 1.0, "concat"), {"out": torch.empty((2, 4, 16))}, ValueError, "not written by the concat merge"),
+        ((0, "q32", 1.0, "concat"), {"top_k": 3, "values_out": torch.empty((2, 4, 3, 16))}, TypeError, "float16"),
+        (
+            (0, "q32", 1.0, "concat"),
+            {"top_k": 3, "indices_out": torch.empty((2, 4, 3), dtype=torch.int32)},
+            TypeError,
+            "int64",
+        ),
+        (
+            (0, "q32", 1.0, "concat"),
+            {"top_k": 3, "logits_out": torch.empty((2, 4, 4))},
+            ValueError,
+            "logits_out has shape",
+        ),
+        ((0, "q32", 1.0, "concat"), {"logits_out": torch.empty((4, 10, 2)).transpose(0, 2)}, ValueError, "contiguous"),
+        ((0, "q32", 1.0, "lse"), {"isa_name": "avx1024"}, ValueError, "unknown isa"),
+    ],
+)
 def test_bad_input_is_an_error(small, args, kw, exc, match):
     native_store, q = small
-    qs = {"q32": q, "q16": q.half(), "q_wide": torch.zeros((2, 4, 17)), "q_heads": torch.zeros((2, 3, 16)),
-          "q_rank2": torch.zeros((8, 16)), "q_list": q.tolist(), "q_cuda": FakeCuda(),
-          "q_strided": torch.zeros((2, 16, 4)).transpose(1, 2)}
+    qs = {
+        "q32": q,
+        "q16": q.half(),
+        "q_wide": torch.zeros((2, 4, 17)),
+        "q_heads": torch.zeros((2, 3, 16)),
+        "q_rank2": torch.zeros((8, 16)),
+        "q_list": q.tolist(),
+        "q_cuda": FakeCuda(),
+        "q_strided": torch.zeros((2, 16, 4)).transpose(1, 2),
+    }
     args = (args[0], qs[args[1]], *args[2:])
     with pytest.raises(exc, match=match):
         native_store.cpu_stage(*args, **kw)

@@ -21,8 +21,17 @@ TOL = {torch.float32: 1e-5, torch.float16: 3e-5, torch.bfloat16: 3e-5}
 
 
 def new_store(layers, batch, dtype, sinks=0, near=1 << 22, far=1 << 24, max_host=512):
-    return hybridgen.HostKVStore(layers, batch, HKV, D, dtype, near_capacity_bytes=near, far_capacity_bytes=far,
-                                 sinks=sinks, max_host_tokens=max_host)
+    return hybridgen.HostKVStore(
+        layers,
+        batch,
+        HKV,
+        D,
+        dtype,
+        near_capacity_bytes=near,
+        far_capacity_bytes=far,
+        sinks=sinks,
+        max_host_tokens=max_host,
+    )
 
 
 def rows(gen, m, dtype):
@@ -61,7 +70,7 @@ def check_model(store, model):
             tiers = store.slot_token_map(layer, slot)
             assert len(tiers) == store.slot_total_len(layer, slot)
             far = store.slot_far_key_len(layer, slot)
-            host = tiers[store.sinks: store.sinks + n].tolist() if len(tiers) > store.sinks else []
+            host = tiers[store.sinks : store.sinks + n].tolist() if len(tiers) > store.sinks else []
             assert host == [hybridgen.Tier.FAR] * far + [hybridgen.Tier.NEAR] * (n - far)
             key_slot_tokens += n
     stats = store.tier_stats()
@@ -77,8 +86,15 @@ def test_random_join_leave_evict_loses_and_duplicates_nothing(seed):
     rnd, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     layers, batch, dtype = 2, 4, torch.float16
     slot_bytes = HKV * D * 2
-    store = new_store(layers, batch, dtype, sinks=rnd.randrange(3), near=rnd.randrange(1, 40) * slot_bytes,
-                      far=rnd.randrange(10, 40) * slot_bytes, max_host=64)
+    store = new_store(
+        layers,
+        batch,
+        dtype,
+        sinks=rnd.randrange(3),
+        near=rnd.randrange(1, 40) * slot_bytes,
+        far=rnd.randrange(10, 40) * slot_bytes,
+        max_host=64,
+    )
     model = Model(layers, dtype)
     for slot in range(batch):
         model.join(slot)
@@ -140,7 +156,10 @@ def reference(keys, values, q, scale, top_k=None, positions=None, mask=None):
         lse = torch.logsumexp(x, dim=-1)
         out = torch.einsum("hk,hkd->hd", torch.exp(x - lse.unsqueeze(-1)).nan_to_num(0.0), picked.double())
     else:
-        lse, out = torch.full((q.shape[0],), float("-inf"), dtype=torch.float64), torch.zeros(q.shape, dtype=torch.float64)
+        lse, out = (
+            torch.full((q.shape[0],), float("-inf"), dtype=torch.float64),
+            torch.zeros(q.shape, dtype=torch.float64),
+        )
     return {"logits": x, "indices": idx, "values": picked, "lse": lse, "out": out}
 
 
@@ -162,7 +181,7 @@ def test_ragged_batch_matches_reference_per_row(dtype):
     number of tokens per layer; the stage over all active slots must equal, row by row, attention
     over exactly that slot's own host keys and values."""
     rnd, gen = random.Random(7), torch.Generator().manual_seed(7)
-    layers, sinks, tol, scale = 2, 2, TOL[dtype], D ** -0.5
+    layers, sinks, tol, scale = 2, 2, TOL[dtype], D**-0.5
     store = new_store(layers, 4, dtype, sinks=sinks)
     for slot in list(store.active_slots):
         store.release_slot(slot)
@@ -301,7 +320,9 @@ def test_lockstep_batch_is_the_special_case():
         assert torch.equal(k, keys[s]) and torch.equal(v, values[s])
     store.append_slot(0, 2, 1)
     store.evict_slot(0, 2, torch.zeros(HKV, 1, D), torch.zeros(HKV, 1, D))
-    with pytest.raises(ValueError, match=r"slots have different lengths in layer 0 \(slot 0: 20, slot 2: 21\): use the per-slot calls"):
+    with pytest.raises(
+        ValueError, match=r"slots have different lengths in layer 0 \(slot 0: 20, slot 2: 21\): use the per-slot calls"
+    ):
         store.total_len(0)
     with pytest.raises(ValueError, match="per-slot"):
         store.cpu_stage(0, q, 0.25, "lse")
@@ -326,18 +347,46 @@ BAD = {
     "free slot": (lambda s: s.cpu_stage_slots(0, [0, 1], q2, 1.0, "lse"), ValueError, r"slots\[1\]: slot 1 is free"),
     "slot out of range": (lambda s: s.cpu_stage_slots(0, [0, 3], q2, 1.0, "lse"), ValueError, "out of range"),
     "negative slot": (lambda s: s.cpu_stage_slots(0, [0, -1], q2, 1.0, "lse"), ValueError, "out of range"),
-    "slots int32": (lambda s: s._native.cpu_stage_slots(0, torch.zeros(2, dtype=torch.int32), q2, 1.0, "lse"), TypeError, "int64"),
+    "slots int32": (
+        lambda s: s._native.cpu_stage_slots(0, torch.zeros(2, dtype=torch.int32), q2, 1.0, "lse"),
+        TypeError,
+        "int64",
+    ),
     "slots not ints": (lambda s: s.cpu_stage_slots(0, [0, 1.5], q2, 1.0, "lse"), TypeError, "integer"),
     "q rows differ": (lambda s: s.cpu_stage_slots(0, [0], q2, 1.0, "lse"), ValueError, "dimension 0"),
-    "q float64 native": (lambda s: s._native.cpu_stage_slots(0, torch.tensor([0]), q2[:1].double(), 1.0, "lse"), TypeError, "float32"),
+    "q float64 native": (
+        lambda s: s._native.cpu_stage_slots(0, torch.tensor([0]), q2[:1].double(), 1.0, "lse"),
+        TypeError,
+        "float32",
+    ),
     "q heads": (lambda s: s.cpu_stage_slots(0, [0, 2], torch.zeros(2, 3, D), 1.0, "lse"), ValueError, "multiple"),
     "bad merge": (lambda s: s.cpu_stage_slots(0, [0, 2], q2, 1.0, "sum"), ValueError, "merge"),
-    "position past a row": (lambda s: s.cpu_stage_slots(0, [0, 2], q2, 1.0, "lse", positions=torch.tensor([0])), ValueError, "row 1: token index 0 out of range"),
-    "positions rows": (lambda s: s.cpu_stage_slots(0, [0, 2], q2, 1.0, "lse", positions=torch.zeros(3, 1, dtype=torch.int64)), ValueError, "positions must be"),
-    "mask too narrow": (lambda s: s.cpu_stage_slots(0, [0, 2], q2, 1.0, "lse", host_mask=torch.zeros(2, 2, dtype=torch.bool)), ValueError, "host_mask has 2 columns"),
+    "position past a row": (
+        lambda s: s.cpu_stage_slots(0, [0, 2], q2, 1.0, "lse", positions=torch.tensor([0])),
+        ValueError,
+        "row 1: token index 0 out of range",
+    ),
+    "positions rows": (
+        lambda s: s.cpu_stage_slots(0, [0, 2], q2, 1.0, "lse", positions=torch.zeros(3, 1, dtype=torch.int64)),
+        ValueError,
+        "positions must be",
+    ),
+    "mask too narrow": (
+        lambda s: s.cpu_stage_slots(0, [0, 2], q2, 1.0, "lse", host_mask=torch.zeros(2, 2, dtype=torch.bool)),
+        ValueError,
+        "host_mask has 2 columns",
+    ),
     "negative top_k": (lambda s: s.cpu_stage_slots(0, [0, 2], q2, 1.0, "lse", top_k=-1), ValueError, ">= 0"),
-    "evict_slot with a batch axis": (lambda s: s.evict_slot(0, 0, torch.zeros(1, HKV, 1, D).half(), torch.zeros(1, HKV, 1, D).half()), ValueError, "dimensions"),
-    "evict_slot too many": (lambda s: s.evict_slot(0, 0, *rows(torch.Generator(), 2, torch.float16)), ValueError, "non-sink device tokens"),
+    "evict_slot with a batch axis": (
+        lambda s: s.evict_slot(0, 0, torch.zeros(1, HKV, 1, D).half(), torch.zeros(1, HKV, 1, D).half()),
+        ValueError,
+        "dimensions",
+    ),
+    "evict_slot too many": (
+        lambda s: s.evict_slot(0, 0, *rows(torch.Generator(), 2, torch.float16)),
+        ValueError,
+        "non-sink device tokens",
+    ),
     "append to a free slot": (lambda s: s.append_slot(0, 1, 1), ValueError, "free"),
     "release twice": (lambda s: s.release_slot(1), ValueError, "free"),
     "reset out of range": (lambda s: s.reset_slot(7), ValueError, "out of range"),

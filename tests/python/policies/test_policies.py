@@ -146,7 +146,8 @@ def test_infinigen_fetches_k_tokens_chosen_by_speculation():
     assert st.channels.shape == (2, round(infinigen.PARTIAL_RATIO * 16))
     assert st.partial.shape[2] == cache.store.host_len(0), "partial keys mirror every host token"
     want = cache.store.view(0, "keys", 0, st.partial.shape[2]).gather(
-        3, st.channels[None, :, None, :].expand(1, -1, st.partial.shape[2], -1))
+        3, st.channels[None, :, None, :].expand(1, -1, st.partial.shape[2], -1)
+    )
     assert torch.equal(st.partial, want)
 
 

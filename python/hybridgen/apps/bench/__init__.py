@@ -39,10 +39,36 @@ from .models import MODELS, TINY, choose_threads, llama8b_random, load_model, mo
 from .planning import GIB, MEMORY_HEADROOM, footprint, free_memory, plan
 from .report import SELECTIVE, bars, default_out, format_rows, largest_fit, machine_info
 
-__all__ = ["DEFAULT_CONTEXTS", "DEFAULT_POLICIES", "GIB", "MEMORY_HEADROOM", "MODELS", "SELECTIVE", "TINY", "bars",
-           "build_parser", "check_args", "choose_threads", "default_out", "footprint", "format_rows", "free_memory",
-           "largest_fit", "llama8b_random", "load_model", "machine_info", "main", "measure_context", "model_label",
-           "place", "plan", "prefill", "random_llama", "resolve_model", "run"]
+__all__ = [
+    "DEFAULT_CONTEXTS",
+    "DEFAULT_POLICIES",
+    "GIB",
+    "MEMORY_HEADROOM",
+    "MODELS",
+    "SELECTIVE",
+    "TINY",
+    "bars",
+    "build_parser",
+    "check_args",
+    "choose_threads",
+    "default_out",
+    "footprint",
+    "format_rows",
+    "free_memory",
+    "largest_fit",
+    "llama8b_random",
+    "load_model",
+    "machine_info",
+    "main",
+    "measure_context",
+    "model_label",
+    "place",
+    "plan",
+    "prefill",
+    "random_llama",
+    "resolve_model",
+    "run",
+]
 
 DEFAULT_POLICIES = ("full", "aog", "aoc", "streaming", "h2o", "infinigen", "post_qkt", "pre_qkt", "scheduler")
 DEFAULT_CONTEXTS = (2048, 4096, 8192, 16384, 32768)
@@ -51,33 +77,64 @@ DEFAULT_CONTEXTS = (2048, 4096, 8192, 16384, 32768)
 # --- command line ---------------------------------------------------------------------------
 def build_parser(sub=None) -> argparse.ArgumentParser:
     kwargs = dict(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p = sub.add_parser("bench", help=__doc__.splitlines()[0], **kwargs) if sub else argparse.ArgumentParser(
-        prog="python -m hybridgen bench", **kwargs)
+    p = (
+        sub.add_parser("bench", help=__doc__.splitlines()[0], **kwargs)
+        if sub
+        else argparse.ArgumentParser(prog="python -m hybridgen bench", **kwargs)
+    )
     p.add_argument("--model", default="smollm2", help="smollm2, llama-random or a model directory (default smollm2)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
-    p.add_argument("--dtype", choices=_native.DTYPES, default=None,
-                   help="model and KV dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES), metavar="POLICY",
-                   help=f"any of {', '.join(POLICIES)}; full always runs (default: {' '.join(DEFAULT_POLICIES)})")
-    p.add_argument("--contexts", type=int, nargs="+", default=list(DEFAULT_CONTEXTS), metavar="N",
-                   help="prompt lengths in tokens")
+    p.add_argument(
+        "--dtype",
+        choices=_native.DTYPES,
+        default=None,
+        help="model and KV dtype (default: float32 on CPU, bfloat16 on CUDA)",
+    )
+    p.add_argument(
+        "--policies",
+        nargs="+",
+        default=list(DEFAULT_POLICIES),
+        metavar="POLICY",
+        help=f"any of {', '.join(POLICIES)}; full always runs (default: {' '.join(DEFAULT_POLICIES)})",
+    )
+    p.add_argument(
+        "--contexts", type=int, nargs="+", default=list(DEFAULT_CONTEXTS), metavar="N", help="prompt lengths in tokens"
+    )
     p.add_argument("--batch", type=int, nargs="+", default=[1], metavar="B", help="batch sizes (default 1)")
     p.add_argument("--steps", type=int, default=8, help="decode steps measured per policy, split over the rounds")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the policies (default 2)")
     p.add_argument("--warmup", type=int, default=2, help="decode steps per policy before measuring (default 2)")
     p.add_argument("--gpu-budget", type=int, default=512, help="recent tokens per layer on the device tier")
     p.add_argument("--sinks", type=int, default=4, help="attention-sink tokens on the device tier")
-    p.add_argument("--k", type=int, default=256, help="host tokens per head (post_qkt, pre_qkt, h2o, keyformer, infinigen)")
+    p.add_argument(
+        "--k", type=int, default=256, help="host tokens per head (post_qkt, pre_qkt, h2o, keyformer, infinigen)"
+    )
     p.add_argument("--chunk", type=int, default=2048, help="prefill chunk in tokens (default 2048)")
-    p.add_argument("--score-window", type=int, default=512,
-                   help="last prompt queries shown to policies that score the prompt (h2o, keyformer, infinigen)")
-    p.add_argument("--max-memory", type=float, default=None, metavar="GIB",
-                   help="plan with at most this much free memory per pool (default: what the machine reports)")
-    p.add_argument("--threads", default="auto",
-                   help="torch CPU threads: a number, or auto = the cores the load average leaves idle (at least 1)")
+    p.add_argument(
+        "--score-window",
+        type=int,
+        default=512,
+        help="last prompt queries shown to policies that score the prompt (h2o, keyformer, infinigen)",
+    )
+    p.add_argument(
+        "--max-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="plan with at most this much free memory per pool (default: what the machine reports)",
+    )
+    p.add_argument(
+        "--threads",
+        default="auto",
+        help="torch CPU threads: a number, or auto = the cores the load average leaves idle (at least 1)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON record (default benchmarks/results/bench_<model>.json); the plot goes next to it (.png)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON record (default benchmarks/results/bench_<model>.json); the plot goes next to it (.png)",
+    )
     p.add_argument("--no-plot", action="store_true", help="write the JSON record only")
     p.set_defaults(func=_cli)
     return p
@@ -104,8 +161,10 @@ def check_args(args) -> None:
     """Validates the options in place (names resolved, ``full`` added); raises on bad input."""
     unknown = [p for p in args.policies if p not in POLICIES]
     if unknown:
-        raise ValueError(f"unknown polic{'y' if len(unknown) == 1 else 'ies'} {', '.join(map(repr, unknown))}: "
-                         f"expected any of {', '.join(POLICIES)}")
+        raise ValueError(
+            f"unknown polic{'y' if len(unknown) == 1 else 'ies'} {', '.join(map(repr, unknown))}: "
+            f"expected any of {', '.join(POLICIES)}"
+        )
     # full is the reference every ratio is taken against: it always runs, first.
     args.policies = ["full"] + [p for p in dict.fromkeys(args.policies) if p != "full"]
     resolve_model(args.model)
@@ -115,14 +174,18 @@ def check_args(args) -> None:
     if args.sinks < 0 or args.warmup < 0:
         raise ValueError("--sinks and --warmup must be >= 0")
     if args.steps < args.rounds:
-        raise ValueError(f"--steps ({args.steps}) must be at least --rounds ({args.rounds}): every round measures a step")
+        raise ValueError(
+            f"--steps ({args.steps}) must be at least --rounds ({args.rounds}): every round measures a step"
+        )
     bad = [b for b in args.batch if b <= 0]
     if bad:
         raise ValueError(f"batch sizes must be positive integers, got {bad}")
     small = [n for n in args.contexts if n <= args.gpu_budget + args.sinks]
     if small:
-        raise ValueError(f"contexts {small} fit the device tier (--gpu-budget {args.gpu_budget} + --sinks "
-                         f"{args.sinks}): every context must exceed it, or nothing reaches the host")
+        raise ValueError(
+            f"contexts {small} fit the device tier (--gpu-budget {args.gpu_budget} + --sinks "
+            f"{args.sinks}): every context must exceed it, or nothing reaches the host"
+        )
     if args.max_memory is not None and args.max_memory <= 0:
         raise ValueError(f"--max-memory must be > 0 GiB, got {args.max_memory}")
     if args.threads != "auto" and (not str(args.threads).isdigit() or int(args.threads) <= 0):
@@ -143,8 +206,13 @@ def run(args) -> dict:
     from ...hf.models import describe
 
     check_args(args)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
     out = args.out or default_out(args.model)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -171,24 +239,36 @@ def run(args) -> dict:
     record = {
         "command": args.command_line,
         "model": model_label(args.model),
-        "model_shape": {"type": info.model_type, "layers": info.layers, "q_heads": info.q_heads,
-                        "kv_heads": info.kv_heads, "head_dim": info.head_dim},
+        "model_shape": {
+            "type": info.model_type,
+            "layers": info.layers,
+            "q_heads": info.q_heads,
+            "kv_heads": info.kv_heads,
+            "head_dim": info.head_dim,
+        },
         "dtype": str(dtype).removeprefix("torch."),
         "machine": machine,
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                    if k not in ("func", "command_line", "command")},
-        "method": ("one shared chunked prefill per context and batch; each policy's cache is placed from its KV; "
-                   f"{args.warmup} warm-up steps per policy, then {args.rounds} interleaved rounds (rotating order); "
-                   "ms_per_token = median over rounds of the round's median decode-step time; "
-                   "tokens_per_s = batch * 1000 / ms_per_token; time shares from per-layer telemetry"),
+        "options": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in ("func", "command_line", "command")
+        },
+        "method": (
+            "one shared chunked prefill per context and batch; each policy's cache is placed from its KV; "
+            f"{args.warmup} warm-up steps per policy, then {args.rounds} interleaved rounds (rotating order); "
+            "ms_per_token = median over rounds of the round's median decode-step time; "
+            "tokens_per_s = batch * 1000 / ms_per_token; time shares from per-layer telemetry"
+        ),
         "rows": rows,
         "bars": bars(rows),
         "largest_fit": largest_fit(rows),
     }
     for b in record["bars"]:
-        print(f"{b['context']} × {b['batch']}: scheduler {b['scheduler_ms']:.1f} ms/token, K {b['scheduler_k_last']}; "
-              f"vs aog {b.get('speedup_vs_aog', float('nan')):.2f}x, vs best selective "
-              f"({b.get('best_selective', '-')}) {b.get('speedup_vs_best_selective', float('nan')):.2f}x")
+        print(
+            f"{b['context']} × {b['batch']}: scheduler {b['scheduler_ms']:.1f} ms/token, K {b['scheduler_k_last']}; "
+            f"vs aog {b.get('speedup_vs_aog', float('nan')):.2f}x, vs best selective "
+            f"({b.get('best_selective', '-')}) {b.get('speedup_vs_best_selective', float('nan')):.2f}x"
+        )
     out.write_text(json.dumps(record, indent=2) + "\n")
     written = [str(out)]
     if not args.no_plot:
@@ -198,4 +278,3 @@ def run(args) -> dict:
         written.append(str(out.with_suffix(".png")))
     print("wrote " + " and ".join(written))
     return record
-

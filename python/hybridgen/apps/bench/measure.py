@@ -80,12 +80,19 @@ class _Run:
         return seconds
 
 
-def _row(policy: str, n: int, batch: int, run: _Run, prefill_s: float, warmup: int, estimate: dict, exact: bool) -> dict:
+def _row(
+    policy: str, n: int, batch: int, run: _Run, prefill_s: float, warmup: int, estimate: dict, exact: bool
+) -> dict:
     from ...telemetry import Telemetry
 
     steps = warmup + sum(len(r) for r in run.rounds)
-    require_hybrid_run(run.cache, what=f"bench row {policy} at {n} tokens x {batch}", decode_steps=steps,
-                       context_tokens=n, policy=policy)
+    require_hybrid_run(
+        run.cache,
+        what=f"bench row {policy} at {n} tokens x {batch}",
+        decode_steps=steps,
+        context_tokens=n,
+        policy=policy,
+    )
     round_ms = [1e3 * statistics.median(r) for r in run.rounds]
     ms = statistics.median(round_ms)
     tel = run.cache.telemetry
@@ -93,17 +100,34 @@ def _row(policy: str, n: int, batch: int, run: _Run, prefill_s: float, warmup: i
     parts = {k: s[f"t_{k}_per_step_ms"] for k in ("cpu", "gpu", "tx")}
     total = sum(parts.values()) or 1.0
     return {
-        "policy": policy, "context": n, "batch": batch, "status": "ok", "exact": exact,
-        "ms_per_token": ms, "tokens_per_s": batch * 1e3 / ms,
-        "round_ms": round_ms, "step_ms": [1e3 * t for r in run.rounds for t in r],
-        "prefill_s": prefill_s, "placement_s": run.placement_s,
-        "k_last": s["k_last"], "k_mean": s["k_mean"], "strategy_share": s["strategy_share"],
-        "k_per_step": [[step, k, strategy] for step, k, strategy in tel.k_per_step()], "warmup_steps": warmup,
-        "host_tokens": s["host_tokens_last"], "device_tokens": s["device_tokens_last"],
-        "cpu_ms_per_step": parts["cpu"], "device_ms_per_step": parts["gpu"], "transfer_ms_per_step": parts["tx"],
-        "cpu_share": parts["cpu"] / total, "device_share": parts["gpu"] / total, "transfer_share": parts["tx"] / total,
-        "cpu_hidden_share": s["cpu_hidden_share"], "tx_bytes_per_step": s["tx_bytes_per_step"],
-        "estimated_device_bytes": estimate["device"], "estimated_host_bytes": estimate["host"],
+        "policy": policy,
+        "context": n,
+        "batch": batch,
+        "status": "ok",
+        "exact": exact,
+        "ms_per_token": ms,
+        "tokens_per_s": batch * 1e3 / ms,
+        "round_ms": round_ms,
+        "step_ms": [1e3 * t for r in run.rounds for t in r],
+        "prefill_s": prefill_s,
+        "placement_s": run.placement_s,
+        "k_last": s["k_last"],
+        "k_mean": s["k_mean"],
+        "strategy_share": s["strategy_share"],
+        "k_per_step": [[step, k, strategy] for step, k, strategy in tel.k_per_step()],
+        "warmup_steps": warmup,
+        "host_tokens": s["host_tokens_last"],
+        "device_tokens": s["device_tokens_last"],
+        "cpu_ms_per_step": parts["cpu"],
+        "device_ms_per_step": parts["gpu"],
+        "transfer_ms_per_step": parts["tx"],
+        "cpu_share": parts["cpu"] / total,
+        "device_share": parts["gpu"] / total,
+        "transfer_share": parts["tx"] / total,
+        "cpu_hidden_share": s["cpu_hidden_share"],
+        "tx_bytes_per_step": s["tx_bytes_per_step"],
+        "estimated_device_bytes": estimate["device"],
+        "estimated_host_bytes": estimate["host"],
     }
 
 
@@ -120,8 +144,10 @@ def measure_context(model, info, args, n: int, batch: int, device, dtype, bar) -
 
     exact = {r["policy"]: r["exact"] for r in table()}
     extra = args.warmup + args.steps + 8
-    cfg = {p: HybridConfig(policy=p, gpu_budget=args.gpu_budget, sinks=args.sinks, k=args.k, max_context=n + extra)
-           for p in args.policies}
+    cfg = {
+        p: HybridConfig(policy=p, gpu_budget=args.gpu_budget, sinks=args.sinks, k=args.k, max_context=n + extra)
+        for p in args.policies
+    }
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
     gc.collect()
     if device.type == "cuda":
@@ -149,8 +175,9 @@ def measure_context(model, info, args, n: int, batch: int, device, dtype, bar) -
     # The prompt runs once, through full's cache (or, when full does not fit, through a cache
     # that keeps the older tokens on the host); every other policy is placed from it.
     source_policy = "full" if "full" in fits else "all"
-    source_cfg = cfg.get(source_policy) or HybridConfig(policy="all", gpu_budget=args.gpu_budget, sinks=args.sinks,
-                                                       max_context=n + extra)
+    source_cfg = cfg.get(source_policy) or HybridConfig(
+        policy="all", gpu_budget=args.gpu_budget, sinks=args.sinks, max_context=n + extra
+    )
     gen = torch.Generator().manual_seed(args.seed + n + 7919 * batch)
     ids = torch.randint(0, model.config.vocab_size, (batch, n), generator=gen).to(device)
     bar.set_postfix_str(f"{n} tokens × {batch}: prefill")
@@ -176,7 +203,7 @@ def measure_context(model, info, args, n: int, batch: int, device, dtype, bar) -
         bar.update(1)
     per_round = [args.steps // args.rounds + (r < args.steps % args.rounds) for r in range(args.rounds)]
     for r, steps in enumerate(per_round):
-        order = fits[r % len(fits):] + fits[: r % len(fits)]  # rotate: no policy always goes first
+        order = fits[r % len(fits) :] + fits[: r % len(fits)]  # rotate: no policy always goes first
         for p in order:
             bar.set_postfix_str(f"{n} tokens × {batch}: round {r + 1}/{args.rounds} {p}")
             runs[p].rounds.append([runs[p].step(model, measure=True) for _ in range(steps)])

@@ -34,11 +34,27 @@ def random_llama(size: str = "llama-random", seed: int = 0):
     shapes = {
         # Llama-3-8B's attention (32 query heads, 8 KV heads, head_dim 128, rope theta 5e5) on a
         # narrow residual stream with a small FFN and vocabulary: decode time is mostly attention.
-        "llama-random": dict(hidden_size=1024, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=32,
-                             num_key_value_heads=8, head_dim=128, vocab_size=1024, rope_theta=500000.0,
-                             max_position_embeddings=131072),
-        TINY: dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=4096),
+        "llama-random": dict(
+            hidden_size=1024,
+            intermediate_size=1024,
+            num_hidden_layers=2,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=1024,
+            rope_theta=500000.0,
+            max_position_embeddings=131072,
+        ),
+        TINY: dict(
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=128,
+            max_position_embeddings=4096,
+        ),
     }
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**shapes[size], tie_word_embeddings=False))
@@ -50,9 +66,19 @@ def llama8b_random(device: torch.device, dtype: torch.dtype, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
-                         max_position_embeddings=131072, tie_word_embeddings=False, dtype=dtype)
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+        tie_word_embeddings=False,
+        dtype=dtype,
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(dtype)  # free on meta: the device gets bf16 storage only
     if device.type == "meta":  # the shape only

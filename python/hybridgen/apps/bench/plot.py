@@ -7,8 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 #: Marker per strategy on the K panel (the scheduler switches between the two).
-STRATEGY_STYLE = {"post_qkt": ("o", "tab:blue", "Post-QKT (score all host keys, top K)"),
-                  "pre_qkt": ("^", "tab:orange", "Pre-QKT (K positions, score only those)")}
+STRATEGY_STYLE = {
+    "post_qkt": ("o", "tab:blue", "Post-QKT (score all host keys, top K)"),
+    "pre_qkt": ("^", "tab:orange", "Pre-QKT (K positions, score only those)"),
+}
 MARKERS = "osD^v<>pPX*h"
 
 
@@ -50,13 +52,25 @@ def _latency(ax, rows: list[dict], record: dict) -> None:
             style = dict(color="black", linewidth=2.6, marker="s", zorder=5)
         else:
             j = others.index(policy)
-            style = dict(color=colors[j % len(colors)], linewidth=1.4, marker=MARKERS[j % len(MARKERS)],
-                         linestyle="-" if j < len(colors) else "--")
+            style = dict(
+                color=colors[j % len(colors)],
+                linewidth=1.4,
+                marker=MARKERS[j % len(MARKERS)],
+                linestyle="-" if j < len(colors) else "--",
+            )
         ax.plot(xs, ys, label=policy, markersize=5, **style)
     skipped = sorted({(r["policy"], r["context"]) for r in record["rows"] if r["status"] == "skipped"})
     if skipped:
-        ax.text(0.01, 0.01, "skipped (memory): " + ", ".join(f"{p}@{c}" for p, c in skipped), transform=ax.transAxes,
-                fontsize=7, va="bottom", color="dimgray", wrap=True)
+        ax.text(
+            0.01,
+            0.01,
+            "skipped (memory): " + ", ".join(f"{p}@{c}" for p, c in skipped),
+            transform=ax.transAxes,
+            fontsize=7,
+            va="bottom",
+            color="dimgray",
+            wrap=True,
+        )
     ax.set_xscale("log", base=2)
     ms = [r["ms_per_token"] for r in rows]
     if max(ms) > 6 * min(ms):  # policies an order of magnitude apart: keep the fast ones readable
@@ -92,8 +106,9 @@ def _scheduler_k(ax, rows: list[dict]) -> None:
         ax.scatter([s for s, _ in pts], [k for _, k in pts], marker=marker, color=color, label=label, zorder=2, s=36)
     ax.set_xlabel("decode step")
     ax.set_ylabel("K (host tokens per head)")
-    ax.set_title(f"scheduler: K per step at {row['context']} tokens (host {row['host_tokens']} tokens/layer)",
-                 fontsize=10)
+    ax.set_title(
+        f"scheduler: K per step at {row['context']} tokens (host {row['host_tokens']} tokens/layer)", fontsize=10
+    )
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)

@@ -61,12 +61,18 @@ def machine_info(device: torch.device) -> dict:
     except OSError:
         pass
     info = {
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "native_threads": _native.num_threads(), "isa": _native.isa(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "native_threads": _native.num_threads(),
+        "isa": _native.isa(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "hybridgen": hybridgen.__version__, "device": str(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "hybridgen": hybridgen.__version__,
+        "device": str(device),
         "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
     return info
@@ -85,7 +91,9 @@ def format_rows(rows: list[dict]) -> str:
             lines.append(f"{head} skipped: {r['reason']}")
             continue
         ratio = f"{r['ratio_to_full']:5.2f}x full" if r.get("ratio_to_full") else "          "
-        lines.append(f"{head} {r['ms_per_token']:8.1f} ms/token {r['tokens_per_s']:7.1f} tok/s  {ratio}  "
-                     f"K {r['k_last']!s:>5}  host/device tokens {r['host_tokens']}/{r['device_tokens']}  "
-                     f"cpu/device/tx {r['cpu_share']:.0%}/{r['device_share']:.0%}/{r['transfer_share']:.0%}")
+        lines.append(
+            f"{head} {r['ms_per_token']:8.1f} ms/token {r['tokens_per_s']:7.1f} tok/s  {ratio}  "
+            f"K {r['k_last']!s:>5}  host/device tokens {r['host_tokens']}/{r['device_tokens']}  "
+            f"cpu/device/tx {r['cpu_share']:.0%}/{r['device_share']:.0%}/{r['transfer_share']:.0%}"
+        )
     return "\n".join(lines)

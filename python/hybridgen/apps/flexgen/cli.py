@@ -94,8 +94,11 @@ def main(argv: Optional[list] = None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("python -m hybridgen.flexgen: FlexGen needs a CUDA GPU (its OptLM creates CUDA streams) and none is "
-              "available", file=sys.stderr)
+        print(
+            "python -m hybridgen.flexgen: FlexGen needs a CUDA GPU (its OptLM creates CUDA streams) and none is "
+            "available",
+            file=sys.stderr,
+        )
         return 1
     result = run(args)
     if "hybrid_summary" in result:
