@@ -117,9 +117,8 @@ class Engine:
         of ``batch`` sequences of up to ``max_tokens`` tokens, default ``config.max_context`` or
         the model's maximum), one device tier per layer, and the CPU stage's output buffers.
         Planning again with the same shape keeps everything; another shape is an error."""
-        device = torch.device(device)
         layers = self.info.layers if layers is None else layers
-        if self.store is not None:
+        if self.store is not None:  # every layer's update comes here: checks only, nothing built
             if dtype != self.store.dtype:
                 raise ValueError(f"keys arrive as {dtype} but this engine stores {self.store.dtype}: make a new one")
             if batch != self.store.batch:
@@ -127,6 +126,7 @@ class Engine:
             if layers != self.store.layers:
                 raise ValueError(f"this engine was planned for {self.store.layers} layers, not {layers}")
             return
+        device = torch.device(device)
         c, info = self.config, self.info
         self.store = make_store(
             c,

@@ -9,7 +9,6 @@ the model's own attention over all tokens and then places them; a one-token step
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -35,17 +34,12 @@ def keep_mask(attention_mask) -> Optional[torch.Tensor]:
     return keep
 
 
-@contextmanager
-def _in_cache_terms():
+def _in_cache_terms(e: ValueError) -> ValueError:
     """The engine's "make a new one" is a new HybridCache here."""
-    try:
-        yield
-    except ValueError as e:
-        if "make a new one" not in str(e):
-            raise
-        raise ValueError(
-            str(e).replace("this engine", "this HybridCache").replace("make a new one", "use a new HybridCache")
-        ) from None
+    if "make a new one" not in str(e):
+        return e
+    text = str(e).replace("this engine", "this HybridCache").replace("make a new one", "use a new HybridCache")
+    return ValueError(text)
 
 
 class HybridLayer(DynamicLayer):
@@ -62,21 +56,25 @@ class HybridLayer(DynamicLayer):
         self.returned_keys: Optional[torch.Tensor] = None
         #: The layer's forward in progress (set by the patch's layer hooks).
         self.span: Optional[OpenSpan] = None
+        self._tier: Optional[DeviceTier] = None
 
     @property
     def tier(self) -> Optional[DeviceTier]:
         """The layer's tokens (``None`` until the first update plans the engine)."""
-        tiers = self.cache.engine.tiers
-        return tiers[self.layer_idx] if tiers else None
+        if self._tier is None and self.cache.engine.tiers:
+            self._tier = self.cache.engine.tiers[self.layer_idx]
+        return self._tier
 
     # --- the transformers layer protocol ---------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         engine = self.cache.engine
-        with _in_cache_terms():
+        try:
             engine.plan(batch=key_states.shape[0], dtype=key_states.dtype, device=key_states.device)
-        tier = engine.tiers[self.layer_idx]
+        except ValueError as e:
+            raise _in_cache_terms(e) from None
+        tier = self._tier = engine.tiers[self.layer_idx]
         tier.settle()
         n_new = key_states.shape[-2]
         full = None
@@ -193,8 +191,10 @@ class HybridCache(Cache):
 
     def set_config(self, config: HybridConfig) -> None:
         """Serves the following steps with ``config``'s policy (:meth:`Engine.set_config`)."""
-        with _in_cache_terms():
+        try:
             self.engine.set_config(config)
+        except ValueError as e:
+            raise _in_cache_terms(e) from None
 
     def host_tokens(self, layer_idx: int = 0) -> int:
         """Tokens of a layer in the host tier (or on their way there)."""

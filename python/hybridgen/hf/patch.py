@@ -160,12 +160,14 @@ def _active_layer(idx):
 def _layer_start(idx, decoder_layers):
     def hook(module, args, kwargs):
         layer = _active_layer(idx)
-        if layer is None or layer.tier is None or layer.tier.keys is None:  # the layer holds no tokens yet
+        tier = None if layer is None else layer.tier
+        if tier is None or tier.keys is None:  # the layer holds no tokens yet
             return
-        hidden = args[0] if args else kwargs.get("hidden_states")
         engine = layer.cache.engine
+        hidden = args[0] if args else kwargs.get("hidden_states")
         if (
-            idx + 1 < len(decoder_layers)
+            engine.policy.uses_query_estimate
+            and idx + 1 < len(decoder_layers)
             and hidden is not None
             and hidden.shape[1] == 1  # a decode step
             and engine.wants_query_estimate(idx + 1)
@@ -180,7 +182,7 @@ def _layer_start(idx, decoder_layers):
                 keep_mask(kwargs.get("attention_mask")),
                 attention_scale(following, info.model_type, info.head_dim),
             )
-        layer.span = OpenSpan(layer.tier.keys.device)
+        layer.span = OpenSpan(tier.keys.device)
 
     return hook
 
