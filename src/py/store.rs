@@ -122,6 +122,46 @@ impl PyHostKvStore {
         Ok(s)
     }
 
+    /// `read` (every active slot, outputs `[slots, kv_heads, len, d]`) or `read_slot` (outputs
+    /// `[kv_heads, len, d]`): one binding for both.
+    fn read_rows(
+        &self,
+        py: Python<'_>,
+        layer: usize,
+        slot: Option<usize>,
+        start: usize,
+        keys_out: &Bound<'_, PyAny>,
+        values_out: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let rows = [Some(self.kv_heads), None, Some(self.head_dim)];
+        let shape: Vec<Option<usize>> = match slot {
+            Some(_) => rows.to_vec(),
+            None => std::iter::once(Some(self.lockstep_batch()))
+                .chain(rows)
+                .collect(),
+        };
+        let k = Tensor::import(keys_out, "keys_out", Elem::of(self.dtype), &shape)?
+            .writable("keys_out")?;
+        let v = Tensor::import(values_out, "values_out", Elem::of(self.dtype), &shape)?
+            .writable("values_out")?;
+        distinct(&[("keys_out", &k), ("values_out", &v)])?;
+        let len = k.shape()[shape.len() - 2];
+        if v.shape() != k.shape() {
+            return Err(PyValueError::new_err(
+                "keys_out and values_out must have the same shape",
+            ));
+        }
+        let (kb, vb) = (k.bytes_mut(), v.bytes_mut());
+        run_core(py, || {
+            let store = self.store.read();
+            match slot {
+                Some(slot) => store.read_slot(layer, slot, start, len, kb, vb),
+                None => store.read(layer, start, len, kb, vb),
+            }
+        })?;
+        Ok(())
+    }
+
     /// `evict` (every active slot, rows `[slots, kv_heads, m, d]`) or `evict_slot` (rows
     /// `[kv_heads, m, d]`): one binding for both.
     fn evict_rows(
@@ -415,22 +455,7 @@ impl PyHostKvStore {
         values_out: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
         let (layer, start) = (self.layer(layer)?, non_negative("start", start)?);
-        let nb = self.lockstep_batch();
-        let shape = [Some(nb), Some(self.kv_heads), None, Some(self.head_dim)];
-        let k = Tensor::import(keys_out, "keys_out", Elem::of(self.dtype), &shape)?
-            .writable("keys_out")?;
-        let v = Tensor::import(values_out, "values_out", Elem::of(self.dtype), &shape)?
-            .writable("values_out")?;
-        distinct(&[("keys_out", &k), ("values_out", &v)])?;
-        let len = k.shape()[2];
-        if v.shape()[2] != len {
-            return Err(PyValueError::new_err(
-                "keys_out and values_out must have the same shape",
-            ));
-        }
-        let (kb, vb) = (k.bytes_mut(), v.bytes_mut());
-        run_core(py, || self.store.read().read(layer, start, len, kb, vb))?;
-        Ok(())
+        self.read_rows(py, layer, None, start, keys_out, values_out)
     }
 
     /// Zero-copy DLPack capsule of host tokens `[start, stop)` of `kind`.
@@ -710,23 +735,7 @@ impl PyHostKvStore {
             self.slot(slot)?,
             non_negative("start", start)?,
         );
-        let shape = [Some(self.kv_heads), None, Some(self.head_dim)];
-        let k = Tensor::import(keys_out, "keys_out", Elem::of(self.dtype), &shape)?
-            .writable("keys_out")?;
-        let v = Tensor::import(values_out, "values_out", Elem::of(self.dtype), &shape)?
-            .writable("values_out")?;
-        distinct(&[("keys_out", &k), ("values_out", &v)])?;
-        let len = k.shape()[1];
-        if v.shape()[1] != len {
-            return Err(PyValueError::new_err(
-                "keys_out and values_out must have the same shape",
-            ));
-        }
-        let (kb, vb) = (k.bytes_mut(), v.bytes_mut());
-        run_core(py, || {
-            self.store.read().read_slot(layer, slot, start, len, kb, vb)
-        })?;
-        Ok(())
+        self.read_rows(py, layer, Some(slot), start, keys_out, values_out)
     }
 
     /// `uint8 [total]`: the tier of every logical position's key of `slot` in `layer`.

@@ -211,8 +211,9 @@ def fuzz(seed: int, examples: int, deadline_s: float) -> None:
             alias == "idx"
             and isinstance(idx, torch.Tensor)
             and idx.dtype == torch.int64
-            and idx.numel() * 2 >= out.numel()
-        ):
+            and idx.is_contiguous()
+            and 0 < idx.numel() * 2 >= out.numel()
+        ):  # viewing int64 as float32 needs a contiguous, non-empty tensor
             out = idx.view(torch.float32).reshape(-1)[: out.numel()].view(out.shape)
 
         def check(_):
