@@ -153,69 +153,13 @@ def _replacements(session: Session, originals: dict, hybrid_mha_gen) -> dict:
         # A decode step's token was committed when its attention ran (hybrid_mha_gen).
 
     @functools.wraps(mha_gen)
-    def mha_gen_(
-        self,
-        inputs,
-        attention_mask,
-        w_q,
-        b_q,
-        w_k,
-        b_k,
-        w_v,
-        b_v,
-        w_out,
-        b_out,
-        w_ln,
-        b_ln,
-        n_head,
-        k_cache,
-        v_cache,
-        donate,
-        attn_sparsity,
-        compress_cache,
-        comp_config,
-    ):
+    def mha_gen_(self, inputs, attention_mask, *rest):
+        # FlexGen passes, after the mask: 10 weights, n_head, k_cache, v_cache, donate, and three
+        # sparsity / compression options (positionally, flex_opt.SelfAttention.forward).
+        *weights, n_head, k_cache, _, donate = rest[:14]
         if isinstance(k_cache, FlexGenLayerCache):
-            return hybrid_mha_gen(
-                self,
-                inputs,
-                attention_mask,
-                w_q,
-                b_q,
-                w_k,
-                b_k,
-                w_v,
-                b_v,
-                w_out,
-                b_out,
-                w_ln,
-                b_ln,
-                n_head,
-                k_cache,
-                donate,
-            )
-        return mha_gen(
-            self,
-            inputs,
-            attention_mask,
-            w_q,
-            b_q,
-            w_k,
-            b_k,
-            w_v,
-            b_v,
-            w_out,
-            b_out,
-            w_ln,
-            b_ln,
-            n_head,
-            k_cache,
-            v_cache,
-            donate,
-            attn_sparsity,
-            compress_cache,
-            comp_config,
-        )
+            return hybrid_mha_gen(self, inputs, attention_mask, *weights, n_head, k_cache, donate)
+        return mha_gen(self, inputs, attention_mask, *rest)
 
     return {
         ("SelfAttention", "init_cache_one_gpu_batch"): init_cache_one_gpu_batch,
