@@ -264,6 +264,7 @@ class Scheduler:
         shrink: float = 0.8,
         slack: float = 0.5,
         patience: int = 8,
+        confirm: int = 3,
     ) -> None: ...
     def observe(self, t_gpu: float, t_cpu: float, t_tx: float) -> tuple[int, str]: ...
     @property

@@ -15,7 +15,7 @@ pub(crate) struct PyScheduler {
 #[pymethods]
 impl PyScheduler {
     #[new]
-    #[pyo3(signature = (k_min, k_max, *, grow=1.25, shrink=0.8, slack=0.5, patience=8))]
+    #[pyo3(signature = (k_min, k_max, *, grow=1.25, shrink=0.8, slack=0.5, patience=8, confirm=3))]
     fn new(
         k_min: Int,
         k_max: Int,
@@ -23,6 +23,7 @@ impl PyScheduler {
         shrink: f64,
         slack: f64,
         patience: u32,
+        confirm: u32,
     ) -> PyResult<Self> {
         let cfg = SchedulerConfig {
             k_min: positive("k_min", k_min)?,
@@ -31,6 +32,7 @@ impl PyScheduler {
             shrink,
             slack,
             patience,
+            confirm,
         };
         Ok(PyScheduler {
             inner: Mutex::new(Scheduler::new(cfg)?),

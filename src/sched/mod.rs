@@ -4,7 +4,9 @@
 //! * Start at `K = k_min` with Post-QKT (logits over every host token, then top-K).
 //! * While the CPU side is hidden (`T_cpu + T_tx ≤ T_gpu`), grow K toward `k_max`.
 //! * When it is not, shrink K toward `k_min`; once K is `k_min` and the CPU is still the
-//!   bottleneck, switch to Pre-QKT (logits over a position-predicted subset only).
+//!   bottleneck for `confirm` consecutive steps, switch to Pre-QKT (logits over a predicted subset
+//!   only). One slow step (a busy machine, a page fault storm) only shrinks K once, which the
+//!   following steps grow back; it never flips the strategy, which takes `patience` steps to undo.
 //! * In Pre-QKT, after `patience` consecutive steps with the CPU side under `slack × T_gpu`,
 //!   return to Post-QKT at `k_min` (Post-QKT costs more per step, so only with room to spare).
 //!
@@ -45,6 +47,8 @@ pub struct SchedulerConfig {
     pub slack: f64,
     /// ... for this many consecutive steps.
     pub patience: u32,
+    /// Post-QKT switches to Pre-QKT only after this many consecutive CPU-bound steps at `k_min`.
+    pub confirm: u32,
 }
 
 impl SchedulerConfig {
@@ -56,6 +60,7 @@ impl SchedulerConfig {
             shrink: 0.8,
             slack: 0.5,
             patience: 8,
+            confirm: 3,
         }
     }
 
@@ -82,6 +87,11 @@ impl SchedulerConfig {
             "slack must be in (0, 1], got {}",
             self.slack
         );
+        ensure!(
+            self.confirm >= 1,
+            "confirm must be >= 1, got {}",
+            self.confirm
+        );
         Ok(())
     }
 }
@@ -103,6 +113,8 @@ pub struct Scheduler {
     k: usize,
     strategy: Strategy,
     slack_streak: u32,
+    /// Consecutive CPU-bound steps at `k_min` in Post-QKT.
+    bound_streak: u32,
     steps: u64,
 }
 
@@ -114,6 +126,7 @@ impl Scheduler {
             cfg,
             strategy: Strategy::PostQkt,
             slack_streak: 0,
+            bound_streak: 0,
             steps: 0,
         })
     }
@@ -147,13 +160,20 @@ impl Scheduler {
         let hidden = cpu_side <= t.gpu;
         match self.strategy {
             Strategy::PostQkt => {
+                let at_floor = self.k == self.cfg.k_min;
+                self.bound_streak = if !hidden && at_floor {
+                    self.bound_streak + 1
+                } else {
+                    0
+                };
                 if hidden {
                     self.grow();
-                } else if self.k > self.cfg.k_min {
+                } else if !at_floor {
                     self.shrink();
-                } else {
+                } else if self.bound_streak >= self.cfg.confirm {
                     self.strategy = Strategy::PreQkt;
                     self.slack_streak = 0;
+                    self.bound_streak = 0;
                 }
             }
             Strategy::PreQkt => {
@@ -238,11 +258,34 @@ mod tests {
     }
 
     #[test]
+    fn one_slow_step_does_not_flip_the_strategy() {
+        let mut s = Scheduler::new(SchedulerConfig::new(64, 4096)).unwrap();
+        for step in 0..40 {
+            // The CPU side is hidden except for two isolated slow steps, one of them at k_min.
+            let cpu = if step == 0 || step == 20 { 50.0 } else { 2.0 };
+            let (_, st) = s.observe(times(10.0, cpu, 0.5)).unwrap();
+            assert_eq!(st, Strategy::PostQkt, "step {step}");
+        }
+        assert!(s.k() > 1000, "K grew back after the slow step: {}", s.k());
+        // A CPU that stays the bottleneck at k_min is confirmed and switched after `confirm` steps.
+        let mut s = Scheduler::new(SchedulerConfig::new(64, 4096)).unwrap();
+        let strategies: Vec<_> = (0..3)
+            .map(|_| s.observe(times(1.0, 5.0, 0.0)).unwrap().1)
+            .collect();
+        assert_eq!(
+            strategies,
+            [Strategy::PostQkt, Strategy::PostQkt, Strategy::PreQkt]
+        );
+    }
+
+    #[test]
     fn pre_qkt_returns_to_post_qkt_after_patience_steps_of_slack() {
         let mut cfg = SchedulerConfig::new(8, 64);
         cfg.patience = 3;
         let mut s = Scheduler::new(cfg).unwrap();
-        s.observe(times(1.0, 5.0, 0.0)).unwrap();
+        for _ in 0..3 {
+            s.observe(times(1.0, 5.0, 0.0)).unwrap(); // confirmed over `confirm` steps
+        }
         assert_eq!(s.strategy(), Strategy::PreQkt);
         // Hidden but without enough slack: stays in Pre-QKT and grows.
         s.observe(times(1.0, 0.8, 0.0)).unwrap();

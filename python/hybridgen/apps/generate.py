@@ -69,19 +69,43 @@ class _Progress:
         return (len(self.times) - 1) / (self.times[-1] - self.times[0])
 
 
+class _PrefillProgress:
+    """A bar over the decoder layers while the prompt runs through them (a long prefill is most of
+    the wait, and the token bar does not move during it)."""
+
+    def __init__(self, model, desc: str):
+        layers = [m for m in model.modules() if getattr(getattr(m, "self_attn", None), "layer_idx", None) is not None]
+        self.bar = tqdm(total=len(layers), desc=f"{desc}: prefill", unit="layer", leave=False)
+        self.handles = [layer.register_forward_hook(self._done) for layer in layers]
+
+    def _done(self, module, args, output):
+        hidden = args[0] if args else None
+        if hidden is not None and hidden.shape[1] > 1 and self.bar.n < self.bar.total:
+            self.bar.update(1)
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+        self.bar.close()
+
+
 def _generate(model, ids, args, desc):
     from transformers import StoppingCriteriaList
 
+    prefill = _PrefillProgress(model, desc)
     progress = _Progress(args.max_new_tokens, desc)
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(
-            ids,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=False,
-            stopping_criteria=StoppingCriteriaList([progress]),
-            pad_token_id=model.config.eos_token_id,
-        )
+    try:
+        with torch.inference_mode():
+            out = model.generate(
+                ids,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=False,
+                stopping_criteria=StoppingCriteriaList([progress]),
+                pad_token_id=model.config.eos_token_id,
+            )
+    finally:
+        prefill.close()
     progress.close()
     prefill = (progress.times[0] - t0) if progress.times else float("nan")
     return out[0, ids.shape[1] :], prefill, progress.decode_tokens_per_s()
@@ -160,9 +184,8 @@ def run(args) -> int:
     )
     print(f"  K over {len(ks)} decode steps: {ks[0] if ks else '-'} → {ks[-1] if ks else '-'}  {_sparkline(ks)}")
     print(f"  {cache.telemetry.format_summary()}")
-    print(
-        f"hybrid answer: {answer!r}  [{'names the planted fact' if hay.found(answer) else 'misses the planted fact'}]"
-    )
+    hybrid_found = hay.found(answer)
+    print(f"hybrid answer: {answer!r}  [{'names the planted fact' if hybrid_found else 'misses the planted fact'}]")
     print(f"  prefill {hyb_prefill:.1f} s, decode {hyb_tps:.1f} tokens/s")
     if full_tokens is not None:
         full_answer = tokenizer.decode(full_tokens, skip_special_tokens=True).strip()
@@ -177,7 +200,21 @@ def run(args) -> int:
             f"agreement: {same}/{m} generated tokens identical; full attention predicts the hybrid "
             f"token at {agreement:.1%} of the steps (teacher forcing)"
         )
+        if hay.found(full_answer) and not hybrid_found:
+            print(
+                f"MISS: hybrid attention lost the planted fact that full attention found "
+                f"(selection per step: {_strategies(cache)}; policy 'all' is exact)"
+            )
     return 0
+
+
+def _strategies(cache) -> str:
+    """Which selection strategies the decode steps ran, as shares of the steps."""
+    counts: dict = {}
+    for _, _, strategy in cache.telemetry.k_per_step():
+        counts[strategy] = counts.get(strategy, 0) + 1
+    total = sum(counts.values()) or 1
+    return ", ".join(f"{name} {n / total:.0%}" for name, n in sorted(counts.items(), key=lambda x: -x[1]))
 
 
 def _teacher_forced_agreement(model, ids, tokens) -> float:

@@ -57,3 +57,32 @@ def test_a_bypass_inside_generate_is_an_error(tiny_model_dir, capsys, monkeypatc
         cli.main(["generate", "--model", tiny_model_dir, *ARGS])
     assert exit_.value.code == 3
     assert "did not go through its HybridCache" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generate_says_when_the_hybrid_answer_misses_a_fact_full_attention_found(capsys):
+    """The real SmolLM2 with StreamingLLM's window far from the planted fact: full attention names
+    it, the window cannot, and the output says so in a line of its own with the strategy that ran."""
+    args = ["generate", "--context", "2048", "--gpu-budget", "256", "--policy", "streaming", "--max-new-tokens", "24"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "full answer:" in out and "[names the planted fact]" in out.split("full answer:")[1]
+    assert "misses the planted fact" in out.split("hybrid answer:")[1].split("\n")[0]
+    assert "MISS: hybrid attention lost the planted fact that full attention found" in out
+    assert "selection per step: streaming 100%" in out
+
+
+def test_prefill_shows_progress_over_the_layers(tiny_model_dir):
+    """The prefill bar advances once per decoder layer on the prompt, not on decode steps, and
+    leaves no hook behind."""
+    from hybridgen.apps.generate import _PrefillProgress
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
+    progress = _PrefillProgress(model, "test")
+    with torch.inference_mode():
+        model(torch.randint(3, 100, (1, 12)))
+        assert progress.bar.n == progress.bar.total == 2
+        model(torch.randint(3, 100, (1, 1)))
+    assert progress.bar.n == 2
+    progress.close()
+    assert all(not layer._forward_hooks for layer in model.model.layers)
