@@ -107,19 +107,36 @@ def _windows(model, tokenizer, text_name: str, context: int, count: int, score: 
     return windows(ids, context, count)
 
 
-def _save(args, record: dict, table: str = "") -> None:
+def _save(args, record: dict, table: str, model) -> None:
+    """Prints the table; with ``--out``, writes the record as JSON and the table as ``.md`` next to
+    it. The record names what ran: the model's path, hybridgen's and transformers' versions, and
+    the arguments as given (JSON values, not their strings)."""
     print(table)
     if args.out:
+        from importlib.metadata import version
+
+        import torch
+
+        from .. import __version__
+
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        given = {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in ("func", "version", "command_line")
+        }
         record = {
             "command": args.command_line,
-            "args": {k: str(v) for k, v in vars(args).items() if k != "func"},
+            "model": str(model.name_or_path),
+            "hybridgen": __version__,
+            "transformers": version("transformers"),
+            "torch": torch.__version__,
+            "args": given,
             **record,
         }
         args.out.write_text(json.dumps(record, indent=2) + "\n")
-        if table:
-            args.out.with_suffix(".md").write_text(f"`{record['command']}`\n\n{table}\n")
-        print(f"wrote {args.out}")
+        args.out.with_suffix(".md").write_text(f"`{record['command']}` ({record['model']})\n\n{table}\n")
+        print(f"wrote {args.out} and {args.out.with_suffix('.md').name}")
 
 
 # --- tasks ----------------------------------------------------------------------------------------
@@ -148,7 +165,7 @@ def run_perplexity(args) -> int:
         f"| {r['text']} | {r['context']} | `{r['policy']}` | {r['perplexity']:.3f} | {100 * r['delta_vs_full']:+.2f} % |"
         for r in rows
     ]
-    _save(args, {"results": rows}, "\n".join(lines))
+    _save(args, {"results": rows}, "\n".join(lines), model)
     return 0
 
 
@@ -173,7 +190,7 @@ def run_needle(args) -> int:
     for policy in args.policies:
         per = [retrieval([t for t in trials if t.policy == policy and t.context == n]) for n in args.contexts]
         lines.append(f"| `{policy}` | " + " | ".join(f"{100 * r:.0f} %" for r in per) + " |")
-    _save(args, {"trials": as_rows(trials)}, "\n".join(lines))
+    _save(args, {"trials": as_rows(trials)}, "\n".join(lines), model)
     return 0
 
 
@@ -191,7 +208,14 @@ def run_choice(args) -> int:
         result = score_items(model, tokenizer, items, config, progress=True)
         results[policy] = result.metrics()
         print(result.format(), flush=True)
-    _save(args, {"metrics": results})
+    kinds = list(next(iter(results.values())))
+    lines = ["| policy | " + " | ".join(f"{k} acc / acc_norm" for k in kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for policy, metrics in results.items():
+        cells = [
+            f"{100 * metrics[k]['acc']:.0f} / {100 * metrics[k]['acc_norm']:.0f} % (n {metrics[k]['n']})" for k in kinds
+        ]
+        lines.append(f"| `{policy}` | " + " | ".join(cells) + " |")
+    _save(args, {"metrics": results}, "\n".join(lines), model)
     return 0
 
 
@@ -214,7 +238,7 @@ def run_compare(args) -> int:
         k_min=_k_min(args),
         progress=True,
     )
-    _save(args, result, markdown_table(result["rows"], names))
+    _save(args, result, markdown_table(result["rows"], names), model)
     return 0
 
 

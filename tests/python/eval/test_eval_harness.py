@@ -173,6 +173,13 @@ def test_choice_cli_scores_the_packaged_suite_per_policy(tmp_path, cli):
     assert set(metrics) == {"full", "all", "streaming"}
     assert all(m["all"]["n"] == 4 for m in metrics.values())
     assert metrics["all"]["all"]["acc"] == metrics["full"]["all"]["acc"], "the exact policy chooses like full attention"
+    # The record says what ran (no "None" strings) and a table sits next to it even for a small run.
+    record = json.loads(out.read_text())
+    assert record["model"] == str(model) and record["hybridgen"] and record["transformers"]
+    assert record["args"]["limit"] == 4 and "version" not in record["args"]
+    assert "None" not in json.dumps(record)
+    table = out.with_suffix(".md").read_text()
+    assert "`all`" in table and "`streaming`" in table and "`full`" in table and "(n 4)" in table
 
 
 def test_cli_rejects_contexts_beyond_the_model_and_missing_profiles(tmp_path, cli):
