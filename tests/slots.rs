@@ -3,7 +3,9 @@
 //! tier, byte accounting is exact, each slot reads back exactly the rows written for it, a
 //! request that does not fit changes nothing, and released slot ids are reused.
 
-use hybridgen::kv::{KvStore, StoreConfig, Tier, TierConfig};
+mod common;
+
+use hybridgen::kv::{KvStore, StoreConfig, TierConfig};
 use hybridgen::{DType, Error};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -103,21 +105,17 @@ fn check_invariants(store: &KvStore, model: &Model, layers: usize) {
         };
         for l in 0..layers {
             let map = store.slot_token_map(l, slot).unwrap();
-            let total = store.slot_total_len(l, slot).unwrap();
-            assert_eq!(map.len(), total, "every position has exactly one tier");
-            let count = |t: Tier| map.iter().filter(|&&x| x == t).count();
-            let (n, f) = (count(Tier::Near), count(Tier::Far));
-            assert_eq!(n + f, store.slot_host_len(l, slot).unwrap());
-            assert_eq!(f, store.slot_far_key_len(l, slot).unwrap());
-            let first_host = sinks.min(total);
-            assert!(map[..first_host].iter().all(|&t| t == Tier::Device));
-            assert!(map[first_host..first_host + f]
-                .iter()
-                .all(|&t| t == Tier::Far));
-            assert!(map[first_host + f..first_host + f + n]
-                .iter()
-                .all(|&t| t == Tier::Near));
-            assert!(map[first_host + f + n..].iter().all(|&t| t == Tier::Device));
+            assert_eq!(
+                map.len(),
+                store.slot_total_len(l, slot).unwrap(),
+                "every position has exactly one tier"
+            );
+            let (n, f) = common::check_token_map(
+                &map,
+                sinks,
+                store.slot_host_len(l, slot).unwrap(),
+                store.slot_far_key_len(l, slot).unwrap(),
+            );
             (near_keys, far_keys, host) = (near_keys + n, far_keys + f, host + n + f);
             let h = n + f;
             let (mut k, mut v) = (vec![0u8; h * ST], vec![0u8; h * ST]);

@@ -2,6 +2,8 @@
 //! token is in exactly one tier, byte accounting is exact, read-back equals what was written,
 //! and a request that does not fit changes nothing.
 
+mod common;
+
 use hybridgen::kv::{Kind, KvStore, StoreConfig, Tier, TierConfig};
 use hybridgen::{DType, Error};
 use rand::{Rng, SeedableRng};
@@ -57,23 +59,17 @@ fn check_invariants(store: &KvStore, layers: usize) {
     let (mut near_keys, mut far_keys, mut host) = (0, 0, 0);
     for l in 0..layers {
         let map = store.token_map(l).unwrap();
-        let total = store.total_len(l).unwrap();
-        assert_eq!(map.len(), total, "every position has exactly one tier");
-        let count = |t: Tier| map.iter().filter(|&&x| x == t).count();
-        let (n, f, dev) = (count(Tier::Near), count(Tier::Far), count(Tier::Device));
-        assert_eq!(n + f + dev, total);
-        assert_eq!(n + f, store.host_len(l).unwrap());
-        assert_eq!(f, store.far_key_len(l).unwrap());
-        // Layout: sinks on device, then far keys, then near keys, then recent device tokens.
-        let first_host = sinks.min(total);
-        assert!(map[..first_host].iter().all(|&t| t == Tier::Device));
-        assert!(map[first_host..first_host + f]
-            .iter()
-            .all(|&t| t == Tier::Far));
-        assert!(map[first_host + f..first_host + f + n]
-            .iter()
-            .all(|&t| t == Tier::Near));
-        assert!(map[first_host + f + n..].iter().all(|&t| t == Tier::Device));
+        assert_eq!(
+            map.len(),
+            store.total_len(l).unwrap(),
+            "every position has exactly one tier"
+        );
+        let (n, f) = common::check_token_map(
+            &map,
+            sinks,
+            store.host_len(l).unwrap(),
+            store.far_key_len(l).unwrap(),
+        );
         near_keys += n;
         far_keys += f;
         host += n + f;

@@ -96,3 +96,34 @@ pub fn skipped(test: &str, why: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
 }
+
+/// Checks a token map's layout — sinks on the device, then the far keys, then the near keys, then
+/// the recent device tokens, every position exactly once — against the store's own counts of
+/// host tokens and far keys. Returns `(near, far)` key counts.
+pub fn check_token_map(
+    map: &[hybridgen::kv::Tier],
+    sinks: usize,
+    host: usize,
+    far_keys: usize,
+) -> (usize, usize) {
+    use hybridgen::kv::Tier;
+    let count = |t: Tier| map.iter().filter(|&&x| x == t).count();
+    let (n, f) = (count(Tier::Near), count(Tier::Far));
+    assert_eq!(
+        n + f + count(Tier::Device),
+        map.len(),
+        "every position has exactly one tier"
+    );
+    assert_eq!(n + f, host);
+    assert_eq!(f, far_keys);
+    let first_host = sinks.min(map.len());
+    assert!(map[..first_host].iter().all(|&t| t == Tier::Device));
+    assert!(map[first_host..first_host + f]
+        .iter()
+        .all(|&t| t == Tier::Far));
+    assert!(map[first_host + f..first_host + f + n]
+        .iter()
+        .all(|&t| t == Tier::Near));
+    assert!(map[first_host + f + n..].iter().all(|&t| t == Tier::Device));
+    (n, f)
+}
