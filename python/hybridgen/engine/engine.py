@@ -22,7 +22,7 @@ every token). Speculation takes a query *estimate* the front end computed
 from __future__ import annotations
 
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -49,8 +49,6 @@ class Engine:
     """
 
     def __init__(self, config: HybridConfig, info: ModelInfo, *, clock: Optional[StepClock] = None):
-        if not isinstance(config, HybridConfig):
-            raise TypeError(f"config must be a HybridConfig, got {type(config).__name__}")
         self.info = info
         self.store = None
         self.tiers: list[DeviceTier] = []
@@ -62,7 +60,7 @@ class Engine:
         #: Called with every prompt the engine sees (:meth:`prefill`), e.g. to record it once and
         #: replay it into many engines; stays when the policy changes.
         self.on_prefill: Optional[PrefillObserver] = None
-        self._worker: Optional[ThreadPoolExecutor] = None
+        self._worker: Optional[Executor] = None
         self.policy: Optional[policies.Policy] = None
         self.set_config(config)
 
@@ -91,10 +89,10 @@ class Engine:
         return type(self.policy).is_exact(self.config)
 
     @property
-    def worker(self) -> ThreadPoolExecutor:
+    def worker(self) -> Executor:
         """The thread that runs this engine's pipelined CPU stages (one: consecutive layers queue)."""
         if self._worker is None:
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridgen-cpu")
+            self._worker = policies.base.new_worker()
             weakref.finalize(self, self._worker.shutdown, wait=False)
         return self._worker
 

@@ -35,12 +35,20 @@ __all__ = [
     "Placement",
     "Policy",
     "device_only",
+    "new_worker",
     "fetch_rows",
     "grouped_logits",
     "softmax_rows",
     "weighted_values",
     "with_chosen",
 ]
+
+
+def new_worker() -> "Executor":
+    """A thread for pipelined CPU stages (one: the stages of consecutive layers queue)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridgen-cpu")
 
 
 class Policy:
@@ -65,9 +73,7 @@ class Policy:
     def worker(self) -> "Executor":
         """The thread for pipelined CPU stages: the engine's (a policy made on its own makes one)."""
         if self._worker is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridgen-cpu")
+            self._worker = new_worker()
         return self._worker
 
     @classmethod
