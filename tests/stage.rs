@@ -120,6 +120,7 @@ fn check(c: &Case, b: usize, a: &Query<'_>, what: &str) {
             top_k: a.top_k,
             positions: a.positions,
             mask: a.mask,
+            pages: None,
         };
         let sel = args.selection(c.n);
         let k = sel.tokens;
@@ -297,6 +298,7 @@ fn bad_arguments_are_errors_not_panics() {
         top_k: None,
         positions: None,
         mask: None,
+        pages: None,
     };
     let run = |a: StageArgs<'_>, out_len: usize, lse_len: usize| {
         let (mut out, mut lse) = (vec![0.0; out_len], vec![0.0; lse_len]);

@@ -16,6 +16,8 @@ MERGES: tuple[str, ...]
 STRATEGIES: tuple[str, ...]
 #: Names of the values of ``HostKVStore.token_map`` (index = value).
 TIERS: tuple[str, ...]
+#: Host tokens per page of the key summaries (Pre-QKT by page summaries).
+PAGE_TOKENS: int
 
 class CapacityError(RuntimeError):
     """A memory tier of the host KV store has no room for the request; nothing was changed."""
@@ -186,6 +188,7 @@ class HostKVStore:
         """
         ...
     def read(self, layer: int, start: int, keys_out: Any, values_out: Any) -> None: ...
+    def read_summaries(self, layer: int, maxima_out: Any, minima_out: Any) -> None: ...
     def view(self, layer: int, kind_name: str, start: int, stop: int) -> Any: ...
     def token_map(self, layer: int) -> np.ndarray: ...
     def tier_stats(self) -> dict[str, dict[str, Any]]: ...
@@ -224,6 +227,8 @@ class HostKVStore:
         out: Optional[Any] = None,
         lse_out: Optional[Any] = None,
         isa_name: Optional[str] = None,
+        pages: Optional[int] = None,
+        per_query_head: bool = False,
     ) -> dict[str, Any]:
         """The CPU stage of one decode step over the host tokens of ``layer``, in one call (the
         store read-locked once, the GIL released throughout).
@@ -233,7 +238,12 @@ class HostKVStore:
         ``None`` or ``>= m`` keeps all, 0 keeps none); ``positions`` int64 ``[m]`` host token
         indices to score (Pre-QKT; ``None`` scores all ``n`` host tokens); ``host_mask`` bool or
         uint8 ``[b, n]``, nonzero = ignore (logit ``-inf``). Top-K: the largest logits per query
-        head, NaN lowest, ties to the earlier scored token, listed in scored order.
+        head, NaN lowest, ties to the earlier scored token, listed in scored order. ``pages``
+        (Pre-QKT by page summaries; neither ``top_k`` nor ``positions`` with it): per KV head
+        (``per_query_head``: per query head) the ``pages`` pages of ``PAGE_TOKENS`` host tokens
+        with the highest upper bound on a logit, then every token of those: ``k = pages ·
+        PAGE_TOKENS`` (a partial last page padded with ``-inf`` logits); all ``n`` host tokens
+        when ``pages`` covers every page.
 
         Outputs (each optional): a contiguous tensor of exactly the result's shape, or a 1-D
         buffer with room for it (the result fills its start, row-major), in the dtype below:

@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from . import _native
 from .config import MERGES
 from .host_store import HostKVStore
 from .ops import attend, merge_partials
@@ -130,6 +131,11 @@ def pre_qkt_positions(n_host: int, k: int) -> torch.Tensor:
     return picked
 
 
+def page_count(k: int) -> int:
+    """Pages a page-summary Pre-QKT keeps for a budget of ``k`` host tokens (rounded up)."""
+    return max(1, -(-k // _native.PAGE_TOKENS))
+
+
 def cpu_stage(
     store: HostKVStore,
     layer: int,
@@ -140,6 +146,8 @@ def cpu_stage(
     top_k: Optional[int] = None,
     positions: Optional[torch.Tensor] = None,
     host_mask: Optional[torch.Tensor] = None,
+    pages: Optional[int] = None,
+    per_query_head: bool = False,
     pinned: bool = False,
     buffers: Optional[dict] = None,
     ready=None,
@@ -151,6 +159,9 @@ def cpu_stage(
         top_k: keep the ``top_k`` largest logits per head (Post-QKT); ``None`` keeps all.
         positions: int64 ``[m]`` host token indices to score (Pre-QKT); ``None`` scores all.
         host_mask: bool ``[b, n_host]``, True where a token must be ignored (padding).
+        pages: score only the tokens of the ``pages`` best pages by their key summaries (Pre-QKT
+            by page summaries, :func:`page_count`); ``per_query_head``: each query head chooses its
+            own pages (Quest) instead of one choice per GQA group.
         pinned: gather selected value rows into page-locked memory (the model is on a CUDA
             device: the copy to it is then asynchronous).
         buffers: output buffers allocated once (``out``, ``lse_out``, ``logits_out``,
@@ -167,13 +178,15 @@ def cpu_stage(
     pos = None if positions is None else positions.to("cpu", torch.int64).contiguous()
     mask = None if host_mask is None else host_mask.to("cpu").contiguous()
     outs = dict(buffers or {})
-    if pinned and merge == "concat" and (top_k is not None or pos is not None) and "values_out" not in outs:
+    selected = (top_k, None if pos is None else pos.numel(), None if pages is None else pages * _native.PAGE_TOKENS)
+    if pinned and merge == "concat" and any(c is not None for c in selected) and "values_out" not in outs:
         # Selected value rows go to page-locked memory: the copy to the device is then asynchronous.
-        cap = min(c for c in (top_k, None if pos is None else pos.numel()) if c is not None)
+        cap = min(c for c in selected if c is not None)
         b, hq, d = qc.shape
         outs["values_out"] = torch.empty(b * hq * max(cap, 0) * d, dtype=store.dtype, pin_memory=True)
     # One native call: logits, masking, selection, then partial attention or gather (GIL released).
-    r = store.cpu_stage(layer, qc, scale, merge, top_k=top_k, positions=pos, host_mask=mask, **outs)
+    paged = {} if pages is None else {"pages": pages, "per_query_head": per_query_head}
+    r = store.cpu_stage(layer, qc, scale, merge, top_k=top_k, positions=pos, host_mask=mask, **paged, **outs)
     part = HostPartial(merge, *(_tensor(r[k]) for k in ("out", "lse", "logits", "values")), r["grouped"], r["tokens"])
     part.seconds = time.perf_counter() - t0
     return part

@@ -14,6 +14,7 @@ POLICIES = (
     "post_qkt",
     "pre_qkt",
     "scheduler",
+    "quest",
     "full",
     "aog",
     "aoc",
@@ -23,6 +24,9 @@ POLICIES = (
     "infinigen",
 )
 MERGES = _native.MERGES
+#: How Pre-QKT chooses its host tokens ahead of the logits: by the page summaries of the keys
+#: (Quest's upper bound, one choice per GQA group) or by position (earliest, strided, most recent).
+PREDICTORS = ("pages", "positional")
 #: Where the device half runs on a CUDA device: the project's kernels, torch ops, or kernels if usable.
 KERNELS = ("auto", "cuda", "torch")
 
@@ -39,10 +43,12 @@ class HybridConfig:
         policy: which host tokens the CPU attends to each step:
             ``"all"`` every host token (exact: equals full attention);
             ``"post_qkt"`` logits over all host tokens, then the top ``k`` per head;
-            ``"pre_qkt"`` ``k`` tokens chosen by position (earliest, strided, most recent), logits
-            only over those;
+            ``"pre_qkt"`` ``k`` tokens chosen ahead of the logits by ``predictor``, logits only
+            over those;
             ``"scheduler"`` the feedback scheduler adapts K in ``[k_min, k_max]`` and switches
             between Post- and Pre-QKT from measured step times;
+            ``"quest"`` Pre-QKT by page summaries with every query head choosing its own pages
+            (Quest, arXiv 2406.10774, at the same budget; reads up to a GQA group's worth more keys);
             baselines, through the same cache plumbing: ``"full"`` (all KV on the device),
             ``"aog"`` (all KV in host memory, streamed to the device each step), ``"aoc"`` (all
             KV and attention on the CPU), ``"h2o"`` / ``"keyformer"`` (``k`` heavy-hitter tokens
@@ -53,6 +59,11 @@ class HybridConfig:
         k: host tokens per head for the fixed ``post_qkt`` / ``pre_qkt`` policies, and the
             heavy-hitter / fetch budget of ``h2o``, ``keyformer`` and ``infinigen``.
         k_min, k_max: the scheduler's range (``k_min`` comes from accuracy profiling).
+        predictor: how ``pre_qkt`` (and the scheduler's Pre-QKT) choose their tokens:
+            ``"pages"`` the pages of ``_native.PAGE_TOKENS`` host tokens whose key summaries
+            (element-wise min and max, kept by the store) bound the logit highest, ``ceil(k / P)``
+            of them per KV head, max over the GQA group; the CPU reads ``2/P`` of the keys to
+            choose; ``"positional"`` the earliest eighth, the most recent half and a stride between.
         merge: ``"lse"`` (the CPU returns a partial output and its log-sum-exp; HGCA) or
             ``"concat"`` (the CPU ships selected logits and value rows; HybridGen).
         pipeline: run each layer's CPU stage on a worker thread, overlapped with device work.
@@ -79,6 +90,7 @@ class HybridConfig:
     k: int = 256
     k_min: int = 64
     k_max: int = 2048
+    predictor: str = "pages"
     merge: str = "lse"
     pipeline: bool = False
     speculative: bool = False
@@ -131,6 +143,7 @@ class HybridConfig:
             integer(name, 0, optional=True)
         choice("policy", POLICIES)
         choice("merge", MERGES)
+        choice("predictor", PREDICTORS)
         choice("kernels", KERNELS)
         flag("pipeline")
         flag("speculative")

@@ -306,6 +306,15 @@ class HostKVStore:
         self._native.read(layer, start, k, v)
         return k, v
 
+    def summaries(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the page summaries of ``layer``'s host keys: per page of
+        ``_native.PAGE_TOKENS`` tokens the element-wise maxima and minima ``[b, hkv, pages, d]``."""
+        pages = -(-self.host_len(layer) // _native.PAGE_TOKENS)
+        shape = (len(self.active_slots), self.kv_heads, pages, self.head_dim)
+        hi, lo = torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
+        self._native.read_summaries(layer, hi, lo)
+        return hi, lo
+
     def view(self, layer: int, kind: str, start: int, stop: int) -> torch.Tensor:
         """Zero-copy ``[b, hkv, stop-start, d]`` view of host tokens (strided; shares memory).
 

@@ -27,6 +27,9 @@ class StepRecord:
     speculative: bool = False
     #: Bytes of this layer's host KV page-locked after the step (0: not pinned).
     pinned_bytes: int = 0
+    #: Host key rows the CPU read per KV head to choose and score its tokens (page summary rows
+    #: count as key rows: they have the keys' width).
+    keys_read: int = 0
 
     def resolve(self, call_span=None) -> "StepRecord":
         """Turns lazy CUDA-event times into seconds; with ``call_span`` (the whole layer or
@@ -81,6 +84,8 @@ class Telemetry:
         a["t_tx"] += record.t_tx
         a["t_hidden"] += record.t_hidden
         a["tx_bytes"] += record.tx_bytes
+        a["keys_read"] += record.keys_read
+        a["host_tokens"] += record.host_tokens
         self._strategies[record.strategy] = self._strategies.get(record.strategy, 0) + 1
         if record.layer == 0:
             self._k_per_step.append((record.step, record.k, record.strategy))
@@ -88,7 +93,9 @@ class Telemetry:
 
     def clear(self) -> None:
         self.records.clear()
-        self._totals = dict.fromkeys(("records", "k", "t_cpu", "t_gpu", "t_tx", "t_hidden", "tx_bytes"), 0)
+        self._totals = dict.fromkeys(
+            ("records", "k", "t_cpu", "t_gpu", "t_tx", "t_hidden", "tx_bytes", "keys_read", "host_tokens"), 0
+        )
         self._strategies: dict = {}
         self._k_per_step = RecentRecords(maxlen=self.max_records)
         self._step, self._steps, self._pinned_last_step, self._last = None, 0, 0, None
@@ -118,6 +125,8 @@ class Telemetry:
             "t_tx_per_step_ms": 1e3 * a["t_tx"] / steps,
             "cpu_hidden_share": a["t_hidden"] / a["t_cpu"] if a["t_cpu"] > 0 else 0.0,
             "tx_bytes_per_step": a["tx_bytes"] / steps,
+            # Of every host key, the share the CPU read per step (1.0: Post-QKT over all of them).
+            "keys_read_share": a["keys_read"] / a["host_tokens"] if a["host_tokens"] else 0.0,
             "pinned_bytes": self._pinned_last_step,
         }
 

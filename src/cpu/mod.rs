@@ -19,6 +19,7 @@
 pub mod bandwidth;
 mod kernels;
 pub mod ops;
+pub mod pages;
 pub mod ragged;
 pub mod simd;
 mod softmax;
@@ -27,6 +28,7 @@ pub mod stage;
 pub mod topk;
 
 pub use ops::{attend, gather_values, logits, partial_attention, Strips};
+pub use pages::{Granularity, PageSelect, PageSummaries, PAGE_TOKENS};
 pub use ragged::{ragged_selections, ragged_stage, RaggedArgs, RaggedOutputs, RowPositions};
 pub use simd::{cpu_vendor, isa, tuning, Isa, Tuning};
 pub use softmax::merge_partials;

@@ -67,6 +67,7 @@ impl<'a> RaggedArgs<'a> {
             top_k: self.top_k,
             positions: self.positions.map(|p| p.row(i)),
             mask: self.mask.map(|(m, w)| &m[i * w..i * w + host_len]),
+            pages: None,
         }
     }
 }

@@ -4,7 +4,9 @@
 //!
 //! Semantics, for `q [batch, q_heads, d]` over the `len` host tokens of `Strips`:
 //! - scored tokens: all host tokens in order, or `positions [m]` in the given order (Pre-QKT;
-//!   repeats allowed, each scored once per occurrence);
+//!   repeats allowed, each scored once per occurrence), or the tokens of the pages a page
+//!   selection chooses from the key summaries (Pre-QKT by page summaries, `cpu::pages`; every
+//!   host token when it keeps every page);
 //! - masking: a scored token whose `mask[seq, token]` is nonzero gets the logit `-inf`;
 //! - selection: with `top_k = k < m`, the `k` largest logits per query head by `cpu::topk`
 //!   (NaN lowest, ties to the earlier scored token), listed in scored order; otherwise every
@@ -18,6 +20,7 @@
 use rayon::prelude::*;
 
 use super::ops::{attend, check_isa, gather_values, logits, partial_attention, Strips};
+use super::pages::{list_logits, row_indices, select_pages, PageScratch, PageSelect};
 use super::simd::Isa;
 use super::split::{min_len, run};
 use super::topk::topk;
@@ -67,6 +70,9 @@ pub struct StageArgs<'a> {
     pub positions: Option<&'a [i64]>,
     /// `[batch, len]`, nonzero = ignore the token (padding).
     pub mask: Option<&'a [u8]>,
+    /// Pre-QKT by page summaries: score only the tokens of the best pages (neither `top_k`
+    /// nor `positions` may be given with it).
+    pub pages: Option<PageSelect<'a>>,
 }
 
 /// The shape of a stage's result over a given number of host tokens.
@@ -82,6 +88,12 @@ pub struct Selection {
 impl StageArgs<'_> {
     /// The selection these arguments make over `host_len` tokens.
     pub fn selection(&self, host_len: usize) -> Selection {
+        if let Some(tokens) = self.pages.and_then(|p| p.tokens(host_len)) {
+            return Selection {
+                tokens,
+                indexed: true,
+            };
+        }
         let scored = self.positions.map_or(host_len, <[i64]>::len);
         match self.top_k {
             Some(k) if k < scored => Selection {
@@ -119,6 +131,8 @@ pub struct Scratch {
     selected: Vec<f32>,
     indices: Vec<i64>,
     key_indices: Vec<i64>,
+    list_valid: Vec<usize>,
+    pages: PageScratch,
 }
 
 /// The first `n` elements of `v`, growing it if needed (contents unspecified).
@@ -169,6 +183,10 @@ fn stage(
     if let Some(p) = a.positions {
         s.check_indices(p)?;
     }
+    ensure!(
+        a.pages.is_none() || (a.top_k.is_none() && a.positions.is_none()),
+        "a page selection chooses the tokens itself: pass neither top_k nor positions with it"
+    );
     let sel = a.selection(n);
     check_outputs(s, a, sel, &out)?;
     let m = a.positions.map_or(n, <[i64]>::len);
@@ -181,6 +199,45 @@ fn stage(
         values,
     } = out;
 
+    if let Some(p) = a.pages.filter(|p| p.tokens(n).is_some()) {
+        // Pre-QKT by page summaries: choose pages from the bounds, then score their tokens.
+        let g = s.group(hq)?;
+        let lists = select_pages(
+            isa,
+            s,
+            &p,
+            a.q,
+            hq,
+            a.mask,
+            &mut scratch.pages,
+            &mut scratch.key_indices,
+            &mut scratch.list_valid,
+        )?;
+        let x = match a.merge {
+            Merge::Concat => logits_out,
+            Merge::Lse => take(&mut scratch.logits, rows * k),
+        };
+        list_logits(
+            isa,
+            s,
+            a.q,
+            hq,
+            a.scale,
+            p.granularity,
+            &lists,
+            a.mask,
+            &mut scratch.pages,
+            x,
+        )?;
+        let idx = if indices_out.is_empty() {
+            take(&mut scratch.indices, rows * k)
+        } else {
+            indices_out
+        };
+        row_indices(&lists, b, hq, g, idx);
+        finish(isa, s, a, x, Some(idx), out, lse, values)?;
+        return Ok(sel);
+    }
     if a.top_k.is_none_or(|top| top >= m) && a.positions.is_none() && a.merge == Merge::Lse {
         // Attention over every host token: fused, the logits never leave the cache.
         attend(isa, s, a.q, hq, a.scale, a.mask, out, lse)?;
@@ -365,6 +422,7 @@ mod tests {
             top_k,
             positions,
             mask: None,
+            pages: None,
         }
     }
 

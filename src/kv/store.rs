@@ -17,13 +17,21 @@
 //! `[.., sinks+host)` host, keys in the near tier · `[sinks+host, total)` device (recent).
 //! Values of every host token live in the far tier. Tier accounting is per token per slot
 //! (`kv_heads` rows of keys or values).
+//!
+//! Page summaries (`summaries`): per page of `PAGE_TOKENS` host tokens and (slot, KV head) the
+//! element-wise maximum and minimum of the keys, kept in the near node's memory beside the
+//! keys. Eviction writes them from the rows it writes (plus the rows already in a partial page:
+//! at most `PAGE_TOKENS - 1` per head), so they never cost a pass over the store. They hold
+//! `2 / PAGE_TOKENS` of the key bytes and are not counted against the tiers' capacities.
 
 use std::sync::Arc;
 
 use super::config::{StoreConfig, MAX_TOKENS};
 use super::slots::SlotPool;
 use super::spill;
-use crate::cpu::Strips;
+use crate::cpu::pages::summarize_rows;
+use crate::cpu::simd::with_element;
+use crate::cpu::{PageSummaries, Strips, PAGE_TOKENS};
 use crate::ensure;
 use crate::error::{Error, Result};
 use crate::mem::{numa::NodePlacement, round_up_to_page, HostBuffer, PAGE_SIZE};
@@ -117,6 +125,10 @@ pub struct KvStore {
     strip_tokens: usize,
     keys: Vec<Region>,
     values: Vec<Region>,
+    /// Per layer the page summaries: strip `(slot, head)` holds `max_pages` rows of page maxima,
+    /// then at `summary_minima` bytes the rows of page minima.
+    summaries: Vec<Region>,
+    summary_minima: usize,
     /// Per (layer, slot), at `layer · batch + slot`.
     seqs: Vec<SeqState>,
     slots: SlotPool,
@@ -140,7 +152,7 @@ impl KvStore {
             capacity: cfg.far.capacity_bytes,
             used: 0,
         };
-        let region = |node: u32| -> Result<Region> {
+        let region = |node: u32, strip_bytes: usize| -> Result<Region> {
             let buf = HostBuffer::new(strips * strip_bytes)?;
             // Bind before first touch so pages are born on the right node. Refusal (no NUMA
             // support in a container) leaves the default policy: placement is best effort.
@@ -150,11 +162,15 @@ impl KvStore {
                 strip_bytes,
             })
         };
+        let summary_minima = strip_tokens.div_ceil(PAGE_TOKENS) * cfg.row_bytes();
+        let summary_strip = round_up_to_page(2 * summary_minima);
         let mut keys = Vec::with_capacity(cfg.layers);
         let mut values = Vec::with_capacity(cfg.layers);
+        let mut summaries = Vec::with_capacity(cfg.layers);
         for _ in 0..cfg.layers {
-            keys.push(region(near.placement.node)?);
-            values.push(region(far.placement.node)?);
+            keys.push(region(near.placement.node, strip_bytes)?);
+            values.push(region(far.placement.node, strip_bytes)?);
+            summaries.push(region(near.placement.node, summary_strip)?);
         }
         Ok(KvStore {
             seqs: vec![SeqState::default(); cfg.layers * cfg.batch],
@@ -163,6 +179,8 @@ impl KvStore {
             strip_tokens,
             keys,
             values,
+            summaries,
+            summary_minima,
             near,
             far,
         })
@@ -247,6 +265,10 @@ impl KvStore {
             for region in [&self.keys[layer], &self.values[layer]] {
                 region.buf.release(slot * span, span);
             }
+            let summary_span = self.cfg.kv_heads * self.summaries[layer].strip_bytes;
+            self.summaries[layer]
+                .buf
+                .release(slot * summary_span, summary_span);
             if s.migrated_bytes > 0 {
                 let _ = self.keys[layer]
                     .buf
@@ -259,7 +281,11 @@ impl KvStore {
     /// Forgets every token of every slot (the slots in use stay in use) and returns the pages.
     pub fn reset(&mut self) {
         for layer in 0..self.cfg.layers {
-            for region in [&self.keys[layer], &self.values[layer]] {
+            for region in [
+                &self.keys[layer],
+                &self.values[layer],
+                &self.summaries[layer],
+            ] {
                 region.buf.release(0, region.buf.len());
             }
             let seqs = &mut self.seqs[layer * self.cfg.batch..(layer + 1) * self.cfg.batch];
@@ -359,6 +385,13 @@ impl KvStore {
         self.check_seq(layer, slot)?;
         self.all_strips(layer, self.strip_tokens)
             .sequences(slot, 1, self.seq(layer, slot).host)
+    }
+
+    /// The page summaries of `slot` in `layer` (batch 1), borrowing the store as `slot_strips`.
+    pub fn slot_summaries(&self, layer: usize, slot: usize) -> Result<PageSummaries<'_>> {
+        self.check_seq(layer, slot)?;
+        let pages = self.seq(layer, slot).host.div_ceil(PAGE_TOKENS);
+        self.all_summaries(layer, pages, slot, 1)
     }
 
     // --- the lockstep batch: every active slot, one length -----------------------------------
@@ -508,6 +541,74 @@ impl KvStore {
             .sequences(range.start, range.len(), host)
     }
 
+    /// The page summaries of `layer` for the active slots (as `strips`): `ceil(host / P)` pages.
+    pub fn summaries(&self, layer: usize) -> Result<PageSummaries<'_>> {
+        let host = self.host_len(layer)?;
+        let range = self.lockstep_slots()?;
+        self.all_summaries(layer, host.div_ceil(PAGE_TOKENS), range.start, range.len())
+    }
+
+    /// Copies the page summaries of `layer` out as `[active slots, kv_heads, pages, d]` maxima
+    /// and minima (`pages = ceil(host / PAGE_TOKENS)`).
+    pub fn read_summaries(&self, layer: usize, maxima: &mut [u8], minima: &mut [u8]) -> Result<()> {
+        let sums = self.summaries(layer)?;
+        let run = sums.pages() * self.cfg.row_bytes();
+        let need = sums.maxima.batch() * self.cfg.kv_heads * run;
+        ensure!(
+            maxima.len() == need && minima.len() == need,
+            "page summaries of {} pages need {need}-byte outputs, got {} and {}",
+            sums.pages(),
+            maxima.len(),
+            minima.len()
+        );
+        let first = self.lockstep_slots()?.start;
+        let region = &self.summaries[layer];
+        for strip in 0..sums.maxima.batch() * self.cfg.kv_heads {
+            let base = (first * self.cfg.kv_heads + strip) * region.strip_bytes;
+            for (out, offset) in [(&mut *maxima, 0), (&mut *minima, self.summary_minima)] {
+                // SAFETY: base + offset + run stays inside the strip (pages <= max_pages).
+                let src = unsafe {
+                    std::slice::from_raw_parts(region.buf.as_ptr().add(base + offset), run)
+                };
+                out[strip * run..(strip + 1) * run].copy_from_slice(src);
+            }
+        }
+        Ok(())
+    }
+
+    fn all_summaries(
+        &self,
+        layer: usize,
+        pages: usize,
+        first: usize,
+        count: usize,
+    ) -> Result<PageSummaries<'_>> {
+        let region = &self.summaries[layer];
+        let base = region.buf.as_ptr() as *const u8;
+        // SAFETY: as `all_strips`: the region holds batch × kv_heads page-aligned strips of
+        // `strip_bytes`, each `max_pages` rows of maxima then (at `summary_minima`) as many of
+        // minima; pages <= max_pages; zero-initialised, readable, written only through
+        // `&mut self`, which the returned borrow excludes.
+        let strips = |keys: *const u8, values: *const u8| unsafe {
+            Strips::from_raw(
+                keys,
+                values,
+                region.strip_bytes,
+                self.cfg.batch,
+                self.cfg.kv_heads,
+                self.cfg.head_dim,
+                self.cfg.dtype,
+                pages,
+            )
+        };
+        // SAFETY: summary_minima < strip_bytes, inside the first strip.
+        let minima = unsafe { base.add(self.summary_minima) };
+        Ok(PageSummaries {
+            maxima: strips(base, minima).sequences(first, count, pages)?,
+            minima: strips(minima, base).sequences(first, count, pages)?,
+        })
+    }
+
     // --- the one implementation of each change, over a list of slots ----------------------
 
     fn append_to(&mut self, layer: usize, slots: &[usize], n: usize) -> Result<()> {
@@ -597,6 +698,7 @@ impl KvStore {
                 &values[i * run..(i + 1) * run],
             );
             self.seq_mut(layer, slot).host += m;
+            self.summarize(layer, slot, start, m);
         }
         self.near.used += added * st;
         self.far.used += added * st;
@@ -779,6 +881,40 @@ impl KvStore {
                         run,
                     )
                 };
+            }
+        }
+    }
+
+    /// Rewrites the summaries of the pages of `slot` in `layer` that host tokens
+    /// `[start, start + m)` (just written) fall in, from the rows of those pages.
+    fn summarize(&mut self, layer: usize, slot: usize, start: usize, m: usize) {
+        if m == 0 {
+            return;
+        }
+        let (d, row) = (self.cfg.head_dim, self.cfg.row_bytes());
+        let end = start + m;
+        let region = &self.summaries[layer];
+        for head in 0..self.cfg.kv_heads {
+            let keys = self.strip_ptr(layer, Kind::Keys, slot, head);
+            let strip = (slot * self.cfg.kv_heads + head) * region.strip_bytes;
+            for page in start / PAGE_TOKENS..end.div_ceil(PAGE_TOKENS) {
+                let first = page * PAGE_TOKENS;
+                let rows = PAGE_TOKENS.min(end - first);
+                with_element!(self.cfg.dtype, E => {
+                    // SAFETY: rows first..first+rows < host <= strip_tokens of this key strip;
+                    // page < max_pages rows of each half of this summary strip; the key and
+                    // summary regions are distinct mappings; writes are serialised by `&mut self`.
+                    unsafe {
+                        let max = region.buf.as_ptr().add(strip + page * row);
+                        summarize_rows::<E>(
+                            keys.add(first * row) as *const E,
+                            rows,
+                            d,
+                            max as *mut E,
+                            max.add(self.summary_minima) as *mut E,
+                        )
+                    }
+                });
             }
         }
     }

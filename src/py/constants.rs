@@ -20,5 +20,6 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     // Names of the values of `HostKVStore.token_map` (index = value).
     m.add("TIERS", PyTuple::new(py, Tier::ALL.map(Tier::name))?)?;
+    m.add("PAGE_TOKENS", crate::cpu::PAGE_TOKENS)?;
     Ok(())
 }

@@ -37,6 +37,9 @@ pub(super) struct StageCall<'a, 'py> {
     pub top_k: Option<usize>,
     pub positions: Option<&'a Bound<'py, PyAny>>,
     pub host_mask: Option<&'a Bound<'py, PyAny>>,
+    /// Pre-QKT by page summaries: pages kept per list.
+    pub pages: Option<usize>,
+    pub granularity: cpu::Granularity,
 }
 
 /// One output argument the caller passed: its object and the imported tensor.
@@ -183,6 +186,7 @@ pub(super) fn cpu_stage<'py>(
     let lse_s = lse.as_ref().map(|g| g.t.slice_mut::<f32>());
     let (layer, isa, merge, top_k, scale) =
         (call.layer, call.isa, call.merge, call.top_k, call.scale);
+    let (page_count, granularity) = (call.pages, call.granularity);
     let indices_given = indices.is_some();
 
     let done = run_core(py, move || -> crate::Result<Done> {
@@ -194,6 +198,15 @@ pub(super) fn cpu_stage<'py>(
                 strips.batch()
             );
         }
+        let pages = page_count
+            .map(|pages| {
+                Ok::<_, crate::Error>(cpu::PageSelect {
+                    summaries: store.summaries(layer)?,
+                    pages,
+                    granularity,
+                })
+            })
+            .transpose()?;
         let args = StageArgs {
             q: qs,
             q_heads: hq,
@@ -202,6 +215,7 @@ pub(super) fn cpu_stage<'py>(
             top_k,
             positions: ps,
             mask: ms,
+            pages,
         };
         let sel = args.selection(strips.len());
         let k = sel.tokens;

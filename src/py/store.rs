@@ -458,6 +458,31 @@ impl PyHostKvStore {
         self.read_rows(py, layer, None, start, keys_out, values_out)
     }
 
+    /// Copies the page summaries of `layer` (every active slot) into `maxima_out` /
+    /// `minima_out` `[slots, kv_heads, ceil(host / PAGE_TOKENS), head_dim]` of the store's dtype.
+    fn read_summaries(
+        &self,
+        py: Python<'_>,
+        layer: Int,
+        maxima_out: &Bound<'_, PyAny>,
+        minima_out: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let layer = self.layer(layer)?;
+        let shape = [
+            Some(self.lockstep_batch()),
+            Some(self.kv_heads),
+            None,
+            Some(self.head_dim),
+        ];
+        let elem = Elem::of(self.dtype);
+        let hi = Tensor::import(maxima_out, "maxima_out", elem, &shape)?.writable("maxima_out")?;
+        let lo = Tensor::import(minima_out, "minima_out", elem, &shape)?.writable("minima_out")?;
+        distinct(&[("maxima_out", &hi), ("minima_out", &lo)])?;
+        let (hb, lb) = (hi.bytes_mut(), lo.bytes_mut());
+        run_core(py, || self.store.read().read_summaries(layer, hb, lb))?;
+        Ok(())
+    }
+
     /// Zero-copy DLPack capsule of host tokens `[start, stop)` of `kind`.
     fn view(
         &self,
@@ -789,7 +814,8 @@ impl PyHostKvStore {
     /// The CPU stage of one decode step over the host tokens of `layer` in one call (see
     /// `cpu::stage` for the semantics and `py::stage` for how outputs are passed and returned).
     #[pyo3(signature = (layer, q, scale, merge, top_k=None, positions=None, host_mask=None, logits_out=None,
-                        values_out=None, indices_out=None, out=None, lse_out=None, isa_name=None))]
+                        values_out=None, indices_out=None, out=None, lse_out=None, isa_name=None,
+                        pages=None, per_query_head=false))]
     #[allow(clippy::too_many_arguments)]
     fn cpu_stage<'py>(
         &self,
@@ -807,8 +833,16 @@ impl PyHostKvStore {
         out: Option<&Bound<'py, PyAny>>,
         lse_out: Option<&Bound<'py, PyAny>>,
         isa_name: Option<&str>,
+        pages: Option<Int>,
+        per_query_head: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
         let call = StageCall {
+            pages: pages.map(|p| positive("pages", p)).transpose()?,
+            granularity: if per_query_head {
+                cpu::Granularity::QueryHead
+            } else {
+                cpu::Granularity::KvHead
+            },
             layer: self.layer(layer)?,
             isa: isa(isa_name)?,
             q,

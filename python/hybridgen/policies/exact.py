@@ -87,6 +87,7 @@ class AllOnGpuPolicy(_AllOnHost, Policy):
             t_gpu=t_dev,
             t_tx=t_tx,
             tx_bytes=(hk.numel() + hv.numel()) * hk.element_size(),
+            keys_read=n_host,
         )
 
 

@@ -2,8 +2,10 @@
 the sinks and the recent tokens, and the two partial results are merged.
 
 ``all`` attends to every host token (exact); ``post_qkt`` scores every host key and keeps the top
-``k`` per head; ``pre_qkt`` scores only ``k`` positions chosen ahead of time; ``scheduler`` adapts
-K and switches between the two from measured step times (paper Algorithm 1, in the Rust core).
+``k`` per head; ``pre_qkt`` scores only ``k`` tokens chosen ahead of time (by the page summaries of
+the keys, or by position with ``predictor="positional"``); ``scheduler`` adapts K and switches
+between the two from measured step times (paper Algorithm 1, in the Rust core); ``quest`` is
+Pre-QKT by page summaries with each query head choosing its own pages (Quest as published).
 """
 
 from __future__ import annotations
@@ -13,16 +15,19 @@ from functools import partial
 from typing import Optional
 
 from .. import _native
-from ..attention import cpu_stage, device_combine, device_partial, pre_qkt_positions
+from ..attention import cpu_stage, device_combine, device_partial, page_count, pre_qkt_positions
 from ..telemetry import StepRecord
 from ..timing import timed
 from .base import Policy
 
 
 class HybridPolicy(Policy):
-    names = ("all", "post_qkt", "pre_qkt", "scheduler")
+    names = ("all", "post_qkt", "pre_qkt", "scheduler", "quest")
     keeps = "sinks + `gpu_budget` recent tokens on the device; every other token in host memory (keys near, values far)"
-    runs = "device over its tokens, CPU over the host tokens (all, top-K after scoring all, or K chosen by position); LSE or concat merge"
+    runs = (
+        "device over its tokens, CPU over the host tokens (all, top-K after scoring all, or K chosen "
+        "ahead: by page summaries or by position); LSE or concat merge"
+    )
     bus = "q to the CPU; the CPU's partial output + LSE (or K logits + K value rows) back"
 
     def __init__(self, config, info, worker=None):
@@ -98,7 +103,28 @@ class HybridPolicy(Policy):
             t_hidden=hidden,
             tx_bytes=host.nbytes(),
             speculative=speculated is not None,
+            keys_read=self.keys_read(strategy, n_host, host.tokens),
         )
+
+    def _choice(self, strategy: str, k: int, n_host: int) -> dict:
+        """How the CPU stage chooses its tokens: ``top_k``, ``positions`` or ``pages``."""
+        if strategy == "post_qkt":
+            return {"top_k": k}
+        if strategy == "pre_qkt" and self.config.predictor == "positional":
+            return {"positions": pre_qkt_positions(n_host, k)}
+        if strategy in ("pre_qkt", "quest"):
+            return {"pages": page_count(k), "per_query_head": strategy == "quest"}
+        return {}
+
+    def keys_read(self, strategy: str, n_host: int, tokens: int) -> int:
+        """Host key rows read per KV head by the CPU stage that selected ``tokens`` per head."""
+        if tokens >= n_host or strategy in ("all", "aoc", "post_qkt"):
+            return n_host
+        if strategy == "pre_qkt" and self.config.predictor == "positional":
+            return tokens
+        summaries = 2 * -(-n_host // _native.PAGE_TOKENS)
+        group = self.info.q_heads // self.info.kv_heads if strategy == "quest" else 1
+        return summaries + group * tokens
 
     def _stage(self, tier, q, scale, strategy, k, host_mask):
         """The CPU stage of ``tier``'s layer for query ``q`` as a callable (for the worker thread).
@@ -117,8 +143,7 @@ class HybridPolicy(Policy):
             q,
             scale=scale,
             merge=self.config.merge,
-            top_k=k if strategy == "post_qkt" else None,
-            positions=pre_qkt_positions(tier.host_tokens, k) if strategy == "pre_qkt" else None,
+            **self._choice(strategy, k, tier.host_tokens),
             host_mask=host_mask,
             pinned=on_cuda,
             ready=ready,

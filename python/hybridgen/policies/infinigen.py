@@ -125,4 +125,5 @@ class InfiniGenPolicy(Policy):
             t_tx=t_tx,
             tx_bytes=(hk.numel() + hv.numel()) * hk.element_size(),
             speculative=q_est is not None,
+            keys_read=chosen.shape[-1],
         )
