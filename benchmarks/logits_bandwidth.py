@@ -9,6 +9,10 @@ with ``isa=``), batch 1 and batch 8:
     LSE: ``cpu_stage(merge="lse")``) in GB/s of K + V, as a share of reading K and V;
   * top-K selection and gather (``cpu_stage(merge="concat", top_k=K)`` less the logits pass
     that feeds them), next to that logits pass;
+  * Pre-QKT by page summaries at k = n / ``--page-fraction`` (``cpu_stage(merge="lse",
+    pages=...)``: page bounds from the min/max summaries, top pages, exact logits and partial
+    attention over their tokens; per KV head, and per query head as Quest does), next to the
+    logits pass over every key (what Post-QKT must read) and with the share of keys each read;
 plus torch's CPU ``matmul(q, Kᵀ)`` on the same keys, and the logits and partial attention at
 1 thread up to all threads (each count in a child process with ``HYBRIDGEN_THREADS``).
 
@@ -38,6 +42,7 @@ from tqdm import tqdm
 
 import hybridgen
 from hybridgen import _native
+from hybridgen.attention import page_count
 
 RESULTS = Path(__file__).parent / "results"
 BATCHES = (1, 8)
@@ -181,7 +186,7 @@ def flat_bytes(store, kind: str, tokens: int) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
-def bench_case(dtype, batch, tokens, kv_heads, group, head_dim, repeats, topk_k, isas, with_torch):
+def bench_case(dtype, batch, tokens, kv_heads, group, head_dim, repeats, topk_k, isas, with_torch, page_fraction=16):
     """Every figure of one (dtype, batch) on every instruction set in ``isas``."""
     store = fill_store(dtype, batch, tokens, kv_heads, head_dim)
     q_heads = kv_heads * group
@@ -200,6 +205,7 @@ def bench_case(dtype, batch, tokens, kv_heads, group, head_dim, repeats, topk_k,
     sel_values = torch.empty((batch, q_heads, topk_k, head_dim), dtype=dtype)
     top_idx = torch.empty((batch, q_heads, topk_k), dtype=torch.int64)
     top_val = torch.empty((batch, q_heads, topk_k))
+    pages = page_count(tokens // page_fraction)
 
     fns = {
         "read_k": lambda: _native.stream_read(keys_b),
@@ -220,6 +226,10 @@ def bench_case(dtype, batch, tokens, kv_heads, group, head_dim, repeats, topk_k,
             values_out=sel_values,
             isa_name=isa,
         )
+        for name, per_head in (("pages", False), ("quest", True)):
+            fns[f"{name}/{isa}"] = lambda isa=isa, per_head=per_head: store.cpu_stage(
+                0, q, scale, "lse", out=out, lse_out=lse, isa_name=isa, pages=pages, per_query_head=per_head
+            )
     fns["topk"] = lambda: _native.topk(logits_out, topk_k, top_idx, top_val)
     fns["gather"] = lambda: store._native.gather_values(0, top_idx, sel_values)
     if with_torch:
@@ -251,6 +261,12 @@ def bench_case(dtype, batch, tokens, kv_heads, group, head_dim, repeats, topk_k,
         "anon_huge_pages_mib": huge_mib,
         "topk_k": topk_k,
         "topk_s": t["topk"],
+        "page_fraction": page_fraction,
+        "pages": pages,
+        # Key rows read per KV head, as a share of all: the summaries (2 rows a page), then the
+        # chosen pages' tokens (once per KV head; Quest: once per query head of the group).
+        "pages_keys_read_share": (2 * -(-tokens // _native.PAGE_TOKENS) + pages * _native.PAGE_TOKENS) / tokens,
+        "quest_keys_read_share": (2 * -(-tokens // _native.PAGE_TOKENS) + group * pages * _native.PAGE_TOKENS) / tokens,
         "gather_s": t["gather"],
         "isas": {},
     }
@@ -266,6 +282,12 @@ def bench_case(dtype, batch, tokens, kv_heads, group, head_dim, repeats, topk_k,
             "concat_topk_s": tc,
             # What selection and gather add to the logits pass that feeds them, relative to it.
             "select_gather_over_logits": (tc - tl) / tl,
+            # The whole page-summary stage (choice, logits, partial attention) against the
+            # logits pass over every key alone.
+            "pages_s": t[f"pages/{isa}"],
+            "pages_over_logits": t[f"pages/{isa}"] / tl,
+            "quest_s": t[f"quest/{isa}"],
+            "quest_over_logits": t[f"quest/{isa}"] / tl,
         }
     if with_torch:
         t_torch = min(t["torch_matmul"], t["torch_bmm"])
@@ -399,8 +421,9 @@ def table(paths) -> str:
     record may carry a second run of the same command (``"repeat"``): cells then show both."""
     lines = [
         "| machine | keys, batch | plain read | logits: GB/s of K (share of the read) | "
-        "partial attention, all tokens: GB/s of K+V (share of reading K+V) | top-K + gather: time as a share of the logits pass |",
-        "|---|---|---|---|---|---|",
+        "partial attention, all tokens: GB/s of K+V (share of reading K+V) | top-K + gather: time as a share of the logits pass | "
+        "Pre-QKT by page summaries, k = n/16, whole stage: time as a share of the logits pass (keys read) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for path in paths:
         rec = json.loads(Path(path).read_text())
@@ -418,10 +441,20 @@ def table(paths) -> str:
             sel = "<br>".join(
                 f"{i} " + both(lambda x: f"{100 * x['isas'][i]['select_gather_over_logits']:.0f} %") for i in isas
             )
+            paged = (
+                "<br>".join(
+                    f"{i} "
+                    + both(lambda x: f"{100 * x['isas'][i]['pages_over_logits']:.0f} %")
+                    + f" ({100 * r['pages_keys_read_share']:.0f} %)"
+                    for i in isas
+                )
+                if "pages_over_logits" in r["isas"][isas[0]]
+                else "not measured"
+            )
             lines.append(
                 f"| {name} | {r['dtype']}, {r['batch']} | {both(lambda x: format(x['read_k_gbps'], '.1f'))} GB/s | "
                 f"{cell('logits_gbps', 'logits_share_of_read')} | "
-                f"{cell('lse_all_gbps_of_kv', 'lse_all_share_of_kv_read')} | {sel} |"
+                f"{cell('lse_all_gbps_of_kv', 'lse_all_share_of_kv_read')} | {sel} | {paged} |"
             )
             name = ""
     return "\n".join(lines)
@@ -435,6 +468,7 @@ def main():
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--topk", type=int, default=2048)
+    p.add_argument("--page-fraction", type=int, default=16, help="page-summary Pre-QKT keeps n / this many tokens")
     p.add_argument("--isas", default=None, help="comma-separated; default: every one this CPU runs")
     p.add_argument(
         "--threads",
@@ -476,6 +510,7 @@ def main():
                 args.topk,
                 isas,
                 with_torch=batch == 1,
+                page_fraction=args.page_fraction,
             )
             results.append(r)
             print(
@@ -490,7 +525,10 @@ def main():
                 print(
                     f"    {isa:>7}: logits {i['logits_gbps']:5.1f} GB/s ({100 * i['logits_share_of_read']:3.0f} %) | "
                     f"partial {i['lse_all_gbps_of_kv']:5.1f} GB/s of K+V ({100 * i['lse_all_share_of_kv_read']:3.0f} %) | "
-                    f"top-k + gather {100 * i['select_gather_over_logits']:.0f} % of the logits time",
+                    f"top-k + gather {100 * i['select_gather_over_logits']:.0f} % of the logits time | "
+                    f"page-summary Pre-QKT (k = n/{r['page_fraction']}) {100 * i['pages_over_logits']:.0f} % of it "
+                    f"reading {100 * r['pages_keys_read_share']:.0f} % of the keys, Quest "
+                    f"{100 * i['quest_over_logits']:.0f} % ({100 * r['quest_keys_read_share']:.0f} %)",
                     flush=True,
                 )
     counts = []

@@ -229,6 +229,8 @@ class HostKVStore:
         isa_name: Optional[str] = None,
         pages: Optional[int] = None,
         per_query_head: bool = False,
+        page_extra: Optional[Any] = None,
+        kv_indices_out: Optional[Any] = None,
     ) -> dict[str, Any]:
         """The CPU stage of one decode step over the host tokens of ``layer``, in one call (the
         store read-locked once, the GIL released throughout).
@@ -242,8 +244,11 @@ class HostKVStore:
         (Pre-QKT by page summaries; neither ``top_k`` nor ``positions`` with it): per KV head
         (``per_query_head``: per query head) the ``pages`` pages of ``PAGE_TOKENS`` host tokens
         with the highest upper bound on a logit, then every token of those: ``k = pages ·
-        PAGE_TOKENS`` (a partial last page padded with ``-inf`` logits); all ``n`` host tokens
-        when ``pages`` covers every page.
+        PAGE_TOKENS`` (a partial last page padded with ``-inf`` logits) plus ``page_extra``
+        (int64 ``[b, kv_heads, e]``, per KV head, repeats weigh nothing), then ``top_k`` of those
+        if given; all ``n`` host tokens when ``pages`` covers every page. ``kv_indices_out``
+        (int64 ``[b, kv_heads, k]``, top-k selections only): per KV head the ``k`` scored tokens
+        whose largest logit over the GQA group is highest, ascending.
 
         Outputs (each optional): a contiguous tensor of exactly the result's shape, or a 1-D
         buffer with room for it (the result fills its start, row-major), in the dtype below:

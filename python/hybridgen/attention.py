@@ -56,6 +56,11 @@ class HostPartial:
     #: Host tokens each head attended to, and the wall time of the stage (seconds).
     tokens: int = 0
     seconds: float = 0.0
+    #: int64 ``[b, hkv, k]``: per KV head the tokens a top-k selection ranked best over the GQA
+    #: group (when asked for with ``kv_selection``; stays on the CPU: the next step may reuse it).
+    kv_indices: Optional[torch.Tensor] = None
+    #: Host key rows per KV head the stage read to choose and score its tokens (set by the policy).
+    keys_read: int = 0
 
     def to(self, device) -> "HostPartial":
         """The same result with its tensors on ``device`` (the transfer to the device; on CUDA
@@ -148,6 +153,8 @@ def cpu_stage(
     host_mask: Optional[torch.Tensor] = None,
     pages: Optional[int] = None,
     per_query_head: bool = False,
+    page_extra: Optional[torch.Tensor] = None,
+    kv_selection: bool = False,
     pinned: bool = False,
     buffers: Optional[dict] = None,
     ready=None,
@@ -162,6 +169,9 @@ def cpu_stage(
         pages: score only the tokens of the ``pages`` best pages by their key summaries (Pre-QKT
             by page summaries, :func:`page_count`); ``per_query_head``: each query head chooses its
             own pages (Quest) instead of one choice per GQA group.
+        page_extra: int64 ``[b, hkv, e]`` host tokens scored besides the pages' (per KV head).
+        kv_selection: also return, for a ``top_k`` selection, per KV head the ``top_k`` tokens
+            ranked best over the GQA group (``HostPartial.kv_indices``).
         pinned: gather selected value rows into page-locked memory (the model is on a CUDA
             device: the copy to it is then asynchronous).
         buffers: output buffers allocated once (``out``, ``lse_out``, ``logits_out``,
@@ -185,9 +195,12 @@ def cpu_stage(
         b, hq, d = qc.shape
         outs["values_out"] = torch.empty(b * hq * max(cap, 0) * d, dtype=store.dtype, pin_memory=True)
     # One native call: logits, masking, selection, then partial attention or gather (GIL released).
-    paged = {} if pages is None else {"pages": pages, "per_query_head": per_query_head}
+    paged = {} if pages is None else {"pages": pages, "per_query_head": per_query_head, "page_extra": page_extra}
+    if kv_selection and top_k is not None:
+        outs["kv_indices_out"] = torch.empty(qc.shape[0] * store.kv_heads * top_k, dtype=torch.int64)
     r = store.cpu_stage(layer, qc, scale, merge, top_k=top_k, positions=pos, host_mask=mask, **paged, **outs)
     part = HostPartial(merge, *(_tensor(r[k]) for k in ("out", "lse", "logits", "values")), r["grouped"], r["tokens"])
+    part.kv_indices = _tensor(r["kv_indices"])
     part.seconds = time.perf_counter() - t0
     return part
 

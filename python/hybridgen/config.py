@@ -60,10 +60,12 @@ class HybridConfig:
             heavy-hitter / fetch budget of ``h2o``, ``keyformer`` and ``infinigen``.
         k_min, k_max: the scheduler's range (``k_min`` comes from accuracy profiling).
         predictor: how ``pre_qkt`` (and the scheduler's Pre-QKT) choose their tokens:
-            ``"pages"`` the pages of ``_native.PAGE_TOKENS`` host tokens whose key summaries
-            (element-wise min and max, kept by the store) bound the logit highest, ``ceil(k / P)``
-            of them per KV head, max over the GQA group; the CPU reads ``2/P`` of the keys to
-            choose; ``"positional"`` the earliest eighth, the most recent half and a stride between.
+            ``"pages"`` the pages of ``P = _native.PAGE_TOKENS`` host tokens whose key summaries
+            (element-wise min and max, kept by the store) bound the logit highest, one choice per
+            KV head (max over the GQA group), covering ``max(2k, n_host / 8)`` tokens; their exact
+            logits, and the ``k`` best of them per head: the CPU reads ``2/P`` of the keys to
+            choose and a quarter in all (while ``k <= n_host / 16``);
+            ``"positional"`` the earliest eighth, the most recent half and a stride between.
         merge: ``"lse"`` (the CPU returns a partial output and its log-sum-exp; HGCA) or
             ``"concat"`` (the CPU ships selected logits and value rows; HybridGen).
         pipeline: run each layer's CPU stage on a worker thread, overlapped with device work.

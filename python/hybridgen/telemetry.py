@@ -139,7 +139,8 @@ class Telemetry:
             f"{s['steps']} decode steps | K mean {s['k_mean']:.0f}, last {s['k_last']} ({shares}) | "
             f"per step: CPU {s['t_cpu_per_step_ms']:.1f} ms ({s['cpu_hidden_share']:.0%} hidden), "
             f"device {s['t_gpu_per_step_ms']:.1f} ms, transfer {s['t_tx_per_step_ms']:.2f} ms, "
-            f"{s['tx_bytes_per_step'] / 1024:.0f} KiB shipped | host tokens {s['host_tokens_last']}, "
+            f"{s['tx_bytes_per_step'] / 1024:.0f} KiB shipped | CPU read {s['keys_read_share']:.0%} of the host keys | "
+            f"host tokens {s['host_tokens_last']}, "
             f"device tokens {s['device_tokens_last']} per layer"
             + (f" | {s['pinned_bytes'] / 2**20:.0f} MiB page-locked" if s["pinned_bytes"] else "")
         )

@@ -16,8 +16,13 @@
 //! - per query head (`Granularity::QueryHead`, Quest as published): each query head selects its
 //!   own pages, so a group may read up to `group` times as many key rows.
 //!
-//! A selected last page that holds fewer than `P` tokens is padded up to the list length with
-//! repeats of its last token, whose logits the stage sets to `-inf` (they weigh nothing).
+//! Extra tokens (per KV head only): a list may carry tokens chosen elsewhere, e.g. the previous
+//! step's selection (tokens that mattered a step ago usually still do), scored exactly beside the
+//! chosen pages' tokens.
+//!
+//! Entries that are no tokens of their own are dead: the padding of a selected last page that
+//! holds fewer than `P` tokens (repeats of its last token) and extra tokens already in a chosen
+//! page; the stage sets their logits to `-inf` (they weigh nothing).
 
 use rayon::prelude::*;
 
@@ -55,18 +60,26 @@ pub enum Granularity {
     QueryHead,
 }
 
-/// A page selection: the summaries and how many pages to keep per list.
+/// A page selection: the summaries, how many pages to keep per list, and extra tokens.
 #[derive(Clone, Copy, Debug)]
 pub struct PageSelect<'a> {
     pub summaries: PageSummaries<'a>,
     pub pages: usize,
     pub granularity: Granularity,
+    /// `[batch, kv_heads, e]` host token indices scored besides the pages' (per KV head only).
+    pub extra: Option<&'a [i64]>,
 }
 
 impl PageSelect<'_> {
-    /// Tokens per list when fewer pages are kept than exist, else `None` (every host token).
+    /// Entries per list when fewer pages are kept than exist, else `None` (every host token).
     pub fn tokens(&self, host_len: usize) -> Option<usize> {
-        (self.pages < host_len.div_ceil(PAGE_TOKENS)).then_some(self.pages * PAGE_TOKENS)
+        (self.pages < host_len.div_ceil(PAGE_TOKENS))
+            .then_some(self.pages * PAGE_TOKENS + self.extra_per_list())
+    }
+
+    fn extra_per_list(&self) -> usize {
+        let lists = self.summaries.maxima.batch() * self.summaries.maxima.kv_heads();
+        self.extra.map_or(0, |e| e.len() / lists.max(1))
     }
 }
 
@@ -92,16 +105,16 @@ fn take<T: Copy + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
 }
 
 /// The lists of host tokens a page selection scores: `lists` (one per KV head or per query head,
-/// in `[batch, heads]` order) of `m = pages · PAGE_TOKENS` ascending token indices each, and
-/// how many leading entries of each list are real tokens (the rest pad a partial last page).
+/// in `[batch, heads]` order) of `m = pages · PAGE_TOKENS + e` entries each (the chosen pages'
+/// tokens ascending, then the extra tokens), and which entries are dead (see the module doc).
 pub struct TokenLists<'s> {
     pub tokens: &'s [i64],
-    pub valid: &'s [usize],
+    pub dead: &'s [u8],
     pub m: usize,
 }
 
 /// Selects the pages of `sel` for query `q [batch, q_heads, d]` over the host tokens of `s`
-/// (whose strips `sel.summaries` summarise), writing the token lists into `tokens` / `valid`.
+/// (whose strips `sel.summaries` summarise), writing the token lists into `tokens` / `dead`.
 /// A page whose every token is masked (`mask [batch, len]`, nonzero = ignore) ranks last.
 #[allow(clippy::too_many_arguments)]
 pub fn select_pages<'s>(
@@ -113,7 +126,7 @@ pub fn select_pages<'s>(
     mask: Option<&[u8]>,
     scratch: &mut PageScratch,
     tokens: &'s mut Vec<i64>,
-    valid: &'s mut Vec<usize>,
+    dead: &'s mut Vec<u8>,
 ) -> Result<TokenLists<'s>> {
     let (b, d, n) = (s.batch(), s.head_dim(), s.len());
     let g = s.group(q_heads)?;
@@ -136,6 +149,20 @@ pub fn select_pages<'s>(
         "a page selection keeps 1..{np} of {np} pages, got {}",
         sel.pages
     );
+    let e = sel.extra_per_list();
+    if let Some(extra) = sel.extra {
+        ensure!(
+            sel.granularity == Granularity::KvHead,
+            "extra tokens are scored per KV head: not with per-query-head pages"
+        );
+        ensure!(
+            extra.len() == b * s.kv_heads() * e,
+            "extra tokens must be [batch, kv_heads, e] = [{b}, {}, e]; got {} entries",
+            s.kv_heads(),
+            extra.len()
+        );
+        s.check_indices(extra)?;
+    }
     let rows = b * q_heads;
     // q⁺ then q⁻, so the bound is two logits passes (scale 1: only the ranking matters).
     let split = take(&mut scratch.q_split, 2 * rows * d);
@@ -185,32 +212,44 @@ pub fn select_pages<'s>(
     let page_idx = take(&mut scratch.page_idx, lists * k);
     let page_val = take(&mut scratch.page_val, lists * k);
     topk(ranked, np, k, page_idx, page_val)?;
-    // Pages (ascending) → their tokens; a partial last page is padded with its last token.
-    let m = k * PAGE_TOKENS;
+    // Pages (ascending) → their tokens; a partial last page is padded with its last token; then
+    // the extra tokens, dead where a chosen page holds them already or they repeat.
+    let m = k * PAGE_TOKENS + e;
     let tokens = take(tokens, lists * m);
-    let valid = take(valid, lists);
+    let dead = take(dead, lists * m);
     let serial = min_len(lists, tokens.len() * 8);
     tokens
         .par_chunks_mut(m)
-        .zip(valid.par_iter_mut())
+        .zip(dead.par_chunks_mut(m))
         .zip(page_idx.par_chunks(k))
+        .enumerate()
         .with_min_len(serial)
-        .for_each(|((list, valid), pages)| {
-            for (slot, &p) in list.chunks_mut(PAGE_TOKENS).zip(pages) {
+        .for_each(|(list, ((row, dead), pages))| {
+            let (paged, extras) = row.split_at_mut(k * PAGE_TOKENS);
+            for (slot, &p) in paged.chunks_mut(PAGE_TOKENS).zip(pages) {
                 let first = p as usize * PAGE_TOKENS;
                 for (j, t) in slot.iter_mut().enumerate() {
                     *t = (first + j).min(n - 1) as i64;
                 }
             }
+            dead.fill(0);
             // Only the last page (index np - 1) can be partial, and it sorts last.
-            let partial = n % PAGE_TOKENS != 0 && pages.last() == Some(&(np as i64 - 1));
-            *valid = if partial {
-                m - (PAGE_TOKENS - n % PAGE_TOKENS)
-            } else {
-                m
-            };
+            if n % PAGE_TOKENS != 0 && pages.last() == Some(&(np as i64 - 1)) {
+                dead[k * PAGE_TOKENS - (PAGE_TOKENS - n % PAGE_TOKENS)..k * PAGE_TOKENS].fill(1);
+            }
+            if let Some(extra) = sel.extra {
+                extras.copy_from_slice(&extra[list * e..(list + 1) * e]);
+                let mut order: Vec<(i64, usize)> = extras.iter().copied().zip(0..).collect();
+                order.sort_unstable();
+                for (i, &(t, j)) in order.iter().enumerate() {
+                    let repeat = i > 0 && order[i - 1].0 == t;
+                    if repeat || pages.binary_search(&(t / PAGE_TOKENS as i64)).is_ok() {
+                        dead[k * PAGE_TOKENS + j] = 1;
+                    }
+                }
+            }
         });
-    Ok(TokenLists { tokens, valid, m })
+    Ok(TokenLists { tokens, dead, m })
 }
 
 /// Logits `x [batch, q_heads, m]` of each query head over its list's tokens (scaled), with the
@@ -254,11 +293,14 @@ pub fn list_logits(
             }
         }
     }
-    let per_seq = lists.valid.len() / b;
+    let per_seq = lists.tokens.len() / m / b;
     for (r, row) in x.chunks_mut(m).enumerate() {
         let list = list_of(r, q_heads, g, per_seq);
         let tokens = &lists.tokens[list * m..(list + 1) * m];
-        row[lists.valid[list]..].fill(f32::NEG_INFINITY);
+        row.iter_mut()
+            .zip(&lists.dead[list * m..(list + 1) * m])
+            .filter(|(_, &dead)| dead != 0)
+            .for_each(|(v, _)| *v = f32::NEG_INFINITY);
         if let Some(mask) = mask {
             let masked = &mask[(r / q_heads) * n..(r / q_heads + 1) * n];
             row.iter_mut()
@@ -289,7 +331,7 @@ pub fn row_indices(
     out: &mut [i64],
 ) {
     let m = lists.m;
-    let per_seq = lists.valid.len() / batch;
+    let per_seq = lists.tokens.len() / m / batch;
     for (r, row) in out.chunks_mut(m).enumerate() {
         let list = list_of(r, q_heads, g, per_seq);
         row.copy_from_slice(&lists.tokens[list * m..(list + 1) * m]);

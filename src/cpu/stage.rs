@@ -6,7 +6,7 @@
 //! - scored tokens: all host tokens in order, or `positions [m]` in the given order (Pre-QKT;
 //!   repeats allowed, each scored once per occurrence), or the tokens of the pages a page
 //!   selection chooses from the key summaries (Pre-QKT by page summaries, `cpu::pages`; every
-//!   host token when it keeps every page);
+//!   host token when it keeps every page), per query head;
 //! - masking: a scored token whose `mask[seq, token]` is nonzero gets the logit `-inf`;
 //! - selection: with `top_k = k < m`, the `k` largest logits per query head by `cpu::topk`
 //!   (NaN lowest, ties to the earlier scored token), listed in scored order; otherwise every
@@ -70,8 +70,8 @@ pub struct StageArgs<'a> {
     pub positions: Option<&'a [i64]>,
     /// `[batch, len]`, nonzero = ignore the token (padding).
     pub mask: Option<&'a [u8]>,
-    /// Pre-QKT by page summaries: score only the tokens of the best pages (neither `top_k`
-    /// nor `positions` may be given with it).
+    /// Pre-QKT by page summaries: score only the tokens of the best pages (then `top_k`, if
+    /// given, keeps the best of those; `positions` may not be given with it).
     pub pages: Option<PageSelect<'a>>,
 }
 
@@ -88,13 +88,12 @@ pub struct Selection {
 impl StageArgs<'_> {
     /// The selection these arguments make over `host_len` tokens.
     pub fn selection(&self, host_len: usize) -> Selection {
-        if let Some(tokens) = self.pages.and_then(|p| p.tokens(host_len)) {
-            return Selection {
-                tokens,
-                indexed: true,
-            };
-        }
-        let scored = self.positions.map_or(host_len, <[i64]>::len);
+        // The scored tokens: a page selection's lists, the given positions, or every host token.
+        let (scored, listed) = match (self.pages.and_then(|p| p.tokens(host_len)), self.positions) {
+            (Some(m), _) => (m, true),
+            (None, Some(p)) => (p.len(), true),
+            (None, None) => (host_len, false),
+        };
         match self.top_k {
             Some(k) if k < scored => Selection {
                 tokens: k,
@@ -102,9 +101,26 @@ impl StageArgs<'_> {
             },
             _ => Selection {
                 tokens: scored,
-                indexed: self.positions.is_some(),
+                indexed: listed,
             },
         }
+    }
+}
+
+impl StageArgs<'_> {
+    /// Whether the stage can write `kv_indices` over `host_len` tokens: a top-k selection
+    /// among the scored tokens, not per-query-head pages.
+    pub fn ranks_kv_heads(&self, host_len: usize) -> bool {
+        let paged = self
+            .pages
+            .and_then(|p| p.tokens(host_len).map(|m| (m, p.granularity)));
+        let scored = match (paged, self.positions) {
+            (Some((_, super::pages::Granularity::QueryHead)), _) => return false,
+            (Some((m, _)), _) => m,
+            (None, Some(p)) => p.len(),
+            (None, None) => host_len,
+        };
+        self.top_k.is_some_and(|k| k < scored)
     }
 }
 
@@ -113,7 +129,11 @@ impl StageArgs<'_> {
 /// and `k = Selection::tokens`:
 /// - LSE: `out` rows·d and `lse` rows; `indices` rows·k if wanted (index selections only);
 /// - concat: `logits` rows·k; for index selections also `indices` rows·k and `values`
-///   rows·k·d elements of the store's dtype, as bytes.
+///   rows·k·d elements of the store's dtype, as bytes;
+/// - either, for a top-k selection (`top_k < scored`, not per-query-head pages): `kv_indices`
+///   `batch · kv_heads · k` if wanted: per KV head the `k` scored tokens whose largest logit over
+///   the GQA group is highest, ascending (what the next step may reuse as a page selection's
+///   extra tokens).
 #[derive(Debug, Default)]
 pub struct StageOutputs<'o> {
     pub out: &'o mut [f32],
@@ -121,6 +141,7 @@ pub struct StageOutputs<'o> {
     pub logits: &'o mut [f32],
     pub indices: &'o mut [i64],
     pub values: &'o mut [u8],
+    pub kv_indices: &'o mut [i64],
 }
 
 /// Working memory of a stage (the logits of every scored token, index lists), kept between
@@ -131,7 +152,10 @@ pub struct Scratch {
     selected: Vec<f32>,
     indices: Vec<i64>,
     key_indices: Vec<i64>,
-    list_valid: Vec<usize>,
+    list_dead: Vec<u8>,
+    group_max: Vec<f32>,
+    kv_selected: Vec<f32>,
+    row_lists: Vec<i64>,
     pages: PageScratch,
 }
 
@@ -184,8 +208,8 @@ fn stage(
         s.check_indices(p)?;
     }
     ensure!(
-        a.pages.is_none() || (a.top_k.is_none() && a.positions.is_none()),
-        "a page selection chooses the tokens itself: pass neither top_k nor positions with it"
+        a.pages.is_none() || a.positions.is_none(),
+        "a page selection chooses the tokens to score itself: pass no positions with it"
     );
     let sel = a.selection(n);
     check_outputs(s, a, sel, &out)?;
@@ -197,10 +221,12 @@ fn stage(
         logits: logits_out,
         indices: indices_out,
         values,
+        kv_indices,
     } = out;
 
     if let Some(p) = a.pages.filter(|p| p.tokens(n).is_some()) {
-        // Pre-QKT by page summaries: choose pages from the bounds, then score their tokens.
+        // Pre-QKT by page summaries: choose pages from the bounds, score their tokens, and keep
+        // the top_k best of those if asked (or all of them).
         let g = s.group(hq)?;
         let lists = select_pages(
             isa,
@@ -211,31 +237,62 @@ fn stage(
             a.mask,
             &mut scratch.pages,
             &mut scratch.key_indices,
-            &mut scratch.list_valid,
+            &mut scratch.list_dead,
         )?;
-        let x = match a.merge {
-            Merge::Concat => logits_out,
-            Merge::Lse => take(&mut scratch.logits, rows * k),
+        let m = lists.m;
+        let score_lists = |x: &mut [f32], pages: &mut PageScratch| {
+            list_logits(
+                isa,
+                s,
+                a.q,
+                hq,
+                a.scale,
+                p.granularity,
+                &lists,
+                a.mask,
+                pages,
+                x,
+            )
         };
-        list_logits(
-            isa,
-            s,
-            a.q,
-            hq,
-            a.scale,
-            p.granularity,
-            &lists,
-            a.mask,
-            &mut scratch.pages,
-            x,
-        )?;
         let idx = if indices_out.is_empty() {
             take(&mut scratch.indices, rows * k)
         } else {
             indices_out
         };
-        row_indices(&lists, b, hq, g, idx);
-        finish(isa, s, a, x, Some(idx), out, lse, values)?;
+        if k == m {
+            let x = match a.merge {
+                Merge::Concat => logits_out,
+                Merge::Lse => take(&mut scratch.logits, rows * m),
+            };
+            score_lists(x, &mut scratch.pages)?;
+            row_indices(&lists, b, hq, g, idx);
+            finish(isa, s, a, x, Some(idx), out, lse, values)?;
+            return Ok(sel);
+        }
+        let x = take(&mut scratch.logits, rows * m);
+        score_lists(x, &mut scratch.pages)?;
+        let sel_x = match a.merge {
+            Merge::Concat => logits_out,
+            Merge::Lse => take(&mut scratch.selected, rows * k),
+        };
+        if k > 0 {
+            topk(x, m, k, idx, sel_x)?;
+            // Positions in a row's list become host token indices.
+            let all = take(&mut scratch.row_lists, rows * m);
+            row_indices(&lists, b, hq, g, all);
+            for (r, row) in idx.chunks_mut(k).enumerate() {
+                let list = &all[r * m..(r + 1) * m];
+                row.iter_mut().for_each(|i| *i = list[*i as usize]);
+            }
+            if !kv_indices.is_empty() {
+                let tokens = lists.tokens;
+                let (gm, gv) = (&mut scratch.group_max, &mut scratch.kv_selected);
+                kv_top(x, m, k, g, gm, gv, kv_indices, |list, j| {
+                    tokens[list * m + j]
+                })?;
+            }
+        }
+        finish(isa, s, a, sel_x, Some(idx), out, lse, values)?;
         return Ok(sel);
     }
     if a.top_k.is_none_or(|top| top >= m) && a.positions.is_none() && a.merge == Merge::Lse {
@@ -285,6 +342,14 @@ fn stage(
     };
     if k > 0 {
         topk(x, m, k, sel_i, sel_x)?;
+        if !kv_indices.is_empty() {
+            let g = s.group(hq)?;
+            let (gm, gv) = (&mut scratch.group_max, &mut scratch.kv_selected);
+            match a.positions {
+                Some(p) => kv_top(x, m, k, g, gm, gv, kv_indices, |_, j| p[j])?,
+                None => kv_top(x, m, k, g, gm, gv, kv_indices, |_, j| j as i64)?,
+            }
+        }
         if let Some(p) = a.positions {
             // Indices into the scored list become host token indices.
             let serial = min_len(sel_i.len(), sel_i.len() * 8);
@@ -296,6 +361,36 @@ fn stage(
     }
     finish(isa, s, a, sel_x, Some(sel_i), out, lse, values)?;
     Ok(sel)
+}
+
+/// Per KV head, the `k` of the `m` scored entries with the highest logit over the GQA group
+/// (`x [lists · g, m]`), as the host tokens `token(list, entry)` names, ascending.
+#[allow(clippy::too_many_arguments)]
+fn kv_top(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    g: usize,
+    group_max: &mut Vec<f32>,
+    selected: &mut Vec<f32>,
+    out: &mut [i64],
+    token: impl Fn(usize, usize) -> i64,
+) -> Result<()> {
+    let lists = x.len() / (m * g);
+    let best = take(group_max, lists * m);
+    for (list, row) in best.chunks_mut(m).enumerate() {
+        row.copy_from_slice(&x[list * g * m..(list * g + 1) * m]);
+        for h in 1..g {
+            let other = &x[(list * g + h) * m..(list * g + h + 1) * m];
+            row.iter_mut().zip(other).for_each(|(b, &v)| *b = b.max(v));
+        }
+    }
+    topk(best, m, k, out, take(selected, lists * k))?;
+    for (list, row) in out.chunks_mut(k).enumerate() {
+        row.iter_mut().for_each(|i| *i = token(list, *i as usize));
+        row.sort_unstable();
+    }
+    Ok(())
 }
 
 fn check_outputs(
@@ -315,6 +410,17 @@ fn check_outputs(
         Ok(())
     };
     let indexed = |need: usize| if sel.indexed { need } else { 0 };
+    if !o.kv_indices.is_empty() {
+        ensure!(
+            a.ranks_kv_heads(s.len()),
+            "kv_indices are written for a top-k selection among the scored tokens (not per-query-head pages) only"
+        );
+        want(
+            "kv_indices",
+            o.kv_indices.len(),
+            s.batch() * s.kv_heads() * k,
+        )?;
+    }
     match a.merge {
         Merge::Lse => {
             want("out", o.out.len(), rows * d)?;

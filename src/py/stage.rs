@@ -25,6 +25,7 @@ pub(super) struct OutputArgs<'a, 'py> {
     pub indices: Option<&'a Bound<'py, PyAny>>,
     pub out: Option<&'a Bound<'py, PyAny>>,
     pub lse: Option<&'a Bound<'py, PyAny>>,
+    pub kv_indices: Option<&'a Bound<'py, PyAny>>,
 }
 
 /// The non-output arguments, parsed.
@@ -37,9 +38,14 @@ pub(super) struct StageCall<'a, 'py> {
     pub top_k: Option<usize>,
     pub positions: Option<&'a Bound<'py, PyAny>>,
     pub host_mask: Option<&'a Bound<'py, PyAny>>,
-    /// Pre-QKT by page summaries: pages kept per list.
+    /// Pre-QKT by page summaries: pages kept per list, and extra tokens `[b, kv_heads, e]`.
     pub pages: Option<usize>,
     pub granularity: cpu::Granularity,
+    pub page_extra: Option<&'a Bound<'py, PyAny>>,
+}
+
+fn shape_of_kv(g: &Option<Given<'_, '_>>) -> Option<Vec<usize>> {
+    g.as_ref().map(|g| g.t.shape().to_vec())
 }
 
 /// One output argument the caller passed: its object and the imported tensor.
@@ -110,6 +116,9 @@ struct Done {
     values: Option<Owned>,
     out: Option<Vec<f32>>,
     lse: Option<Vec<f32>>,
+    kv_indices: Option<Vec<i64>>,
+    /// Whether the stage ranked the tokens per KV head (`kv_indices_out` written).
+    kv_written: bool,
     /// The buffer, the offset of the first slot's strips, the strip stride.
     store_values: Option<(std::sync::Arc<crate::mem::HostBuffer>, usize, usize)>,
 }
@@ -133,6 +142,20 @@ pub(super) fn cpu_stage<'py>(
         .host_mask
         .map(|m| Tensor::import_one_of(m, "host_mask", &[Elem::Bool, Elem::U8], &[Some(b), None]))
         .transpose()?;
+    if call.page_extra.is_some() && call.pages.is_none() {
+        return Err(PyValueError::new_err("page_extra needs pages"));
+    }
+    let page_extra = call
+        .page_extra
+        .map(|e| {
+            Tensor::import(
+                e,
+                "page_extra",
+                Elem::I64,
+                &[Some(b), Some(st.kv_heads), None],
+            )
+        })
+        .transpose()?;
     let lse_merge = call.merge == Merge::Lse;
     let unused = if lse_merge {
         [("logits_out", outs.logits), ("values_out", outs.values)]
@@ -150,6 +173,7 @@ pub(super) fn cpu_stage<'py>(
     let indices = given(outs.indices, "indices_out", Elem::I64)?;
     let out = given(outs.out, "out", Elem::F32)?;
     let lse = given(outs.lse, "lse_out", Elem::F32)?;
+    let kv_indices = given(outs.kv_indices, "kv_indices_out", Elem::I64)?;
     {
         let outputs: Vec<(&str, &Tensor)> = [
             named("logits_out", &logits),
@@ -157,6 +181,7 @@ pub(super) fn cpu_stage<'py>(
             named("indices_out", &indices),
             named("out", &out),
             named("lse_out", &lse),
+            named("kv_indices_out", &kv_indices),
         ]
         .into_iter()
         .flatten()
@@ -165,6 +190,7 @@ pub(super) fn cpu_stage<'py>(
             Some(("q", &q)),
             positions.as_ref().map(|p| ("positions", p)),
             mask.as_ref().map(|m| ("host_mask", m)),
+            page_extra.as_ref().map(|e| ("page_extra", e)),
         ]
         .into_iter()
         .flatten()
@@ -175,6 +201,9 @@ pub(super) fn cpu_stage<'py>(
     let qs = q.slice::<f32>();
     let ps = positions.as_ref().map(|p| p.slice::<i64>());
     let ms = mask.as_ref().map(|m| m.slice::<u8>());
+    let es = page_extra.as_ref().map(|e| e.slice::<i64>());
+    let kv_shape = shape_of_kv(&kv_indices);
+    let kv_s = kv_indices.as_ref().map(|g| g.t.slice_mut::<i64>());
     let shape_of = |g: &Option<Given<'_, '_>>| g.as_ref().map(|g| g.t.shape().to_vec());
     let (logits_shape, values_shape, indices_shape) =
         (shape_of(&logits), shape_of(&values), shape_of(&indices));
@@ -204,6 +233,7 @@ pub(super) fn cpu_stage<'py>(
                     summaries: store.summaries(layer)?,
                     pages,
                     granularity,
+                    extra: es,
                 })
             })
             .transpose()?;
@@ -228,6 +258,8 @@ pub(super) fn cpu_stage<'py>(
             values: None,
             out: None,
             lse: None,
+            kv_indices: None,
+            kv_written: false,
             store_values: None,
         };
         let mut dst = StageOutputs::default();
@@ -271,6 +303,16 @@ pub(super) fn cpu_stage<'py>(
                     .insert(Owned::words(bytes, Elem::of(dtype)))
                     .bytes_mut()[..bytes],
             };
+        }
+        if kv_s.is_some() && args.ranks_kv_heads(strips.len()) {
+            done.kv_written = true;
+            let kv = [b, st.kv_heads, k];
+            dst.kv_indices = dest(
+                "kv_indices_out",
+                kv_s.zip(kv_shape.as_deref()),
+                &mut done.kv_indices,
+                &kv,
+            )?;
         }
         if merge == Merge::Concat && !sel.indexed {
             let first = store.lockstep_slots()?.start * st.kv_heads * store.strip_bytes();
@@ -340,5 +382,11 @@ pub(super) fn cpu_stage<'py>(
     d3.set_item("logits", logits_v)?;
     d3.set_item("indices", indices_v)?;
     d3.set_item("values", values_v)?;
+    let kv_v = if done.kv_written {
+        result!(kv_indices, done.kv_indices, [b, st.kv_heads, k], Owned::I64)
+    } else {
+        None
+    };
+    d3.set_item("kv_indices", kv_v)?;
     Ok(d3)
 }

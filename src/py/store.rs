@@ -815,7 +815,7 @@ impl PyHostKvStore {
     /// `cpu::stage` for the semantics and `py::stage` for how outputs are passed and returned).
     #[pyo3(signature = (layer, q, scale, merge, top_k=None, positions=None, host_mask=None, logits_out=None,
                         values_out=None, indices_out=None, out=None, lse_out=None, isa_name=None,
-                        pages=None, per_query_head=false))]
+                        pages=None, per_query_head=false, page_extra=None, kv_indices_out=None))]
     #[allow(clippy::too_many_arguments)]
     fn cpu_stage<'py>(
         &self,
@@ -835,6 +835,8 @@ impl PyHostKvStore {
         isa_name: Option<&str>,
         pages: Option<Int>,
         per_query_head: bool,
+        page_extra: Option<&Bound<'py, PyAny>>,
+        kv_indices_out: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let call = StageCall {
             pages: pages.map(|p| positive("pages", p)).transpose()?,
@@ -843,6 +845,7 @@ impl PyHostKvStore {
             } else {
                 cpu::Granularity::KvHead
             },
+            page_extra,
             layer: self.layer(layer)?,
             isa: isa(isa_name)?,
             q,
@@ -858,6 +861,7 @@ impl PyHostKvStore {
             indices: indices_out,
             out,
             lse: lse_out,
+            kv_indices: kv_indices_out,
         };
         super::stage::cpu_stage(self, py, call, outs)
     }

@@ -19,7 +19,8 @@ use crate::error::Result;
 pub enum Strategy {
     /// Logits over all host tokens, then top-K by logit.
     PostQkt,
-    /// Logits over K tokens predicted by position (sinks, recent, strided).
+    /// Logits over K tokens chosen ahead of them (by the page summaries of the keys, or by
+    /// position: the Python policy's `predictor`).
     PreQkt,
 }
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from .. import _native
 from ..config import MERGES, POLICIES, HybridConfig
 from ..guard import HybridPathError, require_hybrid_run
+from ..policies.hybrid import FORCE_CPU_BOUND, cpu_bound_forced
 
 
 def build_parser(sub):
@@ -182,6 +183,10 @@ def run(args) -> int:
         f"policy {config.policy}, merge {config.merge}; {cache.decode_steps} decode steps ran hybrid attention "
         f"in all {len(cache.layers)} layers"
     )
+    if config.policy == "scheduler" and cpu_bound_forced():
+        print(
+            f"  the scheduler's CPU-bound branch was forced ({FORCE_CPU_BOUND} is set); Pre-QKT by {config.predictor}"
+        )
     print(f"  K over {len(ks)} decode steps: {ks[0] if ks else '-'} → {ks[-1] if ks else '-'}  {_sparkline(ks)}")
     print(f"  {cache.telemetry.format_summary()}")
     hybrid_found = hay.found(answer)

@@ -10,6 +10,7 @@ Pre-QKT by page summaries with each query head choosing its own pages (Quest as 
 
 from __future__ import annotations
 
+import os
 import time
 from functools import partial
 from typing import Optional
@@ -19,6 +20,22 @@ from ..attention import cpu_stage, device_combine, device_partial, page_count, p
 from ..telemetry import StepRecord
 from ..timing import timed
 from .base import Policy
+
+#: Test hook: with this variable set (not "0"), the scheduler sees the CPU side of every step as
+#: ten times the device's, so its CPU-bound branch (K down to ``k_min``, then Pre-QKT) runs
+#: whatever the machine's load: what a 32K-128K context on a real server does.
+FORCE_CPU_BOUND = "HYBRIDGEN_FORCE_CPU_BOUND"
+
+
+def page_candidates(k: int, n_host: int) -> int:
+    """Host tokens whose exact logits page-summary Pre-QKT computes before keeping the best ``k``:
+    twice ``k``, and at least an eighth of the host tokens, so that with the summaries (2 rows a
+    page of 16) the CPU reads a quarter of the keys while Post-QKT reads them all."""
+    return max(2 * k, n_host // 8)
+
+
+def cpu_bound_forced() -> bool:
+    return os.environ.get(FORCE_CPU_BOUND, "") not in ("", "0")
 
 
 class HybridPolicy(Policy):
@@ -33,8 +50,12 @@ class HybridPolicy(Policy):
     def __init__(self, config, info, worker=None):
         super().__init__(config, info, worker)
         self.scheduler = _native.Scheduler(config.k_min, config.k_max) if config.policy == "scheduler" else None
+        self.force_cpu_bound = self.scheduler is not None and cpu_bound_forced()
         #: Layer index -> future of its speculatively started CPU stage (pipeline + speculative).
         self.speculated: dict = {}
+        #: Layer index -> the last step's selection per KV head (int64 ``[b, hkv, k]``), which
+        #: page-summary Pre-QKT scores again beside its pages.
+        self.previous: dict = {}
 
     @classmethod
     def is_exact(cls, config) -> bool:
@@ -55,6 +76,8 @@ class HybridPolicy(Policy):
 
     def observe(self, t_gpu, t_cpu, t_tx) -> None:
         if self.scheduler is not None:
+            if self.force_cpu_bound:
+                t_cpu = max(t_cpu, 10 * (t_gpu + t_tx) + 1e-3)
             self.scheduler.observe(t_gpu, t_cpu, t_tx)
 
     def decode(self, tier, q, keep, scale, step):
@@ -82,6 +105,8 @@ class HybridPolicy(Policy):
             host, hidden = _wait(future)
         else:
             host, hidden = self._stage(tier, q, scale, strategy, k, host_mask)(), 0.0
+        if host.kv_indices is not None:
+            self.previous[idx] = host.kv_indices
         moved, t_tx = host.ship(q.device)
         s = tier.sinks_on_device
         out, t_dev = timed(
@@ -103,28 +128,47 @@ class HybridPolicy(Policy):
             t_hidden=hidden,
             tx_bytes=host.nbytes(),
             speculative=speculated is not None,
-            keys_read=self.keys_read(strategy, n_host, host.tokens),
+            keys_read=host.keys_read,
         )
 
-    def _choice(self, strategy: str, k: int, n_host: int) -> dict:
-        """How the CPU stage chooses its tokens: ``top_k``, ``positions`` or ``pages``."""
+    def _choice(self, strategy: str, k: int, tier) -> dict:
+        """How the CPU stage chooses its tokens: ``top_k``, ``positions`` or ``pages`` (with the
+        last step's selection as extra tokens), and whether to return the selection for reuse."""
+        n_host, reuse = tier.host_tokens, self.config.predictor == "pages"
         if strategy == "post_qkt":
-            return {"top_k": k}
-        if strategy == "pre_qkt" and self.config.predictor == "positional":
+            return {"top_k": k, "kv_selection": reuse}
+        if strategy == "pre_qkt" and not reuse:
             return {"positions": pre_qkt_positions(n_host, k)}
-        if strategy in ("pre_qkt", "quest"):
-            return {"pages": page_count(k), "per_query_head": strategy == "quest"}
+        if strategy == "pre_qkt":
+            extra = self._reusable(tier)
+            e = 0 if extra is None else extra.shape[-1]
+            pages = page_count(max(page_candidates(k, n_host) - e, k))
+            return {"pages": pages, "top_k": k, "page_extra": extra, "kv_selection": True}
+        if strategy == "quest":
+            return {"pages": page_count(k), "per_query_head": True}
         return {}
 
-    def keys_read(self, strategy: str, n_host: int, tokens: int) -> int:
-        """Host key rows read per KV head by the CPU stage that selected ``tokens`` per head."""
-        if tokens >= n_host or strategy in ("all", "aoc", "post_qkt"):
+    def _reusable(self, tier):
+        """The last step's selection of ``tier``'s layer, if it still names host tokens of this
+        sequence batch (a cache reset or a new batch makes it stale)."""
+        prev = self.previous.get(tier.layer_idx)
+        if prev is None or prev.shape[0] != tier.store.batch or prev.numel() == 0:
+            return None
+        return prev if int(prev.max()) < tier.host_tokens else None
+
+    def keys_read(self, choice: dict, n_host: int) -> int:
+        """Host key rows per KV head that the CPU stage making ``choice`` reads."""
+        if "positions" in choice:
+            return len(choice["positions"])
+        pages = choice.get("pages")
+        if pages is None or pages * _native.PAGE_TOKENS >= n_host:
             return n_host
-        if strategy == "pre_qkt" and self.config.predictor == "positional":
-            return tokens
-        summaries = 2 * -(-n_host // _native.PAGE_TOKENS)
-        group = self.info.q_heads // self.info.kv_heads if strategy == "quest" else 1
-        return summaries + group * tokens
+        scored = pages * _native.PAGE_TOKENS
+        if choice.get("per_query_head"):  # every query head reads its own pages
+            scored *= self.info.q_heads // self.info.kv_heads
+        extra = choice.get("page_extra")
+        scored += 0 if extra is None else extra.shape[-1]
+        return min(n_host, 2 * -(-n_host // _native.PAGE_TOKENS) + scored)
 
     def _stage(self, tier, q, scale, strategy, k, host_mask):
         """The CPU stage of ``tier``'s layer for query ``q`` as a callable (for the worker thread).
@@ -136,19 +180,28 @@ class HybridPolicy(Policy):
             from ..cuda import to_host
 
             (q, host_mask), ready = to_host(q, host_mask)
-        return partial(
+        choice = self._choice(strategy, k, tier)
+        run = partial(
             cpu_stage,
             tier.store,
             tier.layer_idx,
             q,
             scale=scale,
             merge=self.config.merge,
-            **self._choice(strategy, k, tier.host_tokens),
+            **choice,
             host_mask=host_mask,
             pinned=on_cuda,
             ready=ready,
             buffers=tier.buffers if self.config.merge == "lse" else None,
         )
+        reads = self.keys_read(choice, tier.host_tokens)
+
+        def stage():
+            host = run()
+            host.keys_read = reads
+            return host
+
+        return stage
 
     def speculate(self, tier, q_estimate, keep, scale) -> None:
         """Submits the CPU stage of ``tier``'s layer, from the query estimate, to the worker

@@ -1,6 +1,8 @@
 """``python -m hybridgen generate`` proves its hybrid run went through hybrid attention, or fails:
 a tiny random Llama with SmolLM2's tokenizer, in process."""
 
+import re
+
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -86,3 +88,25 @@ def test_prefill_shows_progress_over_the_layers(tiny_model_dir):
     assert progress.bar.n == 2
     progress.close()
     assert all(not layer._forward_hooks for layer in model.model.layers)
+
+
+@pytest.mark.slow
+def test_main_job_names_the_fact_with_the_cpu_bound_branch_forced(capsys, monkeypatch):
+    """The README's main job on the real SmolLM2 (4K context) with the scheduler told that the CPU
+    is the bottleneck at every step, as on a loaded machine or a 128K context: K drops to K_min and
+    the scheduler switches to Pre-QKT (page summaries plus the previous step's selection); the
+    answer must still name the planted fact and agree with full attention."""
+    from hybridgen.policies.hybrid import FORCE_CPU_BOUND
+
+    monkeypatch.setenv(FORCE_CPU_BOUND, "1")
+    assert cli.main(["generate"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU-bound branch was forced" in out
+    shares = dict(re.findall(r"(post_qkt|pre_qkt) (\d+)%", out.split("decode steps |")[1].split("\n")[0]))
+    assert int(shares["pre_qkt"]) >= 75, f"the Pre-QKT branch did not run most steps: {shares}"
+    assert "[names the planted fact]" in out.split("hybrid answer:")[1].split("\n")[0]
+    assert "MISS" not in out
+    same, total = map(int, re.search(r"agreement: (\d+)/(\d+)", out).groups())
+    assert same >= 0.9 * total, f"only {same}/{total} generated tokens agree with full attention"
+    read = int(re.search(r"CPU read (\d+)% of the host keys", out).group(1))
+    assert read <= 40, f"Pre-QKT read {read}% of the host keys"

@@ -119,7 +119,9 @@ def ref_stage(keys, values, q, scale, tokens, mask=None):
 
 def run_stage(store, q, scale, merge, **kw):
     r = store._native.cpu_stage(0, q, scale, merge, **kw)
-    return {k: tensor(v) if k in ("out", "lse", "logits", "indices", "values") else v for k, v in r.items()}
+    return {
+        k: tensor(v) if k in ("out", "lse", "logits", "indices", "values", "kv_indices") else v for k, v in r.items()
+    }
 
 
 CASES = [
@@ -159,6 +161,31 @@ def test_page_stage_attends_the_best_pages(b, hkv, g, d, n, pages, dtype, per_qu
     live = torch.isfinite(want_x)
     assert torch.allclose(got_x[live], want_x[live], atol=TOL * 10)
     assert torch.equal(concat["values"].double()[real], want_rows[real])
+
+
+@pytest.mark.parametrize("per_query_head", [False, True])
+@pytest.mark.parametrize("top_k", [1, 20, 47, 48, 60])
+def test_top_k_keeps_the_best_scored_tokens_of_the_chosen_pages(top_k, per_query_head):
+    gen = torch.Generator().manual_seed(top_k)
+    b, hkv, g, d, n, pages = 2, 2, 3, 32, 12 * P + 9, 3
+    keys = torch.randn((b, hkv, n, d), generator=gen)
+    values = torch.randn((b, hkv, n, d), generator=gen)
+    q = torch.randn((b, hkv * g, d), generator=gen)
+    store = new_store(b, hkv, d, torch.float32)
+    fill(store, keys, values, [n])
+    scale = d**-0.5
+    lists = ref_pages(keys, q, pages, per_query_head)  # [b, hq, 48]
+    x = torch.gather(ref.logits(q, keys, scale), 2, lists.clamp(min=0)).masked_fill(lists < 0, float("-inf"))
+    k = min(top_k, lists.shape[-1])
+    order = torch.sort(-x, dim=-1, stable=True).indices[..., :k].sort(dim=-1).values
+    chosen = torch.gather(lists, 2, order)
+    want_out, want_lse, *_ = ref_stage(keys, values, q, scale, chosen)
+    got = run_stage(store, q, scale, "lse", pages=pages, top_k=top_k, per_query_head=per_query_head, indices_out=None)
+    assert got["tokens"] == k
+    assert (got["out"].double() - want_out).abs().max() < TOL
+    assert torch.allclose(got["lse"].double(), want_lse, atol=TOL * 10)
+    concat = run_stage(store, q, scale, "concat", pages=pages, top_k=top_k, per_query_head=per_query_head)
+    assert torch.equal(concat["indices"], chosen)
 
 
 def test_the_bound_is_an_upper_bound_of_every_logit_in_the_page():
@@ -231,7 +258,69 @@ def test_bad_page_arguments_are_value_errors():
     q = torch.randn((1, 4, 8), generator=gen)
     with pytest.raises(ValueError, match="pages"):
         store._native.cpu_stage(0, q, 1.0, "lse", pages=0)
-    with pytest.raises(ValueError, match="neither top_k nor positions"):
-        store._native.cpu_stage(0, q, 1.0, "lse", pages=2, top_k=8)
-    with pytest.raises(ValueError, match="neither top_k nor positions"):
+    with pytest.raises(ValueError, match="no positions"):
         store._native.cpu_stage(0, q, 1.0, "lse", pages=2, positions=torch.arange(3))
+
+
+def ref_kv_top(x, tokens, g, k):
+    """Per KV head the ``k`` entries with the highest logit over the group (stable), as tokens."""
+    b, hq, m = x.shape
+    best = x.view(b, hq // g, g, m).amax(dim=2)
+    order = torch.sort(-best, dim=-1, stable=True).indices[..., :k]
+    return torch.gather(tokens, 2, order).sort(dim=-1).values
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_extra_tokens_are_scored_once_beside_the_pages(seed):
+    gen = torch.Generator().manual_seed(100 + seed)
+    b, hkv, g, d, n, pages, top_k = 2, 2, 3, 32, 11 * P + 7, 2, 24
+    keys = torch.randn((b, hkv, n, d), generator=gen)
+    values = torch.randn((b, hkv, n, d), generator=gen)
+    q = torch.randn((b, hkv * g, d), generator=gen)
+    store = new_store(b, hkv, d, torch.float32)
+    fill(store, keys, values, random_chunks(n, gen))
+    scale = d**-0.5
+    paged = ref_pages(keys, q, pages, False)[:, ::g]  # [b, hkv, pages·P], -1 = padding
+    extra = torch.randint(0, n, (b, hkv, 20), generator=gen)
+    extra[..., 1] = extra[..., 0]  # a repeat
+    extra[..., 2] = paged[..., 3]  # a token of a chosen page
+    lists = torch.cat([paged, extra], dim=-1)
+    dead = lists < 0
+    for i in range(b):
+        for h in range(hkv):
+            seen = set(paged[i, h][paged[i, h] >= 0].tolist())
+            for j, t in enumerate(extra[i, h].tolist()):
+                dead[i, h, paged.shape[-1] + j] = t in seen
+                seen.add(t)
+    x = torch.gather(ref.logits(q, keys, scale), 2, lists.clamp(min=0).repeat_interleave(g, 1))
+    x = x.masked_fill(dead.repeat_interleave(g, 1), float("-inf"))
+    order = torch.sort(-x, dim=-1, stable=True).indices[..., :top_k].sort(dim=-1).values
+    chosen = torch.gather(lists.repeat_interleave(g, 1), 2, order)
+    want_out, want_lse, *_ = ref_stage(keys, values, q, scale, chosen)
+    kv_out = torch.empty((b, hkv, top_k), dtype=torch.int64)
+    got = run_stage(
+        store, q, scale, "lse", pages=pages, top_k=top_k, page_extra=extra, indices_out=None, kv_indices_out=kv_out
+    )
+    assert got["tokens"] == top_k
+    assert (got["out"].double() - want_out).abs().max() < TOL
+    assert torch.allclose(got["lse"].double(), want_lse, atol=TOL * 10)
+    assert torch.equal(got["kv_indices"], ref_kv_top(x, lists, g, top_k))
+    assert got["kv_indices"] is kv_out
+
+
+def test_post_qkt_ranks_the_kv_heads_and_no_narrowing_writes_no_ranking():
+    gen = torch.Generator().manual_seed(9)
+    b, hkv, g, d, n, top_k = 1, 3, 2, 16, 5 * P, 10
+    keys = torch.randn((b, hkv, n, d), generator=gen)
+    q = torch.randn((b, hkv * g, d), generator=gen)
+    store = new_store(b, hkv, d, torch.float32)
+    fill(store, keys, keys.clone(), [n])
+    x = ref.logits(q, keys, 1.0)
+    got = run_stage(store, q, 1.0, "lse", top_k=top_k, kv_indices_out=torch.empty(b * hkv * top_k, dtype=torch.int64))
+    assert torch.equal(got["kv_indices"], ref_kv_top(x, torch.arange(n).expand(b, hkv, n), g, top_k))
+    whole = run_stage(store, q, 1.0, "lse", top_k=n, kv_indices_out=torch.empty(b * hkv * n, dtype=torch.int64))
+    assert whole["kv_indices"] is None
+    with pytest.raises(ValueError, match="page_extra needs pages"):
+        store._native.cpu_stage(0, q, 1.0, "lse", top_k=4, page_extra=torch.zeros((1, 3, 2), dtype=torch.int64))
+    with pytest.raises(ValueError, match="out of range"):
+        store._native.cpu_stage(0, q, 1.0, "lse", pages=1, page_extra=torch.full((1, 3, 2), n, dtype=torch.int64))
