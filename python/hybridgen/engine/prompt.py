@@ -65,5 +65,5 @@ class PromptRecorder:
         values = rec.values if values is None else values
         if keys is None:
             raise ValueError(f"layer {layer}: the recorder kept no keys (kv=False): pass them")
-        shows_query = engine.policy.needs_prompt_queries
+        shows_query = engine.policy.uses_prompt_queries
         (place or engine.place_prompt)(layer, keys, values, *((rec.query, rec.keep, rec.scale) if shows_query else ()))

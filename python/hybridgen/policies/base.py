@@ -101,6 +101,12 @@ class Policy:
     needs_prompt_queries: ClassVar[bool] = False
 
     @property
+    def uses_prompt_queries(self) -> bool:
+        """Whether :meth:`prefill` does anything with the prompt's queries (a replay shows them only
+        then); a policy that :attr:`needs_prompt_queries` does."""
+        return self.needs_prompt_queries
+
+    @property
     def uses_query_estimate(self) -> bool:
         """Whether :meth:`speculate` does anything (front ends skip computing the estimate)."""
         return False

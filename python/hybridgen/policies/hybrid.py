@@ -15,8 +15,10 @@ import time
 from functools import partial
 from typing import Optional
 
+import torch
+
 from .. import _native
-from ..attention import cpu_stage, device_combine, device_partial, page_count, pre_qkt_positions
+from ..attention import cpu_stage, device_combine, device_partial, page_count, pre_qkt_positions, softmax_rows
 from ..telemetry import StepRecord
 from ..timing import timed
 from .base import Policy
@@ -25,6 +27,10 @@ from .base import Policy
 #: ten times the device's, so its CPU-bound branch (K down to ``k_min``, then Pre-QKT) runs
 #: whatever the machine's load: what a 32K-128K context on a real server does.
 FORCE_CPU_BOUND = "HYBRIDGEN_FORCE_CPU_BOUND"
+
+
+#: Prompt queries whose attention seeds page-summary Pre-QKT's reused tokens (see ``prefill``).
+SEED_WINDOW = 16
 
 
 def page_candidates(k: int, n_host: int) -> int:
@@ -66,6 +72,31 @@ class HybridPolicy(Policy):
     @property
     def uses_query_estimate(self) -> bool:
         return self.config.speculative
+
+    @property
+    def uses_prompt_queries(self) -> bool:
+        return self.config.predictor == "pages" and self.config.policy in ("pre_qkt", "scheduler")
+
+    def prefill(self, tier, query, keys, values, keep, scale) -> None:
+        """Seeds what page-summary Pre-QKT reuses with the tokens the prompt's last queries attend
+        to most (SnapKV's observation window): the first decode step then scores them beside its
+        pages, as later steps score the previous step's selection."""
+        if not self.uses_prompt_queries:
+            return
+        sinks, w = tier.placement.sinks, min(SEED_WINDOW, query.shape[2])
+        end = keys.shape[2] - w  # every window query sees the keys before it
+        k = min(self.selection()[1] or self.config.k, end - sinks)
+        if k <= 0:
+            return
+        b, hq, _, d = query.shape
+        hkv = keys.shape[1]
+        q = query[:, :, -w:].float().reshape(b, hkv, hq // hkv * w, d)
+        x = torch.matmul(q, keys[:, :, sinks:end].float().transpose(-1, -2)) * scale  # [b, hkv, g·w, n]
+        if keep is not None:
+            x = x.masked_fill(~keep[:, None, None, sinks:end].to(x.device), float("-inf"))
+        score = softmax_rows(x).sum(dim=2)
+        # Logical position p (>= sinks) is host token p - sinks once it leaves the device.
+        self.previous[tier.layer_idx] = score.topk(k, dim=-1).indices.sort(dim=-1).values.cpu()
 
     def selection(self) -> tuple[str, Optional[int]]:
         if self.config.policy == "all":
@@ -149,12 +180,13 @@ class HybridPolicy(Policy):
         return {}
 
     def _reusable(self, tier):
-        """The last step's selection of ``tier``'s layer, if it still names host tokens of this
-        sequence batch (a cache reset or a new batch makes it stale)."""
+        """The last step's selection of ``tier``'s layer for this sequence batch; tokens the seed
+        from the prompt named that are still on the device become repeats of the newest host
+        token (a repeat weighs nothing)."""
         prev = self.previous.get(tier.layer_idx)
-        if prev is None or prev.shape[0] != tier.store.batch or prev.numel() == 0:
+        if prev is None or prev.shape[0] != tier.store.batch or prev.numel() == 0 or tier.host_tokens == 0:
             return None
-        return prev if int(prev.max()) < tier.host_tokens else None
+        return prev.clamp(max=tier.host_tokens - 1)
 
     def keys_read(self, choice: dict, n_host: int) -> int:
         """Host key rows per KV head that the CPU stage making ``choice`` reads."""
