@@ -136,11 +136,21 @@ fn as_bytes_mut<T: Copy>(v: &mut [T]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), std::mem::size_of_val(v)) }
 }
 
-/// A capsule over the first `shape` elements (row-major) of the caller's contiguous `buffer`,
-/// holding a reference to `obj` (the Python object of `buffer`) so the memory stays alive.
+/// Keeps a caller's buffer alive for a capsule through a DLPack import of it, never through its
+/// Python object: a consumer (torch) may free the capsule's tensor with the GIL released (inside
+/// a garbage collection, say), where dropping a Python object aborts the interpreter, while a
+/// DLPack producer's deleter may be called from any thread.
+struct KeepAlive(#[allow(dead_code)] Tensor);
+
+// SAFETY: the import is never read through, only dropped, which calls its producer's deleter:
+// the DLPack contract lets that run on any thread, with or without the GIL.
+unsafe impl Send for KeepAlive {}
+
+/// A capsule over the first `shape` elements (row-major) of the caller's contiguous `buffer`
+/// (the Python object `obj`), which stays alive as long as the capsule needs it.
 pub(crate) fn export_prefix<const N: usize>(
     py: Python<'_>,
-    obj: Py<PyAny>,
+    obj: &Bound<'_, PyAny>,
     buffer: &Tensor,
     shape: [usize; N],
 ) -> PyResult<Py<PyAny>> {
@@ -151,12 +161,18 @@ pub(crate) fn export_prefix<const N: usize>(
             buffer.numel()
         )));
     }
-    // SAFETY: the first `need` elements lie inside the caller's tensor (checked above), which
-    // `obj` keeps alive as long as the capsule holds it; they were written by the call.
+    let keep = Tensor::import_any_shape(obj, "buffer", &[buffer.elem()])?;
+    if keep.ptr() != buffer.ptr() {
+        return Err(PyValueError::new_err(
+            "the buffer moved between two imports of it",
+        ));
+    }
+    // SAFETY: the first `need` elements lie inside the caller's tensor (checked above), which the
+    // import kept by the capsule keeps alive; they were written by the call.
     unsafe {
         capsule(
             py,
-            Box::new(obj),
+            Box::new(KeepAlive(keep)),
             buffer.ptr() as *mut u8,
             shape,
             compact_strides(shape),

@@ -343,7 +343,7 @@ pub(super) fn cpu_stage<'py>(
         ($given:expr, $owned:expr, $shape:expr, $to_owned:expr) => {
             match ($given.as_ref(), $owned) {
                 (Some(g), _) if g.t.shape() == &$shape[..] => Some(g.obj.clone().unbind()),
-                (Some(g), _) => Some(export_prefix(py, g.obj.clone().unbind(), &g.t, $shape)?),
+                (Some(g), _) => Some(export_prefix(py, g.obj, &g.t, $shape)?),
                 (None, Some(v)) => Some($to_owned(v).export(py, $shape)?),
                 (None, None) => None,
             }
