@@ -33,7 +33,10 @@ def record_prefill(model, ids: torch.Tensor, window: Optional[int] = None) -> Re
         cache = HybridCache(model)
         recorder = cache.engine.on_prefill = PromptRecorder(window=window)
         with torch.inference_mode():
-            logits = model(ids.to(model.device), **cache_arg(cache), use_cache=True).logits[0, -1].float()
+            # Only the last position's logits: a 150K-token vocabulary over a 32K prompt would be 20 GB.
+            logits = (
+                model(ids.to(model.device), **cache_arg(cache), use_cache=True, logits_to_keep=1).logits[0, -1].float()
+            )
     finally:
         unpatch(model)
     return RecordedPrefill(recorder, logits, ids.shape[1])
