@@ -3,14 +3,19 @@ policy at the same token budget, measured through the decode path, against full 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+from fractions import Fraction
 from pathlib import Path
 
 from ..config import POLICIES
-from .common import TEXTS, check_context, load_model, load_text, policy_config
+from .common import EVAL_POLICIES, TEXTS, check_context, load_model, load_text, policy_config
 
 DEFAULT_POLICIES = [p for p in POLICIES if p not in ("aog", "aoc")]  # exact like "all"; add them by name
+#: ``eval ruler``'s default: a few policies that decode a 4K context quickly on a CPU (``full``,
+#: the reference, always runs).
+RULER_POLICIES = ["post_qkt", "pre_qkt", "scheduler", "streaming"]
 
 
 def _common(p, context_default=4096):
@@ -23,14 +28,14 @@ def _common(p, context_default=4096):
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON (and a .md table)")
 
 
-def _policies(p, default):
+def _policies(p, default, names=POLICIES):
     p.add_argument(
         "--policies",
         nargs="+",
         default=default,
-        choices=POLICIES,
+        choices=names,
         metavar="POLICY",
-        help=f"any of {', '.join(POLICIES)} (default: {' '.join(default)})",
+        help=f"any of {', '.join(names)} (default: {' '.join(default)})",
     )
 
 
@@ -64,6 +69,34 @@ def build_parser(sub):
     _policies(choice, ["post_qkt", "streaming", "h2o"])
     choice.set_defaults(func=run_choice, gpu_budget=16, k=8, sinks=2)
 
+    from .ruler import TASK_NAMES
+
+    ruler = tasks.add_parser(
+        "ruler", help="RULER-style long-context tasks (retrieval, tracing, aggregation) per policy"
+    )
+    _common(ruler)
+    ruler.add_argument(
+        "--tasks",
+        nargs="+",
+        default=list(TASK_NAMES),
+        choices=TASK_NAMES,
+        metavar="TASK",
+        help=f"any of {', '.join(TASK_NAMES)} (default: all)",
+    )
+    ruler.add_argument(
+        "--contexts", type=int, nargs="+", default=[4096], help="context lengths in tokens (default: 4096)"
+    )
+    ruler.add_argument("--samples", type=_positive, default=2, help="cases per task and context (default: 2)")
+    ruler.add_argument("--seed", type=int, default=0, help="seed of the generated cases (default: 0)")
+    ruler.add_argument(
+        "--k-fraction",
+        type=_fraction,
+        default=None,
+        help="K per context as this share of the host tokens (context - sinks - gpu budget), e.g. 1/16; overrides --k",
+    )
+    _policies(ruler, RULER_POLICIES, EVAL_POLICIES)
+    ruler.set_defaults(func=run_ruler)
+
     cmp = tasks.add_parser("compare", help="one table: perplexity and needle retrieval of every policy at one context")
     _common(cmp)
     _texts(cmp)
@@ -86,6 +119,24 @@ def build_parser(sub):
 
 
 # --- helpers --------------------------------------------------------------------------------------
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """``0.0625`` or ``1/16``: a share in (0, 1]."""
+    try:
+        value = float(Fraction(text))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a fraction: {text!r} (e.g. 1/16 or 0.0625)") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def _k_min(args):
     if args.k_min is not None:
         return args.k_min
@@ -216,6 +267,82 @@ def run_choice(args) -> int:
         ]
         lines.append(f"| `{policy}` | " + " | ".join(cells) + " |")
     _save(args, {"metrics": results}, "\n".join(lines), model)
+    return 0
+
+
+def ruler_k(context: int, *, k: int, k_fraction, gpu_budget: int, sinks: int) -> int:
+    """``eval ruler``'s K at ``context``: ``k``, or with ``k_fraction`` that share of the host
+    tokens (``context - sinks - gpu_budget``), at least 1."""
+    if k_fraction is None:
+        return k
+    return max(1, round(k_fraction * (context - sinks - gpu_budget)))
+
+
+def _load(average) -> str:
+    return "?" if not average else f"{average[0]:.1f}"
+
+
+def run_ruler(args) -> int:
+    import os
+    import time
+
+    from ..apps.bench.report import machine_info
+    from ..policies import table as policy_table
+    from .ruler import as_rows, markdown, plot, run_suite, summarize
+
+    model, tokenizer = load_model(args.model)
+    for n in args.contexts:
+        check_context(model, n)
+    k_min = _k_min(args)
+
+    def config_for(policy):
+        def config(n):
+            k = ruler_k(n, k=args.k, k_fraction=args.k_fraction, gpu_budget=args.gpu_budget, sinks=args.sinks)
+            return policy_config(policy, gpu_budget=args.gpu_budget, k=k, sinks=args.sinks, context=n, k_min=k_min)
+
+        return config
+
+    policies = ["full", *[p for p in args.policies if p != "full"]]
+    configs = {p: (lambda n: None) if p == "full" else config_for(p) for p in policies}
+    for n in args.contexts:  # fail on a bad budget before the first prefill
+        for p in policies:
+            configs[p](n)
+    machine = machine_info(model.device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    results, timing = run_suite(
+        model, tokenizer, configs, args.tasks, args.contexts, args.samples, seed=args.seed, progress=True
+    )
+    timing["total"] = time.perf_counter() - start
+    timing["cpu"] = time.process_time() - cpu_start  # the process's CPU seconds, all threads
+    machine["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    summary = summarize(results)
+    # Keys read: the policies that read host memory on every step (not those that only drop tokens).
+    readers = [r["policy"] for r in policy_table() if not r["bus"].startswith("nothing")]
+    ks = {
+        str(n): ruler_k(n, k=args.k, k_fraction=args.k_fraction, gpu_budget=args.gpu_budget, sinks=args.sinks)
+        for n in args.contexts
+    }
+    table = markdown(summary, host_readers=readers)
+    table += (
+        f"\n\n{args.samples} case(s) per task and context, seed {args.seed}; budget: {args.sinks} sinks + "
+        f"{args.gpu_budget} recent tokens on the device, K {', '.join(f'{v} at {n}' for n, v in ks.items())}. "
+        "Keys read: host keys the CPU read per step and KV head (page summaries included) over the host tokens. "
+        f"Wall time {timing['total']:.0f} s (prefill {timing['prefill']:.0f} s), CPU time {timing['cpu']:.0f} s, "
+        f"load average {_load(machine['load_average'])} before, {_load(machine['load_average_after'])} after "
+        f"({machine['cores']} cores)."
+    )
+    record = {
+        "machine": machine,
+        "summary": summary,
+        "k": ks,
+        "timing": timing,
+        "cases": as_rows(results),
+    }
+    _save(args, record, table, model)
+    if args.out:
+        png = args.out.with_suffix(".png")
+        if plot(summary, png):
+            print(f"wrote {png.name}")
     return 0
 
 
