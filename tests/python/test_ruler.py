@@ -378,3 +378,22 @@ def test_ruler_on_smollm2_exact_policy_equals_full(cli, tmp_path):
     assert "gap to full" in stdout
     if out.with_suffix(".png").exists():
         assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_variants_are_their_policy_run_another_way(monkeypatch):
+    import os
+
+    from hybridgen.eval import common
+    from hybridgen.policies.hybrid import FORCE_CPU_BOUND, cpu_bound_forced
+
+    monkeypatch.delenv(FORCE_CPU_BOUND, raising=False)
+    positional = common.policy_config("pre_qkt_positional", gpu_budget=64, k=16, context=1024)
+    assert (positional.policy, positional.predictor) == ("pre_qkt", "positional")
+    assert common.policy_config("pre_qkt", gpu_budget=64, k=16, context=1024).predictor == "pages"
+    forced = common.policy_config("scheduler_cpu_bound", gpu_budget=64, k=16, context=1024)
+    assert forced.policy == "scheduler" and forced.k_min == 16
+    with common.running("scheduler_cpu_bound"):
+        assert cpu_bound_forced()
+    assert FORCE_CPU_BOUND not in os.environ
+    with common.running("scheduler"):
+        assert not cpu_bound_forced()
