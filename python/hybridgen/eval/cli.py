@@ -10,7 +10,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from ..config import POLICIES
-from .common import EVAL_POLICIES, TEXTS, check_context, load_model, load_text, policy_config
+from .common import EVAL_POLICIES, TEXTS, VARIANTS, check_context, load_model, load_text, policy_config
 
 DEFAULT_POLICIES = [p for p in POLICIES if p not in ("aog", "aoc")]  # exact like "all"; add them by name
 #: ``eval ruler``'s default: a few policies that decode a 4K context quickly on a CPU (``full``,
@@ -318,6 +318,7 @@ def run_ruler(args) -> int:
     summary = summarize(results)
     # Keys read: the policies that read host memory on every step (not those that only drop tokens).
     readers = [r["policy"] for r in policy_table() if not r["bus"].startswith("nothing")]
+    readers += [name for name, (base, _) in VARIANTS.items() if base in readers]
     ks = {
         str(n): ruler_k(n, k=args.k, k_fraction=args.k_fraction, gpu_budget=args.gpu_budget, sinks=args.sinks)
         for n in args.contexts
