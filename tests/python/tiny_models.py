@@ -56,3 +56,15 @@ def tiny_model_dir(path):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(path)
     return path
+
+
+def run_patched(model, ids, mask, steps, config):
+    """``greedy`` with ``model`` patched with ``config``: ``(sequences, logits, the HybridCache)``."""
+    import hybridgen
+
+    hybridgen.patch(model, config)
+    try:
+        seq, logits = greedy(model, ids, mask, steps)
+        return seq, logits, model._hybridgen.last_cache
+    finally:
+        hybridgen.unpatch(model)

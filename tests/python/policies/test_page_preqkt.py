@@ -7,19 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from tiny_models import greedy, prompts, tiny
+from tiny_models import run_patched as run
 
-import hybridgen
 from hybridgen import HybridConfig
 from hybridgen.policies.hybrid import SEED_WINDOW, HybridPolicy
-
-
-def run(model, ids, mask, steps, config):
-    hybridgen.patch(model, config)
-    try:
-        seq, logits = greedy(model, ids, mask, steps)
-        return seq, logits, model._hybridgen.last_cache
-    finally:
-        hybridgen.unpatch(model)
 
 
 @pytest.mark.parametrize("policy", ["pre_qkt", "quest"])

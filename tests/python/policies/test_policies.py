@@ -5,21 +5,13 @@ heavy-hitter scores match attention probabilities computed independently by eage
 import pytest
 import torch
 from tiny_models import VOCAB, greedy, prompts, tiny
+from tiny_models import run_patched as run
 
 import hybridgen
 from hybridgen import HybridConfig
 from hybridgen.config import POLICIES
 from hybridgen.hf.compat import cache_arg
 from hybridgen.policies import heavy_hitter, infinigen, table
-
-
-def run(model, ids, mask, steps, config):
-    hybridgen.patch(model, config)
-    try:
-        seq, logits = greedy(model, ids, mask, steps)
-        return seq, logits, model._hybridgen.last_cache
-    finally:
-        hybridgen.unpatch(model)
 
 
 def eager(model, ids, mask, steps):
