@@ -95,6 +95,8 @@ pub struct PageScratch {
     q_one: Vec<f32>,
     x_one: Vec<f32>,
     idx_one: Vec<i64>,
+    /// The extra tokens of each list with their positions, sorted to find repeats.
+    extra_order: Vec<(i64, usize)>,
 }
 
 fn take<T: Copy + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
@@ -218,13 +220,17 @@ pub fn select_pages<'s>(
     let tokens = take(tokens, lists * m);
     let dead = take(dead, lists * m);
     let serial = min_len(lists, tokens.len() * 8);
+    // One sort buffer per list (at least one entry, so the chunks exist without extra tokens).
+    let order_len = e.max(1);
+    let extra_order = take(&mut scratch.extra_order, lists * order_len);
     tokens
         .par_chunks_mut(m)
         .zip(dead.par_chunks_mut(m))
         .zip(page_idx.par_chunks(k))
+        .zip(extra_order.par_chunks_mut(order_len))
         .enumerate()
         .with_min_len(serial)
-        .for_each(|(list, ((row, dead), pages))| {
+        .for_each(|(list, (((row, dead), pages), order))| {
             let (paged, extras) = row.split_at_mut(k * PAGE_TOKENS);
             for (slot, &p) in paged.chunks_mut(PAGE_TOKENS).zip(pages) {
                 let first = p as usize * PAGE_TOKENS;
@@ -239,7 +245,10 @@ pub fn select_pages<'s>(
             }
             if let Some(extra) = sel.extra {
                 extras.copy_from_slice(&extra[list * e..(list + 1) * e]);
-                let mut order: Vec<(i64, usize)> = extras.iter().copied().zip(0..).collect();
+                let order = &mut order[..e];
+                for (o, (&t, j)) in order.iter_mut().zip(extras.iter().zip(0..)) {
+                    *o = (t, j);
+                }
                 order.sort_unstable();
                 for (i, &(t, j)) in order.iter().enumerate() {
                     let repeat = i > 0 && order[i - 1].0 == t;

@@ -34,6 +34,8 @@ def llama(kv_heads=2, dtype=torch.float32):
         (dict(k_min=512, k_max=256), ValueError, "must not exceed"),
         (dict(policy="magic"), ValueError, "unknown policy"),
         (dict(merge="sum"), ValueError, "unknown merge"),
+        (dict(predictor="oracle"), ValueError, "unknown predictor 'oracle'"),
+        (dict(predictor=None), TypeError, "predictor must be a str"),
         (dict(speculative=True), ValueError, "pipeline"),
         (dict(gpu_budget=1.5), TypeError, "int"),
         (dict(max_context=0), ValueError, "max_context"),
