@@ -1,0 +1,36 @@
+"""hybridgen for vLLM: a general plugin whose attention backend serves decode with hybrid attention.
+
+Install ``hybridgen[vllm]`` next to vLLM; vLLM loads the plugin by itself (entry point
+``vllm.general_plugins``: :func:`hybridgen.vllm.plugin.register`). Then::
+
+    import hybridgen.vllm
+    llm = vllm.LLM(model, kv_transfer_config=hybridgen.vllm.kv_transfer_config())
+
+with ``HYBRIDGEN_CONFIG='{"policy": "all", "gpu_budget": 1024, "sinks": 4}'`` (fields of
+:class:`hybridgen.HybridConfig`; :mod:`hybridgen.vllm.settings`). Each request keeps its sinks and
+its ``gpu_budget`` most recent tokens per layer in the backend's windows, and every older token in
+a slot of hybridgen's host store; decode steps of requests with host tokens attend to both,
+merged by log-sum-exp. :func:`stats` counts what ran.
+
+Importing this package does not import vLLM (the backend and connector modules do).
+Modules: ``settings`` (configuration), ``window`` (one request's device rows in one layer),
+``runtime`` (slots, windows, hybrid decode; no vLLM import), ``backend`` (the vLLM backend, CPU),
+``flash`` (the CUDA backend, unverified), ``connector`` (request ids, finished requests),
+``plugin`` (the entry point).
+"""
+
+from __future__ import annotations
+
+from .runtime import stats
+from .settings import ConfigError, load_config
+
+__all__ = ["ConfigError", "kv_transfer_config", "load_config", "stats"]
+
+
+def kv_transfer_config() -> dict:
+    """vLLM's ``kv_transfer_config`` that enables the plugin's connector (request lifecycle)."""
+    return {
+        "kv_connector": "HybridgenConnector",
+        "kv_role": "kv_both",
+        "kv_connector_module_path": "hybridgen.vllm.connector",
+    }
