@@ -140,7 +140,7 @@ class Engine:
         )
         self.device = device
         self.labels = list(range(layers)) if labels is None else list(labels)
-        self.tiers = [DeviceTier(self.store, i, self.placement) for i in range(layers)]
+        self.tiers = [DeviceTier(self.store, i, self.placement, window=info.window(i)) for i in range(layers)]
         if device.type == "cpu":
             # The LSE merge's host partial, written in place every step (on CUDA the host result is
             # copied to the device asynchronously: reusing its memory would need a fence).
@@ -197,7 +197,10 @@ class Engine:
     # --- decode ---------------------------------------------------------------------------------
     def wants_query_estimate(self, layer: int) -> bool:
         """Whether :meth:`speculate` for ``layer`` would be used (saves the estimate's projection)."""
-        return self.policy.uses_query_estimate and bool(self.tiers) and self.tiers[layer].host_tokens > 0
+        if not (self.policy.uses_query_estimate and self.tiers):
+            return False
+        tier = self.tiers[layer]
+        return tier.host_tokens > 0 and not tier.window_on_device
 
     def speculate(self, layer: int, q_estimate: torch.Tensor, keep: Optional[torch.Tensor], scale: float) -> None:
         """Hands the policy an estimate ``[b, hq, d]`` of ``layer``'s coming query, made before that

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 __all__ = ["ModelInfo"]
 
@@ -15,3 +16,8 @@ class ModelInfo:
     kv_heads: int
     head_dim: int
     max_positions: int
+    #: Per layer, the sliding window of its attention (``None``: full attention); empty: none.
+    windows: tuple[Optional[int], ...] = ()
+
+    def window(self, layer: int) -> Optional[int]:
+        return self.windows[layer] if layer < len(self.windows) else None

@@ -29,12 +29,14 @@ class DeviceTier:
         store: the host store; this tier's tokens are its layer ``layer_idx``.
         placement: how many sinks and recent tokens stay (``recent=None``: every token) and the
             eviction chunk.
+        window: the layer's sliding attention window (``None``: full attention).
     """
 
-    def __init__(self, store: "HostKVStore", layer_idx: int, placement: "Placement"):
+    def __init__(self, store: "HostKVStore", layer_idx: int, placement: "Placement", window: Optional[int] = None):
         self.store = store
         self.layer_idx = layer_idx
         self.placement = placement
+        self.window = window
         #: Tokens of the sequence so far (device + host + in flight).
         self.total = 0
         # The tier is the only writer of its layer in the store, so it counts the host tokens
@@ -62,6 +64,14 @@ class DeviceTier:
 
     def device_tokens(self) -> int:
         return 0 if self.keys is None else self.keys.shape[-2]
+
+    @property
+    def window_on_device(self) -> bool:
+        """A sliding-window layer whose whole window is always on the device: a decode step sees
+        at least the ``recent`` newest tokens there plus its own, and the window (the step's token
+        included) is no longer, so the host tokens are all outside it and never need reading."""
+        recent = self.placement.recent
+        return self.window is not None and recent is not None and self.window <= recent + 1
 
     @property
     def host_tokens(self) -> int:

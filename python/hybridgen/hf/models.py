@@ -1,12 +1,42 @@
-"""What hybridgen needs to know about a transformers model, and whether it can serve it."""
+"""What hybridgen needs to know about a transformers model, and whether it can serve it.
+
+Every decoder family below runs its attention through transformers' ``AttentionInterface`` with
+the queries and keys already projected, normalised (Qwen3's and OLMo 2's q/k norms) and rotated
+(any ``rope_scaling``), and its scale passed as ``scaling`` (Gemma's ``query_pre_attn_scalar``,
+Granite's ``attention_multiplier``): hybrid attention only needs the shape from the config. What
+differs is where a layer's sliding window comes from, and what cannot be served at all.
+"""
 
 from __future__ import annotations
 
+from typing import Optional
+
 from ..engine.model_info import ModelInfo
 
-__all__ = ["ModelInfo", "SUPPORTED_MODEL_TYPES", "describe", "supports"]
+__all__ = ["FAMILIES", "ModelInfo", "SUPPORTED_MODEL_TYPES", "decoder_layers", "describe", "layer_windows", "supports"]
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "opt")
+#: Supported ``model_type`` → where the attention's sliding window comes from: ``None`` (the
+#: family has none), ``"layer"`` (each attention module's ``sliding_window``: ``None`` on its
+#: full-attention layers) or ``"config"`` (``config.sliding_window`` on every layer).
+FAMILIES: dict[str, Optional[str]] = {
+    "opt": None,
+    "llama": None,  # rope_scaling (Llama 3.1's "llama3" and the others) is applied before attention
+    "qwen2": "layer",  # use_sliding_window / max_window_layers
+    "qwen3": "layer",  # + per-head q/k RMSNorm
+    "qwen3_moe": "layer",
+    "mistral": "config",
+    "gemma": None,
+    "gemma2": "layer",  # sliding layers interleaved with global ones; soft-capping refused below
+    "gemma3_text": "layer",
+    "phi3": "config",  # fused qkv_proj
+    "olmo2": None,  # q/k RMSNorm over the whole projection
+    "granite": None,  # attention_multiplier as the scale
+}
+
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+#: ``layer_types`` entries that are softmax attention over a KV cache (full or sliding window).
+_ATTENTION_LAYERS = ("full_attention", "sliding_attention")
 
 
 def supports(model) -> list[str]:
@@ -32,13 +62,55 @@ def _attention_reasons(model) -> list[str]:
     if problem is not None:
         reasons.append(problem)
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        reasons.append(f"unsupported model type {model_type!r}: hybridgen supports {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if model_type not in FAMILIES:
+        reasons.append(f"unsupported model type {model_type!r}: hybridgen supports {', '.join(FAMILIES)}")
     if getattr(config, "is_encoder_decoder", False):
-        reasons.append("encoder-decoder models are not supported")
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", False):
-        reasons.append("sliding-window attention is not supported")
+        reasons.append("encoder-decoder models are not supported: hybrid attention serves decoder-only models")
+    if getattr(config, "add_cross_attention", False) or getattr(config, "cross_attention_layers", None):
+        reasons.append("cross-attention layers are not supported: they attend to another sequence's keys")
+    if getattr(config, "kv_lora_rank", None):
+        reasons.append(
+            "multi-head latent attention (kv_lora_rank) is not supported: its cache holds compressed latents, "
+            "not per-head keys and values"
+        )
+    others = sorted({t for t in getattr(config, "layer_types", None) or () if t not in _ATTENTION_LAYERS})
+    if others:
+        reasons.append(
+            f"layers of type {', '.join(map(repr, others))} are not supported: hybrid attention serves softmax "
+            "attention over a KV cache, full or sliding-window (linear attention and state-space layers keep a "
+            "recurrent state instead)"
+        )
+    cap = getattr(config, "attn_logit_softcapping", None)
+    if cap is not None:
+        reasons.append(
+            f"attention logit soft-capping (attn_logit_softcapping={cap}) is not supported: neither the CPU "
+            "stage nor the device partial caps logits, so no merge would be exact; load the model with "
+            "attn_logit_softcapping=None to serve it uncapped"
+        )
     return reasons
+
+
+def decoder_layers(model) -> list:
+    """``(layer_idx, decoder_layer, attention_module)`` for every decoder layer, in order."""
+    found = []
+    for module in model.modules():
+        attn = getattr(module, "self_attn", None)
+        if attn is not None and getattr(attn, "layer_idx", None) is not None:
+            found.append((attn.layer_idx, module, attn))
+    return sorted(found, key=lambda x: x[0])
+
+
+def layer_windows(model) -> tuple[Optional[int], ...]:
+    """Per decoder layer, the sliding window its attention applies (``None``: full attention)."""
+    config = model.config
+    source = FAMILIES.get(config.model_type)
+    layers = config.num_hidden_layers
+    if source == "config":
+        return (getattr(config, "sliding_window", None),) * layers
+    if source == "layer":
+        windows = {idx: getattr(attn, "sliding_window", None) for idx, _, attn in decoder_layers(model)}
+        return tuple(windows.get(i) for i in range(layers))
+    return (None,) * layers
 
 
 def describe(model, for_patch: bool = False) -> ModelInfo:
@@ -58,4 +130,5 @@ def describe(model, for_patch: bool = False) -> ModelInfo:
         kv_heads=kv_heads,
         head_dim=head_dim,
         max_positions=getattr(c, "max_position_embeddings", None) or 2048,
+        windows=layer_windows(model),
     )

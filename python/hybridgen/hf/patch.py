@@ -13,7 +13,7 @@ from . import attention
 from .cache import HybridCache, keep_mask
 from .calls import CURRENT_CALL, activate, active_cache, deactivate
 from .compat import get_cache, set_cache
-from .models import describe
+from .models import decoder_layers, describe
 from .speculation import attention_scale, speculative_query
 
 __all__ = ["patch", "unpatch", "is_patched"]
@@ -36,16 +36,6 @@ def is_patched(model) -> bool:
     return getattr(model, "_hybridgen", None) is not None
 
 
-def _decoder_layers(model):
-    """``(layer_idx, decoder_layer, attention_module)`` for every decoder layer."""
-    found = []
-    for module in model.modules():
-        attn = getattr(module, "self_attn", None)
-        if attn is not None and getattr(attn, "layer_idx", None) is not None:
-            found.append((attn.layer_idx, module, attn))
-    return sorted(found, key=lambda x: x[0])
-
-
 def patch(model, config: Optional[HybridConfig] = None):
     """Makes ``model.generate()`` and forward calls use hybrid attention.
 
@@ -63,7 +53,7 @@ def patch(model, config: Optional[HybridConfig] = None):
     if is_patched(model):
         raise RuntimeError("this model is already patched with hybridgen; call hybridgen.unpatch(model) first")
     config.require_cuda_options(next(model.parameters()).device)
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     if len(layers) != info.layers:
         raise ValueError(f"found {len(layers)} attention layers, the config says {info.layers}")
 
@@ -107,7 +97,7 @@ def _remove(model, state: PatchState) -> None:
     for handle in state.handles:
         handle.remove()
     state.handles.clear()
-    for _, _, attn in _decoder_layers(model):
+    for _, _, attn in decoder_layers(model):
         attn.__dict__.pop("_hybridgen_state", None)
     model.__dict__.pop("generate", None)
     if model.config._attn_implementation != state.original_attn_implementation:

@@ -20,15 +20,28 @@ def speculative_query(decoder_layer, hidden_states: torch.Tensor, position_embed
     attn = decoder_layer.self_attn
     b = hidden_states.shape[0]
     d = attn.head_dim
-    if hasattr(decoder_layer, "input_layernorm"):  # Llama, Qwen2: pre-norm, rotary
-        x = decoder_layer.input_layernorm(hidden_states)
-        q = attn.q_proj(x).view(b, 1, -1, d).transpose(1, 2)
-        cos, sin = position_embeddings
-        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        q, _ = rotate(q, q, cos, sin)
-    else:  # OPT: learned positions are already in the hidden states; q is pre-scaled
+    if hasattr(decoder_layer, "self_attn_layer_norm"):  # OPT: learned positions already in h; q pre-scaled
         x = decoder_layer.self_attn_layer_norm(hidden_states) if decoder_layer.do_layer_norm_before else hidden_states
-        q = (attn.q_proj(x) * attn.scaling).view(b, 1, -1, d).transpose(1, 2)
+        return (attn.q_proj(x) * attn.scaling).view(b, 1, -1, d).transpose(1, 2)[:, :, 0]
+    # Rotary: Llama, Qwen2/3, Mistral, Gemma, Phi-3, Granite normalise the layer's input; OLMo 2
+    # normalises its outputs instead.
+    norm_in = getattr(decoder_layer, "input_layernorm", None)
+    x = hidden_states if norm_in is None else norm_in(hidden_states)
+    if hasattr(attn, "q_proj"):
+        q = attn.q_proj(x)
+    else:  # Phi-3: one fused projection, queries first
+        q = attn.qkv_proj(x)[..., : attn.config.num_attention_heads * d]
+    norm = getattr(attn, "q_norm", None)
+    per_head = norm is not None and norm.weight.shape[-1] == d  # Qwen3, Gemma 3: per head; OLMo 2: whole
+    if norm is not None and not per_head:
+        q = norm(q)
+    q = q.view(b, 1, -1, d)
+    if per_head:
+        q = norm(q)
+    q = q.transpose(1, 2)
+    cos, sin = position_embeddings
+    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    q, _ = rotate(q, q, cos, sin)
     return q[:, :, 0]
 
 

@@ -21,7 +21,7 @@ from .. import _native
 from ..attention import cpu_stage, device_combine, device_partial, page_count, pre_qkt_positions, softmax_rows
 from ..telemetry import StepRecord
 from ..timing import timed
-from .base import Policy
+from .base import Policy, device_only
 
 #: Test hook: with this variable set (not "0"), the scheduler sees the CPU side of every step as
 #: ten times the device's, so its CPU-bound branch (K down to ``k_min``, then Pre-QKT) runs
@@ -118,6 +118,10 @@ class HybridPolicy(Policy):
         dev_mask, host_mask = tier.masks(keep)
         strategy, k = self.selection()
         kernels = cfg.use_kernels
+        if tier.window_on_device:
+            # A sliding-window layer whose window the device tier holds: every host token is
+            # outside the window (masked), so the host is never read.
+            return device_only(tier, q, keep, scale, step, "window")
         if n_host == 0:
             out, t_dev = timed(lambda: device_partial(q, dev_k, dev_v, scale, dev_mask, kernels=kernels)[0], q.device)
             return out, StepRecord(step, idx, 0, strategy, 0, dev_k.shape[-2], 0.0, t_dev, 0.0)
@@ -238,7 +242,7 @@ class HybridPolicy(Policy):
     def speculate(self, tier, q_estimate, keep, scale) -> None:
         """Submits the CPU stage of ``tier``'s layer, from the query estimate, to the worker
         thread (used by that layer's attention)."""
-        if not self.config.speculative or tier.host_tokens == 0:
+        if not self.config.speculative or tier.host_tokens == 0 or tier.window_on_device:
             return
         strategy, k = self.selection()
         host_mask = None
