@@ -613,8 +613,14 @@ extern "C" __global__ void __launch_bounds__(MERGE_WARPS * 32) merge_partials(
     if (col < d) {
         const float* po = part_o + (long long)row * splits * d + col;
 #pragma unroll 4
-        for (int s = warp; s < splits; s += warps) o += expf(lse[s] - top) * po[(long long)s * d];
-        if (host_o && warp == 0) o += expf(host_lse[row] - top) * host_o[(long long)row * d + col];
+        // An empty part (lse -inf) weighs 0, and its output may hold anything (NaN included):
+        // skipped, not multiplied by 0, as the CPU merge does.
+        for (int s = warp; s < splits; s += warps) {
+            const float l = lse[s];
+            if (l != NEG_INF) o += expf(l - top) * po[(long long)s * d];
+        }
+        if (host_o && warp == 0 && host_lse[row] != NEG_INF)
+            o += expf(host_lse[row] - top) * host_o[(long long)row * d + col];
     }
     s_o[warp][lane] = o;
     __syncthreads();

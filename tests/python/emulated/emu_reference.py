@@ -46,7 +46,7 @@ def merge(parts):
         return np.zeros_like(parts[0][0]), -np.inf
     mx = lses[np.isfinite(lses)].max()
     w = np.where(np.isfinite(lses), np.exp(np.where(np.isfinite(lses), lses - mx, 0)), 0)
-    o = sum(wi * oi for wi, (oi, _) in zip(w, parts))
+    o = sum(wi * oi for wi, (oi, li) in zip(w, parts) if np.isfinite(li))  # an empty part's output is ignored
     return o / w.sum(), mx + np.log(w.sum())
 
 
