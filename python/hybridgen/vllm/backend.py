@@ -30,8 +30,9 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from .plugin import CONNECTOR
 from .runtime import Runtime, StepPlan, install
-from .settings import load_config
+from .settings import ENV, ConfigError, is_set, load_config
 
 __all__ = ["HybridBuilderMixin", "HybridCPUAttentionBackend", "HybridImplMixin", "runtime_for"]
 
@@ -45,18 +46,34 @@ _runtimes: dict[int, tuple[VllmConfig, Optional[Runtime]]] = {}
 
 def runtime_for(vllm_config: VllmConfig, kv_cache_spec) -> Optional[Runtime]:
     """The :class:`Runtime` of ``vllm_config``'s model (made on first call), or ``None`` if its
-    attention is not one the plugin serves (vLLM's own attention then runs everywhere)."""
+    attention is not one the plugin serves, or the engine runs without hybridgen's connector and
+    ``HYBRIDGEN_CONFIG`` is not set (vLLM's own attention then runs everywhere). With
+    ``HYBRIDGEN_CONFIG`` set, an engine without the connector is a :class:`ConfigError`."""
     key = id(vllm_config)
     if key in _runtimes:
         return _runtimes[key][1]
     rt = None
+    config, source = load_config()
+    kv = vllm_config.kv_transfer_config
+    connected = kv is not None and kv.kv_connector == CONNECTOR
     why = _unsupported(vllm_config, kv_cache_spec)
+    if not connected and is_set():
+        raise ConfigError(
+            f"{ENV} is set, but this vLLM engine runs without hybridgen's KV connector "
+            f"({'none' if kv is None else kv.kv_connector!r}), so hybrid decode cannot tell requests apart; pass "
+            "kv_transfer_config=hybridgen.vllm.kv_transfer_config() (vLLM's engine arguments get it by themselves "
+            f"while {ENV} is set), or unset {ENV}"
+        )
     if why:
         log.warning("hybridgen: hybrid decode is off, vLLM's own attention runs: %s", why)
+    elif not connected:
+        log.info(
+            "hybridgen: hybrid decode is off (%s not set, no %s configured): vLLM's own attention runs",
+            ENV,
+            CONNECTOR,
+        )
     else:
-        config, source = load_config()
         layers = list(get_layers_from_vllm_config(vllm_config, Attention))
-        kv = vllm_config.kv_transfer_config
         rt = install(
             Runtime(
                 config,
@@ -66,18 +83,29 @@ def runtime_for(vllm_config: VllmConfig, kv_cache_spec) -> Optional[Runtime]:
                 dtype=kv_cache_spec.dtype,
                 max_requests=vllm_config.scheduler_config.max_num_seqs,
                 max_tokens=vllm_config.model_config.max_model_len,
-                engine_id=None if kv is None else kv.engine_id,
+                engine_id=kv.engine_id,
+                rank=_tp_rank(),
             )
         )
-        log.info("hybridgen: hybrid decode in %d attention layers; %s", len(layers), source)
-        if kv is None or kv.kv_connector != "HybridgenConnector":
-            log.warning(
-                "hybridgen: the HybridgenConnector is not configured, so the plugin cannot tell requests "
-                "apart and every row takes vLLM's own attention; pass "
-                "kv_transfer_config=hybridgen.vllm.kv_transfer_config() to vLLM"
-            )
+        tp = vllm_config.parallel_config.tensor_parallel_size
+        log.info(
+            "hybridgen: hybrid decode in %d attention layers (%d KV heads in this worker%s); %s",
+            len(layers),
+            kv_cache_spec.num_kv_heads,
+            f", tensor-parallel rank {rt.rank} of {tp}" if tp > 1 else "",
+            source,
+        )
     _runtimes[key] = (vllm_config, rt)
     return rt
+
+
+def _tp_rank() -> Optional[int]:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank()
+    except Exception:  # no distributed state (e.g. a bare test)
+        return None
 
 
 def _unsupported(vllm_config: VllmConfig, spec) -> str:

@@ -14,7 +14,9 @@ scheduler's output, its worker side receives it before the model runs. This one 
   releases the finished requests' host slots (in a single-process engine with synchronous
   scheduling, :meth:`HybridgenConnector.request_finished` releases them as they finish).
 
-Enable it with ``LLM(..., kv_transfer_config=hybridgen.vllm.kv_transfer_config())``.
+While ``HYBRIDGEN_CONFIG`` is set the plugin makes it vLLM's default connector
+(:mod:`hybridgen.vllm.plugin`); otherwise enable it with
+``LLM(..., kv_transfer_config=hybridgen.vllm.kv_transfer_config())``.
 """
 
 from __future__ import annotations

@@ -13,28 +13,52 @@ A step, as vLLM runs it:
    tracked request into its windows; rows that leave a window go to the host store;
 4. each layer's ``forward`` (:meth:`Runtime.decode`) computes, for every decode row whose request
    has host tokens, attention over the device rows (torch) and over the host rows (the CPU stage,
-   per slot), merged by log-sum-exp; every other row takes vLLM's own path.
+   per slot), merged by log-sum-exp; every other row takes vLLM's own path;
+5. the step closes (the next :meth:`Runtime.begin_step`, or :meth:`Runtime.end_step`): the
+   summed CPU-stage and device-part times of its layers go to the policy's feedback scheduler.
+
+Which host tokens the CPU stage attends to is the policy's (:class:`~hybridgen.policies.hybrid.HybridPolicy`:
+its selection, its scheduler, its positional Pre-QKT prediction); the runtime only applies it to a
+ragged batch of slots.
+
+Telemetry: :func:`stats` in the worker's process; with ``HYBRIDGEN_VLLM_STATS=DIR`` each runtime
+also writes its stats to ``DIR/hybridgen-stats-<pid>.json`` (for processes a caller cannot reach:
+vLLM's engine core or its workers).
 """
 
 from __future__ import annotations
 
+import collections
+import json
 import logging
+import os
 import threading
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
 
 from .._native import CapacityError
-from ..attention import device_partial
+from ..attention import device_partial, page_count, pre_qkt_positions
 from ..config import HybridConfig
 from ..engine.store import make_store
 from ..ops import merge_partials
+from ..policies.hybrid import HybridPolicy, page_candidates
+from ..timing import timed
 from .window import Window
 
-__all__ = ["Request", "Runtime", "StepPlan", "current", "stats"]
+__all__ = ["STATS_ENV", "Request", "Runtime", "StepPlan", "current", "stats"]
 
 log = logging.getLogger("vllm.plugins.hybridgen")
+
+#: A directory: each runtime writes its :func:`stats` there as ``hybridgen-stats-<pid>.json``.
+STATS_ENV = "HYBRIDGEN_VLLM_STATS"
+#: Finished requests whose telemetry the stats keep (the most recent).
+FINISHED_KEPT = 256
+#: Seconds between two writes of the stats file (the last state is always written).
+STATS_INTERVAL = 0.5
 
 
 @dataclass
@@ -48,6 +72,22 @@ class Request:
     #: Tokens the plugin has seen (device + host), after the current step.
     total: int = 0
     why_untracked: str = ""
+    #: Decode rows served by hybrid attention, summed over layers.
+    hybrid_rows: int = 0
+    #: Host tokens attended to, summed over rows and layers.
+    host_tokens_read: int = 0
+
+    def summary(self) -> dict:
+        """Telemetry of the request: tokens seen, host tokens (first layer), what hybrid decode did."""
+        host = self.windows[0].host if self.windows else 0
+        return {
+            "req_id": self.req_id,
+            "tokens": self.total,
+            "host_tokens": host,
+            "hybrid_rows": self.hybrid_rows,
+            "host_tokens_read": self.host_tokens_read,
+            "untracked": self.why_untracked or None,
+        }
 
 
 @dataclass
@@ -71,12 +111,14 @@ class Runtime:
     """Host store, request slots and hybrid decode for the attention layers of one model.
 
     Args:
-        config: the hybrid configuration (``policy`` ``all`` or ``post_qkt``, ``merge`` ``lse``).
+        config: the hybrid configuration (a policy of :data:`~hybridgen.vllm.settings.SUPPORTED_POLICIES`,
+            ``merge`` ``lse``).
         layer_names: vLLM's attention layer names, in model order (host store layer = index).
         kv_heads, head_dim, dtype: the KV cache's shape and element type.
         max_requests: requests that may run at once (host store slots).
         max_tokens: tokens per request (the host store reserves address space for them).
         engine_id: the vLLM engine served (lets a connector in the same process find it).
+        rank: the worker's tensor-parallel rank (its KV heads are the ones it sees), for telemetry.
     """
 
     def __init__(
@@ -90,10 +132,15 @@ class Runtime:
         max_requests: int,
         max_tokens: int,
         engine_id: Optional[str] = None,
+        rank: Optional[int] = None,
     ):
         self.config = config
         #: The vLLM engine the runtime serves (its KV transfer engine id), if known.
         self.engine_id = engine_id
+        self.rank = rank
+        #: Selection and feedback scheduler: hybridgen's own policy (no model info needed).
+        self.policy = HybridPolicy(config, None)
+        self.kv_heads, self.head_dim = kv_heads, head_dim
         self.layer_index = {name: i for i, name in enumerate(layer_names)}
         self.store = make_store(
             config,
@@ -114,16 +161,29 @@ class Runtime:
         # no scheduler step is bound, e.g. vLLM's warm-up runs: every row then takes the stock path).
         self._owners: Optional[dict[int, str]] = None
         self._lock = threading.RLock()
+        # The open step's (strategy, K), fixed at its first hybrid layer, and its summed times.
+        self._selection: Optional[tuple] = None
+        self._times: Optional[list] = None
+        self._worker = None  # the CPU stage's thread (pipeline)
+        self._stats_dir = os.environ.get(STATS_ENV) or None
+        self._stats_written = 0.0
+        self._stats_timer: Optional[threading.Timer] = None
+        #: Telemetry of the most recent finished requests (:meth:`Request.summary`).
+        self.finished = collections.deque(maxlen=FINISHED_KEPT)
         #: Counts of what ran (read with :func:`stats`; the tests check them).
         self.counters = {
             "steps": 0,
             "hybrid_calls": 0,  # (layer, step) pairs that ran hybrid decode
             "hybrid_rows": 0,  # decode rows served by hybrid attention (summed over layers)
             "host_tokens_read": 0,  # host tokens attended to (summed over rows and layers)
+            "host_keys_scored": 0,  # host key rows the CPU computed logits for (idem)
             "stock_rows": 0,  # rows left to vLLM's own attention (summed over layers)
             "slots_added": 0,
             "slots_released": 0,
             "untracked": 0,
+            # Hybrid rows per strategy that ran ("all", "post_qkt", "pre_qkt"; summed over layers).
+            "rows_by_strategy": {"all": 0, "post_qkt": 0, "pre_qkt": 0},
+            "observed_steps": 0,  # steps whose times went to the feedback scheduler
         }
 
     # --- requests ---------------------------------------------------------------------------------
@@ -131,6 +191,7 @@ class Runtime:
         """The scheduler's view of the step: ``owners`` maps the paged-cache slot of each scheduled
         request's first new token to its id; ``finished`` requests (done or aborted) give their
         host slots back."""
+        self._close_step()
         for req_id in finished:
             self.release(req_id)
         self._owners = dict(owners)
@@ -138,14 +199,30 @@ class Runtime:
 
     def end_step(self) -> None:
         self._owners = None
+        self._close_step()
+
+    def _close_step(self) -> None:
+        """Feeds the step's summed times (CPU stage, device part, transfer) to the policy."""
+        times, self._times, self._selection = self._times, None, None
+        if times is not None:
+            t_gpu, t_cpu, t_tx = (float(t) for t in times)
+            self.policy.observe(t_gpu, t_cpu, t_tx)
+            self.counters["observed_steps"] += 1
+        self._write_stats()
 
     def release(self, req_id: str) -> None:
         """Forgets ``req_id`` and gives its host slot back (no-op for an unknown id)."""
         with self._lock:
             req = self.requests.pop(req_id, None)
-            if req is not None and req.slot is not None:
+            if req is None:
+                return
+            if req.slot is not None:
                 self.store.release_slot(req.slot)
                 self.counters["slots_released"] += 1
+            summary = req.summary()
+            self.finished.append(summary)
+            log.debug("hybridgen: request finished: %s", summary)
+            self._write_stats(force=not self.requests)
 
     @property
     def active_requests(self) -> dict[str, Optional[int]]:
@@ -247,32 +324,149 @@ class Runtime:
             if req is not None and plan.ends[i] - plan.starts[i] == 1 and req.windows[layer].host > 0
         ]
 
+    def selection(self) -> tuple[str, Optional[int]]:
+        """``(strategy, K)`` of the open step: the policy's, fixed for every layer of the step."""
+        if self._selection is None:
+            self._selection = self.policy.selection()
+        return self._selection
+
     def decode(
         self, layer_name: str, plan: StepPlan, rows: list[int], query: torch.Tensor, scale: float
     ) -> torch.Tensor:
         """Hybrid attention of decode ``rows``: ``query [tokens, hq, d]`` → ``[len(rows), hq, d]``
         (float32): device rows (sinks + recent window) in torch, host rows by the CPU stage over
-        each request's slot, merged by log-sum-exp."""
+        each request's slot (the tokens the policy selects), merged by log-sum-exp. With
+        ``pipeline`` the CPU stage runs on a worker thread (GIL released) while the device part runs."""
         layer = self.layer_index[layer_name]
         reqs = self.resolve(plan)
         q = query[[plan.starts[i] for i in rows]].float()  # [r, hq, d], on the model's device
-        dev_out, dev_lse = [], []
-        for j, i in enumerate(rows):
-            k, v = reqs[i].windows[layer].rows()
-            o, lse = device_partial(q[j : j + 1], k.unsqueeze(0), v.unsqueeze(0), scale)
-            dev_out.append(o)
-            dev_lse.append(lse)
+        strategy, k = self.selection()
         slots = [reqs[i].slot for i in rows]
-        top_k = self.config.k if self.config.policy == "post_qkt" else None
-        host = self.store.cpu_stage_slots(layer, slots, q.cpu(), scale, "lse", top_k=top_k)
-        out, _ = merge_partials(
-            torch.cat(dev_out), torch.cat(dev_lse), host["out"].to(q.device), host["lse"].to(q.device)
-        )
+        host_lens = [reqs[i].windows[layer].host for i in rows]
+        q_host = q.cpu()
+
+        def stage():
+            return self._host_stage(layer, slots, host_lens, q_host, scale, strategy, k)
+
+        def device_part():
+            dev_out, dev_lse = [], []
+            for j, i in enumerate(rows):
+                kd, vd = reqs[i].windows[layer].rows()
+                o, lse = device_partial(q[j : j + 1], kd.unsqueeze(0), vd.unsqueeze(0), scale)
+                dev_out.append(o)
+                dev_lse.append(lse)
+            return torch.cat(dev_out), torch.cat(dev_lse)
+
+        if self.config.pipeline:
+            future = self._thread().submit(stage)
+            (dev_out, dev_lse), t_dev = timed(device_part, q.device)
+            host_out, host_lse, tokens, scored, t_cpu = future.result()
+        else:
+            host_out, host_lse, tokens, scored, t_cpu = stage()
+            (dev_out, dev_lse), t_dev = timed(device_part, q.device)
+        (host_out, host_lse), t_tx = timed(lambda: (host_out.to(q.device), host_lse.to(q.device)), q.device)
+        (out, _), t_merge = timed(lambda: merge_partials(dev_out, dev_lse, host_out, host_lse), q.device)
+
+        times = self._times if self._times is not None else [0.0, 0.0, 0.0]
+        self._times = [times[0] + t_dev + t_merge, times[1] + t_cpu, times[2] + t_tx]
         c = self.counters
         c["hybrid_calls"] += 1
         c["hybrid_rows"] += len(rows)
-        c["host_tokens_read"] += sum(host["tokens"])
+        c["host_tokens_read"] += sum(tokens)
+        c["host_keys_scored"] += sum(scored)
+        c["rows_by_strategy"][strategy] += len(rows)
+        for j, i in enumerate(rows):
+            reqs[i].hybrid_rows += 1
+            reqs[i].host_tokens_read += tokens[j]
         return out
+
+    def _host_stage(self, layer, slots, host_lens, q, scale, strategy, k):
+        """The CPU stage of one layer's hybrid rows: ``(out [r, hq, d], lse [r, hq], tokens
+        attended per row, key rows scored per row, seconds)``. ``all`` attends to every host
+        token; ``post_qkt`` scores them all and keeps the top ``k`` per head; ``pre_qkt`` scores
+        the tokens the policy's predictor names: by page summaries, the pages of ``max(2k,
+        n/8)`` tokens whose bounds are highest, then the top ``k`` (the policy's choice, without
+        the previous step's selection as extra tokens); by position, ``k`` tokens (every host
+        token where a row has no more than ``k``)."""
+        t0 = time.perf_counter()
+        store, r = self.store, len(slots)
+        if strategy == "pre_qkt" and self.config.predictor == "pages":
+            pages = [page_count(max(page_candidates(k, n), k)) for n in host_lens]
+            res = store.cpu_stage_slots(layer, slots, q, scale, "lse", top_k=k, pages=pages)
+            scored = [self.policy.keys_read({"pages": p}, n) for p, n in zip(pages, host_lens)]
+            return res["out"], res["lse"], res["tokens"], scored, time.perf_counter() - t0
+        picked = [j for j, n in enumerate(host_lens) if n > k] if strategy == "pre_qkt" else []
+        if not picked:
+            top_k = k if strategy == "post_qkt" else None
+            res = store.cpu_stage_slots(layer, slots, q, scale, "lse", top_k=top_k)
+            return res["out"], res["lse"], res["tokens"], list(host_lens), time.perf_counter() - t0
+        out = torch.empty(r, q.shape[1], self.head_dim, dtype=torch.float32)
+        lse = torch.empty(r, q.shape[1], dtype=torch.float32)
+        tokens, scored = [0] * r, list(host_lens)
+        rest = [j for j in range(r) if host_lens[j] <= k]
+        positions = torch.stack([pre_qkt_positions(host_lens[j], k) for j in picked])  # [r', k]
+        for part, pos in ((picked, positions), (rest, None)):
+            if not part:
+                continue
+            res = store.cpu_stage_slots(layer, [slots[j] for j in part], q[part], scale, "lse", positions=pos)
+            out[part], lse[part] = res["out"], res["lse"]
+            for j, t in zip(part, res["tokens"]):
+                tokens[j] = t
+        for j in picked:
+            scored[j] = k
+        return out, lse, tokens, scored, time.perf_counter() - t0
+
+    def _thread(self):
+        if self._worker is None:
+            from ..policies.base import new_worker
+
+            self._worker = new_worker()
+        return self._worker
+
+    def stats(self) -> dict:
+        """Counters, the requests tracked now, the slots in use, the scheduler's state and the
+        telemetry of the most recent finished requests."""
+        with self._lock:
+            strategy, k = self.policy.selection()
+            return {
+                **{key: (dict(v) if isinstance(v, dict) else v) for key, v in self.counters.items()},
+                "policy": self.config.policy,
+                "strategy": strategy,
+                "k": k,
+                "rank": self.rank,
+                "pid": os.getpid(),
+                "active_requests": self.active_requests,
+                "active_slots": list(self.store.active_slots),
+                "finished_requests": list(self.finished),
+            }
+
+    def _write_stats(self, force: bool = False) -> None:
+        """Writes :meth:`stats` to ``$HYBRIDGEN_VLLM_STATS/hybridgen-stats-<pid>.json``,
+        atomically (a reader never sees half a file): at once if ``force``, else at most every
+        :data:`STATS_INTERVAL` seconds, a skipped write being made by a timer when the interval
+        ends (a non-daemon thread: a process that exits writes its last state first)."""
+        if self._stats_dir is None:
+            return
+        with self._lock:
+            wait = self._stats_written + STATS_INTERVAL - time.monotonic()
+            if not force and wait > 0:
+                if self._stats_timer is None:
+                    self._stats_timer = threading.Timer(wait, self._write_stats, kwargs={"force": True})
+                    self._stats_timer.start()
+                return
+            if self._stats_timer is not None and self._stats_timer is not threading.current_thread():
+                self._stats_timer.cancel()
+            self._stats_timer = None
+            self._stats_written = time.monotonic()
+            try:
+                path = Path(self._stats_dir) / f"hybridgen-stats-{os.getpid()}.json"
+                tmp = path.with_suffix(".tmp")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_text(json.dumps(self.stats()))
+                os.replace(tmp, path)
+            except OSError as e:  # telemetry must never stop serving
+                log.warning("hybridgen: cannot write stats to %s: %s", self._stats_dir, e)
+                self._stats_dir = None
 
 
 _current: Optional[Runtime] = None
@@ -291,8 +485,9 @@ def current() -> Optional[Runtime]:
 
 
 def stats() -> dict:
-    """Counters of the current runtime (empty before one exists), plus the requests it tracks."""
+    """Counters of the current runtime (empty before one exists), plus the requests it tracks
+    (:meth:`Runtime.stats`)."""
     rt = _current
     if rt is None:
         return {}
-    return {**rt.counters, "active_requests": rt.active_requests, "active_slots": list(rt.store.active_slots)}
+    return rt.stats()

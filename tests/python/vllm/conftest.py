@@ -49,6 +49,28 @@ def tiny_model(tmp_path_factory):
     return make_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session")
+def reference(tiny_model, tmp_path_factory):
+    """vLLM without plugins on ``vllm_runs.prompts()`` (``MAX_TOKENS`` greedy tokens each), in a
+    subprocess started on first use: a function that waits for its result (``tokens``,
+    ``impls``), so that a test can start its own engine meanwhile."""
+    from vllm_runs import MAX_TOKENS, finish, prompts, start_stock_run
+
+    out = tmp_path_factory.mktemp("stock") / "tokens.json"
+    proc = start_stock_run(tiny_model, prompts(), MAX_TOKENS, out)
+    result = {}
+
+    def wait():
+        if not result:
+            result.update(finish(proc, out, 600, "the reference run (vLLM without plugins)"))
+        return result
+
+    yield wait
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
 @pytest.fixture(scope="module")
 def engine_env():
     """The in-process engine's environment for one module (restored after it)."""

@@ -1,41 +1,28 @@
 """vLLM with the plugin, in process, on a tiny random Llama: hybrid decode runs, its greedy tokens
-equal vLLM's without plugins, and host slots follow the requests' lifecycle."""
+equal vLLM's without plugins, and host slots follow the requests' lifecycle. The engine is made
+with no argument of the plugin's: ``HYBRIDGEN_CONFIG`` is all it takes."""
 
 import json
 import os
 
 import pytest
-from vllm_runs import ENGINE_ARGS, generate, impl_classes, prompts, start_stock_run
-
-#: Small device tier (4 sinks + 16 recent tokens) and small eviction chunks: every prompt below
-#: leaves most of its tokens in the host store.
-CONFIG = {"policy": "all", "gpu_budget": 16, "sinks": 4, "evict_chunk": 4}
-LENGTHS = [37, 150, 290, 600]  # the longest prefills in three chunks while the others decode
-MAX_TOKENS = 24
-LAYERS = 2
+from vllm_runs import CONFIG, ENGINE_ARGS, LAYERS, LENGTHS, MAX_TOKENS, generate, impl_classes, prompts
 
 
 @pytest.fixture(scope="module")
-def run(tiny_model, engine_env, tmp_path_factory):
+def run(tiny_model, engine_env, reference):
     """One engine with the plugin for the module, and the reference run's tokens (vLLM without
     plugins, in a subprocess started first so that the two start up side by side)."""
-    token_prompts = prompts(LENGTHS)
-    out = tmp_path_factory.mktemp("stock") / "tokens.json"
-    stock = start_stock_run(tiny_model, token_prompts, MAX_TOKENS, out)
+    reference_tokens = reference  # started now; waited for below
     os.environ["HYBRIDGEN_CONFIG"] = json.dumps(CONFIG)
     try:
         from vllm import LLM
 
-        import hybridgen.vllm
-
-        llm = LLM(str(tiny_model), kv_transfer_config=hybridgen.vllm.kv_transfer_config(), **ENGINE_ARGS)
-        log, _ = stock.communicate(timeout=600)
-        assert stock.returncode == 0, f"the reference run failed:\n{log[-4000:]}"
-        yield llm, token_prompts, json.loads(out.read_text())
+        llm = LLM(str(tiny_model), **ENGINE_ARGS)
+        yield llm, prompts(LENGTHS), reference_tokens()
+        del llm
     finally:
         os.environ.pop("HYBRIDGEN_CONFIG", None)
-        if stock.poll() is None:
-            stock.kill()
 
 
 def stats():
@@ -48,6 +35,8 @@ def test_the_hybrid_backend_runs_and_the_reference_does_not(run):
     llm, _, reference = run
     assert impl_classes(llm) == {"HybridCPUAttentionBackendImpl"}
     assert reference["impls"] == ["CPUAttentionBackendImpl"]
+    # No kv_transfer_config was passed: with HYBRIDGEN_CONFIG set, the plugin's connector is the default.
+    assert llm.llm_engine.vllm_config.kv_transfer_config.kv_connector == "HybridgenConnector"
 
 
 def test_greedy_tokens_equal_vllm_without_plugins(run):
@@ -61,7 +50,12 @@ def test_greedy_tokens_equal_vllm_without_plugins(run):
     assert rows == len(LENGTHS) * (MAX_TOKENS - 1) * LAYERS, after
     assert after["host_tokens_read"] - before["host_tokens_read"] > rows * 16, after
     assert after["untracked"] == before["untracked"]
+    assert after["rows_by_strategy"]["all"] - before["rows_by_strategy"]["all"] == rows
     assert tokens == reference["tokens"]
+    # Telemetry per request: every one of them read host tokens.
+    done = after["finished_requests"][-len(LENGTHS) :]
+    assert sorted(r["tokens"] for r in done) == sorted(n + MAX_TOKENS - 1 for n in LENGTHS)
+    assert all(r["host_tokens"] > 0 and r["hybrid_rows"] == (MAX_TOKENS - 1) * LAYERS for r in done)
 
 
 def test_a_prefix_cache_hit_takes_the_stock_path(run):

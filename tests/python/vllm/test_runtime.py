@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from hybridgen.config import HybridConfig
+from hybridgen.vllm.settings import slot_pages
 
 HQ, HKV, D = 4, 2, 32
 SCALE = D**-0.5
@@ -74,6 +75,18 @@ def test_hybrid_decode_equals_full_attention_over_ragged_requests():
     assert rt.store.slot_host_len(0, rt.requests["a"].slot) == a.host
 
 
+def test_the_pipelined_cpu_stage_gives_the_same_result():
+    # pipeline=True: the CPU stage runs on a worker thread while the device part runs.
+    results = []
+    for pipeline in (False, True):
+        rt = make_runtime("post_qkt", k=7, pipeline=pipeline)
+        eng = Engine(rt)
+        eng.step([("a", 40), ("b", 25)])
+        plan, q = eng.step([("a", 1), ("b", 1)])
+        results.append(rt.decode("l0", plan, rt.hybrid_rows("l0", plan), q, SCALE))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
 def test_post_qkt_with_k_at_least_every_host_token_is_exact():
     rt = make_runtime("post_qkt", k=64)
     eng = Engine(rt)
@@ -131,3 +144,168 @@ def test_window_keeps_sinks_and_recent_rows_in_order(n):
     assert 4 <= len(kept) - 2 < 4 + 3 and w.host == 30 - len(kept)
     hk, _ = rt.store.read_slot(0, slot, 0, w.host)
     assert hk[0, :, 0].tolist() == list(range(2, 2 + w.host))
+
+
+def selected_attention(q, k, v, dev, host_sets):
+    """``q [hq, d]`` over the device rows ``dev`` (indices into ``k``/``v [n, hkv, d]``) plus, per
+    query head, the host rows ``host_sets[h]``; float64."""
+    out = []
+    for h in range(HQ):
+        rows = sorted(set(dev) | set(host_sets[h]))
+        kh, vh = k[rows, h // (HQ // HKV)].double(), v[rows, h // (HQ // HKV)].double()
+        p = torch.softmax(kh @ q[h].double() * SCALE, dim=0)
+        out.append(p @ vh)
+    return torch.stack(out)
+
+
+def host_split(rt, req_id, n_total):
+    """``(device row positions, host row positions)`` of a request in layer 0 (logical positions)."""
+    w = rt.requests[req_id].windows[0]
+    sinks = min(2, n_total)
+    host = list(range(sinks, sinks + w.host))
+    dev = [p for p in range(n_total) if p not in host]
+    return dev, host
+
+
+def test_pre_qkt_attends_to_the_positions_the_policy_predicts():
+    from hybridgen.attention import pre_qkt_positions
+
+    rt = make_runtime("pre_qkt", k=6, predictor="positional")
+    eng = Engine(rt)
+    eng.step([("a", 60), ("b", 12), ("c", 30)])  # b has 2 host tokens (<= k): attended in full
+    plan, q = eng.step([("a", 1), ("b", 1), ("c", 1)])
+    rows = rt.hybrid_rows("l0", plan)
+    assert rows == [0, 1, 2]
+    out = rt.decode("l0", plan, rows, q, SCALE)
+    for j, req in enumerate("abc"):
+        k, v = eng.kv[req]
+        dev, host = host_split(rt, req, k.shape[0])
+        chosen = [host[i] for i in pre_qkt_positions(len(host), 6).tolist()]
+        want = selected_attention(q[plan.starts[j]], k, v, dev, [chosen] * HQ)
+        torch.testing.assert_close(out[j].double(), want, rtol=1e-5, atol=1e-5)
+    b_host = rt.requests["b"].windows[0].host
+    c = rt.counters
+    assert c["rows_by_strategy"] == {"all": 0, "post_qkt": 0, "pre_qkt": 3}
+    assert c["host_keys_scored"] == 6 + b_host + 6 and c["host_tokens_read"] == 6 + b_host + 6
+
+
+def page_choice(q, k, host, top, pages):
+    """Per query head, the host rows page-summary Pre-QKT keeps: per KV head the ``pages`` pages
+    (16 host tokens) whose upper bound ``<q+, max> + <q-, min>`` is highest over the GQA group,
+    then the ``top`` best of their tokens by exact logit (float64)."""
+    g, keys = HQ // HKV, k[host].double()  # [n, hkv, d]
+    chosen = []
+    for h in range(HQ):
+        kv = h // g
+        bounds = []
+        for start in range(0, len(host), 16):
+            page = keys[start : start + 16, kv]
+            hi, lo = page.max(0).values, page.min(0).values
+            qs = q[kv * g : (kv + 1) * g].double()
+            bounds.append(max(float(torch.maximum(qh * hi, qh * lo).sum()) for qh in qs))
+        best = torch.tensor(bounds).topk(min(pages, len(bounds))).indices.tolist()
+        cand = [i for b in best for i in range(16 * b, min(16 * b + 16, len(host)))]
+        logits = keys[cand, kv] @ q[h].double()
+        chosen.append([host[cand[i]] for i in logits.topk(min(top, len(cand))).indices.tolist()])
+    return chosen
+
+
+@pytest.mark.skipif(not slot_pages(), reason="this build's HostKVStore.cpu_stage_slots takes no page selection")
+def test_page_summary_pre_qkt_scores_the_best_pages_then_keeps_the_top_k():
+    from hybridgen.attention import page_count
+    from hybridgen.policies.hybrid import page_candidates
+
+    rt = make_runtime("pre_qkt", k=12, predictor="pages")
+    eng = Engine(rt)
+    eng.step([("a", 120), ("b", 70), ("c", 14)])  # c: 4 host tokens, every one attended
+    plan, q = eng.step([("a", 1), ("b", 1), ("c", 1)])
+    rows = rt.hybrid_rows("l0", plan)
+    out = rt.decode("l0", plan, rows, q, SCALE)
+    for j, req in enumerate("abc"):
+        k, v = eng.kv[req]
+        dev, host = host_split(rt, req, k.shape[0])
+        qj = q[plan.starts[j]]
+        pages = page_count(max(page_candidates(12, len(host)), 12))
+        want = selected_attention(qj, k, v, dev, page_choice(qj, k, host, 12, pages))
+        torch.testing.assert_close(out[j].double(), want, rtol=1e-5, atol=1e-5)
+    assert rt.counters["rows_by_strategy"]["pre_qkt"] == 3
+    assert rt.counters["host_keys_scored"] < sum(r.windows[0].host for r in rt.requests.values())
+
+
+def test_pre_qkt_with_k_at_least_every_host_token_is_exact():
+    rt = make_runtime("pre_qkt", k=64, predictor="positional")
+    eng = Engine(rt)
+    eng.step([("a", 50), ("b", 30)])
+    plan, q = eng.step([("a", 1), ("b", 1)])
+    out = rt.decode("l1", plan, rt.hybrid_rows("l1", plan), q, SCALE)
+    for j, req in enumerate("ab"):
+        torch.testing.assert_close(
+            out[j].double(), full_attention(q[plan.starts[j]], *eng.kv[req]), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_post_qkt_keeps_the_top_k_host_tokens_per_head():
+    rt = make_runtime("post_qkt", k=5)
+    eng = Engine(rt)
+    eng.step([("a", 40)])
+    plan, q = eng.step([("a", 1)])
+    out = rt.decode("l0", plan, rt.hybrid_rows("l0", plan), q, SCALE)
+    k, v = eng.kv["a"]
+    dev, host = host_split(rt, "a", k.shape[0])
+    qa = q[0]
+    top = []
+    for h in range(HQ):
+        logits = k[host, h // (HQ // HKV)].double() @ qa[h].double()
+        top.append([host[i] for i in logits.topk(5).indices.tolist()])
+    torch.testing.assert_close(out[0].double(), selected_attention(qa, k, v, dev, top), rtol=1e-5, atol=1e-5)
+    assert rt.counters["host_keys_scored"] == len(host) and rt.counters["host_tokens_read"] == 5
+
+
+def test_the_scheduler_runs_on_the_backends_step_times(monkeypatch):
+    # CPU-bound steps (forced): K stays at k_min under Post-QKT, then the scheduler switches to
+    # Pre-QKT. K covers every host token, so every step is exact whatever the strategy.
+    monkeypatch.setenv("HYBRIDGEN_FORCE_CPU_BOUND", "1")
+    rt = make_runtime("scheduler", k_min=128, k_max=256, predictor="positional")
+    eng = Engine(rt)
+    eng.step([("a", 40), ("b", 70)])
+    strategies = []
+    for _ in range(6):
+        plan, q = eng.step([("a", 1), ("b", 1)])
+        strategies.append(rt.selection())
+        for layer in ("l0", "l1"):
+            out = rt.decode(layer, plan, rt.hybrid_rows(layer, plan), q, SCALE)
+            for j, req in enumerate("ab"):
+                want = full_attention(q[plan.starts[j]], *eng.kv[req])
+                torch.testing.assert_close(out[j].double(), want, rtol=1e-5, atol=1e-5)
+    rt.end_step()
+    assert strategies[:3] == [("post_qkt", 128)] * 3 and strategies[-1] == ("pre_qkt", 128)
+    assert rt.counters["observed_steps"] == 6
+    by = rt.counters["rows_by_strategy"]
+    assert by["post_qkt"] == 3 * 2 * 2 and by["pre_qkt"] == 3 * 2 * 2 and by["all"] == 0
+    assert rt.stats()["strategy"] == "pre_qkt"
+
+
+def test_the_scheduler_grows_k_while_the_cpu_keeps_up():
+    rt = make_runtime("scheduler", k_min=4, k_max=64, predictor="positional")
+    for _ in range(5):  # the device part (t_gpu) dominates: K grows from k_min
+        rt._times = [1.0, 0.001, 0.0]
+        rt.end_step()
+    strategy, k = rt.selection()
+    assert strategy == "post_qkt" and k > 4
+
+
+def test_stats_are_written_where_the_environment_asks(monkeypatch, tmp_path):
+    import json
+    import os
+
+    monkeypatch.setenv("HYBRIDGEN_VLLM_STATS", str(tmp_path))
+    rt = make_runtime()
+    eng = Engine(rt)
+    eng.step([("a", 40)])
+    plan, q = eng.step([("a", 1)])
+    rt.decode("l0", plan, rt.hybrid_rows("l0", plan), q, SCALE)
+    rt.release("a")  # the last request: written at once
+    written = json.loads((tmp_path / f"hybridgen-stats-{os.getpid()}.json").read_text())
+    assert written["hybrid_rows"] == 1 and written["active_requests"] == {}
+    (done,) = written["finished_requests"]
+    assert done["req_id"] == "a" and done["tokens"] == 41 and done["host_tokens"] > 20 and done["hybrid_rows"] == 1
