@@ -173,12 +173,15 @@ class HostKVStore:
         positions: Optional[Any] = None,
         host_mask: Optional[Any] = None,
         isa_name: Optional[str] = None,
+        pages: Optional[Any] = None,
     ) -> dict[str, Any]:
         """The CPU stage over a ragged batch: row ``i`` is ``q[i]`` over the host tokens of slot
         ``slots[i]`` only, in one call (store read-locked once, GIL released, rows in parallel).
 
         ``slots`` int64 ``[r]`` (slots in use; repeats allowed); ``q`` float32 ``[r, hq, d]``;
-        ``positions`` int64 ``[m]`` (every row) or ``[r, m]`` (per row); ``host_mask`` bool or
+        ``positions`` int64 ``[m]`` (every row) or ``[r, m]`` (per row); ``pages`` int64 ``[r]``
+        (Pre-QKT by page summaries: row ``i`` keeps ``pages[i]`` pages per KV head of its slot's
+        summaries, then ``top_k``; not with ``positions``); ``host_mask`` bool or
         uint8 ``[r, w]``, ``w`` >= every row's host length (a row uses its first ``host_len``
         columns). Returns ``{"merge", "tokens" (list [r]), "host_len" (list [r]), "width" (K),
         "out", "lse", "logits", "indices", "values"}``, tensors as DLPack capsules or None: lse:

@@ -271,6 +271,11 @@ class HostKVStore:
             top_k: keep that many tokens per query head and row (``None``: all scored tokens).
             positions: ``int64 [m]`` host token indices scored in every row, or ``[r, m]`` one
                 list per row (Pre-QKT); each index must exist in its row's slot.
+            pages: Pre-QKT by page summaries: row ``i`` keeps ``pages[i]`` pages (of
+                ``_native.PAGE_TOKENS`` tokens) per KV head, those whose key summaries bound the
+                logit highest over the GQA group, scores their tokens, then keeps ``top_k`` per
+                query head (or all of them); an int (every row) or a list / ``int64 [r]``. Not
+                with ``positions``. A row with no more pages than it has scores every host token.
             host_mask: ``bool [r, w]``, ``w`` at least every row's host length; row ``i`` uses
                 its first ``host_len[i]`` columns; True = ignore the token.
             isa_name: force an instruction set ("scalar", "avx2", "avx512", "neon").
@@ -290,6 +295,12 @@ class HostKVStore:
         """
         if isinstance(slots, (list, tuple)):
             slots = torch.tensor([operator.index(s) for s in slots], dtype=torch.int64)
+        pages = kwargs.get("pages")
+        if pages is not None and not isinstance(pages, torch.Tensor):
+            if isinstance(pages, (list, tuple)):
+                kwargs["pages"] = torch.tensor([operator.index(p) for p in pages], dtype=torch.int64)
+            else:
+                kwargs["pages"] = torch.full((len(slots),), operator.index(pages), dtype=torch.int64)
         result = self._native.cpu_stage_slots(layer, slots, _float_query(q), float(scale), merge, **kwargs)
         for key in ("out", "lse", "logits", "indices", "values"):
             if result[key] is not None:

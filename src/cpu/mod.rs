@@ -29,7 +29,9 @@ pub mod topk;
 
 pub use ops::{attend, gather_values, logits, partial_attention, Strips};
 pub use pages::{Granularity, PageSelect, PageSummaries, PAGE_TOKENS};
-pub use ragged::{ragged_selections, ragged_stage, RaggedArgs, RaggedOutputs, RowPositions};
+pub use ragged::{
+    ragged_selections, ragged_stage, RaggedArgs, RaggedOutputs, RowPages, RowPositions,
+};
 pub use simd::{cpu_vendor, isa, tuning, Isa, Tuning};
 pub use softmax::merge_partials;
 pub use split::threads;

@@ -4,8 +4,10 @@
 //!
 //! Shapes, with `r` rows and `K` = the largest row's selection (`width`):
 //! - inputs: `q [r, q_heads, d]` f32; positions `[m]` shared by every row or `[r, m]` one list
-//!   per row (host token indices of that row's sequence); mask `[r, mask_width]`, a row using
-//!   its first `host_len` entries (nonzero = ignore);
+//!   per row (host token indices of that row's sequence); or, instead of positions, a page
+//!   selection per row (Pre-QKT by page summaries, one list per KV head: `RowPages`, each row
+//!   choosing its own count of pages from its own sequence's summaries); mask `[r, mask_width]`,
+//!   a row using its first `host_len` entries (nonzero = ignore);
 //! - LSE merge: `out [r, q_heads, d]`, `lse [r, q_heads]`;
 //! - concat merge: `logits [r, q_heads, K]` f32, `indices [r, q_heads, K]` i64 and `values
 //!   [r, q_heads, K, d]` in the store's dtype, row `i` filling its first `tokens_i` entries per
@@ -18,6 +20,7 @@
 use rayon::prelude::*;
 
 use super::ops::{gather_values, Strips};
+use super::pages::{Granularity, PageSelect, PageSummaries, PAGE_TOKENS};
 use super::simd::Isa;
 use super::split::{min_len, run};
 use super::stage::{cpu_stage, Merge, Scratch, Selection, StageArgs, StageOutputs};
@@ -42,6 +45,15 @@ impl<'a> RowPositions<'a> {
     }
 }
 
+/// Pre-QKT by page summaries over a ragged batch: row `i` keeps `pages[i]` pages per KV head
+/// (the largest bound over the GQA group) of `summaries[i]`, its own sequence's, and scores
+/// their tokens (then `top_k`, if given, keeps the best of those).
+#[derive(Clone, Copy, Debug)]
+pub struct RowPages<'a> {
+    pub pages: &'a [usize],
+    pub summaries: &'a [PageSummaries<'a>],
+}
+
 /// What a ragged stage computes (see the module documentation for the shapes).
 #[derive(Clone, Copy, Debug)]
 pub struct RaggedArgs<'a> {
@@ -53,6 +65,8 @@ pub struct RaggedArgs<'a> {
     pub positions: Option<RowPositions<'a>>,
     /// `[rows, width]`, nonzero = ignore the token.
     pub mask: Option<(&'a [u8], usize)>,
+    /// A page selection per row (not with `positions`).
+    pub pages: Option<RowPages<'a>>,
 }
 
 impl<'a> RaggedArgs<'a> {
@@ -67,7 +81,21 @@ impl<'a> RaggedArgs<'a> {
             top_k: self.top_k,
             positions: self.positions.map(|p| p.row(i)),
             mask: self.mask.map(|(m, w)| &m[i * w..i * w + host_len]),
-            pages: None,
+            pages: self.pages.map(|p| PageSelect {
+                summaries: p.summaries[i],
+                pages: p.pages[i],
+                granularity: Granularity::KvHead,
+                extra: None,
+            }),
+        }
+    }
+
+    /// Host key rows row `i` scores over `host_len` tokens (for splitting the work).
+    fn scored(&self, i: usize, host_len: usize) -> usize {
+        match (self.pages, self.positions) {
+            (Some(p), _) => host_len.min(p.pages[i] * PAGE_TOKENS),
+            (None, Some(p)) => p.row(i).len(),
+            (None, None) => host_len,
         }
     }
 }
@@ -112,6 +140,27 @@ pub fn ragged_selections(rows: &[Strips<'_>], a: &RaggedArgs<'_>) -> Result<Vec<
             "positions must be [rows, m] = [{r}, {m}], got {} entries",
             list.len()
         );
+    }
+    if let Some(p) = a.pages {
+        ensure!(
+            a.positions.is_none(),
+            "positions and pages exclude each other"
+        );
+        ensure!(
+            p.pages.len() == r && p.summaries.len() == r,
+            "a page selection needs a page count and summaries per row ({r} rows), got {} and {}",
+            p.pages.len(),
+            p.summaries.len()
+        );
+        for (i, (&n, (sums, s))) in p.pages.iter().zip(p.summaries.iter().zip(rows)).enumerate() {
+            ensure!(n > 0, "row {i}: pages must be > 0");
+            ensure!(
+                sums.maxima.batch() == 1
+                    && sums.maxima.kv_heads() == s.kv_heads()
+                    && sums.pages() == s.len().div_ceil(PAGE_TOKENS),
+                "row {i}: the page summaries are not those of the row's sequence"
+            );
+        }
     }
     for (i, s) in rows.iter().enumerate() {
         if let Some(p) = a.positions {
@@ -215,7 +264,7 @@ pub fn ragged_stage(
     let scored: usize = rows
         .iter()
         .enumerate()
-        .map(|(i, s)| a.positions.map_or(s.len(), |p| p.row(i).len()))
+        .map(|(i, s)| a.scored(i, s.len()))
         .sum();
     let bytes = scored * rows[0].kv_heads() * (2 * d * size + 4 * (hq / rows[0].kv_heads()));
     run(bytes, || {

@@ -3,8 +3,10 @@
 //!
 //! Arguments: `slots` int64 `[r]` (slots in use; a slot may appear in several rows, e.g. the
 //! query rows of one request), `q` float32 `[r, hq, d]`, `positions` int64 `[m]` (every row) or
-//! `[r, m]` (one list per row), `host_mask` bool/uint8 `[r, w]` with `w` at least every row's
-//! host length (a row uses its first `host_len` columns). Results are allocated here and come
+//! `[r, m]` (one list per row), `pages` int64 `[r]` (Pre-QKT by page summaries: row `i` keeps
+//! `pages[i]` pages per KV head of its slot's summaries; not with `positions`), `host_mask`
+//! bool/uint8 `[r, w]` with `w` at least every row's host length (a row uses its first
+//! `host_len` columns). Results are allocated here and come
 //! back as DLPack capsules: lse: `out [r, hq, d]`, `lse [r, hq]`; concat: `logits [r, hq, K]`,
 //! `indices [r, hq, K]`, `values [r, hq, K, d]`, padded past each row's `tokens` with `-inf`,
 //! `-1` and zeros (`K` = `width`, the largest row's selection).
@@ -17,7 +19,7 @@ use super::errors::run_core;
 use super::export::Owned;
 use super::store::PyHostKvStore;
 use super::tensor::{require_finite, Elem, Tensor};
-use crate::cpu::{self, Isa, Merge, RaggedArgs, RaggedOutputs, RowPositions, Strips};
+use crate::cpu::{self, Isa, Merge, RaggedArgs, RaggedOutputs, RowPages, RowPositions, Strips};
 
 /// The arguments, as parsed by the method.
 pub(super) struct SlotsCall<'a, 'py> {
@@ -30,6 +32,7 @@ pub(super) struct SlotsCall<'a, 'py> {
     pub top_k: Option<usize>,
     pub positions: Option<&'a Bound<'py, PyAny>>,
     pub host_mask: Option<&'a Bound<'py, PyAny>>,
+    pub pages: Option<&'a Bound<'py, PyAny>>,
 }
 
 /// What the GIL-free part hands back.
@@ -90,6 +93,31 @@ pub(super) fn cpu_stage_slots<'py>(
             }
         },
     };
+    let pages = call
+        .pages
+        .map(|p| Tensor::import(p, "pages", Elem::I64, &[Some(r)]))
+        .transpose()?;
+    let page_counts = match &pages {
+        None => None,
+        Some(p) => {
+            if positions.is_some() {
+                return Err(PyValueError::new_err(
+                    "positions and pages exclude each other",
+                ));
+            }
+            Some(
+                p.slice::<i64>()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &n)| {
+                        usize::try_from(n).ok().filter(|&n| n > 0).ok_or_else(|| {
+                            PyValueError::new_err(format!("pages[{i}] must be > 0, got {n}"))
+                        })
+                    })
+                    .collect::<PyResult<Vec<usize>>>()?,
+            )
+        }
+    };
     let mask = call
         .host_mask
         .map(|m| Tensor::import_one_of(m, "host_mask", &[Elem::Bool, Elem::U8], &[Some(r), None]))
@@ -102,6 +130,7 @@ pub(super) fn cpu_stage_slots<'py>(
         top_k: call.top_k,
         positions: row_positions,
         mask: mask.as_ref().map(|m| (m.slice::<u8>(), m.shape()[1])),
+        pages: None,
     };
     let (layer, isa, merge) = (call.layer, call.isa, call.merge);
 
@@ -119,6 +148,20 @@ pub(super) fn cpu_stage_slots<'py>(
                 })
             })
             .collect::<crate::Result<Vec<Strips<'_>>>>()?;
+        let summaries = match &page_counts {
+            None => Vec::new(),
+            Some(_) => ids
+                .iter()
+                .map(|&slot| store.slot_summaries(layer, slot))
+                .collect::<crate::Result<Vec<_>>>()?,
+        };
+        let args = RaggedArgs {
+            pages: page_counts.as_deref().map(|pages| RowPages {
+                pages,
+                summaries: &summaries,
+            }),
+            ..args
+        };
         let sels = cpu::ragged_selections(&strips, &args)?;
         let width = sels.iter().map(|s| s.tokens).max().unwrap_or(0);
         let mut done = Done {

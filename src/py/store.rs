@@ -782,7 +782,8 @@ impl PyHostKvStore {
 
     /// The CPU stage over a ragged batch of query rows, each over its own slot's host tokens, in
     /// one call (see `cpu::ragged` for the semantics and `py::slots` for the arguments).
-    #[pyo3(signature = (layer, slots, q, scale, merge, top_k=None, positions=None, host_mask=None, isa_name=None))]
+    #[pyo3(signature = (layer, slots, q, scale, merge, top_k=None, positions=None, host_mask=None, isa_name=None,
+                        pages=None))]
     #[allow(clippy::too_many_arguments)]
     fn cpu_stage_slots<'py>(
         &self,
@@ -796,6 +797,7 @@ impl PyHostKvStore {
         positions: Option<&Bound<'py, PyAny>>,
         host_mask: Option<&Bound<'py, PyAny>>,
         isa_name: Option<&str>,
+        pages: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let call = super::slots::SlotsCall {
             layer: self.layer(layer)?,
@@ -807,6 +809,7 @@ impl PyHostKvStore {
             top_k: top_k.map(|k| non_negative("top_k", k)).transpose()?,
             positions,
             host_mask,
+            pages,
         };
         super::slots::cpu_stage_slots(self, py, call)
     }

@@ -308,7 +308,7 @@ fn ragged_stage(s: &KvStore, layer: usize, seq_of: &[Option<usize>], kv_heads: u
     let strips: Vec<_> = slots.iter().map(|&slot| s.slot_strips(layer, slot).unwrap()).collect();
     let (r, hq) = (slots.len(), kv_heads);
     let q = vec![0.25f32; r * hq * head_dim];
-    let args = cpu::RaggedArgs { q: &q, q_heads: hq, scale: 1.0, merge: cpu::Merge::Lse, top_k: None, positions: None, mask: None };
+    let args = cpu::RaggedArgs { q: &q, q_heads: hq, scale: 1.0, merge: cpu::Merge::Lse, top_k: None, positions: None, mask: None, pages: None };
     let (mut out, mut lse) = (vec![0f32; r * hq * head_dim], vec![0f32; r * hq]);
     let outs = cpu::RaggedOutputs { out: &mut out, lse: &mut lse, ..Default::default() };
     cpu::ragged_stage(Isa::Scalar, &strips, &args, 0, outs).unwrap();
