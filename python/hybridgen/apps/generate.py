@@ -17,8 +17,15 @@ from tqdm import tqdm
 
 from .. import _native
 from ..config import MERGES, POLICIES, HybridConfig
+from ..eval.common import MODELS, model_path
 from ..guard import HybridPathError, require_hybrid_run
 from ..policies.hybrid import FORCE_CPU_BOUND, cpu_bound_forced
+
+#: The prompt of a model without a chat template: its BOS token, the text, and an answer to complete.
+PLAIN_PROMPT = (
+    "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}\nAnswer:{% endif %}"
+)
 
 
 def build_parser(sub):
@@ -28,7 +35,12 @@ def build_parser(sub):
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default=None, help="path of a transformers Llama/Qwen2/OPT model (default: SmolLM2-135M)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"a named model ({', '.join(MODELS)}; fetched on first use) or the path of a transformers model "
+        "directory of a supported family (default: SmolLM2-135M)",
+    )
     p.add_argument("--context", type=int, default=4096, help="prompt length in tokens (default 4096)")
     p.add_argument("--depth", type=float, default=0.75, help="where the fact is planted, 0 = start, 1 = end")
     p.add_argument("--gpu-budget", type=int, default=512, help="recent tokens per layer on the device tier")
@@ -124,7 +136,7 @@ def _sparkline(values: list[int]) -> str:
 def run(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..data import assets, haystack
+    from ..data import haystack
     from ..hf import is_patched, patch, unpatch
 
     config = HybridConfig(
@@ -139,8 +151,11 @@ def run(args) -> int:
     )
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    path = args.model or assets.smollm2()
+    path = model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if not tokenizer.chat_template:
+        # A pretrained model (e.g. gemma3-270m): the question as plain text, to be completed.
+        tokenizer.chat_template = PLAIN_PROMPT
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     hay = haystack.build(tokenizer, args.context, args.depth)
     ids = hay.input_ids.to(device)

