@@ -6,6 +6,9 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
+#: The strategy of a sliding-window layer whose window the device holds (it reads no host token).
+WINDOW = "window"
+
 
 @dataclass
 class StepRecord:
@@ -78,7 +81,9 @@ class Telemetry:
             self._step, self._steps, self._pinned_last_step = record.step, self._steps + 1, 0
         self._pinned_last_step += record.pinned_bytes
         a["records"] += 1
-        a["k"] += record.k
+        if record.strategy != WINDOW:  # a sliding-window layer on the device chooses no K
+            a["k"] += record.k
+            a["k_records"] += 1
         a["t_cpu"] += record.t_cpu
         a["t_gpu"] += record.t_gpu
         a["t_tx"] += record.t_tx
@@ -87,17 +92,23 @@ class Telemetry:
         a["keys_read"] += record.keys_read
         a["host_tokens"] += record.host_tokens
         self._strategies[record.strategy] = self._strategies.get(record.strategy, 0) + 1
-        if record.layer == 0:
+        if record.strategy != WINDOW and self._k_layer is None:
+            self._k_layer = record.layer
+        if record.layer == self._k_layer:
             self._k_per_step.append((record.step, record.k, record.strategy))
         self._last = record
 
     def clear(self) -> None:
         self.records.clear()
         self._totals = dict.fromkeys(
-            ("records", "k", "t_cpu", "t_gpu", "t_tx", "t_hidden", "tx_bytes", "keys_read", "host_tokens"), 0
+            ("records", "k", "k_records", "t_cpu", "t_gpu", "t_tx", "t_hidden", "tx_bytes", "keys_read", "host_tokens"),
+            0,
         )
         self._strategies: dict = {}
         self._k_per_step = RecentRecords(maxlen=self.max_records)
+        #: The layer whose K the per-step series follows: the first that is not a sliding-window
+        #: layer decoded on the device alone (one K serves every other layer).
+        self._k_layer = None
         self._step, self._steps, self._pinned_last_step, self._last = None, 0, 0, None
 
     def as_dicts(self) -> list[dict]:
@@ -105,7 +116,8 @@ class Telemetry:
         return [asdict(r) for r in self.records]
 
     def k_per_step(self) -> list[tuple[int, int, str]]:
-        """``(step, k, strategy)`` of every recent step (layer 0's; one K serves all layers)."""
+        """``(step, k, strategy)`` of every recent step (the first layer's that chooses a K; one K
+        serves all such layers)."""
         return list(self._k_per_step)
 
     def summary(self) -> dict:
@@ -115,7 +127,7 @@ class Telemetry:
         a, steps, last = self._totals, self._steps, self._last
         return {
             "steps": steps,
-            "k_mean": a["k"] / a["records"],
+            "k_mean": a["k"] / max(a["k_records"], 1),
             "k_last": last.k,
             "strategy_share": {s: n / a["records"] for s, n in self._strategies.items()},
             "host_tokens_last": last.host_tokens,

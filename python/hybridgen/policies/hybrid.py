@@ -19,7 +19,7 @@ import torch
 
 from .. import _native
 from ..attention import cpu_stage, device_combine, device_partial, page_count, pre_qkt_positions, softmax_rows
-from ..telemetry import StepRecord
+from ..telemetry import WINDOW, StepRecord
 from ..timing import timed
 from .base import Policy, device_only
 
@@ -121,7 +121,7 @@ class HybridPolicy(Policy):
         if tier.window_on_device:
             # A sliding-window layer whose window the device tier holds: every host token is
             # outside the window (masked), so the host is never read.
-            return device_only(tier, q, keep, scale, step, "window")
+            return device_only(tier, q, keep, scale, step, WINDOW)
         if n_host == 0:
             out, t_dev = timed(lambda: device_partial(q, dev_k, dev_v, scale, dev_mask, kernels=kernels)[0], q.device)
             return out, StepRecord(step, idx, 0, strategy, 0, dev_k.shape[-2], 0.0, t_dev, 0.0)

@@ -115,6 +115,12 @@ def test_a_window_that_fits_the_device_never_reads_the_host(eager_runs, name):
         else:
             assert all(r.strategy == "window" and r.k == 0 and r.keys_read == 0 for r in records)
             assert records[-1].host_tokens > 0, "tokens left the window for the host, unread"
+    # The K series and mean follow the layers that choose a K, not the window layers' zeros.
+    if None in windows:
+        full_layer = windows.index(None)
+        series = [k for _, k, _ in cache.telemetry.k_per_step()]
+        assert series == [r.k for r in cache.telemetry.records if r.layer == full_layer]
+        assert cache.telemetry.summary()["k_mean"] > 0
 
 
 def test_a_window_longer_than_the_device_is_served_from_the_host_masked():
