@@ -37,6 +37,12 @@ impl HostBuffer {
                 source: std::io::Error::last_os_error(),
             });
         }
+        // Placement is per 4 KiB page (keys near, values far, spilled keys migrating page by
+        // page): a transparent huge page would put 2 MiB of neighbouring strips on one node and
+        // migrate them together (kernels that default THP to "always"). Best effort: a kernel
+        // without THP refuses the advice, and the pages are small anyway.
+        // SAFETY: the range is the mapping just created.
+        unsafe { libc::madvise(ptr, len, libc::MADV_NOHUGEPAGE) };
         Ok(HostBuffer {
             ptr: ptr as *mut u8,
             len,
