@@ -376,6 +376,19 @@ BAD = {
         ValueError,
         "host_mask has 2 columns",
     ),
+    "pages zero": (lambda s: s.cpu_stage_slots(0, [0, 2], q2, 1.0, "lse", pages=[1, 0]), ValueError, r"pages\[1\]"),
+    "pages with positions": (
+        lambda s: s.cpu_stage_slots(0, [0, 2], q2, 1.0, "lse", pages=1, positions=torch.tensor([0])),
+        ValueError,
+        "exclude each other",
+    ),
+    "pages per row": (
+        lambda s: s._native.cpu_stage_slots(
+            0, torch.tensor([0, 2]), q2, 1.0, "lse", pages=torch.ones(3, dtype=torch.int64)
+        ),
+        ValueError,
+        "pages",
+    ),
     "negative top_k": (lambda s: s.cpu_stage_slots(0, [0, 2], q2, 1.0, "lse", top_k=-1), ValueError, ">= 0"),
     "evict_slot with a batch axis": (
         lambda s: s.evict_slot(0, 0, torch.zeros(1, HKV, 1, D).half(), torch.zeros(1, HKV, 1, D).half()),
