@@ -112,16 +112,16 @@ class HybridPolicy(Policy):
             self.scheduler.observe(t_gpu, t_cpu, t_tx)
 
     def decode(self, tier, q, keep, scale, step):
+        if tier.window_on_device:
+            # A sliding-window layer whose window the device tier holds: every host token is
+            # outside the window (masked), so the host is never read.
+            return device_only(tier, q, keep, scale, step, WINDOW)
         cfg, idx = self.config, tier.layer_idx
         dev_k, dev_v = tier.keys, tier.values
         n_host = tier.host_tokens
         dev_mask, host_mask = tier.masks(keep)
         strategy, k = self.selection()
         kernels = cfg.use_kernels
-        if tier.window_on_device:
-            # A sliding-window layer whose window the device tier holds: every host token is
-            # outside the window (masked), so the host is never read.
-            return device_only(tier, q, keep, scale, step, WINDOW)
         if n_host == 0:
             out, t_dev = timed(lambda: device_partial(q, dev_k, dev_v, scale, dev_mask, kernels=kernels)[0], q.device)
             return out, StepRecord(step, idx, 0, strategy, 0, dev_k.shape[-2], 0.0, t_dev, 0.0)
