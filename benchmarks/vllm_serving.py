@@ -6,8 +6,10 @@ one in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so the plugin's cou
 read), warms it up, then for every cell (``R`` requests of ``C`` prompt tokens each) adds the
 requests at once and steps the engine until all have ``--max-tokens`` tokens, timing every
 token. Reported per cell: output tokens/s over the cell's wall time, time to first token, p50/p99
-inter-token latency, the requests that fit the KV cache at once (vLLM's blocks ÷ blocks per
-request), the greedy tokens' agreement with the stock run, and for ``hybrid`` the host tokens
+inter-token latency, the requests that fit the KV cache at once at full length (vLLM's blocks ÷
+blocks per request), the most requests that ran at once and the most blocks they held (measured
+each step: the plugin frees a request's blocks between its sinks and its window once its prompt
+is computed, so more requests run at once than fit at full length), the greedy tokens' agreement with the stock run, and for ``hybrid`` the host tokens
 per request and what hybrid decode did (rows, host tokens attended, strategies).
 
 The model is a Llama shape with random weights (vLLM's ``load_format="dummy"``: only a
@@ -105,12 +107,16 @@ def worker(args) -> None:
     )
     if args.mode == "offload":
         engine_args["kv_offloading_size"] = args.offload_gib
+    if args.kv_blocks:
+        engine_args["num_gpu_blocks_override"] = args.kv_blocks
     t0 = time.perf_counter()
     llm = LLM(**engine_args)
     startup = time.perf_counter() - t0
     engine = llm.llm_engine
     cache = engine.vllm_config.cache_config
     blocks = getattr(cache, "num_gpu_blocks", None)
+    scheduler = engine.engine_core.engine_core.scheduler  # in process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+    pool = scheduler.kv_cache_manager.block_pool
 
     def stats():
         if args.mode != "hybrid":
@@ -135,12 +141,15 @@ def worker(args) -> None:
         before = stats()
         times = {rid: [] for rid in prompts}
         tokens = {}
+        peak_running = peak_blocks = 0
         start = time.perf_counter()
         for rid, p in prompts.items():
             engine.add_request(rid, {"prompt_token_ids": p}, params)
         while engine.has_unfinished_requests():
             outs = engine.step()
             now = time.perf_counter()
+            peak_running = max(peak_running, len(scheduler.running))
+            peak_blocks = max(peak_blocks, pool.num_gpu_blocks - 1 - pool.get_num_free_blocks())
             for o in outs:
                 got = len(o.outputs[0].token_ids)
                 bar.update(got - len(times[o.request_id]))
@@ -163,7 +172,9 @@ def worker(args) -> None:
             "itl_p99_ms": round(1e3 * percentile(itl, 99), 3) if itl else None,
             "max_concurrent_requests": None
             if not blocks
-            else blocks // -(-(ctx + args.max_tokens) // cache.block_size),
+            else (blocks - 1) // -(-(ctx + args.max_tokens) // cache.block_size),
+            "peak_running_requests": peak_running,
+            "peak_blocks_in_use": peak_blocks,
             "tokens": [tokens[rid] for rid in prompts],
         }
         if args.mode == "hybrid":
@@ -245,6 +256,12 @@ def main(argv=None) -> None:
     p.add_argument("--batched-tokens", type=int, default=2048, help="vLLM's max_num_batched_tokens (chunked prefill)")
     p.add_argument("--offload-gib", type=float, default=16.0, help="vLLM's kv_offloading_size in the offload mode")
     p.add_argument("--cpu-kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE on the CPU")
+    p.add_argument(
+        "--kv-blocks",
+        type=int,
+        default=None,
+        help="vLLM's num_gpu_blocks_override: a pool this small (one is vLLM's null block)",
+    )
     p.add_argument("--no-eager", dest="eager", action="store_false", help="let vLLM compile (slow start on a CPU)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per mode before giving up")
     p.add_argument("--out", type=Path, default=None, help="JSON result (default benchmarks/results/...)")
@@ -275,6 +292,7 @@ def main(argv=None) -> None:
         f"--offload-gib={args.offload_gib}",
         f"--hybrid-config={args.hybrid_config}",
         *([] if args.eager else ["--no-eager"]),
+        *([f"--kv-blocks={args.kv_blocks}"] if args.kv_blocks else []),
     ]
     import torch
 
@@ -314,7 +332,8 @@ def main(argv=None) -> None:
     for row in report["rows"]:
         print(
             f"{row['mode']:>7} R={row['requests']:<3} C={row['context']:<7} {row['tokens_per_s']:>9.1f} tok/s  "
-            f"ITL p50 {row['itl_p50_ms']} ms p99 {row['itl_p99_ms']} ms"
+            f"ITL p50 {row['itl_p50_ms']} ms p99 {row['itl_p99_ms']} ms  "
+            f"ran at once {row['peak_running_requests']} (fit at full length {row['max_concurrent_requests']})"
             + (f"  host tokens/request {row['host_tokens_per_request']}" if row["mode"] == "hybrid" else "")
         )
     print(f"vllm_serving: wrote {out}")

@@ -18,7 +18,8 @@ the counters of vLLM's engine processes to files). See ``README.md`` in this fol
 Importing this package does not import vLLM (the backend and connector modules do).
 Modules: ``settings`` (configuration), ``window`` (one request's device rows in one layer),
 ``runtime`` (slots, windows, hybrid decode; no vLLM import), ``backend`` (the vLLM backend, CPU),
-``flash`` (the CUDA backend, unverified), ``connector`` (request ids, finished requests),
+``flash`` (the CUDA backend, unverified), ``blocks`` (the KV spec and manager that free a
+request's blocks between its sinks and its window), ``connector`` (request ids, finished requests),
 ``plugin`` (the entry point, the default connector), ``serve`` (``python -m hybridgen.vllm serve``).
 """
 

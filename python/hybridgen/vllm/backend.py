@@ -30,11 +30,20 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from . import blocks
+from .blocks import HybridAttentionSpec
 from .plugin import CONNECTOR
 from .runtime import Runtime, StepPlan, install
 from .settings import ENV, ConfigError, is_set, load_config
 
-__all__ = ["HybridBuilderMixin", "HybridCPUAttentionBackend", "HybridImplMixin", "runtime_for"]
+__all__ = [
+    "HybridBackendMixin",
+    "HybridBuilderMixin",
+    "HybridCPUAttentionBackend",
+    "HybridImplMixin",
+    "runtime_for",
+    "unsupported",
+]
 
 log = logging.getLogger("vllm.plugins.hybridgen")
 
@@ -56,7 +65,7 @@ def runtime_for(vllm_config: VllmConfig, kv_cache_spec) -> Optional[Runtime]:
     config, source = load_config()
     kv = vllm_config.kv_transfer_config
     connected = kv is not None and kv.kv_connector == CONNECTOR
-    why = _unsupported(vllm_config, kv_cache_spec)
+    why = unsupported(vllm_config, kv_cache_spec)
     if not connected and is_set():
         raise ConfigError(
             f"{ENV} is set, but this vLLM engine runs without hybridgen's KV connector "
@@ -64,6 +73,10 @@ def runtime_for(vllm_config: VllmConfig, kv_cache_spec) -> Optional[Runtime]:
             "kv_transfer_config=hybridgen.vllm.kv_transfer_config() (vLLM's engine arguments get it by themselves "
             f"while {ENV} is set), or unset {ENV}"
         )
+    if isinstance(kv_cache_spec, HybridAttentionSpec) and (why or not connected):
+        # Cannot happen (the spec is chosen by the same checks); if it did, vLLM's attention
+        # would read freed blocks.
+        raise ConfigError(f"hybridgen: the KV spec frees blocks, but hybrid decode is off: {why or 'no connector'}")
     if why:
         log.warning("hybridgen: hybrid decode is off, vLLM's own attention runs: %s", why)
     elif not connected:
@@ -85,15 +98,19 @@ def runtime_for(vllm_config: VllmConfig, kv_cache_spec) -> Optional[Runtime]:
                 max_tokens=vllm_config.model_config.max_model_len,
                 engine_id=kv.engine_id,
                 rank=_tp_rank(),
+                frees_blocks=isinstance(kv_cache_spec, HybridAttentionSpec),
             )
         )
         tp = vllm_config.parallel_config.tensor_parallel_size
         log.info(
-            "hybridgen: hybrid decode in %d attention layers (%d KV heads in this worker%s); %s",
+            "hybridgen: hybrid decode in %d attention layers (%d KV heads in this worker%s); %s; %s",
             len(layers),
             kv_cache_spec.num_kv_heads,
             f", tensor-parallel rank {rt.rank} of {tp}" if tp > 1 else "",
             source,
+            "KV blocks between the sinks and the recent window are freed once a prompt is computed"
+            if rt.frees_blocks
+            else "vLLM keeps every KV block",
         )
     _runtimes[key] = (vllm_config, rt)
     return rt
@@ -108,8 +125,9 @@ def _tp_rank() -> Optional[int]:
         return None
 
 
-def _unsupported(vllm_config: VllmConfig, spec) -> str:
-    if type(spec) is not FullAttentionSpec:
+def unsupported(vllm_config: VllmConfig, spec) -> str:
+    """Why hybrid decode cannot serve this engine's layers of KV cache ``spec``, or ``""``."""
+    if type(spec) not in (FullAttentionSpec, HybridAttentionSpec):
         return f"KV cache spec {type(spec).__name__} (only full attention is served)"
     if spec.dtype not in _DTYPES:
         return f"KV cache dtype {spec.dtype} (served: {_DTYPES})"
@@ -147,6 +165,8 @@ class HybridBuilderMixin:
                 common_attn_metadata.query_start_loc_cpu[: n + 1],
                 common_attn_metadata.seq_lens[:n].cpu(),
                 common_attn_metadata.slot_mapping.cpu(),
+                block_table=common_attn_metadata.block_table_tensor[:n].cpu() if rt.frees_blocks else None,
+                block_size=self.kv_cache_spec.block_size,
             )
         return md
 
@@ -159,6 +179,7 @@ class HybridImplMixin:
         self.hybrid_off = self._hybrid_off()
         if self.hybrid_off:
             log.warning("hybridgen: a layer takes vLLM's own attention: %s", self.hybrid_off)
+        blocks.layer_made(self.hybrid_off)
 
     def _hybrid_off(self) -> str:
         if getattr(self, "attn_type", AttentionType.DECODER) != AttentionType.DECODER:
@@ -188,6 +209,8 @@ class HybridImplMixin:
         plan = None if self.hybrid_off else _plan(attn_metadata)
         rows = plan.runtime.hybrid_rows(layer.layer_name, plan) if plan is not None else []
         if not rows or len(rows) < plan.num_rows:
+            if plan is not None:
+                plan.runtime.check_stock_rows(plan, rows)
             output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         if plan is not None:
             plan.runtime.counters["stock_rows"] += plan.num_rows - len(rows)
@@ -198,6 +221,18 @@ class HybridImplMixin:
         return output
 
 
+class HybridBackendMixin:
+    """What a hybrid backend class adds to vLLM's: it sees every new K/V row (vLLM calls
+    ``do_kv_cache_update`` apart from ``forward``), and its KV spec frees the blocks that hybrid
+    decode serves from the host (:mod:`hybridgen.vllm.blocks`)."""
+
+    forward_includes_kv_cache_update = False
+
+    @classmethod
+    def customize_spec(cls, spec):
+        return blocks.freeing_spec(super().customize_spec(spec))
+
+
 class HybridCPUAttentionMetadataBuilder(HybridBuilderMixin, CPUAttentionMetadataBuilder):
     """CPU_ATTN's metadata builder, plus the batch's :class:`StepPlan`."""
 
@@ -206,11 +241,9 @@ class HybridCPUAttentionBackendImpl(HybridImplMixin, CPUAttentionBackendImpl):
     """CPU_ATTN's attention, plus hybrid decode."""
 
 
-class HybridCPUAttentionBackend(CPUAttentionBackend):
+class HybridCPUAttentionBackend(HybridBackendMixin, CPUAttentionBackend):
     """``CPU_ATTN`` with hybrid decode; registered as the ``CPU_ATTN`` override on CPU (the name
     stays ``CPU_ATTN``: vLLM's CPU platform and its checks know that one only)."""
-
-    forward_includes_kv_cache_update = False
 
     @staticmethod
     def get_impl_cls() -> type:

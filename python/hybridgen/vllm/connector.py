@@ -30,6 +30,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from . import blocks
 from . import runtime as _runtime
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -67,10 +68,14 @@ class HybridgenConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
         return 0, False
 
-    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
-        return None
+    def update_state_after_alloc(self, request, new_blocks, num_external_tokens: int) -> None:
+        if request.num_preemptions > 0:
+            # Resumed after a preemption: its recomputation prefills past the prompt in chunks
+            # that read every block, so none is freed (hybridgen.vllm.blocks).
+            blocks.hold(request.request_id)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, None]:
+        blocks.forget(request.request_id)
         # The worker releases the request's slot when the next step's metadata arrives; a serving
         # engine runs that step at once (it steps while finished requests are pending), but vLLM's
         # in-process LLM class stops stepping when its last request finishes. When the worker's

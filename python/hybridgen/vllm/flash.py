@@ -17,7 +17,7 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
-from .backend import HybridBuilderMixin, HybridImplMixin
+from .backend import HybridBackendMixin, HybridBuilderMixin, HybridImplMixin
 
 __all__ = ["HybridFlashAttentionBackend"]
 
@@ -30,10 +30,8 @@ class HybridFlashAttentionImpl(HybridImplMixin, FlashAttentionImpl):
     """FLASH_ATTN's attention, plus hybrid decode (unverified)."""
 
 
-class HybridFlashAttentionBackend(FlashAttentionBackend):
+class HybridFlashAttentionBackend(HybridBackendMixin, FlashAttentionBackend):
     """FLASH_ATTN with hybrid decode, named ``HYBRIDGEN`` (unverified)."""
-
-    forward_includes_kv_cache_update = False
 
     @staticmethod
     def get_name() -> str:

@@ -9,6 +9,8 @@ vLLM calls :func:`register` in every process it starts (possibly more than once)
   under its own name ``HYBRIDGEN``;
 - the ``HybridgenConnector`` KV connector (request ids and finished requests; see
   :mod:`hybridgen.vllm.connector`);
+- :class:`~hybridgen.vllm.blocks.HybridAttentionSpec` with its KV cache manager, which frees a
+  request's blocks between its sinks and its recent window (:mod:`hybridgen.vllm.blocks`);
 - the connector as the default: while ``HYBRIDGEN_CONFIG`` is set, an engine made from vLLM's
   engine arguments (``LLM(model)``, ``vllm serve MODEL``) that names no KV connector gets
   :func:`hybridgen.vllm.kv_transfer_config` (vLLM has no setting or environment variable for a
@@ -58,6 +60,9 @@ def register() -> None:
     else:
         log.warning("hybridgen: platform %s is not served; vLLM's own attention runs", type(current_platform).__name__)
         return
+    from . import blocks
+
+    blocks.register()
     _register_connector()
     _default_connector()
     version = getattr(vllm, "__version__", "unknown")

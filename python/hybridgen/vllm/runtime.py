@@ -49,7 +49,7 @@ from ..policies.hybrid import HybridPolicy, page_candidates
 from ..timing import timed
 from .window import Window
 
-__all__ = ["STATS_ENV", "Request", "Runtime", "StepPlan", "current", "stats"]
+__all__ = ["STATS_ENV", "Request", "Runtime", "StepPlan", "current", "freed_rows", "stats"]
 
 log = logging.getLogger("vllm.plugins.hybridgen")
 
@@ -101,6 +101,9 @@ class StepPlan:
     first_slot: list[int]
     #: Per row, after :meth:`Runtime.resolve`: the tracked request, or ``None``.
     requests: Optional[list] = None
+    #: Rows whose block table holds a freed block (vLLM's null block) among the blocks of
+    #: their tokens: vLLM's own attention must not serve them.
+    freed: frozenset = frozenset()
 
     @property
     def num_rows(self) -> int:
@@ -119,6 +122,9 @@ class Runtime:
         max_tokens: tokens per request (the host store reserves address space for them).
         engine_id: the vLLM engine served (lets a connector in the same process find it).
         rank: the worker's tensor-parallel rank (its KV heads are the ones it sees), for telemetry.
+        frees_blocks: vLLM frees the paged-cache blocks between a request's sinks and its recent
+            window once its prompt is computed (:mod:`hybridgen.vllm.blocks`): every step then
+            checks that vLLM's own attention reads no freed block.
     """
 
     def __init__(
@@ -133,8 +139,10 @@ class Runtime:
         max_tokens: int,
         engine_id: Optional[str] = None,
         rank: Optional[int] = None,
+        frees_blocks: bool = False,
     ):
         self.config = config
+        self.frees_blocks = frees_blocks
         #: The vLLM engine the runtime serves (its KV transfer engine id), if known.
         self.engine_id = engine_id
         self.rank = rank
@@ -181,6 +189,7 @@ class Runtime:
             "slots_added": 0,
             "slots_released": 0,
             "untracked": 0,
+            "peak_batch_requests": 0,  # most tracked requests in one step's batch
             # Hybrid rows per strategy that ran ("all", "post_qkt", "pre_qkt"; summed over layers).
             "rows_by_strategy": {"all": 0, "post_qkt": 0, "pre_qkt": 0},
             "observed_steps": 0,  # steps whose times went to the feedback scheduler
@@ -256,15 +265,39 @@ class Runtime:
         req.total = 0
 
     # --- one step -----------------------------------------------------------------------------
-    def plan(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, slot_mapping: torch.Tensor) -> StepPlan:
-        """The batch of one forward pass (CPU tensors of vLLM's attention metadata)."""
+    def plan(
+        self,
+        query_start_loc: torch.Tensor,
+        seq_lens: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        *,
+        block_table: Optional[torch.Tensor] = None,
+        block_size: int = 0,
+    ) -> StepPlan:
+        """The batch of one forward pass (CPU tensors of vLLM's attention metadata; the block
+        table ``[rows, blocks]`` where blocks may have been freed)."""
         qsl = query_start_loc.tolist()
         lens = seq_lens.tolist()
         starts, ends = qsl[:-1], qsl[1:]
         first_pos = [s - (e - b) for s, b, e in zip(lens, starts, ends)]
         slots = slot_mapping[: ends[-1]].tolist() if ends and ends[-1] > 0 else []
         first_slot = [slots[b] if e > b else -1 for b, e in zip(starts, ends)]
-        return StepPlan(self, starts, ends, first_pos, first_slot)
+        return StepPlan(self, starts, ends, first_pos, first_slot, freed=freed_rows(block_table, lens, block_size))
+
+    def check_stock_rows(self, plan: StepPlan, hybrid: list[int]) -> None:
+        """Raises if vLLM's own attention is about to serve a row whose block table holds a
+        freed block (it would read vLLM's null block in place of the request's tokens)."""
+        if not plan.freed:
+            return
+        bad = sorted(plan.freed - set(hybrid))
+        if bad:
+            reqs = self.resolve(plan)
+            who = [reqs[i].req_id if reqs[i] is not None else f"row {i} (untracked)" for i in bad]
+            raise RuntimeError(
+                f"hybridgen: vLLM's attention would read freed KV blocks of {who}: their rows are not hybrid "
+                f"decode rows this step ({[plan.ends[i] - plan.starts[i] for i in bad]} tokens). This is a bug "
+                "in the plugin's block freeing (hybridgen.vllm.blocks); please report it"
+            )
 
     def resolve(self, plan: StepPlan) -> list:
         """Per row, the tracked :class:`Request` (starting or resetting slots as requests appear)
@@ -280,6 +313,8 @@ class Runtime:
                     if req_id is not None:
                         rows[i] = self._row_request(req_id, plan.first_pos[i], plan.ends[i] - plan.starts[i])
             plan.requests = rows
+            tracked = sum(r is not None for r in rows)
+            self.counters["peak_batch_requests"] = max(self.counters["peak_batch_requests"], tracked)
         return rows
 
     def _row_request(self, req_id: str, pos: int, n: int) -> Optional[Request]:
@@ -467,6 +502,16 @@ class Runtime:
             except OSError as e:  # telemetry must never stop serving
                 log.warning("hybridgen: cannot write stats to %s: %s", self._stats_dir, e)
                 self._stats_dir = None
+
+
+def freed_rows(block_table: Optional[torch.Tensor], seq_lens: list[int], block_size: int) -> frozenset:
+    """Rows whose tokens' blocks include vLLM's null block (block id 0, which stands in for a
+    freed block; entries past a row's blocks are padding and not looked at)."""
+    if block_table is None or block_size <= 0 or not seq_lens:
+        return frozenset()
+    used = torch.tensor([-(-n // block_size) for n in seq_lens]).clamp(max=block_table.shape[1])
+    within = torch.arange(block_table.shape[1])[None, :] < used[:, None]
+    return frozenset(torch.nonzero(((block_table == 0) & within).any(dim=1)).flatten().tolist())
 
 
 _current: Optional[Runtime] = None

@@ -1,8 +1,9 @@
 """One request's device tier in one layer: its sink tokens and its recent window.
 
-vLLM's paged cache keeps every token (freeing the middle blocks is a later step); the plugin keeps
-its own copy of the rows hybrid attention reads on the device side, and hands every row that
-leaves the recent window to the request's slot of the host store.
+The plugin keeps its own copy of the rows hybrid attention reads on the device side, and hands
+every row that leaves the recent window to the request's slot of the host store: hybrid decode
+never reads vLLM's paged cache, whose blocks between the sinks and the window vLLM may then free
+(:mod:`hybridgen.vllm.blocks`).
 """
 
 from __future__ import annotations

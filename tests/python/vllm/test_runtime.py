@@ -309,3 +309,22 @@ def test_stats_are_written_where_the_environment_asks(monkeypatch, tmp_path):
     assert written["hybrid_rows"] == 1 and written["active_requests"] == {}
     (done,) = written["finished_requests"]
     assert done["req_id"] == "a" and done["tokens"] == 41 and done["host_tokens"] > 20 and done["hybrid_rows"] == 1
+
+
+def test_vllm_attention_never_reads_a_freed_block():
+    from hybridgen.vllm.runtime import freed_rows
+
+    # A step with a decode row (served by hybrid decode) and a prefill row whose block table
+    # holds vLLM's null block (block id 0) among its tokens' blocks: the prefill row would take
+    # vLLM's own attention over a freed block, which the runtime refuses loudly.
+    rt = make_runtime()
+    eng = Engine(rt)
+    eng.step([("a", 40), ("b", 30)])
+    plan, _ = eng.step([("a", 1), ("b", 5)])
+    assert rt.hybrid_rows("l0", plan) == [0]
+    table = torch.tensor([[5, 0, 0, 7], [9, 0, 11, 0]])  # blocks of 16 tokens
+    plan.freed = freed_rows(table, [41, 35], 16)
+    assert plan.freed == frozenset({0, 1})
+    rt.check_stock_rows(plan, [0, 1])  # both served by hybrid decode: fine
+    with pytest.raises(RuntimeError, match=r"freed KV blocks of \['b'\]"):
+        rt.check_stock_rows(plan, [0])
