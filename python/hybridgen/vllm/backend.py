@@ -165,8 +165,6 @@ class HybridBuilderMixin:
                 common_attn_metadata.query_start_loc_cpu[: n + 1],
                 common_attn_metadata.seq_lens[:n].cpu(),
                 common_attn_metadata.slot_mapping.cpu(),
-                block_table=common_attn_metadata.block_table_tensor[:n].cpu() if rt.frees_blocks else None,
-                block_size=self.kv_cache_spec.block_size,
             )
         return md
 
@@ -214,10 +212,16 @@ class HybridImplMixin:
             output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         if plan is not None:
             plan.runtime.counters["stock_rows"] += plan.num_rows - len(rows)
-        if rows:
-            out = plan.runtime.decode(layer.layer_name, plan, rows, query, self.scale)
-            idx = torch.tensor([plan.starts[i] for i in rows], device=output.device)
-            output.index_copy_(0, idx, out.to(output.device, output.dtype).view(len(rows), *output.shape[1:]))
+        decode = [i for i in rows if plan.ends[i] - plan.starts[i] == 1]
+        if decode:
+            out = plan.runtime.decode(layer.layer_name, plan, decode, query, self.scale)
+            idx = torch.tensor([plan.starts[i] for i in decode], device=output.device)
+            output.index_copy_(0, idx, out.to(output.device, output.dtype).view(len(decode), *output.shape[1:]))
+        for i in rows:
+            if plan.ends[i] - plan.starts[i] > 1:  # a streamed prompt's chunk
+                out = plan.runtime.prefill(layer.layer_name, plan, i, query, self.scale)
+                b, e = plan.starts[i], plan.ends[i]
+                output[b:e] = out.to(output.device, output.dtype).view(e - b, *output.shape[1:])
         return output
 
 

@@ -8,7 +8,8 @@ scheduler's output, its worker side receives it before the model runs. This one 
 
 - scheduler side (:meth:`HybridgenConnector.build_connector_meta`): for every scheduled request,
   the paged-cache slot its first new token is written to (a slot being written belongs to one
-  request, prefix caching or not), and the ids of the requests that finished or were aborted;
+  request, prefix caching or not), whether some of its blocks were freed, and the ids of the
+  requests that finished or were aborted;
 - worker side (:meth:`HybridgenConnector.bind_connector_metadata`): hands both to the
   :class:`~hybridgen.vllm.runtime.Runtime`, which maps batch rows to requests by that slot and
   releases the finished requests' host slots (in a single-process engine with synchronous
@@ -42,6 +43,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["HybridgenConnector", "HybridgenConnectorMetadata"]
 
+#: The id of vLLM's null block, which stands in for a freed block in a request's block list (the
+#: first block of vLLM's pool, never handed to a request).
+NULL_BLOCK = 0
+
 
 @dataclass
 class HybridgenConnectorMetadata(KVConnectorMetadata):
@@ -49,6 +54,8 @@ class HybridgenConnectorMetadata(KVConnectorMetadata):
     owners: dict[int, str] = field(default_factory=dict)
     #: Requests that finished or were aborted since the previous step.
     finished: frozenset = frozenset()
+    #: Scheduled requests some of whose blocks were freed (hybridgen.vllm.blocks).
+    blocks_freed: frozenset = frozenset()
 
 
 class HybridgenConnector(KVConnectorBase_V1):
@@ -95,23 +102,28 @@ class HybridgenConnector(KVConnectorBase_V1):
         cached = scheduler_output.scheduled_cached_reqs
         first_pos.update(zip(cached.req_ids, cached.num_computed_tokens))
         owners: dict[int, str] = {}
+        freed = []
         size = self._block_size
         manager = self._kv_cache_manager
         for req_id, n in scheduler_output.num_scheduled_tokens.items():
             pos = first_pos.get(req_id)
             if not n or pos is None or manager is None:
                 continue
-            blocks = manager.get_block_ids(req_id)[0]
-            if pos // size < len(blocks):
-                owners[blocks[pos // size] * size + pos % size] = req_id
-        return HybridgenConnectorMetadata(owners=owners, finished=frozenset(scheduler_output.finished_req_ids))
+            ids = manager.get_block_ids(req_id)[0]
+            if pos // size < len(ids):
+                owners[ids[pos // size] * size + pos % size] = req_id
+            if NULL_BLOCK in ids:
+                freed.append(req_id)
+        return HybridgenConnectorMetadata(
+            owners=owners, finished=frozenset(scheduler_output.finished_req_ids), blocks_freed=frozenset(freed)
+        )
 
     # --- worker side ------------------------------------------------------------------------------
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
         rt = _runtime.current()
         if rt is not None and isinstance(connector_metadata, HybridgenConnectorMetadata):
-            rt.begin_step(connector_metadata.owners, connector_metadata.finished)
+            rt.begin_step(connector_metadata.owners, connector_metadata.finished, connector_metadata.blocks_freed)
 
     def clear_connector_metadata(self) -> None:
         super().clear_connector_metadata()

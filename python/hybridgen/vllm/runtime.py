@@ -49,7 +49,7 @@ from ..policies.hybrid import HybridPolicy, page_candidates
 from ..timing import timed
 from .window import Window
 
-__all__ = ["STATS_ENV", "Request", "Runtime", "StepPlan", "current", "freed_rows", "stats"]
+__all__ = ["STATS_ENV", "Request", "Runtime", "StepPlan", "causal_partial", "current", "stats"]
 
 log = logging.getLogger("vllm.plugins.hybridgen")
 
@@ -101,8 +101,8 @@ class StepPlan:
     first_slot: list[int]
     #: Per row, after :meth:`Runtime.resolve`: the tracked request, or ``None``.
     requests: Optional[list] = None
-    #: Rows whose block table holds a freed block (vLLM's null block) among the blocks of
-    #: their tokens: vLLM's own attention must not serve them.
+    #: Rows, after :meth:`Runtime.resolve`, of requests some of whose blocks vLLM freed
+    #: (:mod:`hybridgen.vllm.blocks`): vLLM's own attention must not serve them.
     freed: frozenset = frozenset()
 
     @property
@@ -123,8 +123,8 @@ class Runtime:
         engine_id: the vLLM engine served (lets a connector in the same process find it).
         rank: the worker's tensor-parallel rank (its KV heads are the ones it sees), for telemetry.
         frees_blocks: vLLM frees the paged-cache blocks between a request's sinks and its recent
-            window once its prompt is computed (:mod:`hybridgen.vllm.blocks`): every step then
-            checks that vLLM's own attention reads no freed block.
+            window (:mod:`hybridgen.vllm.blocks`): every step then checks that vLLM's own
+            attention serves no row of a request with freed blocks.
     """
 
     def __init__(
@@ -168,6 +168,7 @@ class Runtime:
         # Which request writes which paged-cache slot this step (set by the connector; None when
         # no scheduler step is bound, e.g. vLLM's warm-up runs: every row then takes the stock path).
         self._owners: Optional[dict[int, str]] = None
+        self._blocks_freed: frozenset = frozenset()
         self._lock = threading.RLock()
         # The open step's (strategy, K), fixed at its first hybrid layer, and its summed times.
         self._selection: Optional[tuple] = None
@@ -183,6 +184,7 @@ class Runtime:
             "steps": 0,
             "hybrid_calls": 0,  # (layer, step) pairs that ran hybrid decode
             "hybrid_rows": 0,  # decode rows served by hybrid attention (summed over layers)
+            "prefill_rows": 0,  # prompt tokens of streamed chunks served by hybrid attention (idem)
             "host_tokens_read": 0,  # host tokens attended to (summed over rows and layers)
             "host_keys_scored": 0,  # host key rows the CPU computed logits for (idem)
             "stock_rows": 0,  # rows left to vLLM's own attention (summed over layers)
@@ -196,14 +198,16 @@ class Runtime:
         }
 
     # --- requests ---------------------------------------------------------------------------------
-    def begin_step(self, owners: dict[int, str], finished: Iterable[str]) -> None:
+    def begin_step(self, owners: dict[int, str], finished: Iterable[str], blocks_freed: Iterable[str] = ()) -> None:
         """The scheduler's view of the step: ``owners`` maps the paged-cache slot of each scheduled
         request's first new token to its id; ``finished`` requests (done or aborted) give their
-        host slots back."""
+        host slots back; ``blocks_freed`` names the scheduled requests some of whose blocks vLLM
+        freed (the worker's block table does not show it: vLLM only appends to it)."""
         self._close_step()
         for req_id in finished:
             self.release(req_id)
         self._owners = dict(owners)
+        self._blocks_freed = frozenset(blocks_freed)
         self.counters["steps"] += 1
 
     def end_step(self) -> None:
@@ -265,33 +269,22 @@ class Runtime:
         req.total = 0
 
     # --- one step -----------------------------------------------------------------------------
-    def plan(
-        self,
-        query_start_loc: torch.Tensor,
-        seq_lens: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        *,
-        block_table: Optional[torch.Tensor] = None,
-        block_size: int = 0,
-    ) -> StepPlan:
-        """The batch of one forward pass (CPU tensors of vLLM's attention metadata; the block
-        table ``[rows, blocks]`` where blocks may have been freed)."""
+    def plan(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, slot_mapping: torch.Tensor) -> StepPlan:
+        """The batch of one forward pass (CPU tensors of vLLM's attention metadata)."""
         qsl = query_start_loc.tolist()
         lens = seq_lens.tolist()
         starts, ends = qsl[:-1], qsl[1:]
         first_pos = [s - (e - b) for s, b, e in zip(lens, starts, ends)]
         slots = slot_mapping[: ends[-1]].tolist() if ends and ends[-1] > 0 else []
         first_slot = [slots[b] if e > b else -1 for b, e in zip(starts, ends)]
-        return StepPlan(self, starts, ends, first_pos, first_slot, freed=freed_rows(block_table, lens, block_size))
+        return StepPlan(self, starts, ends, first_pos, first_slot)
 
     def check_stock_rows(self, plan: StepPlan, hybrid: list[int]) -> None:
-        """Raises if vLLM's own attention is about to serve a row whose block table holds a
-        freed block (it would read vLLM's null block in place of the request's tokens)."""
-        if not plan.freed:
-            return
+        """Raises if vLLM's own attention is about to serve a row of a request some of whose
+        blocks vLLM freed (it would read blocks that now hold other requests' tokens)."""
+        reqs = self.resolve(plan)
         bad = sorted(plan.freed - set(hybrid))
         if bad:
-            reqs = self.resolve(plan)
             who = [reqs[i].req_id if reqs[i] is not None else f"row {i} (untracked)" for i in bad]
             raise RuntimeError(
                 f"hybridgen: vLLM's attention would read freed KV blocks of {who}: their rows are not hybrid "
@@ -307,11 +300,15 @@ class Runtime:
         with self._lock:
             owners = self._owners
             rows: list = [None] * plan.num_rows
+            freed = []
             if owners is not None:
                 for i in range(plan.num_rows):
                     req_id = owners.get(plan.first_slot[i])
                     if req_id is not None:
                         rows[i] = self._row_request(req_id, plan.first_pos[i], plan.ends[i] - plan.starts[i])
+                        if req_id in self._blocks_freed:
+                            freed.append(i)
+            plan.freed = frozenset(freed)
             plan.requests = rows
             tracked = sum(r is not None for r in rows)
             self.counters["peak_batch_requests"] = max(self.counters["peak_batch_requests"], tracked)
@@ -348,7 +345,9 @@ class Runtime:
                 req.windows[layer].append(key[b:e], value[b:e])
 
     def hybrid_rows(self, layer_name: str, plan: StepPlan) -> list[int]:
-        """Rows this layer serves with hybrid attention: one query token, host tokens present."""
+        """Rows this layer serves with hybrid attention: rows of tracked requests with host
+        tokens that are one query token (decode, :meth:`decode`) or whose blocks vLLM freed (a
+        streamed prompt's chunk, :meth:`prefill`)."""
         layer = self.layer_index.get(layer_name)
         if layer is None:
             return []
@@ -356,7 +355,9 @@ class Runtime:
         return [
             i
             for i, req in enumerate(rows)
-            if req is not None and plan.ends[i] - plan.starts[i] == 1 and req.windows[layer].host > 0
+            if req is not None
+            and req.windows[layer].host > 0
+            and (plan.ends[i] - plan.starts[i] == 1 or i in plan.freed)
         ]
 
     def selection(self) -> tuple[str, Optional[int]]:
@@ -374,6 +375,10 @@ class Runtime:
         ``pipeline`` the CPU stage runs on a worker thread (GIL released) while the device part runs."""
         layer = self.layer_index[layer_name]
         reqs = self.resolve(plan)
+        if query.is_cuda:
+            from ..cuda import refuse_capture
+
+            refuse_capture("hybridgen's vLLM backend (run vLLM with enforce_eager=True)")
         q = query[[plan.starts[i] for i in rows]].float()  # [r, hq, d], on the model's device
         strategy, k = self.selection()
         slots = [reqs[i].slot for i in rows]
@@ -413,6 +418,32 @@ class Runtime:
         for j, i in enumerate(rows):
             reqs[i].hybrid_rows += 1
             reqs[i].host_tokens_read += tokens[j]
+        return out
+
+    def prefill(self, layer_name: str, plan: StepPlan, row: int, query: torch.Tensor, scale: float) -> torch.Tensor:
+        """Exact causal attention of a prompt chunk (row ``row``, its tokens already recorded)
+        whose earlier blocks vLLM freed: ``query [tokens, hq, d]`` → ``[n, hq, d]`` (float32).
+        Each query token attends to the device rows and the host rows at its position or
+        before (the device part in torch, the host part by the CPU stage over the request's slot,
+        one row per query token, masked by position), merged by log-sum-exp. The policies'
+        selections are for decode steps: a chunk attends to every host token before it."""
+        layer = self.layer_index[layer_name]
+        req = self.resolve(plan)[row]
+        window = req.windows[layer]
+        b, e = plan.starts[row], plan.ends[row]
+        q = query[b:e].float()  # [n, hq, d]
+        pos = torch.arange(plan.first_pos[row], plan.first_pos[row] + (e - b))
+        k_dev, v_dev = window.rows()
+        after_dev = (window.positions()[None, :] > pos[:, None]).to(q.device)
+        dev_out, dev_lse = causal_partial(q, k_dev, v_dev, scale, after_dev)
+        host_pos = window.host_start + torch.arange(window.host)
+        after_host = host_pos[None, :] > pos[:, None]
+        res = self.store.cpu_stage_slots(layer, [req.slot] * (e - b), q.cpu(), scale, "lse", host_mask=after_host)
+        out, _ = merge_partials(dev_out, dev_lse, res["out"].to(q.device), res["lse"].to(q.device))
+        c = self.counters
+        c["prefill_rows"] += e - b
+        c["host_tokens_read"] += sum(res["tokens"])
+        c["host_keys_scored"] += sum(res["tokens"])
         return out
 
     def _host_stage(self, layer, slots, host_lens, q, scale, strategy, k):
@@ -504,14 +535,21 @@ class Runtime:
                 self._stats_dir = None
 
 
-def freed_rows(block_table: Optional[torch.Tensor], seq_lens: list[int], block_size: int) -> frozenset:
-    """Rows whose tokens' blocks include vLLM's null block (block id 0, which stands in for a
-    freed block; entries past a row's blocks are padding and not looked at)."""
-    if block_table is None or block_size <= 0 or not seq_lens:
-        return frozenset()
-    used = torch.tensor([-(-n // block_size) for n in seq_lens]).clamp(max=block_table.shape[1])
-    within = torch.arange(block_table.shape[1])[None, :] < used[:, None]
-    return frozenset(torch.nonzero(((block_table == 0) & within).any(dim=1)).flatten().tolist())
+def causal_partial(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, masked: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q [n, hq, d]`` over ``keys``/``values [hkv, m, d]`` (GQA), where
+    ``masked [n, m]`` (True) hides a key from a query: ``(out [n, hq, d], lse [n, hq])``, float32;
+    a query that sees no key gets zeros and ``-inf``."""
+    n, hq, d = q.shape
+    hkv, m = keys.shape[0], keys.shape[1]
+    qg = q.float().view(n, hkv, hq // hkv, d).permute(1, 2, 0, 3)  # [hkv, g, n, d]
+    x = torch.einsum("hgnd,hmd->hgnm", qg, keys.float()) * scale
+    x = x.masked_fill(masked.view(1, 1, n, m), float("-inf"))
+    lse = torch.logsumexp(x, dim=-1)  # [hkv, g, n]
+    p = torch.exp(x - lse[..., None]).nan_to_num_(0.0)  # a query with no key: all -inf
+    out = torch.einsum("hgnm,hmd->hgnd", p, values.float())
+    return out.permute(2, 0, 1, 3).reshape(n, hq, d), lse.permute(2, 0, 1).reshape(n, hq)
 
 
 _current: Optional[Runtime] = None

@@ -67,6 +67,17 @@ class Window:
         self._n -= over
         self.host += over
 
+    def positions(self) -> torch.Tensor:
+        """The token positions of :meth:`rows` (``int64 [n]``, CPU): the sinks, then the recent window."""
+        sinks_here = min(self.sinks, self.total)
+        recent = self._n - sinks_here
+        return torch.cat([torch.arange(sinks_here), torch.arange(self.total - recent, self.total)])
+
+    @property
+    def host_start(self) -> int:
+        """The position of the first host token (host tokens are consecutive from there)."""
+        return min(self.sinks, self.total)
+
     def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The device rows ``[hkv, n, d]`` (sinks, then the recent window), in token order."""
         if len(self._k) > 1:

@@ -1,9 +1,9 @@
 """Freeing a request's paged-cache blocks between its sinks and its recent window
 (:mod:`hybridgen.vllm.blocks`), in process on the tiny Llama: more requests run at once than the
-pool holds at full length, the freed blocks are really not read (every freed block, and vLLM's
-null block that stands in for them, is filled with NaN as it is freed, and zeroed again when
-vLLM hands it to a request: the tokens still equal vLLM's without plugins on the same pool), and
-preempted requests keep their blocks.
+pool holds at full length, the freed blocks are really not read (every freed block is filled
+with NaN as it is freed, and zeroed again when vLLM hands it to a request: the tokens still
+equal vLLM's without plugins on the same pool), preempted requests keep their blocks, and a
+prompt longer than the whole pool streams into the host slot.
 
 (A freed block is zeroed when reused because vLLM's CPU kernel reads the unwritten rows of a
 request's last block with weight 0: stale finite rows are harmless there, NaN rows are not.)"""
@@ -78,9 +78,8 @@ def _attention_caches(llm):
 
 
 def _run(model, blocks: int, token_prompts, max_tokens: int, monkeypatch):
-    """An engine with the plugin on a pool of ``blocks`` blocks whose freed blocks (and the null
-    block) are filled with NaN as they are freed; returns its tokens, the plugin's stats and the
-    block counters."""
+    """An engine with the plugin on a pool of ``blocks`` blocks whose freed blocks are filled
+    with NaN as they are freed; returns its tokens, the plugin's stats and the block counters."""
     from vllm import LLM
 
     import hybridgen.vllm
@@ -98,7 +97,7 @@ def _run(model, blocks: int, token_prompts, max_tokens: int, monkeypatch):
         after = self.req_to_blocks.get(request_id, [])
         freed = [b.block_id for b, a in zip(before, after) if a is self._null_block and b is not a]
         for kv in caches:
-            kv[[self._null_block.block_id, *freed]] = math.nan
+            kv[freed] = math.nan
         poisoned.update(freed)
 
     monkeypatch.setattr(hb.HybridAttentionManager, "remove_skipped_blocks", poisoning)
@@ -167,13 +166,72 @@ def test_freeable_blocks():
     assert free(1000, prompt=40) == (1, (1000 - 20) // 16)
 
 
-def test_freed_rows_looks_only_at_the_blocks_of_each_rows_tokens():
+#: A prompt longer than the whole pool of STREAM_BLOCKS (7 usable blocks, 896 tokens), beside a
+#: short one: the long one streams (its prefill frees blocks as it goes, its later chunks are
+#: served by hybrid attention), the short one prefills on vLLM's path.
+STREAM = [1400, 300]
+STREAM_BLOCKS = 8
+STREAM_TOKENS = 16
+STREAM_ARGS = {"num_gpu_blocks_override": STREAM_BLOCKS, "max_model_len": 2048}
+
+
+@pytest.fixture(scope="module")
+def stock_stream(tiny_model, tmp_path_factory):
+    """vLLM without plugins on the streaming workload, on a pool that holds it (vLLM's default)."""
+    out = tmp_path_factory.mktemp("stock-stream") / "tokens.json"
+    proc = start_run(tiny_model, prompts(STREAM, seed=5), STREAM_TOKENS, out, run_env(), {"max_model_len": 2048})
+    yield lambda: finish(proc, out, 900, "the stock streaming run")
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+def test_a_prompt_longer_than_the_pool_streams_into_the_host_slot(model_path, stock_stream, monkeypatch):
+    from vllm import LLM
+    from vllm_runs import generate as gen
+
+    import hybridgen.vllm
+    from hybridgen.vllm import blocks as hb
+
+    monkeypatch.setenv("HYBRIDGEN_CONFIG", json.dumps(CONFIG))
+    # Without the plugin vLLM refuses this engine at start-up: its pool cannot hold one request
+    # of max_model_len. A streamed request holds at most 5 blocks.
+    llm = LLM(os.fspath(model_path), **{**ENGINE_ARGS, **STREAM_ARGS})
+    counters, before = dict(hb.counters), hybridgen.vllm.stats()
+    tokens = gen(llm, prompts(STREAM, seed=5), STREAM_TOKENS)
+    after = hybridgen.vllm.stats()
+    del llm
+    streamed = hb.counters["streamed_blocks_freed"] - counters["streamed_blocks_freed"]
+    assert streamed >= (STREAM[0] - 256 - 20) // BLOCK - 1, hb.counters
+    # Every chunk after the blocks were freed ran hybrid: at least the last 1400 - 512 prompt
+    # tokens, in both layers.
+    assert after["prefill_rows"] - before["prefill_rows"] >= (STREAM[0] - 512) * 2, after
+    assert after["hybrid_rows"] - before["hybrid_rows"] == len(STREAM) * (STREAM_TOKENS - 1) * 2, after
+    assert tokens == stock_stream()["tokens"]
+
+
+def test_causal_partial_matches_float64():
     import torch
 
-    from hybridgen.vllm.runtime import freed_rows
+    from hybridgen.vllm.runtime import causal_partial
 
-    table = torch.tensor([[3, 0, 5, 0], [7, 8, 0, 0], [9, 10, 11, 12]])
-    # Row 0 has a freed block among its 3 blocks; row 1's zeros are padding past its 2 blocks.
-    assert freed_rows(table, [40, 32, 64], 16) == frozenset({0})
-    assert freed_rows(table, [16, 33, 64], 16) == frozenset({1})
-    assert freed_rows(None, [40], 16) == frozenset()
+    g = torch.Generator().manual_seed(0)
+    n, hq, hkv, m, d = 5, 4, 2, 7, 8
+    q, k, v = (
+        torch.randn(n, hq, d, generator=g),
+        torch.randn(hkv, m, d, generator=g),
+        torch.randn(hkv, m, d, generator=g),
+    )
+    masked = torch.rand(n, m, generator=g) < 0.5
+    masked[0] = True  # a query that sees no key
+    out, lse = causal_partial(q, k, v, 0.3, masked)
+    kk, vv = k.double().repeat_interleave(2, 0), v.double().repeat_interleave(2, 0)  # [hq, m, d]
+    for i in range(n):
+        for h in range(hq):
+            x = (kk[h] @ q[i, h].double()) * 0.3
+            x[masked[i]] = float("-inf")
+            if masked[i].all():
+                assert lse[i, h] == float("-inf") and out[i, h].abs().max() == 0
+                continue
+            assert abs(lse[i, h].item() - torch.logsumexp(x, 0).item()) < 1e-5
+            assert torch.allclose(out[i, h].double(), torch.softmax(x, 0) @ vv[h], atol=1e-5)

@@ -26,8 +26,9 @@ class Engine:
         self.rt, self.kv, self.ids = rt, {}, {}
         self.gen = torch.Generator().manual_seed(0)
 
-    def step(self, batch, finished=()):
-        """``batch``: [(req_id, new tokens)]. Returns the plan, the query and each request's rows."""
+    def step(self, batch, finished=(), blocks_freed=()):
+        """``batch``: [(req_id, new tokens)]; ``blocks_freed``: requests whose blocks vLLM freed.
+        Returns the plan and the query."""
         starts, lens, slots, owners, keys, values = [0], [], [], {}, [], []
         for req_id, n in batch:
             k_all = self.kv.setdefault(req_id, [torch.empty(0, HKV, D), torch.empty(0, HKV, D)])
@@ -41,7 +42,7 @@ class Engine:
             values.append(v)
             starts.append(starts[-1] + n)
             lens.append(pos + n)
-        self.rt.begin_step(owners, finished)
+        self.rt.begin_step(owners, finished, blocks_freed)
         plan = self.rt.plan(torch.tensor(starts), torch.tensor(lens), torch.tensor(slots))
         key, value = torch.cat(keys), torch.cat(values)
         for layer in ("l0", "l1"):  # the same rows in both layers: enough for the bookkeeping
@@ -311,20 +312,35 @@ def test_stats_are_written_where_the_environment_asks(monkeypatch, tmp_path):
     assert done["req_id"] == "a" and done["tokens"] == 41 and done["host_tokens"] > 20 and done["hybrid_rows"] == 1
 
 
-def test_vllm_attention_never_reads_a_freed_block():
-    from hybridgen.vllm.runtime import freed_rows
-
-    # A step with a decode row (served by hybrid decode) and a prefill row whose block table
-    # holds vLLM's null block (block id 0) among its tokens' blocks: the prefill row would take
-    # vLLM's own attention over a freed block, which the runtime refuses loudly.
+def test_vllm_attention_never_serves_a_request_with_freed_blocks():
+    # "b" has freed blocks: its one-token row is a hybrid decode row, its multi-token row is a
+    # streamed chunk (hybrid prefill); "c" has freed blocks but no host tokens yet, so no hybrid
+    # row could serve it: leaving it to vLLM's attention is refused loudly.
     rt = make_runtime()
     eng = Engine(rt)
-    eng.step([("a", 40), ("b", 30)])
-    plan, _ = eng.step([("a", 1), ("b", 5)])
+    eng.step([("a", 40), ("b", 30), ("c", 5)])
+    plan, _ = eng.step([("a", 1), ("b", 5), ("c", 1)], blocks_freed={"b", "c"})
+    rows = rt.hybrid_rows("l0", plan)
+    assert rows == [0, 1]  # a: decode; b: a chunk of a request with freed blocks; c: no host tokens
+    assert plan.freed == frozenset({1, 2})
+    with pytest.raises(RuntimeError, match=r"freed KV blocks of \['c'\]"):
+        rt.check_stock_rows(plan, rows)
+    plan, _ = eng.step([("a", 1), ("b", 1)])
+    rt.check_stock_rows(plan, [])  # nothing freed this step: vLLM's attention may serve anything
+
+
+def test_a_streamed_chunk_equals_causal_full_attention():
+    # A request whose later prompt chunks are served by Runtime.prefill: every token of the
+    # chunk attends to the sinks, the host tokens and the window rows at its position or before.
+    rt = make_runtime()
+    eng = Engine(rt)
+    eng.step([("r", 50)])
+    plan, query = eng.step([("r", 20)], blocks_freed={"r"})
     assert rt.hybrid_rows("l0", plan) == [0]
-    table = torch.tensor([[5, 0, 0, 7], [9, 0, 11, 0]])  # blocks of 16 tokens
-    plan.freed = freed_rows(table, [41, 35], 16)
-    assert plan.freed == frozenset({0, 1})
-    rt.check_stock_rows(plan, [0, 1])  # both served by hybrid decode: fine
-    with pytest.raises(RuntimeError, match=r"freed KV blocks of \['b'\]"):
-        rt.check_stock_rows(plan, [0])
+    out = rt.prefill("l0", plan, 0, query, SCALE)
+    k_all, v_all = eng.kv["r"]
+    for j in range(20):
+        p = 50 + j
+        ref = full_attention(query[j], k_all[: p + 1], v_all[: p + 1])
+        assert torch.allclose(out[j].double(), ref, atol=1e-5), j
+    assert rt.counters["prefill_rows"] == 20
