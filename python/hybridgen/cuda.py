@@ -7,8 +7,14 @@ torch's pinned allocator, which never reuses a block before the copy reading it 
 
 Everything here is used only when the model runs on a CUDA device; :func:`probe` says whether
 that can work on this machine without touching a GPU (the driver and NVRTC are loaded lazily by
-the native core). Kernels are compiled by NVRTC on first use and cached under the data
-directory (``$HYBRIDGEN_DATA/kernels``).
+the native core). Kernels are compiled by NVRTC and cached under the data directory
+(``$HYBRIDGEN_DATA/kernels``): :func:`warmup` does it when an engine is planned (or ahead of
+time, ``python -m hybridgen warmup``), so the first decode step never waits for the compiler.
+
+CUDA graphs: a hybrid step is not capture-safe (the CPU stage's results, split counts and
+shapes are decided on the host every step, and transfers wait on events), so every entry point
+here refuses to run while the current stream is capturing (:class:`GraphCaptureError`), naming
+the option that turns capture off, instead of recording a graph that would replay stale values.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from .timing import between, mark
 
 __all__ = [
     "CudaUnavailableError",
+    "GraphCaptureError",
+    "refuse_capture",
+    "warmup",
     "probe",
     "require",
     "attention_partial",
@@ -85,6 +94,30 @@ def require(what: str, device: Optional[torch.device] = None, *, compiler: bool 
         raise ValueError(f"{what} needs the model on a CUDA device, but it is on {device}")
 
 
+class GraphCaptureError(RuntimeError):
+    """A hybrid step was called while a CUDA graph was being captured."""
+
+
+def refuse_capture(what: str) -> None:
+    """Raises :class:`GraphCaptureError` if the current CUDA stream is capturing a graph."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise GraphCaptureError(
+            f"{what} ran while a CUDA graph was being captured: hybrid attention decides on the host every step "
+            "(which host tokens, how many, the split count) and waits on transfer events, so a captured graph "
+            "would replay the first step's choices. Turn capture off: vLLM enforce_eager=True (--enforce-eager); "
+            "torch.compile without mode='reduce-overhead'/'max-autotune'; no torch.cuda.graph around generate()"
+        )
+
+
+def warmup(device) -> str:
+    """Compiles (or reads from the on-disk cache) and loads the kernels on ``device`` now; returns
+    the target loaded (``"sm_XY"``, or ``"compute_XY"`` PTX for a GPU newer than NVRTC)."""
+    device = torch.device(device)
+    require("the hybrid attention kernels", device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _native.load_kernels(index, kernel_cache_dir())
+
+
 @functools.lru_cache(maxsize=None)
 def kernel_cache_dir() -> str:
     from .data.assets import data_dir
@@ -127,6 +160,7 @@ def attention_partial(
     ``host_logits`` float32 ``[b, hq, m]`` placed after the first ``sinks`` device tokens, with
     ``host_values [b, hq or hkv, m, d]``) or the CPU's partial (LSE: ``host_out [b, hq, d]``,
     ``host_lse [b, hq]``). Returns float32 ``(out [b, hq, d], lse [b, hq])``."""
+    refuse_capture("hybrid attention's device part")
     b, hq, d = q.shape
     dev = q.device
     info = _device_info(dev.index if dev.index is not None else torch.cuda.current_device())
@@ -192,14 +226,17 @@ def side_stream(index: int) -> "torch.cuda.Stream":
 def ship(tensors: list, device: torch.device):
     """Copies CPU ``tensors`` (ideally page-locked) to ``device`` on the side stream and makes
     the current stream wait for them (an event, not a host synchronisation). Returns the device
-    tensors and the transfer's span on the device timeline."""
+    tensors and the transfer's span on the device timeline. A pageable source is staged through
+    page-locked memory first: a copy from pageable memory is not asynchronous (the driver copies
+    it through its own staging buffer while the CPU waits)."""
+    refuse_capture("the host-to-device transfer of hybrid attention")
     index = device.index if device.index is not None else torch.cuda.current_device()
     # The sources are host memory the CPU has finished writing: the copies need not wait for any
     # queued device work (waiting would serialise them behind it and lose the overlap).
     side, main = side_stream(index), torch.cuda.current_stream(device)
     with torch.cuda.stream(side):
         start = mark(device)
-        moved = [None if t is None else copy_to_device(t, device) for t in tensors]
+        moved = [None if t is None else copy_to_device(_page_locked(t), device) for t in tensors]
         end = mark(device)
     main.wait_stream(side)
     for t in moved:
@@ -217,6 +254,7 @@ def to_host(*tensors):
     cuda_tensors = [t for t in tensors if t is not None and t.is_cuda]
     if not cuda_tensors:
         return list(tensors), None
+    refuse_capture("the device-to-host copy of hybrid attention")
     stream = torch.cuda.current_stream(cuda_tensors[0].device)
     out = []
     for t in tensors:
@@ -229,6 +267,15 @@ def to_host(*tensors):
     ready = torch.cuda.Event()
     ready.record(stream)
     return out, ready
+
+
+def _page_locked(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if it is page-locked (torch's pinned allocator, or the host store's registered
+    buffers) or not on the CPU, else a page-locked copy (torch keeps its block until the copies
+    queued from it have finished)."""
+    if t.device.type != "cpu" or t.is_pinned():
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
 
 
 def copy_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -38,7 +38,9 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     /// Loaded at the first launch (`functions`); a failure is not kept, so it is retried.
     loaded: Mutex<Option<Arc<Functions>>>,
-    cache_dir: Option<PathBuf>,
+    /// Where compiled kernels are kept; set by the first caller that names one, as long as the
+    /// kernels are not loaded yet (a caller that only orders streams names none).
+    cache_dir: Mutex<Option<PathBuf>>,
     /// `sm_XY` of the device.
     pub arch: String,
     pub compute_capability: u32,
@@ -106,9 +108,16 @@ impl Gpu {
         let gpus = GPUS.get_or_init(Default::default);
         let mut map = gpus.lock();
         if let Some(g) = map.get(&ordinal) {
+            if let Some(dir) = cache_dir {
+                g.cache_dir.lock().get_or_insert_with(|| dir.to_path_buf());
+            }
             return Ok(g.clone());
         }
         probe::require_device(ordinal)?;
+        // Creating a context makes it current: put back whatever this thread had.
+        let previous = cudarc::driver::result::ctx::get_current()
+            .map_err(cuda_err("reading the current CUDA context"))?;
+        let restore = RestoreContext { previous };
         let ctx = CudaContext::new(ordinal).map_err(cuda_err("creating the CUDA context"))?;
         // Raw pointers only: cudarc's per-allocation event tracking has nothing to track.
         // SAFETY: no cudarc-owned allocations are ever made through this context.
@@ -123,13 +132,26 @@ impl Gpu {
         let gpu = Arc::new(Gpu {
             ctx,
             loaded: Mutex::new(None),
-            cache_dir: cache_dir.map(Path::to_path_buf),
+            cache_dir: Mutex::new(cache_dir.map(Path::to_path_buf)),
             arch: format!("sm_{compute_capability}"),
             compute_capability,
             sm_count,
         });
         map.insert(ordinal, gpu.clone());
+        drop(restore);
         Ok(gpu)
+    }
+
+    /// Makes this device's context current for the caller's scope; the returned guard puts
+    /// back the context the thread had before (torch's current device may be another GPU), so
+    /// no core call leaves the thread on a different device than it found it.
+    pub fn enter(&self) -> Result<RestoreContext> {
+        let previous = cudarc::driver::result::ctx::get_current()
+            .map_err(cuda_err("reading the current CUDA context"))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(cuda_err("binding the CUDA context"))?;
+        Ok(RestoreContext { previous })
     }
 
     /// The kernels, compiled (or read from the cache) and loaded on first use.
@@ -138,10 +160,9 @@ impl Gpu {
         if let Some(f) = loaded.as_ref() {
             return Ok(f.clone());
         }
-        let image = kernels::image(self.compute_capability, self.cache_dir.as_deref())?;
-        self.ctx
-            .bind_to_thread()
-            .map_err(cuda_err("binding the CUDA context"))?;
+        let cache_dir = self.cache_dir.lock().clone();
+        let image = kernels::image(self.compute_capability, cache_dir.as_deref())?;
+        let _current = self.enter()?;
         let module = self
             .ctx
             .load_module(Ptx::from_binary(image.code.clone()))
@@ -223,6 +244,7 @@ impl Gpu {
             block_dim: geo.launch.block,
             shared_mem_bytes: geo.launch.shared_mem_bytes,
         };
+        let _current = self.enter()?; // the launch binds the context; put the caller's back
         let s = self
             .ctx
             .wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream);
@@ -273,10 +295,11 @@ impl Gpu {
             block_dim: geo.block,
             shared_mem_bytes: geo.shared_mem_bytes,
         };
+        let functions = self.functions()?;
+        let _current = self.enter()?; // the launch binds the context; put the caller's back
         let s = self
             .ctx
             .wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream);
-        let functions = self.functions()?;
         let mut launch = s.launch_builder(&functions.merge);
         launch
             .arg(&a.part_o)
@@ -301,9 +324,7 @@ impl Gpu {
 /// Both must be live streams of the device's primary context.
 pub unsafe fn order_after(ordinal: usize, producer: u64, consumer: u64) -> Result<()> {
     let gpu = Gpu::get(ordinal, None)?;
-    gpu.ctx
-        .bind_to_thread()
-        .map_err(cuda_err("binding the CUDA context"))?;
+    let _current = gpu.enter()?;
     let mut event: sys::CUevent = std::ptr::null_mut();
     // SAFETY: the context is current; the event is created, recorded, waited on and released
     // here (destroying an event with a wait still queued is allowed: the driver keeps it until
@@ -322,6 +343,22 @@ pub unsafe fn order_after(ordinal: usize, producer: u64, consumer: u64) -> Resul
         ordered.map_err(cuda_err(
             "ordering the kernels' stream after the tensor producer's",
         ))
+    }
+}
+
+/// The context a thread had before a core call made its own current; restored on drop.
+#[must_use = "the previous context is restored when this is dropped"]
+pub struct RestoreContext {
+    previous: Option<sys::CUcontext>,
+}
+
+impl Drop for RestoreContext {
+    fn drop(&mut self) {
+        let previous = self.previous.unwrap_or(std::ptr::null_mut());
+        // SAFETY: `previous` was current on this thread when the guard was made (or null: no
+        // context); the primary contexts the core uses are retained for the process's life, and
+        // another context the caller made current is theirs to keep alive while it is current.
+        let _ = unsafe { cudarc::driver::result::ctx::set_current(previous) };
     }
 }
 

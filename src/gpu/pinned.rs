@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use cudarc::driver::sys;
 
-use super::{cuda_err, device::Gpu};
+use super::device::Gpu;
 use crate::error::{Error, Result};
 use crate::mem::{round_up_to_page, HostBuffer};
 
@@ -26,9 +26,7 @@ use crate::mem::{round_up_to_page, HostBuffer};
 /// The range must lie in a live mapping that outlives the registration, and must not overlap
 /// another registration.
 unsafe fn register(gpu: &Gpu, ptr: *mut u8, len: usize) -> Result<()> {
-    gpu.context()
-        .bind_to_thread()
-        .map_err(cuda_err("binding the CUDA context"))?;
+    let _current = gpu.enter()?;
     sys::cuMemHostRegister_v2(ptr.cast(), len, sys::CU_MEMHOSTREGISTER_PORTABLE).result().map_err(|source| Error::Cuda {
         context: format!(
             "cuMemHostRegister of {len} bytes (page-locked memory is limited by RAM and `ulimit -l`; \
@@ -45,7 +43,7 @@ fn unregister_after_sync(gpu: &Gpu, ptrs: &[*mut u8]) {
     if ptrs.is_empty() {
         return;
     }
-    let _ = gpu.context().bind_to_thread();
+    let _current = gpu.enter();
     let _ = gpu.context().synchronize();
     for &p in ptrs {
         // SAFETY: each pointer starts a range registered by `register` and is unregistered once.
@@ -94,7 +92,7 @@ impl Drop for PinnedBuffer {
 }
 
 fn is_registered(gpu: &Gpu, ptr: *mut u8) -> bool {
-    let _ = gpu.context().bind_to_thread();
+    let _current = gpu.enter();
     let mut flags: std::ffi::c_uint = 0;
     // SAFETY: queries flags of a host pointer; fails (not UB) for unregistered memory.
     unsafe { sys::cuMemHostGetFlags(&mut flags, ptr.cast()) }

@@ -24,6 +24,56 @@ def test_probe_explains_why_cuda_is_unavailable():
         assert not p["available"] and p["devices"] == 0 and "libcuda" in p["reason"]
 
 
+@pytest.fixture
+def capturing(monkeypatch):
+    """As if a CUDA graph were being captured on the current stream."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+
+def test_hybrid_steps_refuse_cuda_graph_capture_and_name_the_option(capturing):
+    q = torch.zeros(1, 2, 8)
+    kv = torch.zeros(1, 1, 4, 8)
+    for call in (
+        lambda: cuda.attention_partial(q, kv, kv, 1.0),
+        lambda: cuda.ship([q], torch.device("cuda", 0)),
+        lambda: cuda.refuse_capture("a step"),
+    ):
+        with pytest.raises(cuda.GraphCaptureError, match="enforce_eager=True"):
+            call()
+
+
+def test_no_capture_no_refusal():
+    cuda.refuse_capture("a step")  # no graph is being captured here (no GPU, or not capturing)
+
+
+def test_an_engine_planned_on_cuda_loads_the_kernels_then(monkeypatch):
+    # Planning is where the kernels are compiled or read from the cache, never the first decode
+    # step (no GPU here: the loader is replaced by a recorder, the store stays unpinned).
+    from hybridgen.engine import engine as engine_module
+    from hybridgen.engine.engine import Engine
+    from hybridgen.engine.model_info import ModelInfo
+
+    loaded = []
+    monkeypatch.setattr(engine_module, "cuda_kernels_here", lambda: True)
+    monkeypatch.setattr(cuda, "warmup", lambda device: loaded.append(torch.device(device)) or "sm_90")
+    info = ModelInfo(model_type="llama", layers=2, q_heads=4, kv_heads=2, head_dim=8, max_positions=64)
+    eng = Engine(HybridConfig(policy="all", gpu_budget=8, pin_host=False), info)
+    eng.plan(batch=1, dtype=torch.float32, device="cuda:0", max_tokens=64)
+    assert loaded == [torch.device("cuda", 0)]
+    eng.plan(batch=1, dtype=torch.float32, device="cuda:0", max_tokens=64)  # planned: nothing again
+    assert len(loaded) == 1
+
+
+def test_warmup_command_says_why_it_cannot_run_without_cuda():
+    if cuda.probe()["available"]:
+        pytest.skip("CUDA is available here: test_cuda_device.py runs the command")
+    from hybridgen.apps.cli import main
+
+    with pytest.raises(SystemExit, match="warmup: the CUDA kernels cannot run here"):
+        main(["warmup"])
+
+
 def test_torch_provides_nvrtc():
     # A CUDA build of torch (the default wheel) brings libnvrtc.so.13: kernels compile anywhere.
     assert cuda.probe()["nvrtc"], "NVRTC should be loadable after importing torch"

@@ -18,6 +18,7 @@ COMMANDS = [
     (".demo", ["demo"]),
     (".bench", ["bench"]),
     ("..vllm.serve", ["serve"]),
+    (".warmup", ["warmup"]),
 ]
 #: Packages that only an extra brings, and the extra that does.
 OPTIONAL = {

@@ -139,6 +139,12 @@ class Engine:
             to_host=self.placement.recent is not None,
         )
         self.device = device
+        if device.type == "cuda" and cuda_kernels_here():
+            # Compile and load the kernels now (or read them from the on-disk cache), not in
+            # the first decode step.
+            from ..cuda import warmup
+
+            warmup(device)
         self.labels = list(range(layers)) if labels is None else list(labels)
         self.tiers = [DeviceTier(self.store, i, self.placement, window=info.window(i)) for i in range(layers)]
         if device.type == "cpu":
@@ -268,3 +274,10 @@ class Engine:
             f"Engine(policy={c.policy!r}, gpu_budget={c.gpu_budget}, sinks={c.sinks}, merge={c.merge!r}, "
             f"layers={len(self.tiers) or self.info.layers}, planned={self.planned}, steps={self.steps})"
         )
+
+
+def cuda_kernels_here() -> bool:
+    """Whether the CUDA kernels can run on this machine (driver, device and NVRTC found)."""
+    from ..cuda import probe
+
+    return bool(probe()["available"])
