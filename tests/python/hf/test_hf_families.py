@@ -53,7 +53,7 @@ def test_exact_mode_matches_eager(eager_runs, name, merge):
 
 
 @pytest.mark.parametrize("policy", ["post_qkt", "pre_qkt", "scheduler", "quest", "h2o", "streaming", "infinigen"])
-@pytest.mark.parametrize("name", ["qwen3", "qwen3_moe", "mistral_window", "gemma2", "gemma3_text", "phi3", "olmo2"])
+@pytest.mark.parametrize("name", list(FAMILY_MODELS))
 def test_selective_policies_run_on_every_family(eager_runs, name, policy):
     ids, mask, runs = eager_runs
     model, want_seq, _ = runs[name]
