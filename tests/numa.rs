@@ -14,7 +14,7 @@
 //! (`get_mempolicy`) and `tier_stats` are then checked against it.
 
 use hybridgen::cpu;
-use hybridgen::kv::{Kind, KvStore, StoreConfig, Tier, TierConfig, TierStats};
+use hybridgen::kv::{Kind, KvStore, StoreConfig, Tier, TierConfig, TierStats, NODE_RESERVE_BYTES};
 use hybridgen::mem::numa::{self, page_nodes};
 use hybridgen::mem::PAGE_SIZE;
 use hybridgen::{DType, Error};
@@ -480,4 +480,67 @@ fn a_near_tier_on_node_1_holds_the_keys_there() {
     let (near_logits, far_logits) = (logits(&local), logits(&remote));
     assert!(near_logits.iter().any(|&x| x != 0.0));
     assert_eq!(near_logits, far_logits);
+}
+
+#[test]
+#[ignore = "needs NUMA nodes 0 and 1 online: run `bash tests/numa.sh` (a qemu guest)"]
+fn a_far_node_without_room_is_a_capacity_error_not_the_oom_killer() {
+    require_two_nodes();
+    // The far tier may hold 512 MiB more than node 1 has: filling it must stop with a capacity
+    // error naming the node while the node still has its reserve (memory bound to one node
+    // never falls back; without the check the kernel's OOM killer ends the process). Keys spill
+    // to the far node too (a near tier of 1024 tokens), so node 0 stays nearly empty.
+    let available = numa::node_available_bytes(1).expect("sysfs lists node 1's memory");
+    let (heads, d) = (2, 512);
+    let token = heads * d * 4;
+    let m = 1024;
+    let cfg = StoreConfig {
+        layers: 1,
+        batch: 1,
+        kv_heads: heads,
+        head_dim: d,
+        dtype: DType::F32,
+        sinks: 0,
+        near: TierConfig {
+            node: Some(0),
+            capacity_bytes: m * token,
+        },
+        far: TierConfig {
+            node: Some(1),
+            capacity_bytes: available + (512 << 20),
+        },
+        max_host_tokens: None,
+    };
+    let mut store = KvStore::new(cfg).unwrap();
+    let rows = vec![1u8; m * token];
+    let mut evicted = 0;
+    let err = loop {
+        store.append(0, m).unwrap();
+        match store.evict(0, m, &rows, &rows) {
+            Ok(()) => evicted += m,
+            Err(e) => break e,
+        }
+        assert!(
+            evicted * token <= available,
+            "{evicted} tokens of values written to a node that had {available} bytes, with no error"
+        );
+    };
+    match err {
+        Error::Capacity(msg) => assert!(msg.contains("NUMA node 1 is full"), "{msg}"),
+        other => panic!("expected a capacity error, got {other:?}"),
+    }
+    assert_eq!(
+        store.host_len(0).unwrap(),
+        evicted,
+        "the refused evict moved tokens"
+    );
+    assert!(evicted > 0, "the node took nothing at all");
+    let left = numa::node_available_bytes(1).unwrap();
+    println!(
+        "node 1: {available} bytes available before, {evicted} tokens evicted, {left} bytes left"
+    );
+    assert!(
+        left >= NODE_RESERVE_BYTES / 2,
+        "node 1 kept only {left} bytes"
+    );
 }

@@ -9,4 +9,4 @@ mod store;
 pub use config::{
     StoreConfig, TierConfig, MAX_BATCH, MAX_KV_HEADS, MAX_LAYERS, MAX_RESERVED_BYTES, MAX_TOKENS,
 };
-pub use store::{Kind, KvStore, Tier, TierStats};
+pub use store::{Kind, KvStore, Tier, TierStats, NODE_RESERVE_BYTES};

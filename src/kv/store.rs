@@ -34,7 +34,8 @@ use crate::cpu::simd::with_element;
 use crate::cpu::{PageSummaries, Strips, PAGE_TOKENS};
 use crate::ensure;
 use crate::error::{Error, Result};
-use crate::mem::{numa::NodePlacement, round_up_to_page, HostBuffer, PAGE_SIZE};
+use crate::mem::numa::{self, NodePlacement};
+use crate::mem::{round_up_to_page, HostBuffer, PAGE_SIZE};
 
 /// Where a token's key lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,11 +113,44 @@ struct TierState {
     placement: NodePlacement,
     capacity: usize,
     used: usize,
+    /// Bytes the tier's node was last seen to have to spare (after [`NODE_RESERVE_BYTES`]),
+    /// less what the tier wrote since: the node's memory is read again only when a write needs
+    /// more than this.
+    node_headroom: usize,
 }
+
+/// Memory a tier leaves its node when it checks the node has room: the kernel's own
+/// watermarks and whatever else the node serves.
+pub const NODE_RESERVE_BYTES: usize = 64 << 20;
 
 impl TierState {
     fn free(&self) -> usize {
         self.capacity - self.used
+    }
+
+    /// Checks that the tier's node can take `bytes` more before anything is written (memory
+    /// bound to one node never falls back: a full node means the OOM killer, not an error).
+    /// Counts them as taken; the node is asked again when the last answer no longer covers
+    /// a write. No check where the kernel gives no per-node count.
+    fn take_node_memory(&mut self, bytes: usize, what: &str) -> Result<()> {
+        if bytes <= self.node_headroom {
+            self.node_headroom -= bytes;
+            return Ok(());
+        }
+        let node = self.placement.node;
+        let Some(available) = numa::node_available_bytes(node) else {
+            return Ok(());
+        };
+        let spare = available.saturating_sub(NODE_RESERVE_BYTES);
+        if bytes > spare {
+            return Err(Error::Capacity(format!(
+                "NUMA node {node} is full: {what} needs {bytes} bytes there, the node has {available} bytes \
+                 available ({NODE_RESERVE_BYTES} kept for the kernel); lower the tier's capacity below the \
+                 node's memory"
+            )));
+        }
+        self.node_headroom = spare - bytes;
+        Ok(())
     }
 }
 
@@ -146,11 +180,13 @@ impl KvStore {
             placement: NodePlacement::resolve(cfg.near.node),
             capacity: cfg.near.capacity_bytes,
             used: 0,
+            node_headroom: 0,
         };
         let far = TierState {
             placement: NodePlacement::resolve(cfg.far.node),
             capacity: cfg.far.capacity_bytes,
             used: 0,
+            node_headroom: 0,
         };
         let region = |node: u32, strip_bytes: usize| -> Result<Region> {
             let buf = HostBuffer::new(strips * strip_bytes)?;
@@ -686,6 +722,10 @@ impl KvStore {
                 self.far.capacity
             )));
         }
+        self.far.take_node_memory(
+            far_needed,
+            &format!("evicting {m} tokens of {} slot(s)", slots.len()),
+        )?;
         for (i, &slot) in slots.iter().enumerate() {
             let run = m * st;
             let start = self.seq(layer, slot).host;
@@ -724,6 +764,10 @@ impl KvStore {
                 self.far.free()
             )));
         }
+        self.far.take_node_memory(
+            bytes,
+            &format!("spilling {m} keys of {} slot(s)", slots.len()),
+        )?;
         for &slot in slots {
             self.move_keys_to_far(layer, slot, m);
         }

@@ -34,6 +34,32 @@ fn parse_node_list(text: &str) -> Option<Vec<u32>> {
     Some(nodes)
 }
 
+/// Bytes node `node` can still give: its free memory plus the page cache and reclaimable slab
+/// the kernel would drop first (`MemFree + Active(file) + Inactive(file) + SReclaimable` of
+/// `/sys/devices/system/node/nodeN/meminfo`); `None` where sysfs does not list the node. An
+/// upper bound on purpose: a store write is refused only when the node is really full, since
+/// memory bound to one node (`MPOL_BIND`) never falls back and a full node means the OOM killer.
+pub fn node_available_bytes(node: u32) -> Option<usize> {
+    let text =
+        std::fs::read_to_string(format!("/sys/devices/system/node/node{node}/meminfo")).ok()?;
+    parse_node_meminfo(&text)
+}
+
+fn parse_node_meminfo(text: &str) -> Option<usize> {
+    // Lines read "Node 1 MemFree:   1012345 kB".
+    let field = |name: &str| {
+        text.lines().find_map(|line| {
+            let mut words = line.split_whitespace().skip(2);
+            (words.next()? == name).then(|| words.next()?.parse::<usize>().ok())?
+        })
+    };
+    let kib = field("MemFree:")?
+        + field("Active(file):").unwrap_or(0)
+        + field("Inactive(file):").unwrap_or(0)
+        + field("SReclaimable:").unwrap_or(0);
+    Some(kib * 1024)
+}
+
 /// The node of the CPU this thread runs on (0 when the kernel does not say).
 pub fn local_node() -> u32 {
     let mut cpu: libc::c_uint = 0;
@@ -232,6 +258,19 @@ mod tests {
         }
         // SAFETY: ptr/len from the mmap above.
         unsafe { libc::munmap(ptr, len) };
+    }
+
+    #[test]
+    fn parses_node_meminfo() {
+        let text = "Node 1 MemTotal:        1048576 kB\nNode 1 MemFree:          900000 kB\n\
+                    Node 1 Active(file):        1000 kB\nNode 1 Inactive(file):      2000 kB\n\
+                    Node 1 SReclaimable:         500 kB\n";
+        assert_eq!(parse_node_meminfo(text), Some(903_500 * 1024));
+        assert_eq!(parse_node_meminfo("Node 0 MemTotal: 5 kB\n"), None);
+        // This machine's own node 0, where sysfs has it.
+        if let Some(bytes) = node_available_bytes(0) {
+            assert!(bytes > 0);
+        }
     }
 
     #[test]
