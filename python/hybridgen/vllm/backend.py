@@ -28,13 +28,11 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackendImpl,
     CPUAttentionMetadataBuilder,
 )
-from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from . import blocks
-from .blocks import HybridAttentionSpec
-from .plugin import CONNECTOR
+from .blocks import HybridAttentionSpec, unsupported
 from .runtime import Runtime, StepPlan, install
-from .settings import ENV, ConfigError, is_set, load_config
+from .settings import CONNECTOR, ENV, ConfigError, is_set, load_config
 
 __all__ = [
     "HybridBackendMixin",
@@ -47,7 +45,6 @@ __all__ = [
 
 log = logging.getLogger("vllm.plugins.hybridgen")
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # One runtime per vLLM configuration (the builders of every KV cache group share it); the config
 # is kept with it so that its id cannot be reused by another one.
 _runtimes: dict[int, tuple[VllmConfig, Optional[Runtime]]] = {}
@@ -123,17 +120,6 @@ def _tp_rank() -> Optional[int]:
         return get_tensor_model_parallel_rank()
     except Exception:  # no distributed state (e.g. a bare test)
         return None
-
-
-def unsupported(vllm_config: VllmConfig, spec) -> str:
-    """Why hybrid decode cannot serve this engine's layers of KV cache ``spec``, or ``""``."""
-    if type(spec) not in (FullAttentionSpec, HybridAttentionSpec):
-        return f"KV cache spec {type(spec).__name__} (only full attention is served)"
-    if spec.dtype not in _DTYPES:
-        return f"KV cache dtype {spec.dtype} (served: {_DTYPES})"
-    if vllm_config.speculative_config is not None:
-        return "speculative decoding"
-    return ""
 
 
 def _plan(attn_metadata) -> Optional[StepPlan]:

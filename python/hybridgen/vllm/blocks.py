@@ -43,8 +43,11 @@ import logging
 from dataclasses import dataclass, fields
 from typing import Optional
 
+import torch
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from .settings import CONNECTOR, load_config
 
 __all__ = [
     "HybridAttentionManager",
@@ -55,9 +58,13 @@ __all__ = [
     "freeing_spec",
     "hold",
     "register",
+    "unsupported",
 ]
 
 log = logging.getLogger("vllm.plugins.hybridgen")
+
+#: KV cache dtypes hybrid attention serves.
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Requests (ids) whose blocks stay, in the scheduler's process: prefix-cache hits and resumed
 # requests. Filled by the manager and the connector, emptied when the request finishes.
@@ -250,8 +257,6 @@ def freeing_spec(spec, vllm_config=None):
     if why:
         log.info("hybridgen: vLLM keeps every KV block of each request: %s", why)
         return spec
-    from .settings import load_config
-
     c, _ = load_config()
     values = {f.name: getattr(spec, f.name) for f in fields(FullAttentionSpec)}
     sched = config.scheduler_config
@@ -259,11 +264,19 @@ def freeing_spec(spec, vllm_config=None):
     return HybridAttentionSpec(**values, sinks=c.sinks, window=c.gpu_budget + c.evict_chunk, in_flight=in_flight)
 
 
+def unsupported(vllm_config, spec) -> str:
+    """Why hybrid attention cannot serve this engine's layers of KV cache ``spec``, or ``""``."""
+    if type(spec) not in (FullAttentionSpec, HybridAttentionSpec):
+        return f"KV cache spec {type(spec).__name__} (only full attention is served)"
+    if spec.dtype not in _DTYPES:
+        return f"KV cache dtype {spec.dtype} (served: {_DTYPES})"
+    if vllm_config.speculative_config is not None:
+        return "speculative decoding"
+    return ""
+
+
 def keeps_blocks(vllm_config, spec) -> str:
     """Why the blocks of this engine's requests cannot be freed, or ``""``."""
-    from .backend import unsupported
-    from .plugin import CONNECTOR
-
     if vllm_config is None:
         return "no vLLM configuration is current"
     kv = vllm_config.kv_transfer_config

@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 
-from .settings import ENV, ConfigError, is_set, load_config
+from .settings import CONNECTOR, ENV, ConfigError, is_set, load_config
 
 __all__ = ["CONNECTOR", "register", "with_connector"]
 
@@ -39,7 +39,6 @@ TESTED_VLLM = "0.32"
 
 CPU_BACKEND = "hybridgen.vllm.backend.HybridCPUAttentionBackend"
 CUDA_BACKEND = "hybridgen.vllm.flash.HybridFlashAttentionBackend"
-CONNECTOR = "HybridgenConnector"
 
 
 def register() -> None:

@@ -18,10 +18,21 @@ from typing import Mapping, Optional
 
 from ..config import HybridConfig
 
-__all__ = ["ENV", "SUPPORTED_POLICIES", "ConfigError", "is_set", "load_config", "slot_pages", "supported_predictors"]
+__all__ = [
+    "CONNECTOR",
+    "ENV",
+    "SUPPORTED_POLICIES",
+    "ConfigError",
+    "is_set",
+    "load_config",
+    "slot_pages",
+    "supported_predictors",
+]
 
 #: The environment variable the configuration comes from.
 ENV = "HYBRIDGEN_CONFIG"
+#: The name of the plugin's KV connector in vLLM's registry (:mod:`hybridgen.vllm.connector`).
+CONNECTOR = "HybridgenConnector"
 #: Policies the vLLM backend serves: every host token (exact), the top ``k`` per head after
 #: scoring all (Post-QKT), ``k`` tokens chosen before scoring (Pre-QKT), and the feedback
 #: scheduler switching between the two from the backend's measured step times.
