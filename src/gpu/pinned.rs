@@ -4,9 +4,11 @@
 //!
 //! Two owners of registrations:
 //! - [`PinnedBuffer`]: one whole buffer (small staging buffers);
-//! - [`PinnedStrips`]: the host store's strips, registered as they fill, in chunks that double,
-//!   so a store reserved for 128K tokens × batch 4 locks only what it holds (locking everything
-//!   up front commits and locks tens of GB, which fails on many machines).
+//! - [`PinnedStrips`]: the host store's strips, registered as they fill, a prefix per strip that
+//!   doubles, so a store reserved for 128K tokens × batch 4 locks only what it holds (locking
+//!   everything up front commits and locks tens of GB, which fails on many machines). Each
+//!   strip's prefix is one registration, re-made when it grows: a copy from a range spanning two
+//!   registrations is not asynchronous.
 //!
 //! Unregistering waits for the device first (`cuCtxSynchronize`): a copy still queued on any
 //! stream may read the pages, and once unregistered (and then unmapped) the DMA would read freed
@@ -125,9 +127,9 @@ pub struct PinnedStrips {
     gpu: Arc<Gpu>,
     strips: usize,
     strip_bytes: usize,
-    /// Leading bytes of every strip registered so far.
+    /// Leading bytes of every strip registered (0 while a growth is incomplete).
     prefix: usize,
-    /// Start of every registered range, for unregistering.
+    /// Start of every registered range (one per strip), for unregistering.
     ranges: Vec<*mut u8>,
 }
 
@@ -163,23 +165,48 @@ impl PinnedStrips {
         })
     }
 
-    /// Makes sure the first `needed` bytes of every strip are page-locked.
+    /// Makes sure the first `needed` bytes of every strip are page-locked, each strip's prefix
+    /// as **one** registration: a copy from a range that spans two registrations is not
+    /// asynchronous (the driver stages it as pageable memory), and a copy may start anywhere in
+    /// a strip. Growing therefore waits for the device once (queued copies may read the old
+    /// registrations), unregisters the old prefixes and registers the longer ones; the prefix
+    /// doubles, so that happens a logarithmic number of times.
     pub fn grow(&mut self, needed: usize) -> Result<()> {
         let target = grown_prefix(self.prefix, needed.min(self.strip_bytes), self.strip_bytes);
         if target <= self.prefix {
             return Ok(());
         }
+        let old = self.prefix;
+        unregister_after_sync(&self.gpu, &self.ranges);
+        self.ranges.clear();
+        self.prefix = 0;
+        if let Err(e) = self.register_prefixes(target) {
+            // Out of page-locked memory (the caller warns and copies the rest unlocked): lock the
+            // old prefixes again, so what was asynchronous stays so.
+            unregister_after_sync(&self.gpu, &self.ranges);
+            self.ranges.clear();
+            if old > 0 && self.register_prefixes(old).is_ok() {
+                self.prefix = old;
+            }
+            return Err(e);
+        }
+        self.prefix = target;
+        Ok(())
+    }
+
+    /// Registers the first `len` bytes of every strip, one range each, recording them in
+    /// `ranges` as it goes (so a failure part-way leaves them to be unregistered).
+    fn register_prefixes(&mut self, len: usize) -> Result<()> {
         for s in 0..self.strips {
             // SAFETY: strip `s` spans [s*strip_bytes, (s+1)*strip_bytes) of the live mapping (checked
-            // in `new`); [prefix, target) is page-aligned (both are page multiples: strip_bytes is,
-            // and grown_prefix rounds to pages), inside the strip and not registered before.
+            // in `new`); [0, len) is page-aligned (a page multiple: grown_prefix rounds to pages),
+            // inside the strip, and not registered (every earlier range was unregistered).
             unsafe {
-                let start = self.buf.as_ptr().add(s * self.strip_bytes + self.prefix);
-                register(&self.gpu, start, target - self.prefix)?;
+                let start = self.buf.as_ptr().add(s * self.strip_bytes);
+                register(&self.gpu, start, len)?;
                 self.ranges.push(start);
             }
         }
-        self.prefix = target;
         Ok(())
     }
 
