@@ -15,16 +15,11 @@ import time
 __all__ = ["build_parser", "run"]
 
 
-def build_parser(sub=None) -> argparse.ArgumentParser:
-    p = (
-        sub.add_parser(
-            "warmup",
-            help=__doc__.splitlines()[0],
-            description=__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        if sub
-        else argparse.ArgumentParser()
+def build_parser(sub) -> argparse.ArgumentParser:
+    """Adds ``warmup`` to the subcommands ``sub`` of ``python -m hybridgen``."""
+    doc = __doc__
+    p = sub.add_parser(
+        "warmup", help=doc.splitlines()[0], description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--devices", type=int, nargs="*", default=None, help="CUDA device indices (default: every one)")
     p.set_defaults(func=run)
