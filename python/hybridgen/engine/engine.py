@@ -56,7 +56,10 @@ class Engine:
         self.labels: list[int] = []
         #: Steps and telemetry (``clock``: one shared with an earlier engine, e.g. of another
         #: generation's shape; its owner feeds this engine's policy).
-        self.clock = StepClock(self._observe) if clock is None else clock
+        # The clock calls back through a weak reference: the engine owns its clock, and a bound
+        # method would make a cycle that keeps the host store's memory until Python's cyclic
+        # collector runs.
+        self.clock = StepClock(_weak_method(self._observe)) if clock is None else clock
         #: Called with every prompt the engine sees (:meth:`prefill`), e.g. to record it once and
         #: replay it into many engines; stays when the policy changes.
         self.on_prefill: Optional[PrefillObserver] = None
@@ -281,3 +284,15 @@ def cuda_kernels_here() -> bool:
     from ..cuda import probe
 
     return bool(probe()["available"])
+
+
+def _weak_method(method):
+    """``method`` (bound) called through a weak reference to its object (a no-op once it is gone)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args, **kwargs):
+        bound = ref()
+        if bound is not None:
+            bound(*args, **kwargs)
+
+    return call

@@ -9,6 +9,7 @@ the model's own attention over all tokens and then places them; a one-token step
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -48,7 +49,9 @@ class HybridLayer(DynamicLayer):
 
     def __init__(self, cache: "HybridCache", layer_idx: int):
         super().__init__()
-        self.cache = cache
+        # A weak reference: the cache owns its layers, and a layer owning its cache back would
+        # make a cycle that keeps the host store's memory until Python's cyclic collector runs.
+        self._cache = weakref.ref(cache)
         self.layer_idx = layer_idx
         #: Decode steps this layer's attention ran through the engine.
         self.policy_calls = 0
@@ -57,6 +60,13 @@ class HybridLayer(DynamicLayer):
         #: The layer's forward in progress (set by the patch's layer hooks).
         self.span: Optional[OpenSpan] = None
         self._tier: Optional[DeviceTier] = None
+
+    @property
+    def cache(self) -> "HybridCache":
+        cache = self._cache()
+        if cache is None:
+            raise RuntimeError("this layer's HybridCache no longer exists")
+        return cache
 
     @property
     def tier(self) -> Optional[DeviceTier]:
