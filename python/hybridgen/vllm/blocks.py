@@ -115,12 +115,18 @@ class HybridAttentionSpec(FullAttentionSpec):
     #: batch per step in flight): blocks are freed behind the processed tokens only.
     in_flight: int
 
+    @property
+    def first_freeable(self) -> int:
+        """The index of a request's first block that may be freed (the first after its sinks'):
+        a request with freed blocks has vLLM's null block there."""
+        return -(-self.sinks // self.block_size)
+
     def streamed_blocks(self, max_model_len: int) -> int:
         """The most blocks a streamed request holds at once: its sinks' blocks, the window and
         the tokens in flight (one more: the window need not start on a block boundary), never
         more than a request of ``max_model_len`` tokens."""
         bs = self.block_size
-        held = -(-self.sinks // bs) + -(-(self.window + self.in_flight) // bs) + 1
+        held = self.first_freeable + -(-(self.window + self.in_flight) // bs) + 1
         return min(held, -(-max_model_len // bs))
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
@@ -237,11 +243,16 @@ class HybridAttentionManager(FullAttentionManager):
         if blocks is None:
             return
         end = min(end, len(blocks))
-        if end <= first:
+        # The freed blocks run up from `first`: only those above the highest one are new, so
+        # this step costs what it frees, not the request's length (it runs for every request
+        # at every scheduling step).
+        top = end
+        while top > first and blocks[top - 1] is not self._null_block:
+            top -= 1
+        freed = end - top
+        if not freed:
             return
-        before = sum(b is self._null_block for b in blocks[first:end])
-        self._remove_blocks_in_range(request_id, first, end)
-        freed = sum(b is self._null_block for b in blocks[first:end]) - before
+        self._remove_blocks_in_range(request_id, top, end)
         counters["blocks_freed"] += freed
         if streamed:
             counters["streamed_blocks_freed"] += freed

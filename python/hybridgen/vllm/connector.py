@@ -66,6 +66,9 @@ class HybridgenConnector(KVConnectorBase_V1):
         groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
         # The scheduler's block size of the first KV cache group (the attention layers').
         self._block_size = groups[0].kv_cache_spec.block_size if groups else vllm_config.cache_config.block_size
+        # Where a request's freed blocks begin, when this engine frees blocks at all.
+        spec = groups[0].kv_cache_spec if groups else None
+        self._first_freeable = spec.first_freeable if isinstance(spec, blocks.HybridAttentionSpec) else None
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -112,7 +115,8 @@ class HybridgenConnector(KVConnectorBase_V1):
             ids = manager.get_block_ids(req_id)[0]
             if pos // size < len(ids):
                 owners[ids[pos // size] * size + pos % size] = req_id
-            if NULL_BLOCK in ids:
+            first = self._first_freeable
+            if first is not None and first < len(ids) and ids[first] == NULL_BLOCK:
                 freed.append(req_id)
         return HybridgenConnectorMetadata(
             owners=owners, finished=frozenset(scheduler_output.finished_req_ids), blocks_freed=frozenset(freed)

@@ -53,7 +53,7 @@ class Window:
         self._n += m
         self.total += m
         self.store.append_slot(self.layer, self.slot, m)
-        sinks_here = min(self.sinks, self.total)
+        sinks_here = self.host_start
         over = self._n - sinks_here - self.recent
         if over > 0 and (m > 1 or over >= self.chunk):
             self._evict(sinks_here, over)
@@ -69,7 +69,7 @@ class Window:
 
     def positions(self) -> torch.Tensor:
         """The token positions of :meth:`rows` (``int64 [n]``, CPU): the sinks, then the recent window."""
-        sinks_here = min(self.sinks, self.total)
+        sinks_here = self.host_start
         recent = self._n - sinks_here
         return torch.cat([torch.arange(sinks_here), torch.arange(self.total - recent, self.total)])
 
